@@ -1,0 +1,119 @@
+"""Run one Poltergust node: `python -m poltergust.async_worker --path gs://BUCKET/pipeline ...`.
+
+Every flag can also be given as a POLTERGUST_* environment variable (the flag
+name in capitals, dashes as underscores), which is how the systemd unit and
+container deployments configure nodes.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import uvloop
+
+from .environments import Environments
+from .events import PubSubEvents, default_subscription
+from .storage import GcsStore, Location
+from .worker import Node, Settings
+
+log = logging.getLogger("poltergust")
+
+
+def _env(flag: str) -> str:
+    return "POLTERGUST_" + flag.upper().replace("-", "_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m poltergust.async_worker",
+        description="Run one Poltergust node: watch pipeline prefixes for *.config.yaml and run them with luigi. "
+                    "Each flag can also be set through the environment variable shown with it.",
+    )
+
+    def add(flag: str, help: str, default: object = None, **kwargs: object) -> None:
+        name = _env(flag)
+        if kwargs.get("action") == "append":
+            default = None  # filled from the variable after parsing, so flags replace it
+            shown = ""
+        else:
+            default = os.environ.get(name, default)
+            shown = f" (default: {default})" if default is not None else ""
+        parser.add_argument(f"--{flag}", default=default, help=f"{help}{shown} [{name}]", **kwargs)  # type: ignore[arg-type]
+
+    add("path", "pipeline prefix to watch, gs://BUCKET/PREFIX; repeat for several "
+                "(in the variable: separated by spaces)", action="append", metavar="URL")
+    add("scheduler-url", "URL of the luigi central scheduler (luigid) all nodes share", metavar="URL")
+    add("node-name", "this node's name, used in log object names and claims", default=socket.gethostname())
+    add("project", "Google Cloud project of the notification topic and the subscription",
+        default=os.environ.get("GOOGLE_CLOUD_PROJECT"))
+    add("topic", "Pub/Sub topic receiving the bucket's notifications (default: poltergust-BUCKET "
+                 "for the first --path)")
+    add("subscription", "this node's subscription on the topic, created if missing (default: poltergust-NODE)")
+    add("data-dir", "directory for run logs and luigi working directories",
+        default=str(Path.home() / ".local" / "share" / "poltergust"))
+    add("env-dir", "directory where environments are built and cached (default: DATA_DIR/environments)")
+    add("max-concurrent", "pipelines this node runs at once", type=int, default=4)
+    add("rescan-interval", "seconds between full rescans of the prefixes (the safety net for lost events)",
+        type=float, default=300.0)
+    add("allowed-environment-prefix", "URL prefix environment files may be read from; repeatable "
+                                      "(default: the buckets of --path)", action="append", metavar="URL")
+    add("log-level", "logging level of the node's own log", default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Settings, str, str, str]:
+    """Validate the parsed flags; returns the settings plus project, topic and subscription."""
+    for flag in ("path", "allowed-environment-prefix"):
+        attribute = flag.replace("-", "_")
+        if getattr(args, attribute) is None:
+            setattr(args, attribute, os.environ.get(_env(flag), "").split())
+    if not args.path:
+        parser.error("--path is required (or set POLTERGUST_PATH)")
+    if not args.scheduler_url:
+        parser.error("--scheduler-url is required (or set POLTERGUST_SCHEDULER_URL)")
+    if not args.project:
+        parser.error("--project is required (or set POLTERGUST_PROJECT or GOOGLE_CLOUD_PROJECT)")
+    try:
+        locations = [Location.parse(url) for url in args.path]
+    except ValueError as exc:
+        parser.error(f"--path {exc}")
+    data_dir = Path(args.data_dir).expanduser()
+    settings = Settings(
+        locations=locations,
+        scheduler_url=args.scheduler_url,
+        node_name=args.node_name,
+        data_dir=data_dir,
+        env_dir=Path(args.env_dir).expanduser() if args.env_dir else data_dir / "environments",
+        max_concurrent=args.max_concurrent,
+        rescan_interval=args.rescan_interval,
+        allowed_environment_prefixes=args.allowed_environment_prefix,
+    )
+    topic = args.topic or f"poltergust-{locations[0].bucket}"
+    subscription = args.subscription or default_subscription(args.node_name)
+    return settings, args.project, topic, subscription
+
+
+async def serve(settings: Settings, project: str, topic: str, subscription: str) -> None:
+    events = PubSubEvents(project, topic, subscription, settings.locations)
+    node = Node(settings, events, GcsStore, Environments(settings.env_dir))
+    await node.run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings, project, topic, subscription = settings_from(args, parser)
+    uvloop.run(serve(settings, project, topic, subscription))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Parse and validate the two user-written YAML files.
+
+Everything a user submits passes through here first, so every error names the
+file and the key at fault: the message ends up, verbatim, as the `reason` of
+the pipeline's error file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+MAX_FILE_SIZE = 256 * 1024
+"""Configs and environment files are hand-written; anything larger is a mistake or an attack."""
+
+MAX_NODES = 10_000
+"""Bound on YAML nodes after alias expansion, so a 'billion laughs' file is refused cheaply."""
+
+
+class ConfigError(ValueError):
+    """A user file is invalid; the message says which file and which key."""
+
+    def __init__(self, source: str, problem: str, key: str | None = None) -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    module: str
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    source: str
+    environment: str
+    """Absolute URL of the environment file (relative references already resolved)."""
+    task: TaskSpec
+    variables: Mapping[str, str]
+    document: Mapping[str, Any]
+    """The whole parsed file, so result files can repeat the user's keys unchanged."""
+
+
+@dataclass(frozen=True)
+class EnvironmentSpec:
+    source: str
+    virtualenv: Mapping[str, Any]
+    dependencies: tuple[str, ...]
+    variables: Mapping[str, str]
+
+    @property
+    def build_key(self) -> str:
+        """Hash of what determines the built environment.
+
+        Variables are applied when luigi runs, not at build time, so editing them
+        does not force a rebuild; editing options or dependencies does.
+        """
+        content = json.dumps(
+            {"virtualenv": dict(self.virtualenv), "dependencies": list(self.dependencies)},
+            sort_keys=True,
+        )
+        return hashlib.sha256(content.encode()).hexdigest()
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses documents expanding to too many nodes."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_size(node, self.name)
+        return super().construct_document(node)
+
+
+def _check_size(root: yaml.Node, source: str) -> None:
+    seen = 0
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_NODES:
+            raise ConfigError(source, f"document too complex (more than {MAX_NODES} YAML nodes after expanding aliases)")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack.extend((key, value))
+
+
+def load_yaml(data: bytes, source: str) -> dict[str, Any]:
+    """Parse one YAML mapping, with size and structure limits."""
+    if len(data) > MAX_FILE_SIZE:
+        raise ConfigError(source, f"file is {len(data)} bytes, the limit is {MAX_FILE_SIZE}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    loader = _BoundedLoader(text)
+    loader.name = source
+    try:
+        document = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, f"invalid YAML: {problem}{at}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(document, dict):
+        raise ConfigError(source, f"expected a mapping at the top level, got {_kind(document)}")
+    return document
+
+
+def parse_pipeline(data: bytes, source: str) -> PipelineConfig:
+    """Parse `NAME.config.yaml`; `source` is its URL, used in errors and to resolve relative paths."""
+    document = load_yaml(data, source)
+    environment = _required_str(document, "environment", source)
+    task = document.get("task")
+    if task is None:
+        raise ConfigError(source, "required key is missing", "task")
+    if not isinstance(task, dict):
+        raise ConfigError(source, f"must be a mapping with name and module (got {_kind(task)})", "task")
+    name = _required_str(task, "name", source, "task.name")
+    module = _required_str(task, "module", source, "task.module")
+    arguments = {}
+    for key, value in task.items():
+        if key in ("name", "module"):
+            continue
+        if not isinstance(key, str) or not key or key.startswith("-") or any(c.isspace() for c in key):
+            raise ConfigError(source, "task arguments must be plain names like some-argument", f"task.{key}")
+        arguments[key] = value
+    return PipelineConfig(
+        source=source,
+        environment=resolve_reference(environment, source),
+        task=TaskSpec(name=name, module=module, arguments=arguments),
+        variables=_variables(document, source),
+        document=document,
+    )
+
+
+def parse_environment(data: bytes, source: str) -> EnvironmentSpec:
+    """Parse an environment file (`virtualenv`, `dependencies`, `variables`)."""
+    document = load_yaml(data, source)
+    unknown = sorted(set(map(str, document)) - {"virtualenv", "dependencies", "variables"})
+    if unknown:
+        raise ConfigError(source, "unknown key (expected virtualenv, dependencies, variables)", unknown[0])
+    options = document.get("virtualenv") or {}
+    if not isinstance(options, dict):
+        raise ConfigError(source, f"must be a mapping of options (got {_kind(options)})", "virtualenv")
+    for key, value in options.items():
+        if not isinstance(key, str) or isinstance(value, (dict, list)):
+            raise ConfigError(source, "each option must be a name with a plain value", f"virtualenv.{key}")
+    dependencies = document.get("dependencies") or []
+    if not isinstance(dependencies, list):
+        raise ConfigError(source, f"must be a list of strings (got {_kind(dependencies)})", "dependencies")
+    for index, dependency in enumerate(dependencies):
+        if not isinstance(dependency, str) or not dependency.strip():
+            raise ConfigError(source, "each dependency must be a non-empty string", f"dependencies[{index}]")
+        try:
+            shlex.split(dependency)
+        except ValueError as exc:
+            raise ConfigError(source, f"cannot be split like a command line: {exc}", f"dependencies[{index}]") from None
+    return EnvironmentSpec(
+        source=source,
+        virtualenv={k: options[k] for k in options},
+        dependencies=tuple(dependencies),
+        variables=_variables(document, source),
+    )
+
+
+def resolve_reference(reference: str, source: str) -> str:
+    """Resolve an environment reference against the config's own location.
+
+    Absolute URLs (`gs://`, `file://`) are kept; anything else is a path relative
+    to the directory holding the config.
+    """
+    if "://" in reference:
+        return reference
+    scheme, rest = source.split("://", 1)
+    host, _, path = rest.partition("/")
+    directory = posixpath.dirname("/" + path)
+    return f"{scheme}://{host}{posixpath.normpath(posixpath.join(directory, reference))}"
+
+
+def _required_str(mapping: Mapping[str, Any], key: str, source: str, label: str | None = None) -> str:
+    value = mapping.get(key)
+    if value is None:
+        raise ConfigError(source, "required key is missing", label or key)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(source, f"must be a non-empty string (got {_kind(value)})", label or key)
+    return value.strip()
+
+
+def _variables(document: Mapping[str, Any], source: str) -> dict[str, str]:
+    variables = document.get("variables") or {}
+    if not isinstance(variables, dict):
+        raise ConfigError(source, f"must be a mapping of NAME: value (got {_kind(variables)})", "variables")
+    result = {}
+    for key, value in variables.items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise ConfigError(source, "not a valid environment variable name", f"variables.{key}")
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(source, f"must be a plain value (got {_kind(value)})", f"variables.{key}")
+        result[key] = value if isinstance(value, str) else json.dumps(value)
+    return result
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), type(value).__name__)

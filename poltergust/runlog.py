@@ -1,0 +1,57 @@
+"""The log of one node's part of one run: a local file, mirrored to the bucket.
+
+It holds what the user needs to see (environment build output, luigi's own
+output, the node's decisions) and never a secret: every line is masked before
+it is written.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+from typing import Iterable
+
+
+class RunLog:
+    def __init__(self, path: Path, secrets: Iterable[str] = ()) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = path.open("a", encoding="utf-8", errors="replace")
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._tail: deque[str] = deque(maxlen=200)
+        self.version = 0
+        """Bumped on every write, so uploaders can tell whether anything changed."""
+
+    def add_secret(self, secret: str) -> None:
+        if secret and secret not in self._secrets:
+            self._secrets = sorted([*self._secrets, secret], key=len, reverse=True)
+
+    def mask(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "****")
+        return text
+
+    def write(self, line: str) -> None:
+        """Append one line of subprocess output."""
+        line = self.mask(line.rstrip("\n"))
+        self._file.write(line + "\n")
+        self._file.flush()
+        self._tail.append(line)
+        self.version += 1
+
+    def note(self, message: str) -> None:
+        """Append one line said by the node itself."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        self.write(f"[poltergust {stamp}Z] {message}")
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(list(self._tail)[-lines:])
+
+    def lines(self) -> list[str]:
+        return list(self._tail)
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,280 @@
+"""One node: its lifecycle, the runs it has in flight, and how each run ends.
+
+Lifecycle: attach the subscription, then scan (so no upload falls between
+the two), then serve events and rescan periodically until told to stop. A run
+is identified by (bucket, object name, generation): duplicate events and
+rescans of a run already in flight are no-ops, and a delete or overwrite of
+that generation cancels that run only.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, NamedTuple
+from urllib.parse import urlparse
+
+from . import results
+from .config import ConfigError, parse_environment, parse_pipeline
+from .environments import EnvironmentBuildError, Environments
+from .events import Event, PubSubEvents, is_config_name
+from .runlog import RunLog
+from .runner import Outcome, luigi_command, luigi_environ, node_extra_environ, run_until_settled
+from .storage import Blob, Location, NotFound, ObjectStore, StorageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    locations: list[Location]
+    scheduler_url: str
+    node_name: str
+    data_dir: Path
+    env_dir: Path
+    max_concurrent: int = 4
+    rescan_interval: float = 300.0
+    claim_grace: float = 60.0
+    """How long a claim by another node is left to that node before anyone else completes it."""
+    log_upload_interval: float = 5.0
+    allowed_environment_prefixes: list[str] = field(default_factory=list)
+    """URL prefixes environment files may come from; empty means the pipelines' own buckets."""
+
+
+class RunKey(NamedTuple):
+    bucket: str
+    name: str
+    generation: int
+
+    def url(self) -> str:
+        return f"gs://{self.bucket}/{self.name}"
+
+
+class Node:
+    def __init__(
+        self, settings: Settings, events: PubSubEvents,
+        open_store: Callable[[str], ObjectStore], environments: Environments,
+    ) -> None:
+        self.settings = settings
+        self.events = events
+        self._open_store = open_store
+        self._stores: dict[str, ObjectStore] = {}
+        self.environments = environments
+        self._runs: dict[RunKey, asyncio.Task[None]] = {}
+        self._finishing: set[tuple[str, str]] = set()
+        self._slots = asyncio.Semaphore(settings.max_concurrent)
+        self._stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        """Set once the subscription is attached and the first scan is done."""
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        log.info("node %s starting: %s, scheduler %s", self.settings.node_name,
+                 ", ".join(loc.url() for loc in self.settings.locations), self.settings.scheduler_url)
+        try:
+            await self.events.attach()
+            background = [asyncio.create_task(self._scan_periodically()), asyncio.create_task(self._serve_events())]
+            await self._stopping.wait()
+            log.info("stopping: taking no new work, stopping %d run(s); their configs stay for the next scan",
+                     len(self._runs))
+            for task in background:
+                task.cancel()
+            for task in list(self._runs.values()):
+                task.cancel()
+            await asyncio.gather(*background, *self._runs.values(), return_exceptions=True)
+        finally:
+            await self.events.close()
+            for store in self._stores.values():
+                await store.close()
+            log.info("node %s stopped", self.settings.node_name)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def store(self, bucket: str) -> ObjectStore:
+        if bucket not in self._stores:
+            self._stores[bucket] = self._open_store(bucket)
+        return self._stores[bucket]
+
+    # -- finding work ------------------------------------------------------
+
+    async def _scan_periodically(self) -> None:
+        while True:
+            try:
+                await self.scan()
+                if not self.ready.is_set():
+                    self.ready.set()
+                    log.info("ready: subscribed and scanned, %d run(s) scheduled", len(self._runs))
+            except StorageError as exc:
+                log.error("scan failed, will retry at the next rescan: %s", exc)
+            await asyncio.sleep(self.settings.rescan_interval)
+
+    async def scan(self) -> None:
+        """Schedule every config under the prefixes (the safety net for lost events)."""
+        for location in self.settings.locations:
+            for info in await self.store(location.bucket).list(location.prefix):
+                if is_config_name(info.name, location.prefix):
+                    self._schedule(RunKey(location.bucket, info.name, info.generation))
+
+    async def _serve_events(self) -> None:
+        while True:
+            event = await self.events.get()
+            self.handle(event)
+
+    def handle(self, event: Event) -> None:
+        key = RunKey(event.bucket, event.name, event.generation)
+        log.debug("event %s %s#%d%s", event.kind, key.url(), key.generation,
+                  " (already in progress)" if key in self._runs else "")
+        if event.kind == "finalize":
+            self._schedule(key)
+        elif key in self._runs:
+            why = f"replaced by generation {event.replaced_by}" if event.replaced_by else "deleted"
+            log.info("%s generation %d was %s: stopping its run", key.url(), key.generation, why)
+            self._runs[key].cancel()
+
+    def _schedule(self, key: RunKey) -> None:
+        if key in self._runs or self._stopping.is_set():
+            return
+        task = asyncio.create_task(self._execute(key), name=f"run {key.url()}#{key.generation}")
+        self._runs[key] = task
+        task.add_done_callback(lambda _: self._runs.pop(key, None))
+
+    # -- one run -----------------------------------------------------------
+
+    async def _execute(self, key: RunKey) -> None:
+        async with self._slots:
+            store = self.store(key.bucket)
+            try:
+                config = await store.read(key.name, key.generation)
+            except NotFound:
+                log.debug("%s#%d is gone (finished, replaced or deleted): nothing to do", key.url(), key.generation)
+                return
+            except StorageError as exc:
+                log.error("%s: cannot read the config, leaving it for the next scan: %s", key.url(), exc)
+                return
+            if results.claimed_outcome(config.info.metadata):
+                await self._complete_claim(key, store, config)
+                return
+            await self._run(key, store, config)
+
+    async def _run(self, key: RunKey, store: ObjectStore, config: Blob) -> None:
+        name = results.pipeline_name(key.name)
+        runlog = RunLog(self.settings.data_dir / "logs" / f"{name}.{key.generation}.log")
+        log_object = results.log_name(key.name, self.settings.node_name)
+        uploader = asyncio.create_task(self._upload_log_periodically(store, log_object, runlog))
+        started = _now()
+        log.info("%s: run of generation %d started", key.url(), key.generation)
+        runlog.note(f"node {self.settings.node_name} starts {key.url()} generation {key.generation}")
+        try:
+            outcome = await self._attempt(key, config, runlog)
+        except asyncio.CancelledError:
+            runlog.note("run stopped on this node (shutdown, or the config was deleted, replaced or claimed)")
+            await asyncio.shield(self._upload_log(store, log_object, runlog))
+            raise
+        finally:
+            uploader.cancel()
+        result = results.Result(
+            outcome="done" if outcome.ok else "error", node=self.settings.node_name,
+            started=started, finished=_now(), reason=outcome.reason, log_tail=runlog.tail(),
+        )
+        runlog.note(f"finished locally: {result.outcome}{': ' + outcome.reason if outcome.reason else ''}")
+        await self._upload_log(store, log_object, runlog)
+        await self._finish(key, store, config, result, runlog)
+        await self._upload_log(store, log_object, runlog)
+        runlog.close()
+
+    async def _attempt(self, key: RunKey, config_blob: Blob, runlog: RunLog) -> Outcome:
+        """Everything between reading the config and luigi's final answer; never raises for bad input."""
+        try:
+            config = parse_pipeline(config_blob.data, key.url())
+            env_bucket, env_name = self._environment_object(config.environment, key)
+            try:
+                env_blob = await self.store(env_bucket).read(env_name)
+            except NotFound:
+                raise ConfigError(key.url(), f"environment file {config.environment} does not exist", "environment") from None
+            spec = parse_environment(env_blob.data, config.environment)
+            for secret in self.environments.secrets(spec):
+                runlog.add_secret(secret)
+            env_path = await self.environments.get(spec, runlog)
+            command = luigi_command(env_path / "bin" / "python", config, self.settings.scheduler_url)
+            env = luigi_environ(self.environments.environ, spec, config,
+                                node_extra_environ(self.settings.node_name, key.url(), key.generation))
+            cwd = self.settings.data_dir / "work" / results.pipeline_name(key.name)
+            return await run_until_settled(command, env=env, cwd=cwd, runlog=runlog)
+        except (ConfigError, EnvironmentBuildError, StorageError) as exc:
+            runlog.note(f"error: {exc}")
+            return Outcome(False, runlog.mask(str(exc)))
+
+    def _environment_object(self, url: str, key: RunKey) -> tuple[str, str]:
+        allowed = self.settings.allowed_environment_prefixes or [f"gs://{loc.bucket}/" for loc in self.settings.locations]
+        parsed = urlparse(url)
+        name = parsed.path.lstrip("/")
+        if parsed.scheme != "gs" or not parsed.netloc or not name:
+            raise ConfigError(key.url(), f"{url} is not a gs://BUCKET/OBJECT URL", "environment")
+        if not any(url.startswith(prefix) for prefix in allowed):
+            raise ConfigError(key.url(), f"{url} is outside the allowed environment prefixes ({', '.join(allowed)})",
+                              "environment")
+        return parsed.netloc, name
+
+    async def _finish(self, key: RunKey, store: ObjectStore, config: Blob, result: results.Result,
+                      runlog: RunLog) -> None:
+        body = results.result_document(config.data, result)
+        self._finishing.add((key.bucket, key.name))
+        try:
+            claimed = await results.claim(store, config, body, result.outcome, self.settings.node_name)
+            if claimed is None:
+                runlog.note("another node finished this run first (claim got HTTP 412); nothing to write")
+                log.info("%s: claim lost (HTTP 412): another node finished generation %d",
+                         key.url(), key.generation)
+                return
+            runlog.note(f"claimed the run; writing {results.pipeline_name(key.name)}.{result.outcome}.yaml")
+            await results.complete(store, claimed, body)
+            log.info("%s: %s (claimed by this node)", key.url(), result.outcome)
+        except StorageError as exc:
+            runlog.note(f"could not write the result: {exc}; the config stays for the next scan")
+            log.error("%s: could not finish: %s", key.url(), exc)
+        finally:
+            self._finishing.discard((key.bucket, key.name))
+
+    async def _complete_claim(self, key: RunKey, store: ObjectStore, config: Blob) -> None:
+        """Complete a run another node claimed but did not finish (it may have crashed)."""
+        if (key.bucket, key.name) in self._finishing:
+            return  # this node's own claim, being completed right now
+        info = config.info
+        claimer = info.metadata.get(results.NODE_KEY, "?")
+        age = (_now() - info.updated).total_seconds()
+        if claimer != self.settings.node_name and age < self.settings.claim_grace:
+            return  # the claimer is most likely writing the result right now
+        log.info("%s: completing the run claimed by %s %.0fs ago", key.url(), claimer, age)
+        try:
+            await results.complete(store, info, config.data)
+        except StorageError as exc:
+            log.error("%s: could not complete the claimed run: %s", key.url(), exc)
+
+    # -- logs --------------------------------------------------------------
+
+    async def _upload_log_periodically(self, store: ObjectStore, name: str, runlog: RunLog) -> None:
+        uploaded = -1
+        while True:
+            await asyncio.sleep(self.settings.log_upload_interval)
+            if runlog.version != uploaded:
+                uploaded = runlog.version
+                await self._upload_log(store, name, runlog)
+
+    async def _upload_log(self, store: ObjectStore, name: str, runlog: RunLog) -> None:
+        try:
+            await store.write(name, runlog.read())
+        except (StorageError, OSError) as exc:
+            log.warning("could not upload the log %s: %s", name, exc)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,113 @@
+"""Fixtures for the real stack: one set of servers per test session, one bucket per test."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from stack import ROOT, Bucket, FakeGcs, Luigid, Node, PubSubEmulator
+
+PROJECT = "poltergust-test"
+TOPIC = "gcs-events"
+WHEELHOUSE = Path(os.environ.get("POLTERGUST_TEST_WHEELHOUSE", ROOT / ".wheelhouse"))
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def pubsub(workdir: Path) -> Iterator[PubSubEmulator]:
+    server = PubSubEmulator(workdir, PROJECT)
+    server.create_topic(TOPIC)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs(workdir: Path, pubsub: PubSubEmulator) -> Iterator[FakeGcs]:
+    server = FakeGcs(workdir, pubsub, TOPIC)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def luigid(workdir: Path) -> Iterator[Luigid]:
+    server = Luigid(workdir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(workdir: Path) -> Path:
+    """Wheels for test environments: luigi (prepared once, see .ci/run) plus the test pipelines."""
+    if not any(WHEELHOUSE.glob("luigi-*.whl")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(WHEELHOUSE), "luigi"],
+                       check=True)
+    local = workdir / "testpipes-wheel"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         "--wheel-dir", str(local), str(ROOT / "tests" / "testpipes")],
+        check=True, cwd=workdir,
+    )
+    return local
+
+
+@pytest.fixture(scope="session")
+def env_dir(workdir: Path) -> Path:
+    """Shared by all test nodes, as on a real machine: environments are built once per session."""
+    return workdir / "environments"
+
+
+@pytest.fixture
+def bucket(gcs: FakeGcs) -> Bucket:
+    return Bucket(gcs, f"test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def environment_yaml(wheelhouse: Path) -> str:
+    return (
+        "dependencies:\n"
+        "  - --no-index\n"
+        f"  - --find-links {WHEELHOUSE}\n"
+        f"  - --find-links {wheelhouse}\n"
+        "  - luigi\n"
+        "  - poltergust-testpipes\n"
+    )
+
+
+@pytest.fixture
+def start_node(
+    tmp_path: Path, pubsub: PubSubEmulator, gcs: FakeGcs, luigid: Luigid, bucket: Bucket, env_dir: Path,
+) -> Iterator[Callable[..., Node]]:
+    """Start nodes on the test's bucket; every node is stopped at the end of the test."""
+    nodes: list[Node] = []
+    suffix = uuid.uuid4().hex[:6]
+
+    def start(name: str = "node-a", *extra: str, topic: str = TOPIC, wait: bool = True) -> Node:
+        env = dict(os.environ, PUBSUB_EMULATOR_HOST=pubsub.host, STORAGE_EMULATOR_HOST=gcs.url)
+        args = [
+            "--path", f"gs://{bucket.name}/pipeline",
+            "--scheduler-url", luigid.url,
+            "--project", PROJECT,
+            "--topic", topic,
+            "--subscription", f"sub-{name}-{suffix}",
+            "--data-dir", str(tmp_path / name),
+            "--env-dir", str(env_dir),
+            *extra,
+        ]
+        node = Node(name, tmp_path, args, env)
+        nodes.append(node)
+        if wait:
+            node.wait_ready()
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()

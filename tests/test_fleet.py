@@ -1,0 +1,116 @@
+"""Several nodes on one bucket, on the real stack; and what a node does with duplicates and SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import uuid
+from pathlib import Path
+
+from google.cloud import pubsub_v1
+
+from conftest import PROJECT, TOPIC
+from stack import Bucket, wait_for
+from test_node import result, submit
+
+
+def _parts_by_node(out: Path) -> set[str]:
+    return {path.read_text() for path in out.glob("part-*.txt")}
+
+
+def _results(bucket: Bucket, name: str) -> list[str]:
+    return [n for n in bucket.names(f"pipeline/{name}.") if n.endswith((".done.yaml", ".error.yaml"))]
+
+
+def test_two_nodes_share_one_pipeline_and_exactly_one_finishes_it(
+    start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+) -> None:
+    nodes = [start_node("node-a"), start_node("node-b")]
+    out = tmp_path / "fan"
+    submit(bucket, "fan", {"name": "Fan", "module": "poltergust_testpipes", "out-dir": str(out),
+                           "parts": 6, "seconds": 1.5}, environment_yaml)
+    done = result(bucket, "fan", "done")
+    assert _parts_by_node(out) == {"node-a", "node-b"}, "both nodes ran tasks of the graph"
+    wait_for(lambda: not bucket.exists("pipeline/fan.config.yaml"), 10, "the config to be removed")
+    assert _results(bucket, "fan") == ["pipeline/fan.done.yaml"]
+    loser = next(n for n in nodes if n.node_name != done["poltergust"]["node"])
+    wait_for(lambda: "stopping its run" in loser.output() or "claim lost" in loser.output(), 30,
+             "the other node to stop its part of the run")
+    assert [n.node_name for n in nodes if "(claimed by this node)" in n.output()] == [done["poltergust"]["node"]]
+    for node in nodes:
+        assert bucket.exists(f"pipeline/fan.{node.node_name}.log.txt")
+
+
+def test_two_nodes_racing_to_claim_one_gets_412(
+    start_node, pubsub, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+) -> None:
+    """Nodes on a topic nobody publishes to cannot be told that the other one finished:
+    both run the pipeline to its end and try to claim it, and the bucket must refuse one."""
+    silent = f"silent-{uuid.uuid4().hex[:8]}"
+    pubsub.create_topic(silent)
+    out = tmp_path / "race"
+    submit(bucket, "race", {"name": "Fan", "module": "poltergust_testpipes", "out-dir": str(out),
+                            "parts": 4, "seconds": 1.0}, environment_yaml)
+    nodes = [start_node(name, topic=silent, wait=False) for name in ("node-a", "node-b")]
+    done = result(bucket, "race", "done")
+    losers = [n for n in nodes if n.node_name != done["poltergust"]["node"]]
+    assert len(losers) == 1
+    wait_for(lambda: "claim lost (HTTP 412)" in losers[0].output(), 60, "the losing node to get HTTP 412")
+    log = wait_for(lambda: b"HTTP 412" in (bucket.read(f"pipeline/race.{losers[0].node_name}.log.txt") or b"")
+                   and bucket.read(f"pipeline/race.{losers[0].node_name}.log.txt"), 30, "the loser's log")
+    assert b"nothing to write" in log
+    assert _results(bucket, "race") == ["pipeline/race.done.yaml"]
+
+
+def test_duplicate_delivery_does_not_start_a_second_run(
+    start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path, pubsub,
+) -> None:
+    node = start_node("node-a", "--log-level", "DEBUG")
+    out = tmp_path / "dup"
+    generation = submit(bucket, "dup", {"name": "Sleep", "module": "poltergust_testpipes", "out-dir": str(out),
+                                        "seconds": 3}, environment_yaml)
+    wait_for(lambda: list(out.glob("started-*")), 60, "the task to start")
+
+    os.environ["PUBSUB_EMULATOR_HOST"] = pubsub.host
+    publisher = pubsub_v1.PublisherClient()
+    attributes = {"eventType": "OBJECT_FINALIZE", "bucketId": bucket.name, "objectId": "pipeline/dup.config.yaml",
+                  "objectGeneration": str(generation), "payloadFormat": "JSON_API_V1"}
+    topic = publisher.topic_path(PROJECT, TOPIC)
+    publisher.publish(topic, json.dumps({"name": "pipeline/dup.config.yaml"}).encode(), **attributes).result()
+    wait_for(lambda: "(already in progress)" in node.output(), 30, "the duplicate to be seen")
+
+    result(bucket, "dup", "done")
+    wait_for(lambda: not bucket.exists("pipeline/dup.config.yaml"), 10, "the config to be removed")
+    publisher.publish(topic, b"{}", **attributes).result()
+    wait_for(lambda: "is gone (finished, replaced or deleted)" in node.output(), 30, "the late duplicate to be seen")
+    assert len(list(out.glob("started-*"))) == 1, "luigi ran the task once"
+    assert node.output().count("run of generation") == 1
+
+
+def test_sigterm_mid_run_exits_promptly_and_another_node_completes(
+    start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+) -> None:
+    node = start_node("node-a")
+    out = tmp_path / "term"
+    submit(bucket, "term", {"name": "Sleep", "module": "poltergust_testpipes", "out-dir": str(out),
+                            "seconds": 3}, environment_yaml)
+    marker = wait_for(lambda: list(out.glob("started-*")), 60, "the task to start")[0]
+    luigi_pid = int(marker.name.rsplit("-", 1)[1])
+
+    node.process.send_signal(signal.SIGTERM)
+    assert node.process.wait(timeout=15) == 0
+    wait_for(lambda: not _alive(luigi_pid), 10, "luigi to be stopped with the node")
+    assert bucket.exists("pipeline/term.config.yaml"), "the unfinished config stays for the next node"
+    assert _results(bucket, "term") == []
+
+    start_node("node-b")
+    assert result(bucket, "term", "done")["poltergust"]["node"] == "node-b"
+    assert (out / "slept.txt").read_text() == "node-b"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,96 @@
+"""A node on the real stack: Pub/Sub emulator, fake-gcs-server, luigid, real environments."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from stack import Bucket, wait_for
+
+TIMEOUT = 120
+
+
+def submit(bucket: Bucket, name: str, task: dict, environment_yaml: str, variables: dict | None = None) -> int:
+    bucket.upload("environment/test.yaml", environment_yaml)
+    config = {"environment": f"gs://{bucket.name}/environment/test.yaml", "task": task}
+    if variables:
+        config["variables"] = variables
+    return bucket.upload(f"pipeline/{name}.config.yaml", yaml.safe_dump(config))
+
+
+def result(bucket: Bucket, name: str, outcome: str, timeout: float = TIMEOUT) -> dict:
+    data = wait_for(lambda: bucket.read(f"pipeline/{name}.{outcome}.yaml"), timeout, f"{name}.{outcome}.yaml")
+    return yaml.safe_load(data)
+
+
+def test_uploaded_config_runs_to_done(start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path) -> None:
+    node = start_node("node-a")
+    out = tmp_path / "out"
+    submit(bucket, "hello", {"name": "Touch", "module": "poltergust_testpipes", "out-dir": str(out),
+                             "variable": "GREETING"}, environment_yaml, {"GREETING": "hi"})
+    done = result(bucket, "hello", "done")
+    assert done["task"]["name"] == "Touch"
+    assert done["variables"] == {"GREETING": "hi"}
+    assert done["poltergust"]["outcome"] == "done"
+    assert done["poltergust"]["node"] == "node-a"
+    assert (out / "touch.txt").read_text() == "node-a\nhi\n"
+    wait_for(lambda: not bucket.exists("pipeline/hello.config.yaml"), 10, "the config to be removed")
+    assert not bucket.exists("pipeline/hello.error.yaml")
+    log = bucket.read("pipeline/hello.node-a.log.txt").decode()
+    assert "luigi exited with code 0" in log
+    node.check_alive()
+
+
+def test_config_uploaded_before_start_is_found_by_the_startup_scan(
+    start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+) -> None:
+    submit(bucket, "early", {"name": "Touch", "module": "poltergust_testpipes", "out-dir": str(tmp_path / "o")},
+           environment_yaml)
+    node = start_node("node-a")
+    assert result(bucket, "early", "done")["poltergust"]["node"] == "node-a"
+    assert "1 run(s) scheduled" in node.output()
+
+
+def test_failing_task_ends_as_error_and_the_node_goes_on(
+    start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+) -> None:
+    start_node("node-a")
+    submit(bucket, "broken", {"name": "Fail", "module": "poltergust_testpipes", "out-dir": str(tmp_path / "f")},
+           environment_yaml)
+    error = result(bucket, "broken", "error")
+    section = error["poltergust"]
+    assert section["outcome"] == "error"
+    assert section["reason"].startswith("a luigi task failed")
+    assert "this task fails on purpose" in section["log_tail"]
+    assert error["task"]["name"] == "Fail"
+    wait_for(lambda: not bucket.exists("pipeline/broken.config.yaml"), 10, "the config to be removed")
+    assert not bucket.exists("pipeline/broken.done.yaml")
+
+    submit(bucket, "after", {"name": "Touch", "module": "poltergust_testpipes", "out-dir": str(tmp_path / "a")},
+           environment_yaml)
+    result(bucket, "after", "done")
+
+
+def test_bad_input_ends_as_error_with_a_clear_reason(
+    start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+) -> None:
+    start_node("node-a")
+    invalid = "environment: [unclosed\ntask: {name: X\n"
+    bucket.upload("pipeline/invalid.config.yaml", invalid)
+    bucket.upload("pipeline/noenv.config.yaml", yaml.safe_dump(
+        {"environment": f"gs://{bucket.name}/environment/missing.yaml", "task": {"name": "T", "module": "m"}}))
+    submit(bucket, "nomodule", {"name": "Touch", "module": "no_such_module", "out-dir": str(tmp_path)},
+           environment_yaml)
+    bucket.upload("pipeline/notask.config.yaml", "environment: ../environment/test.yaml\n")
+
+    invalid_error = result(bucket, "invalid", "error")
+    assert invalid_error["original_config"] == invalid, "the user's text is kept verbatim"
+    assert "invalid.config.yaml: invalid YAML" in invalid_error["poltergust"]["reason"]
+    assert "missing.yaml does not exist" in result(bucket, "noenv", "error")["poltergust"]["reason"]
+    reason = result(bucket, "nomodule", "error")["poltergust"]["reason"]
+    assert "could not import the pipeline's module" in reason and "no_such_module" in reason
+    notask = result(bucket, "notask", "error")
+    assert notask["environment"] == "../environment/test.yaml"
+    assert notask["poltergust"]["reason"].endswith("notask.config.yaml: task: required key is missing")
+    wait_for(lambda: not [n for n in bucket.names("pipeline/") if n.endswith(".config.yaml")], 10,
+             "every config to be moved")

@@ -1,0 +1,87 @@
+"""Small luigi pipelines the tests run on real nodes.
+
+Each task writes the name of the node that ran it (POLTERGUST_NODE) into its
+output, so tests can tell which node did what.
+"""
+import os
+import time
+
+import luigi
+
+
+def _node() -> str:
+    return os.environ.get("POLTERGUST_NODE", "?")
+
+
+class _Output(luigi.Task):
+    out_dir = luigi.Parameter()
+
+    def _write(self, text: str) -> None:
+        with self.output().open("w") as handle:
+            handle.write(text)
+
+
+class Touch(_Output):
+    """One task that writes its node's name, and an optional variable's value."""
+
+    variable = luigi.Parameter(default="")
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "touch.txt"))
+
+    def run(self):
+        value = os.environ.get(self.variable, "") if self.variable else ""
+        self._write(f"{_node()}\n{value}\n")
+
+
+class Part(_Output):
+    index = luigi.IntParameter()
+    seconds = luigi.FloatParameter(default=1.0)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, f"part-{self.index}.txt"))
+
+    def run(self):
+        time.sleep(self.seconds)
+        self._write(_node())
+
+
+class Fan(_Output):
+    """A root task over several independent parts, so several nodes share the work."""
+
+    parts = luigi.IntParameter(default=4)
+    seconds = luigi.FloatParameter(default=1.0)
+
+    def requires(self):
+        return [Part(out_dir=self.out_dir, index=i, seconds=self.seconds) for i in range(self.parts)]
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "fan.txt"))
+
+    def run(self):
+        nodes = sorted({target.open().read() for target in self.input()})
+        self._write(" ".join(nodes))
+
+
+class Fail(_Output):
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "never.txt"))
+
+    def run(self):
+        raise RuntimeError("this task fails on purpose")
+
+
+class Sleep(_Output):
+    """Marks that it started, then sleeps: for cancellation and shutdown tests."""
+
+    seconds = luigi.FloatParameter(default=60.0)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "slept.txt"))
+
+    def run(self):
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, f"started-{_node()}-{os.getpid()}"), "w"):
+            pass
+        time.sleep(self.seconds)
+        self._write(_node())
