@@ -7,6 +7,7 @@ container deployments configure nodes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -17,8 +18,10 @@ from typing import Sequence
 import uvloop
 
 from .environments import Environments
-from .events import PubSubEvents, default_subscription
-from .storage import GcsStore, Location
+from .events import EventSource, PubSubEvents, default_subscription
+from .localdir import LocalEvents
+from .scheduler import DEFAULT_PORT, embedded_scheduler
+from .storage import Location, open_store
 from .worker import Node, Settings
 
 log = logging.getLogger("poltergust")
@@ -45,11 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
             shown = f" (default: {default})" if default is not None else ""
         parser.add_argument(f"--{flag}", default=default, help=f"{help}{shown} [{name}]", **kwargs)  # type: ignore[arg-type]
 
-    add("path", "pipeline prefix to watch, gs://BUCKET/PREFIX; repeat for several "
-                "(in the variable: separated by spaces)", action="append", metavar="URL")
-    add("scheduler-url", "URL of the luigi central scheduler (luigid) all nodes share", metavar="URL")
+    add("path", "pipeline prefix to watch: gs://BUCKET/PREFIX, or a local directory (file:///DIR or a plain "
+                "path); repeat for several (in the variable: separated by spaces)", action="append", metavar="URL")
+    add("scheduler-url", "URL of the luigi central scheduler (luigid) all nodes share (default: a local luigid "
+                         f"on 127.0.0.1:{DEFAULT_PORT}, started by the first local node and joined by the others)",
+        metavar="URL")
     add("node-name", "this node's name, used in log object names and claims", default=socket.gethostname())
-    add("project", "Google Cloud project of the notification topic and the subscription",
+    add("project", "Google Cloud project of the notification topic and the subscription (gs:// paths only)",
         default=os.environ.get("GOOGLE_CLOUD_PROJECT"))
     add("topic", "Pub/Sub topic receiving the bucket's notifications (default: poltergust-BUCKET "
                  "for the first --path)")
@@ -75,18 +80,18 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             setattr(args, attribute, os.environ.get(_env(flag), "").split())
     if not args.path:
         parser.error("--path is required (or set POLTERGUST_PATH)")
-    if not args.scheduler_url:
-        parser.error("--scheduler-url is required (or set POLTERGUST_SCHEDULER_URL)")
-    if not args.project:
-        parser.error("--project is required (or set POLTERGUST_PROJECT or GOOGLE_CLOUD_PROJECT)")
     try:
         locations = [Location.parse(url) for url in args.path]
     except ValueError as exc:
         parser.error(f"--path {exc}")
+    if len({loc.bucket.startswith("gs://") for loc in locations}) > 1:
+        parser.error("--path: one node watches either buckets or local directories, not both")
+    if locations[0].bucket.startswith("gs://") and not args.project:
+        parser.error("--project is required for gs:// paths (or set POLTERGUST_PROJECT or GOOGLE_CLOUD_PROJECT)")
     data_dir = Path(args.data_dir).expanduser()
     settings = Settings(
         locations=locations,
-        scheduler_url=args.scheduler_url,
+        scheduler_url=args.scheduler_url or "",
         node_name=args.node_name,
         data_dir=data_dir,
         env_dir=Path(args.env_dir).expanduser() if args.env_dir else data_dir / "environments",
@@ -94,15 +99,21 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         rescan_interval=args.rescan_interval,
         allowed_environment_prefixes=args.allowed_environment_prefix,
     )
-    topic = args.topic or f"poltergust-{locations[0].bucket}"
+    topic = args.topic or f"poltergust-{locations[0].bucket.rsplit('/', 1)[-1]}"
     subscription = args.subscription or default_subscription(args.node_name)
     return settings, args.project, topic, subscription
 
 
 async def serve(settings: Settings, project: str, topic: str, subscription: str) -> None:
-    events = PubSubEvents(project, topic, subscription, settings.locations)
-    node = Node(settings, events, GcsStore, Environments(settings.env_dir))
-    await node.run()
+    events: EventSource
+    if settings.locations[0].bucket.startswith("gs://"):
+        events = PubSubEvents(project, topic, subscription, settings.locations)
+    else:
+        events = LocalEvents(settings.locations)
+    async with contextlib.AsyncExitStack() as stack:
+        if not settings.scheduler_url:
+            settings.scheduler_url = await stack.enter_async_context(embedded_scheduler(settings.data_dir))
+        await Node(settings, events, open_store, Environments(settings.env_dir)).run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Protocol
 
 # Nodes fork luigi while gRPC threads stream messages; gRPC's fork handlers
 # are not needed by the children and only print warnings.
@@ -36,16 +36,30 @@ class Event:
 
     kind: str  # "finalize" or "delete"
     bucket: str
+    """Bucket URL, as in `Location.bucket`."""
     name: str
     generation: int
     replaced_by: int | None = None
     """For a delete caused by an overwrite: the generation that replaced this one."""
 
 
+class EventSource(Protocol):
+    """Where a node hears about config changes: Pub/Sub for GCS, the file system for local directories."""
+
+    async def attach(self) -> None: ...
+
+    async def get(self) -> Event: ...
+
+    @property
+    def broken(self) -> BaseException | None: ...
+
+    async def close(self) -> None: ...
+
+
 def parse_notification(attributes: Mapping[str, str], locations: Iterable[Location]) -> Event | None:
     """Turn GCS notification attributes into an `Event`, or None if it is not for us."""
     kind = {"OBJECT_FINALIZE": "finalize", "OBJECT_DELETE": "delete"}.get(attributes.get("eventType", ""))
-    bucket, name = attributes.get("bucketId", ""), attributes.get("objectId", "")
+    bucket, name = "gs://" + attributes.get("bucketId", ""), attributes.get("objectId", "")
     if kind is None or not name.endswith(CONFIG_SUFFIX):
         return None
     if not any(loc.bucket == bucket and is_config_name(name, loc.prefix) for loc in locations):
@@ -99,7 +113,7 @@ class PubSubEvents:
 
     def _ensure_subscription(self) -> None:
         prefixes = " OR ".join(
-            f'(attributes.bucketId = "{loc.bucket}" AND hasPrefix(attributes.objectId, "{loc.prefix}"))'
+            f'(attributes.bucketId = "{loc.bucket[len("gs://"):]}" AND hasPrefix(attributes.objectId, "{loc.prefix}"))'
             for loc in self._locations
         )
         request = {

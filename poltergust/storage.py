@@ -12,6 +12,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar
 from urllib.parse import urlparse
 
@@ -50,23 +51,52 @@ class Blob:
 
 @dataclass(frozen=True)
 class Location:
-    """A pipeline prefix such as `gs://bucket/pipeline`."""
+    """A pipeline prefix: `gs://bucket/pipeline`, or a local `file:///dir/pipeline` (or plain path).
 
-    scheme: str
+    A local directory's parent plays the bucket, so environment files beside
+    the pipeline directory resolve as they would in a bucket.
+    """
+
     bucket: str
+    """Bucket URL: `gs://NAME`, or `file:///ABSOLUTE/DIR`."""
     prefix: str
     """Object-name prefix, always ending in `/` (or empty for a bucket root)."""
 
     @classmethod
     def parse(cls, url: str) -> "Location":
-        parsed = urlparse(url)
-        if parsed.scheme != "gs" or not parsed.netloc:
-            raise ValueError(f"{url}: expected gs://BUCKET/PREFIX")
-        prefix = parsed.path.strip("/")
-        return cls(parsed.scheme, parsed.netloc, f"{prefix}/" if prefix else "")
+        bucket, name = split_url(url)
+        name = name.strip("/")
+        return cls(bucket, f"{name}/" if name else "")
+
+    @property
+    def bucket_path(self) -> str:
+        """The directory of a local bucket."""
+        return self.bucket[len("file://"):]
 
     def url(self, name: str = "") -> str:
-        return f"{self.scheme}://{self.bucket}/{name or self.prefix}".rstrip("/")
+        return f"{self.bucket}/{name or self.prefix}".rstrip("/")
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """Split an object URL into bucket URL and object name; plain paths are local files."""
+    parsed = urlparse(url)
+    if parsed.scheme == "gs":
+        if not parsed.netloc:
+            raise ValueError(f"{url}: expected gs://BUCKET/PATH")
+        return f"gs://{parsed.netloc}", parsed.path.lstrip("/")
+    if parsed.scheme not in ("", "file"):
+        raise ValueError(f"{url}: expected gs://BUCKET/PATH, file:///PATH or a local path")
+    path = Path(parsed.path if parsed.scheme else url).expanduser().resolve()
+    return f"file://{path.parent}", path.name
+
+
+def open_store(bucket: str) -> "ObjectStore":
+    """The store for a bucket URL from `split_url` or `Location.bucket`."""
+    if bucket.startswith("gs://"):
+        return GcsStore(bucket[len("gs://"):])
+    from .localdir import LocalStore
+
+    return LocalStore(Path(bucket[len("file://"):]))
 
 
 class ObjectStore(Protocol):

@@ -16,15 +16,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, NamedTuple
-from urllib.parse import urlparse
 
 from . import results
 from .config import ConfigError, parse_environment, parse_pipeline
 from .environments import EnvironmentBuildError, Environments
-from .events import Event, PubSubEvents, is_config_name
+from .events import Event, EventSource, is_config_name
 from .runlog import RunLog
 from .runner import Outcome, luigi_command, luigi_environ, node_extra_environ, run_until_settled
-from .storage import Blob, Location, NotFound, ObjectStore, StorageError
+from .storage import Blob, Location, NotFound, ObjectStore, StorageError, split_url
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +50,12 @@ class RunKey(NamedTuple):
     generation: int
 
     def url(self) -> str:
-        return f"gs://{self.bucket}/{self.name}"
+        return f"{self.bucket}/{self.name}"
 
 
 class Node:
     def __init__(
-        self, settings: Settings, events: PubSubEvents,
+        self, settings: Settings, events: EventSource,
         open_store: Callable[[str], ObjectStore], environments: Environments,
     ) -> None:
         self.settings = settings
@@ -214,15 +213,15 @@ class Node:
             return Outcome(False, runlog.mask(str(exc)))
 
     def _environment_object(self, url: str, key: RunKey) -> tuple[str, str]:
-        allowed = self.settings.allowed_environment_prefixes or [f"gs://{loc.bucket}/" for loc in self.settings.locations]
-        parsed = urlparse(url)
-        name = parsed.path.lstrip("/")
-        if parsed.scheme != "gs" or not parsed.netloc or not name:
-            raise ConfigError(key.url(), f"{url} is not a gs://BUCKET/OBJECT URL", "environment")
-        if not any(url.startswith(prefix) for prefix in allowed):
+        allowed = self.settings.allowed_environment_prefixes or [f"{loc.bucket}/" for loc in self.settings.locations]
+        try:
+            bucket, name = split_url(url)
+        except ValueError as exc:
+            raise ConfigError(key.url(), str(exc), "environment") from None
+        if not any(f"{bucket}/{name}".startswith(prefix) for prefix in allowed):
             raise ConfigError(key.url(), f"{url} is outside the allowed environment prefixes ({', '.join(allowed)})",
                               "environment")
-        return parsed.netloc, name
+        return bucket, name
 
     async def _finish(self, key: RunKey, store: ObjectStore, config: Blob, result: results.Result,
                       runlog: RunLog) -> None:

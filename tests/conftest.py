@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from stack import ROOT, Bucket, FakeGcs, Luigid, Node, PubSubEmulator
+from stack import ROOT, Bucket, FakeGcs, LocalBucket, Luigid, Node, PubSubEmulator
 
 PROJECT = "poltergust-test"
 TOPIC = "gcs-events"
@@ -65,9 +65,17 @@ def env_dir(workdir: Path) -> Path:
     return workdir / "environments"
 
 
+@pytest.fixture(params=["gcs", "local"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Behavioural tests run on both backends: a bucket on the emulators, and a local directory."""
+    return request.param
+
+
 @pytest.fixture
-def bucket(gcs: FakeGcs) -> Bucket:
-    return Bucket(gcs, f"test-{uuid.uuid4().hex[:12]}")
+def bucket(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Bucket | LocalBucket:
+    if backend == "local":
+        return LocalBucket(tmp_path / "bucket")
+    return Bucket(request.getfixturevalue("gcs"), f"test-{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture
@@ -84,24 +92,25 @@ def environment_yaml(wheelhouse: Path) -> str:
 
 @pytest.fixture
 def start_node(
-    tmp_path: Path, pubsub: PubSubEmulator, gcs: FakeGcs, luigid: Luigid, bucket: Bucket, env_dir: Path,
+    tmp_path: Path, request: pytest.FixtureRequest, luigid: Luigid, bucket: Bucket | LocalBucket, env_dir: Path,
 ) -> Iterator[Callable[..., Node]]:
     """Start nodes on the test's bucket; every node is stopped at the end of the test."""
     nodes: list[Node] = []
     suffix = uuid.uuid4().hex[:6]
 
     def start(name: str = "node-a", *extra: str, topic: str = TOPIC, wait: bool = True) -> Node:
-        env = dict(os.environ, PUBSUB_EMULATOR_HOST=pubsub.host, STORAGE_EMULATOR_HOST=gcs.url)
+        env = dict(os.environ)
         args = [
-            "--path", f"gs://{bucket.name}/pipeline",
+            "--path", bucket.url("pipeline"),
             "--scheduler-url", luigid.url,
-            "--project", PROJECT,
-            "--topic", topic,
-            "--subscription", f"sub-{name}-{suffix}",
             "--data-dir", str(tmp_path / name),
             "--env-dir", str(env_dir),
-            *extra,
         ]
+        if isinstance(bucket, Bucket):
+            pubsub = request.getfixturevalue("pubsub")
+            env.update(PUBSUB_EMULATOR_HOST=pubsub.host, STORAGE_EMULATOR_HOST=bucket.gcs.url)
+            args += ["--project", PROJECT, "--topic", topic, "--subscription", f"sub-{name}-{suffix}"]
+        args += extra
         node = Node(name, tmp_path, args, env)
         nodes.append(node)
         if wait:

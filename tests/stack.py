@@ -179,6 +179,9 @@ class Bucket:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.read()
 
+    def url(self, name: str = "") -> str:
+        return f"gs://{self.name}/{name}"
+
     def _object_url(self, name: str) -> str:
         return f"{self.gcs.url}/storage/v1/b/{self.name}/o/{urllib.parse.quote(name, safe='')}"
 
@@ -214,6 +217,43 @@ class Bucket:
         query = urllib.parse.urlencode({"prefix": prefix})
         listing = json.loads(self._request("GET", f"{self.gcs.url}/storage/v1/b/{self.name}/o?{query}"))
         return sorted(item["name"] for item in listing.get("items", []))
+
+
+class LocalBucket:
+    """A directory used as a bucket (the local backend), with the same helper methods as `Bucket`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.name = root.name
+        root.mkdir(parents=True, exist_ok=True)
+
+    def url(self, name: str = "") -> str:
+        return f"file://{self.root}/{name}"
+
+    def upload(self, name: str, data: bytes | str) -> int:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.parent / f".upload-{os.getpid()}-{time.monotonic_ns()}"
+        temporary.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(temporary, path)
+        return path.stat().st_mtime_ns
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def exists(self, name: str) -> bool:
+        return (self.root / name).exists()
+
+    def delete(self, name: str) -> None:
+        (self.root / name).unlink()
+
+    def names(self, prefix: str = "") -> list[str]:
+        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*")
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
+                      and str(p.relative_to(self.root)).startswith(prefix))
 
 
 class Node(Server):

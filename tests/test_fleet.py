@@ -7,10 +7,11 @@ import signal
 import uuid
 from pathlib import Path
 
+import pytest
 from google.cloud import pubsub_v1
 
 from conftest import PROJECT, TOPIC
-from stack import Bucket, wait_for
+from stack import Bucket, LocalBucket, wait_for
 from test_node import result, submit
 
 
@@ -18,12 +19,12 @@ def _parts_by_node(out: Path) -> set[str]:
     return {path.read_text() for path in out.glob("part-*.txt")}
 
 
-def _results(bucket: Bucket, name: str) -> list[str]:
+def _results(bucket, name: str) -> list[str]:
     return [n for n in bucket.names(f"pipeline/{name}.") if n.endswith((".done.yaml", ".error.yaml"))]
 
 
 def test_two_nodes_share_one_pipeline_and_exactly_one_finishes_it(
-    start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+    start_node, bucket, environment_yaml: str, tmp_path: Path,
 ) -> None:
     nodes = [start_node("node-a"), start_node("node-b")]
     out = tmp_path / "fan"
@@ -41,8 +42,9 @@ def test_two_nodes_share_one_pipeline_and_exactly_one_finishes_it(
         assert bucket.exists(f"pipeline/fan.{node.node_name}.log.txt")
 
 
+@pytest.mark.parametrize("backend", ["gcs"], indirect=True)
 def test_two_nodes_racing_to_claim_one_gets_412(
-    start_node, pubsub, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+    start_node, pubsub, bucket, environment_yaml: str, tmp_path: Path,
 ) -> None:
     """Nodes on a topic nobody publishes to cannot be told that the other one finished:
     both run the pipeline to its end and try to claim it, and the bucket must refuse one."""
@@ -62,8 +64,9 @@ def test_two_nodes_racing_to_claim_one_gets_412(
     assert _results(bucket, "race") == ["pipeline/race.done.yaml"]
 
 
+@pytest.mark.parametrize("backend", ["gcs"], indirect=True)
 def test_duplicate_delivery_does_not_start_a_second_run(
-    start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path, pubsub,
+    start_node, bucket, environment_yaml: str, tmp_path: Path, pubsub,
 ) -> None:
     node = start_node("node-a", "--log-level", "DEBUG")
     out = tmp_path / "dup"
@@ -88,7 +91,7 @@ def test_duplicate_delivery_does_not_start_a_second_run(
 
 
 def test_sigterm_mid_run_exits_promptly_and_another_node_completes(
-    start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+    start_node, bucket, environment_yaml: str, tmp_path: Path,
 ) -> None:
     node = start_node("node-a")
     out = tmp_path / "term"

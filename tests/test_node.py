@@ -5,25 +5,25 @@ from pathlib import Path
 
 import yaml
 
-from stack import Bucket, wait_for
+from stack import Bucket, LocalBucket, wait_for
 
 TIMEOUT = 120
 
 
-def submit(bucket: Bucket, name: str, task: dict, environment_yaml: str, variables: dict | None = None) -> int:
+def submit(bucket, name: str, task: dict, environment_yaml: str, variables: dict | None = None) -> int:
     bucket.upload("environment/test.yaml", environment_yaml)
-    config = {"environment": f"gs://{bucket.name}/environment/test.yaml", "task": task}
+    config = {"environment": bucket.url("environment/test.yaml"), "task": task}
     if variables:
         config["variables"] = variables
     return bucket.upload(f"pipeline/{name}.config.yaml", yaml.safe_dump(config))
 
 
-def result(bucket: Bucket, name: str, outcome: str, timeout: float = TIMEOUT) -> dict:
+def result(bucket, name: str, outcome: str, timeout: float = TIMEOUT) -> dict:
     data = wait_for(lambda: bucket.read(f"pipeline/{name}.{outcome}.yaml"), timeout, f"{name}.{outcome}.yaml")
     return yaml.safe_load(data)
 
 
-def test_uploaded_config_runs_to_done(start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path) -> None:
+def test_uploaded_config_runs_to_done(start_node, bucket, environment_yaml: str, tmp_path: Path) -> None:
     node = start_node("node-a")
     out = tmp_path / "out"
     submit(bucket, "hello", {"name": "Touch", "module": "poltergust_testpipes", "out-dir": str(out),
@@ -42,7 +42,7 @@ def test_uploaded_config_runs_to_done(start_node, bucket: Bucket, environment_ya
 
 
 def test_config_uploaded_before_start_is_found_by_the_startup_scan(
-    start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+    start_node, bucket, environment_yaml: str, tmp_path: Path,
 ) -> None:
     submit(bucket, "early", {"name": "Touch", "module": "poltergust_testpipes", "out-dir": str(tmp_path / "o")},
            environment_yaml)
@@ -52,7 +52,7 @@ def test_config_uploaded_before_start_is_found_by_the_startup_scan(
 
 
 def test_failing_task_ends_as_error_and_the_node_goes_on(
-    start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+    start_node, bucket, environment_yaml: str, tmp_path: Path,
 ) -> None:
     start_node("node-a")
     submit(bucket, "broken", {"name": "Fail", "module": "poltergust_testpipes", "out-dir": str(tmp_path / "f")},
@@ -72,13 +72,13 @@ def test_failing_task_ends_as_error_and_the_node_goes_on(
 
 
 def test_bad_input_ends_as_error_with_a_clear_reason(
-    start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+    start_node, bucket, environment_yaml: str, tmp_path: Path,
 ) -> None:
     start_node("node-a")
     invalid = "environment: [unclosed\ntask: {name: X\n"
     bucket.upload("pipeline/invalid.config.yaml", invalid)
     bucket.upload("pipeline/noenv.config.yaml", yaml.safe_dump(
-        {"environment": f"gs://{bucket.name}/environment/missing.yaml", "task": {"name": "T", "module": "m"}}))
+        {"environment": bucket.url("environment/missing.yaml"), "task": {"name": "T", "module": "m"}}))
     submit(bucket, "nomodule", {"name": "Touch", "module": "no_such_module", "out-dir": str(tmp_path)},
            environment_yaml)
     bucket.upload("pipeline/notask.config.yaml", "environment: ../environment/test.yaml\n")

@@ -1,0 +1,73 @@
+"""The embedded luigi central scheduler, for nodes started without --scheduler-url.
+
+The first local node starts a real `luigid` on loopback (state in its data
+dir); nodes started later on the same machine find it answering and join it.
+The node that started it stops it when it exits.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import urllib.request
+from pathlib import Path
+from typing import AsyncIterator
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8082
+LUIGID_CONFIG = """\
+[scheduler]
+# Free the tasks of a node that vanished quickly, and check on every request.
+worker_disconnect_delay = 30
+prune_on_get_work = true
+"""
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/api/task_list?data=%7B%7D", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def embedded_scheduler(data_dir: Path, port: int = DEFAULT_PORT) -> AsyncIterator[str]:
+    """Yield the URL of a local luigid, started here unless one already answers."""
+    url = f"http://127.0.0.1:{port}"
+    if await asyncio.to_thread(_answers, url):
+        log.info("using the luigi scheduler already running at %s", url)
+        yield url
+        return
+    state = data_dir / "luigid"
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "luigi.cfg").write_text(LUIGID_CONFIG)
+    output = (state / "luigid.log").open("ab")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from luigi.cmdline import luigid; luigid()",
+        "--address", "127.0.0.1", "--port", str(port),
+        "--state-path", str(state / "state.pickle"), "--logdir", str(state),
+        stdout=output, stderr=output, stdin=asyncio.subprocess.DEVNULL,
+        env=dict(os.environ, LUIGI_CONFIG_PATH=str(state / "luigi.cfg")), start_new_session=True,
+    )
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await asyncio.to_thread(_answers, url):
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"luigid did not start on port {port}; see {state / 'luigid.log'}")
+            await asyncio.sleep(0.1)
+        if process.returncode is None:
+            log.info("started a luigi scheduler at %s (its web page too; log in %s)", url, state / "luigid.log")
+        else:  # another node won the race for the port
+            log.info("using the luigi scheduler another local node started at %s", url)
+        yield url
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            await process.wait()
+        output.close()
