@@ -90,10 +90,14 @@ def split_url(url: str) -> tuple[str, str]:
     return f"file://{path.parent}", path.name
 
 
-def open_store(bucket: str) -> "ObjectStore":
-    """The store for a bucket URL from `split_url` or `Location.bucket`."""
+def open_store(bucket: str, retry_for: float = 60.0) -> "ObjectStore":
+    """The store for a bucket URL from `split_url` or `Location.bucket`.
+
+    `retry_for` bounds how long transient GCS faults are retried: long for
+    nodes, which must ride out outages, short for the interactive CLI.
+    """
     if bucket.startswith("gs://"):
-        return GcsStore(bucket[len("gs://"):])
+        return GcsStore(bucket[len("gs://"):], retry_for=retry_for)
     from .localdir import LocalStore
 
     return LocalStore(Path(bucket[len("file://"):]))
