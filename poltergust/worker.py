@@ -80,7 +80,8 @@ class Node:
                  ", ".join(loc.url() for loc in self.settings.locations), self.settings.scheduler_url)
         try:
             await self.events.attach()
-            background = [asyncio.create_task(self._scan_periodically()), asyncio.create_task(self._serve_events())]
+            background = [asyncio.create_task(self._scan_periodically()), asyncio.create_task(self._serve_events()),
+                          asyncio.create_task(self._keep_events_attached())]
             await self._stopping.wait()
             log.info("stopping: taking no new work, stopping %d run(s); their configs stay for the next scan",
                      len(self._runs))
@@ -122,6 +123,21 @@ class Node:
             for info in await self.store(location.bucket).list(location.prefix):
                 if is_config_name(info.name, location.prefix):
                     self._schedule(RunKey(location.bucket, info.name, info.generation))
+
+    async def _keep_events_attached(self, check_every: float = 5.0) -> None:
+        """Re-attach a broken event stream, then rescan for whatever it missed meanwhile."""
+        while True:
+            await asyncio.sleep(check_every)
+            broken = self.events.broken
+            if broken is None:
+                continue
+            log.error("event stream broken (%s); re-attaching", broken)
+            try:
+                await self.events.close()
+                await self.events.attach()
+                await self.scan()
+            except Exception as exc:  # noqa: BLE001 -- keep trying; the rescan still runs meanwhile
+                log.error("could not re-attach the event stream: %s", exc)
 
     async def _serve_events(self) -> None:
         while True:

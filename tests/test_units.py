@@ -1,0 +1,120 @@
+"""Fast tests of the pure parts: config parsing, luigi arguments, notifications, the local store's claim."""
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from poltergust.config import ConfigError, parse_environment, parse_pipeline, resolve_reference
+from poltergust.events import is_config_name, parse_notification
+from poltergust.localdir import LocalStore
+from poltergust.runner import task_arguments
+from poltergust.storage import Location, PreconditionFailed, split_url
+
+SOURCE = "gs://b/pipeline/x.config.yaml"
+
+
+def test_pipeline_config_is_parsed_and_relative_environments_resolve() -> None:
+    config = parse_pipeline(b"environment: ../environment/e.yaml\ntask: {name: T, module: m, a-b: 1}\n"
+                            b"variables: {N: 2}\n", SOURCE)
+    assert config.environment == "gs://b/environment/e.yaml"
+    assert config.task.arguments == {"a-b": 1}
+    assert config.variables == {"N": "2"}
+    assert resolve_reference("/../../etc/passwd", SOURCE) == "gs://b/etc/passwd"
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"", "expected a mapping at the top level, got nothing"),
+    (b"- a\n", "expected a mapping at the top level, got a list"),
+    (b"task: {name: T, module: m}\n", "environment: required key is missing"),
+    (b"environment: e\ntask: {module: m}\n", "task.name: required key is missing"),
+    (b"environment: e\ntask: {name: T, module: m, --x: 1}\n", "task.--x: task arguments must be plain names"),
+    (b"environment: e\ntask: {name: T, module: m}\nvariables: [a]\n", "variables: must be a mapping"),
+    (b"\xff\xfe", "not UTF-8 text"),
+])
+def test_invalid_configs_name_file_and_key(text: bytes, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_pipeline(text, SOURCE)
+    assert str(error.value).startswith(SOURCE + ": ")
+    assert message in str(error.value)
+
+
+def test_yaml_bombs_and_oversized_files_are_refused() -> None:
+    bomb = b"a: &a [x,x,x,x,x,x,x,x,x,x]\n" + b"".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n".encode() for i in range(6))
+    with pytest.raises(ConfigError, match="too complex"):
+        parse_pipeline(bomb, SOURCE)
+    with pytest.raises(ConfigError, match="the limit is"):
+        parse_pipeline(b"#" * (300 * 1024), SOURCE)
+
+
+def test_environment_build_key_follows_content_not_variables() -> None:
+    one = parse_environment(b"dependencies: [luigi]\nvariables: {A: 1}\n", "gs://b/e1.yaml")
+    two = parse_environment(b"dependencies: [luigi]\nvariables: {A: 2}\n", "gs://b/e2.yaml")
+    three = parse_environment(b"dependencies: [luigi, pandas]\n", "gs://b/e1.yaml")
+    assert one.build_key == two.build_key != three.build_key
+    with pytest.raises(ConfigError, match=r"dependencies\[0\]: cannot be split"):
+        parse_environment(b"dependencies: ['pkg \"unclosed']\n", "e.yaml")
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_environment(b"dependency: [luigi]\n", "e.yaml")
+
+
+def test_task_arguments_become_luigi_options() -> None:
+    assert task_arguments({"date-interval": "2012-06", "flag": True, "off": False, "none": None,
+                           "n": 3, "items": [1, 2]}) == [
+        "--date-interval", "2012-06", "--flag", "--n", "3", "--items", "[1, 2]"]
+
+
+def test_notifications_are_filtered_to_our_configs() -> None:
+    locations = [Location.parse("gs://b/pipeline")]
+    attributes = {"eventType": "OBJECT_DELETE", "bucketId": "b", "objectId": "pipeline/x.config.yaml",
+                  "objectGeneration": "5", "overwrittenByGeneration": "6"}
+    event = parse_notification(attributes, locations)
+    assert event is not None and (event.kind, event.generation, event.replaced_by) == ("delete", 5, 6)
+    for changed in ({"bucketId": "other"}, {"objectId": "pipeline/x.done.yaml"},
+                    {"objectId": "pipeline/sub/x.config.yaml"}, {"eventType": "OBJECT_METADATA_UPDATE"},
+                    {"objectGeneration": "nope"}):
+        assert parse_notification({**attributes, **changed}, locations) is None
+    assert not is_config_name("pipeline/.config.yaml", "pipeline/")
+
+
+def test_locations_and_urls(tmp_path: Path) -> None:
+    assert Location.parse("gs://b/pipeline/") == Location("gs://b", "pipeline/")
+    local = Location.parse(str(tmp_path / "pipeline"))
+    assert local == Location(f"file://{tmp_path}", "pipeline/")
+    assert Location.parse(f"file://{tmp_path}/pipeline") == local
+    assert split_url(f"file://{tmp_path}/environment/e.yaml") == (f"file://{tmp_path}/environment", "e.yaml")
+    with pytest.raises(ValueError):
+        Location.parse("s3://b/pipeline")
+
+
+def _claim(root: str, generation: int, node: str, queue: multiprocessing.Queue) -> None:
+    store = LocalStore(Path(root))
+    try:
+        asyncio.run(store.write("pipeline/x.config.yaml", node.encode(), if_generation_match=generation,
+                                metadata={"node": node}))
+        queue.put(node)
+    except PreconditionFailed:
+        queue.put("412")
+
+
+def test_local_claim_is_exclusive_across_processes(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    info = asyncio.run(store.write("pipeline/x.config.yaml", b"config"))
+    queue: multiprocessing.Queue = multiprocessing.Queue()
+    racers = [multiprocessing.Process(target=_claim, args=(str(tmp_path), info.generation, f"n{i}", queue))
+              for i in range(8)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(30)
+    outcomes = sorted(queue.get(timeout=5) for _ in racers)
+    assert outcomes.count("412") == 7
+    winner = next(o for o in outcomes if o != "412")
+    blob = asyncio.run(store.read("pipeline/x.config.yaml"))
+    assert blob.data == winner.encode() and blob.info.metadata == {"node": winner}
+    assert blob.info.generation > info.generation
+    with pytest.raises(PreconditionFailed):
+        asyncio.run(store.delete("pipeline/x.config.yaml", if_generation_match=info.generation))
