@@ -51,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("path", "pipeline prefix to watch: gs://BUCKET/PREFIX, or a local directory (file:///DIR or a plain "
                 "path); repeat for several (in the variable: separated by spaces)", action="append", metavar="URL")
     add("scheduler-url", "URL of the luigi central scheduler (luigid) all nodes share (default: a local luigid "
-                         f"on 127.0.0.1:{DEFAULT_PORT}, started by the first local node and joined by the others)",
+                         "on 127.0.0.1, started by the first local node and joined by the others)",
         metavar="URL")
+    add("embedded-scheduler-port", "port of the local luigid used when --scheduler-url is not given",
+        type=int, default=DEFAULT_PORT)
     add("node-name", "this node's name, used in log object names and claims", default=socket.gethostname())
     add("project", "Google Cloud project of the notification topic and the subscription (gs:// paths only)",
         default=os.environ.get("GOOGLE_CLOUD_PROJECT"))
@@ -92,6 +94,7 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     settings = Settings(
         locations=locations,
         scheduler_url=args.scheduler_url or "",
+        embedded_scheduler_port=args.embedded_scheduler_port,
         node_name=args.node_name,
         data_dir=data_dir,
         env_dir=Path(args.env_dir).expanduser() if args.env_dir else data_dir / "environments",
@@ -112,7 +115,8 @@ async def serve(settings: Settings, project: str, topic: str, subscription: str)
         events = LocalEvents(settings.locations)
     async with contextlib.AsyncExitStack() as stack:
         if not settings.scheduler_url:
-            settings.scheduler_url = await stack.enter_async_context(embedded_scheduler(settings.data_dir))
+            settings.scheduler_url = await stack.enter_async_context(
+                embedded_scheduler(settings.data_dir, settings.embedded_scheduler_port))
         await Node(settings, events, open_store, Environments(settings.env_dir)).run()
 
 

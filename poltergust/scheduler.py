@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 from typing import AsyncIterator
@@ -39,35 +41,44 @@ def _answers(url: str) -> bool:
 async def embedded_scheduler(data_dir: Path, port: int = DEFAULT_PORT) -> AsyncIterator[str]:
     """Yield the URL of a local luigid, started here unless one already answers."""
     url = f"http://127.0.0.1:{port}"
-    if await asyncio.to_thread(_answers, url):
+    # Nodes starting at the same moment take turns: the first starts luigid, the others find it.
+    with (Path(tempfile.gettempdir()) / f"poltergust-luigid-{port}.lock").open("a") as lock:
+        await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+        try:
+            process = None if await asyncio.to_thread(_answers, url) else await _start_luigid(data_dir, port, url)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    if process is None:
         log.info("using the luigi scheduler already running at %s", url)
         yield url
         return
-    state = data_dir / "luigid"
-    state.mkdir(parents=True, exist_ok=True)
-    (state / "luigi.cfg").write_text(LUIGID_CONFIG)
-    output = (state / "luigid.log").open("ab")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from luigi.cmdline import luigid; luigid()",
-        "--address", "127.0.0.1", "--port", str(port),
-        "--state-path", str(state / "state.pickle"), "--logdir", str(state),
-        stdout=output, stderr=output, stdin=asyncio.subprocess.DEVNULL,
-        env=dict(os.environ, LUIGI_CONFIG_PATH=str(state / "luigi.cfg")), start_new_session=True,
-    )
     try:
-        deadline = asyncio.get_running_loop().time() + 30
-        while not await asyncio.to_thread(_answers, url):
-            if asyncio.get_running_loop().time() > deadline:
-                raise RuntimeError(f"luigid did not start on port {port}; see {state / 'luigid.log'}")
-            await asyncio.sleep(0.1)
-        if process.returncode is None:
-            log.info("started a luigi scheduler at %s (its web page too; log in %s)", url, state / "luigid.log")
-        else:  # another node won the race for the port
-            log.info("using the luigi scheduler another local node started at %s", url)
+        log.info("started a luigi scheduler at %s (its web page too; log in %s)", url, data_dir / "luigid")
         yield url
     finally:
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
             await process.wait()
-        output.close()
+
+
+async def _start_luigid(data_dir: Path, port: int, url: str) -> asyncio.subprocess.Process:
+    state = data_dir / "luigid"
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "luigi.cfg").write_text(LUIGID_CONFIG)
+    with (state / "luigid.log").open("ab") as output:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from luigi.cmdline import luigid; luigid()",
+            "--address", "127.0.0.1", "--port", str(port),
+            "--state-path", str(state / "state.pickle"), "--logdir", str(state),
+            stdout=output, stderr=output, stdin=asyncio.subprocess.DEVNULL,
+            env=dict(os.environ, LUIGI_CONFIG_PATH=str(state / "luigi.cfg")), start_new_session=True,
+        )
+    deadline = asyncio.get_running_loop().time() + 30
+    while not await asyncio.to_thread(_answers, url):
+        if process.returncode is not None or asyncio.get_running_loop().time() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            raise RuntimeError(f"luigid did not start on port {port}; see {state / 'luigid.log'}")
+        await asyncio.sleep(0.1)
+    return process

@@ -35,6 +35,8 @@ class Settings:
     node_name: str
     data_dir: Path
     env_dir: Path
+    embedded_scheduler_port: int = 8082
+    """Used only when `scheduler_url` is empty: the node then starts or joins a local luigid."""
     max_concurrent: int = 4
     rescan_interval: float = 300.0
     claim_grace: float = 60.0

@@ -126,3 +126,29 @@ def test_luigi_runtasks_entry_point_runs_a_node(bucket, luigid, environment_yaml
         assert node.process.wait(timeout=30) == 0
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_nodes_without_scheduler_url_share_an_embedded_luigid(bucket, environment_yaml: str, tmp_path: Path,
+                                                              env_dir: Path) -> None:
+    port = str(free_port())
+    nodes = [Server(name, [sys.executable, "-m", "poltergust.async_worker", "--path", str(bucket.root / "pipeline"),
+                           "--node-name", name, "--data-dir", str(tmp_path / name), "--env-dir", str(env_dir),
+                           "--embedded-scheduler-port", port], tmp_path / f"{name}.log", cwd=ROOT)
+             for name in ("first", "second")]
+    try:
+        for node in nodes:
+            wait_for(lambda: node.check_alive() or "ready: subscribed" in node.output(), 60, f"{node.name} ready")
+        started = [n for n in nodes if f"started a luigi scheduler at http://127.0.0.1:{port}" in n.output()]
+        assert len(started) == 1, "exactly one node starts luigid; the other joins it"
+        assert all(f"http://127.0.0.1:{port}" in n.output() for n in nodes)
+        out = tmp_path / "fan"
+        submit(bucket, "fan", {"name": "Fan", "module": "poltergust_testpipes", "out-dir": str(out), "parts": 4,
+                               "seconds": 1.0}, environment_yaml)
+        follow = poltergust("logs", "fan", "--path", bucket.url("pipeline"), "--follow")
+        assert follow.returncode == 0 and "luigi exited with code 0" in follow.stdout
+        assert result(bucket, "fan", "done")
+        assert {p.read_text() for p in out.glob("part-*.txt")} == {"first", "second"}
+    finally:
+        for node in reversed(nodes):
+            node.stop()
