@@ -19,6 +19,7 @@ import uvloop
 
 from .environments import Environments
 from .events import EventSource, PubSubEvents, default_subscription
+from .health import health_server
 from .localdir import LocalEvents
 from .scheduler import DEFAULT_PORT, embedded_scheduler
 from .storage import Location, open_store
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float, default=300.0)
     add("allowed-environment-prefix", "URL prefix environment files may be read from; repeatable "
                                       "(default: the buckets of --path)", action="append", metavar="URL")
+    add("http-port", "serve GET /healthz on this port (0: no health server)", type=int, default=0)
+    add("http-host", "address of the health server; 0.0.0.0 lets a load balancer reach it", default="127.0.0.1")
     add("log-level", "logging level of the node's own log", default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -107,7 +110,7 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return settings, args.project, topic, subscription
 
 
-async def serve(settings: Settings, project: str, topic: str, subscription: str) -> None:
+async def serve(settings: Settings, project: str, topic: str, subscription: str, http: tuple[str, int]) -> None:
     events: EventSource
     if settings.locations[0].bucket.startswith("gs://"):
         events = PubSubEvents(project, topic, subscription, settings.locations)
@@ -117,7 +120,10 @@ async def serve(settings: Settings, project: str, topic: str, subscription: str)
         if not settings.scheduler_url:
             settings.scheduler_url = await stack.enter_async_context(
                 embedded_scheduler(settings.data_dir, settings.embedded_scheduler_port))
-        await Node(settings, events, open_store, Environments(settings.env_dir)).run()
+        node = Node(settings, events, open_store, Environments(settings.env_dir))
+        if http[1]:
+            await stack.enter_async_context(health_server(node, *http))
+        await node.run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings, project, topic, subscription = settings_from(args, parser)
-    uvloop.run(serve(settings, project, topic, subscription))
+    uvloop.run(serve(settings, project, topic, subscription, (args.http_host, args.http_port)))
     return 0
 
 

@@ -9,7 +9,6 @@ that generation cancels that run only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -66,7 +65,8 @@ class Node:
         self._stores: dict[str, ObjectStore] = {}
         self.environments = environments
         self._runs: dict[RunKey, asyncio.Task[None]] = {}
-        self._finishing: set[tuple[str, str]] = set()
+        self._finishing: set[RunKey] = set()
+        """Runs past luigi, claiming and writing their result: no event may interrupt that."""
         self._slots = asyncio.Semaphore(settings.max_concurrent)
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
@@ -152,7 +152,7 @@ class Node:
                   " (already in progress)" if key in self._runs else "")
         if event.kind == "finalize":
             self._schedule(key)
-        elif key in self._runs:
+        elif key in self._runs and key not in self._finishing:
             why = f"replaced by generation {event.replaced_by}" if event.replaced_by else "deleted"
             log.info("%s generation %d was %s: stopping its run", key.url(), key.generation, why)
             self._runs[key].cancel()
@@ -177,10 +177,13 @@ class Node:
             except StorageError as exc:
                 log.error("%s: cannot read the config, leaving it for the next scan: %s", key.url(), exc)
                 return
-            if results.claimed_outcome(config.info.metadata):
-                await self._complete_claim(key, store, config)
-                return
-            await self._run(key, store, config)
+            try:
+                if results.claimed_outcome(config.info.metadata):
+                    await self._complete_claim(key, store, config)
+                else:
+                    await self._run(key, store, config)
+            except Exception:  # noqa: BLE001 -- one broken run must not take the node down
+                log.exception("%s: unexpected error; the config stays for the next scan", key.url())
 
     async def _run(self, key: RunKey, store: ObjectStore, config: Blob) -> None:
         name = results.pipeline_name(key.name)
@@ -191,22 +194,24 @@ class Node:
         log.info("%s: run of generation %d started", key.url(), key.generation)
         runlog.note(f"node {self.settings.node_name} starts {key.url()} generation {key.generation}")
         try:
-            outcome = await self._attempt(key, config, runlog)
+            try:
+                outcome = await self._attempt(key, config, runlog)
+            finally:
+                uploader.cancel()
+            result = results.Result(
+                outcome="done" if outcome.ok else "error", node=self.settings.node_name,
+                started=started, finished=_now(), reason=outcome.reason, log_tail=runlog.tail(),
+            )
+            runlog.note(f"finished locally: {result.outcome}{': ' + outcome.reason if outcome.reason else ''}")
+            await self._upload_log(store, log_object, runlog)
+            await self._finish(key, store, config, result, runlog)
+            await self._upload_log(store, log_object, runlog)
         except asyncio.CancelledError:
             runlog.note("run stopped on this node (shutdown, or the config was deleted, replaced or claimed)")
             await asyncio.shield(self._upload_log(store, log_object, runlog))
             raise
         finally:
-            uploader.cancel()
-        result = results.Result(
-            outcome="done" if outcome.ok else "error", node=self.settings.node_name,
-            started=started, finished=_now(), reason=outcome.reason, log_tail=runlog.tail(),
-        )
-        runlog.note(f"finished locally: {result.outcome}{': ' + outcome.reason if outcome.reason else ''}")
-        await self._upload_log(store, log_object, runlog)
-        await self._finish(key, store, config, result, runlog)
-        await self._upload_log(store, log_object, runlog)
-        runlog.close()
+            runlog.close()
 
     async def _attempt(self, key: RunKey, config_blob: Blob, runlog: RunLog) -> Outcome:
         """Everything between reading the config and luigi's final answer; never raises for bad input."""
@@ -244,7 +249,7 @@ class Node:
     async def _finish(self, key: RunKey, store: ObjectStore, config: Blob, result: results.Result,
                       runlog: RunLog) -> None:
         body = results.result_document(config.data, result)
-        self._finishing.add((key.bucket, key.name))
+        self._finishing.add(key)
         try:
             claimed = await results.claim(store, config, body, result.outcome, self.settings.node_name)
             if claimed is None:
@@ -259,11 +264,11 @@ class Node:
             runlog.note(f"could not write the result: {exc}; the config stays for the next scan")
             log.error("%s: could not finish: %s", key.url(), exc)
         finally:
-            self._finishing.discard((key.bucket, key.name))
+            self._finishing.discard(key)
 
     async def _complete_claim(self, key: RunKey, store: ObjectStore, config: Blob) -> None:
         """Complete a run another node claimed but did not finish (it may have crashed)."""
-        if (key.bucket, key.name) in self._finishing:
+        if any((k.bucket, k.name) == (key.bucket, key.name) for k in self._finishing):
             return  # this node's own claim, being completed right now
         info = config.info
         claimer = info.metadata.get(results.NODE_KEY, "?")

@@ -11,7 +11,7 @@ import pytest
 from google.cloud import pubsub_v1
 
 from conftest import PROJECT, TOPIC
-from stack import Bucket, LocalBucket, wait_for
+from stack import wait_for
 from test_node import result, submit
 
 

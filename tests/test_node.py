@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from stack import Bucket, LocalBucket, wait_for
+from stack import wait_for
 
 TIMEOUT = 120
 
@@ -94,3 +94,28 @@ def test_bad_input_ends_as_error_with_a_clear_reason(
     assert notask["poltergust"]["reason"].endswith("notask.config.yaml: task: required key is missing")
     wait_for(lambda: not [n for n in bucket.names("pipeline/") if n.endswith(".config.yaml")], 10,
              "every config to be moved")
+
+
+def test_healthz_answers_once_ready_and_not_while_the_node_is_stalled(start_node) -> None:
+    import signal
+    import urllib.error
+    import urllib.request
+
+    from stack import free_port
+
+    port = free_port()
+    node = start_node("node-a", "--http-port", str(port))
+    url = f"http://127.0.0.1:{port}/healthz"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200 and response.read() == b"ok\n"
+    node.process.send_signal(signal.SIGSTOP)
+    try:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            raise AssertionError("a stalled node must not pass its health check")
+        except (urllib.error.URLError, TimeoutError):
+            pass
+    finally:
+        node.process.send_signal(signal.SIGCONT)
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200

@@ -1,0 +1,353 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# Create a Poltergust deployment with gcloud: the same resources as the
+# Terraform module in deploy/terraform (see deploy/README.md for the picture).
+#
+# Idempotent: every resource is looked up (describe) before it is created, so
+# running the script again creates nothing and can finish a run that stopped
+# half-way. Existing resources are not changed, with one exception: when the
+# node settings (machine type, package, init script, ...) changed, a new
+# instance template is made and the nodes are rolled over to it.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+source "$HERE/lib.sh"
+
+INIT_SCRIPT="$(cd "$HERE/.." && pwd)/node-init.sh"
+MIN_NODES=${POLTERGUST_MIN_NODES:-1}
+MAX_NODES=${POLTERGUST_MAX_NODES:-4}
+NODE_MACHINE_TYPE=${POLTERGUST_NODE_MACHINE_TYPE:-e2-standard-4}
+SCHEDULER_MACHINE_TYPE=${POLTERGUST_SCHEDULER_MACHINE_TYPE:-e2-medium}
+NODE_DISK_SIZE=${POLTERGUST_NODE_DISK_SIZE:-50GB}
+SCHEDULER_DISK_SIZE=${POLTERGUST_SCHEDULER_DISK_SIZE:-20GB}
+IMAGE_FAMILY=${POLTERGUST_IMAGE_FAMILY:-debian-12}
+IMAGE_PROJECT=${POLTERGUST_IMAGE_PROJECT:-debian-cloud}
+SUBNET_CIDR=${POLTERGUST_SUBNET_CIDR:-10.42.0.0/24}
+CPU_TARGET=${POLTERGUST_CPU_TARGET:-0.6}
+PACKAGE=${POLTERGUST_PACKAGE:-poltergust}
+VERSION=${POLTERGUST_VERSION:-}
+IAP_SSH=${POLTERGUST_IAP_SSH:-1}
+
+usage() {
+    cat <<EOF
+Usage: ${0##*/} [options]
+
+Creates (or completes) a Poltergust deployment in one project: bucket,
+notification topic, service accounts and IAM grants, a VPC with Cloud NAT,
+firewall rules, the luigid VM and an autoscaled regional group of nodes.
+Requires: gcloud, logged in as someone who may create all that.
+
+$COMMON_HELP
+
+Settings of this script:
+  --min-nodes N             POLTERGUST_MIN_NODES  (default: 1)
+  --max-nodes N             POLTERGUST_MAX_NODES  (default: 4)
+  --nodes N                 shorthand for --min-nodes N --max-nodes N
+  --node-machine-type T     POLTERGUST_NODE_MACHINE_TYPE  (default: e2-standard-4)
+  --scheduler-machine-type T POLTERGUST_SCHEDULER_MACHINE_TYPE  (default: e2-medium)
+  --cpu-target F            POLTERGUST_CPU_TARGET  autoscaler CPU target 0-1 (default: 0.6)
+  --package SPEC            POLTERGUST_PACKAGE  pip install spec (default: poltergust);
+                            a git+https URL or a wheel URL work too
+  --version V               POLTERGUST_VERSION  pins SPEC==V (plain names only)
+  --subnet-cidr CIDR        POLTERGUST_SUBNET_CIDR  (default: 10.42.0.0/24)
+  --no-iap-ssh              POLTERGUST_IAP_SSH=0  no firewall rule for ssh through IAP
+  -h, --help                this text
+EOF
+}
+
+parse_args() {
+    while (($#)); do
+        common_flag "$@"
+        if ((SHIFT)); then
+            shift "$SHIFT"
+            continue
+        fi
+        case "${1%%=*}" in
+            -h|--help) usage; exit 0 ;;
+            --no-iap-ssh) IAP_SSH=0; shift; continue ;;
+            --min-nodes|--max-nodes|--nodes|--node-machine-type|--scheduler-machine-type|\
+            --cpu-target|--package|--version|--subnet-cidr) flag_arg "$@" ;;
+            *) die "unknown argument: $1 (see --help)" ;;
+        esac
+        case "${1%%=*}" in
+            --min-nodes) MIN_NODES=$VALUE ;;
+            --max-nodes) MAX_NODES=$VALUE ;;
+            --nodes) MIN_NODES=$VALUE; MAX_NODES=$VALUE ;;
+            --node-machine-type) NODE_MACHINE_TYPE=$VALUE ;;
+            --scheduler-machine-type) SCHEDULER_MACHINE_TYPE=$VALUE ;;
+            --cpu-target) CPU_TARGET=$VALUE ;;
+            --package) PACKAGE=$VALUE ;;
+            --version) VERSION=$VALUE ;;
+            --subnet-cidr) SUBNET_CIDR=$VALUE ;;
+        esac
+        shift "$SHIFT"
+    done
+}
+
+check_settings() {
+    # At least one node: CPU-based autoscaling cannot start from zero.
+    [[ "$MIN_NODES" =~ ^[1-9][0-9]*$ && "$MAX_NODES" =~ ^[1-9][0-9]*$ ]] ||
+        die "--min-nodes and --max-nodes must be 1 or more"
+    ((MIN_NODES <= MAX_NODES)) || die "--min-nodes ($MIN_NODES) is larger than --max-nodes ($MAX_NODES)"
+    [[ -f "$INIT_SCRIPT" ]] || die "node init script not found: $INIT_SCRIPT"
+    if [[ -n "$VERSION" ]]; then
+        [[ "$PACKAGE" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?$ ]] ||
+            die "--version pins only a plain package name; put the version into --package for URLs"
+        PACKAGE="$PACKAGE==$VERSION"
+    fi
+    # "|" separates metadata entries below (gcloud's ^|^ escape), commas do not.
+    [[ "$PACKAGE" != *"|"* ]] || die "--package must not contain '|'"
+}
+
+enable_apis() {
+    local apis=(cloudresourcemanager.googleapis.com compute.googleapis.com iam.googleapis.com
+        pubsub.googleapis.com storage.googleapis.com)
+    local enabled missing=() api
+    enabled=$(gc services list --enabled --format='value(config.name)')
+    for api in "${apis[@]}"; do
+        grep -qx "$api" <<<"$enabled" || missing+=("$api")
+    done
+    if ((${#missing[@]})); then
+        log "enabling: ${missing[*]}"
+        gc services enable "${missing[@]}"
+    else
+        log "exists:   APIs enabled"
+    fi
+}
+
+create_bucket_and_topic() {
+    have "bucket $BUCKET_URL" storage buckets describe "$BUCKET_URL" ||
+        gc storage buckets create "$BUCKET_URL" --location="$REGION" \
+            --uniform-bucket-level-access --public-access-prevention
+    # No versioning: on a versioned bucket a deleted config produces
+    # OBJECT_ARCHIVE instead of the OBJECT_DELETE the nodes cancel runs on.
+
+    have "topic $TOPIC" pubsub topics describe "$TOPIC" ||
+        gc pubsub topics create "$TOPIC"
+
+    # Cloud Storage publishes notifications as the project's storage service agent.
+    local agent
+    agent=$(gc storage service-agent)
+    [[ -n "$agent" ]] || die "could not get the Cloud Storage service agent of $PROJECT"
+    if binding_exists roles/pubsub.publisher "serviceAccount:$agent" "$TOPIC" pubsub topics; then
+        log "exists:   publisher grant for $agent on $TOPIC"
+    else
+        log "creating: publisher grant for $agent on $TOPIC"
+        retry gc pubsub topics add-iam-policy-binding "$TOPIC" \
+            --member="serviceAccount:$agent" --role=roles/pubsub.publisher >/dev/null
+    fi
+
+    local notifications
+    notifications=$(gc storage buckets notifications list "$BUCKET_URL" \
+        --filter="\"Notification Configuration\".topic=\"//pubsub.googleapis.com/$TOPIC_PATH\"" \
+        --format='value("Notification Configuration".id)')
+    if [[ -n "$notifications" ]]; then
+        log "exists:   notification $BUCKET_URL -> $TOPIC"
+    else
+        log "creating: notification $BUCKET_URL -> $TOPIC"
+        gc storage buckets notifications create "$BUCKET_URL" --topic="$TOPIC_PATH" \
+            --event-types=OBJECT_FINALIZE,OBJECT_DELETE --object-prefix="$PIPELINE_PREFIX/" \
+            --payload-format=json --skip-topic-setup
+    fi
+}
+
+create_service_accounts() {
+    have "service account $NODE_SA" iam service-accounts describe "$NODE_SA" ||
+        gc iam service-accounts create "$NODE_SA_ID" --display-name="Poltergust node" \
+            --description="Runs Luigi pipelines from $BUCKET_URL"
+    have "service account $SCHEDULER_SA" iam service-accounts describe "$SCHEDULER_SA" ||
+        gc iam service-accounts create "$SCHEDULER_SA_ID" --display-name="Poltergust luigid scheduler" \
+            --description="Identity of the luigid VM; needs no permissions"
+}
+
+# What a node may do, and why (deploy/README.md has the long version):
+# - objects of this bucket: roles/storage.objectUser on the bucket only;
+# - attach subscriptions to this topic: roles/pubsub.subscriber on the topic;
+# - create its own subscription and read from it: a custom project role with
+#   only pubsub.subscriptions.create/.consume/.get. Subscriptions belong to
+#   the project, not the topic, and Pub/Sub IAM conditions cannot match names,
+#   so this is as narrow as Pub/Sub allows.
+grant_node_permissions() {
+    local deleted
+    if deleted=$(gc iam roles describe "$ROLE_ID" --format='value(deleted)' 2>/dev/null); then
+        if [[ "$deleted" == [Tt]rue ]]; then
+            # A role deleted by teardown.sh lingers for 7 days; its id cannot be reused.
+            log "creating: custom role $ROLE (undeleting it)"
+            gc iam roles undelete "$ROLE_ID" >/dev/null
+        else
+            log "exists:   custom role $ROLE"
+        fi
+    else
+        log "creating: custom role $ROLE"
+        gc iam roles create "$ROLE_ID" --title="Poltergust node subscriptions" \
+            --description="Create a Pub/Sub subscription and read from it" \
+            --permissions=pubsub.subscriptions.consume,pubsub.subscriptions.create,pubsub.subscriptions.get \
+            --stage=GA >/dev/null
+    fi
+
+    if binding_exists roles/storage.objectUser "$NODE_MEMBER" "$BUCKET_URL" storage buckets; then
+        log "exists:   objectUser grant on $BUCKET_URL"
+    else
+        log "creating: objectUser grant on $BUCKET_URL"
+        retry gc storage buckets add-iam-policy-binding "$BUCKET_URL" \
+            --member="$NODE_MEMBER" --role=roles/storage.objectUser >/dev/null
+    fi
+    if binding_exists roles/pubsub.subscriber "$NODE_MEMBER" "$TOPIC" pubsub topics; then
+        log "exists:   subscriber grant on $TOPIC"
+    else
+        log "creating: subscriber grant on $TOPIC"
+        retry gc pubsub topics add-iam-policy-binding "$TOPIC" \
+            --member="$NODE_MEMBER" --role=roles/pubsub.subscriber >/dev/null
+    fi
+    if binding_exists "$ROLE" "$NODE_MEMBER" "$PROJECT" projects; then
+        log "exists:   $ROLE grant on project $PROJECT"
+    else
+        log "creating: $ROLE grant on project $PROJECT"
+        retry gc projects add-iam-policy-binding "$PROJECT" \
+            --member="$NODE_MEMBER" --role="$ROLE" --condition=None >/dev/null
+    fi
+}
+
+# A VPC of its own: nothing but the rules below lets traffic in, so luigid is
+# reachable from the nodes only. No external addresses; Cloud NAT for pip.
+create_network() {
+    have "network $NETWORK" compute networks describe "$NETWORK" ||
+        gc compute networks create "$NETWORK" --subnet-mode=custom
+    have "subnet $SUBNET" compute networks subnets describe "$SUBNET" --region="$REGION" ||
+        gc compute networks subnets create "$SUBNET" --network="$NETWORK" --region="$REGION" \
+            --range="$SUBNET_CIDR" --enable-private-ip-google-access --enable-flow-logs
+    have "router $ROUTER" compute routers describe "$ROUTER" --region="$REGION" ||
+        gc compute routers create "$ROUTER" --network="$NETWORK" --region="$REGION"
+    have "Cloud NAT $NAT" compute routers nats describe "$NAT" --router="$ROUTER" --region="$REGION" ||
+        gc compute routers nats create "$NAT" --router="$ROUTER" --region="$REGION" \
+            --auto-allocate-nat-external-ips --nat-all-subnet-ip-ranges --enable-logging \
+            --log-filter=ERRORS_ONLY
+
+    # Matched by service account: only someone allowed to act as that
+    # account can put it on a VM, unlike a network tag.
+    have "firewall rule $FW_LUIGID" compute firewall-rules describe "$FW_LUIGID" ||
+        gc compute firewall-rules create "$FW_LUIGID" --network="$NETWORK" --direction=INGRESS \
+            --action=ALLOW --rules="tcp:$LUIGID_PORT" --source-service-accounts="$NODE_SA" \
+            --target-service-accounts="$SCHEDULER_SA" \
+            --description="Poltergust nodes reach the luigi central scheduler"
+    have "firewall rule $FW_HEALTH" compute firewall-rules describe "$FW_HEALTH" ||
+        gc compute firewall-rules create "$FW_HEALTH" --network="$NETWORK" --direction=INGRESS \
+            --action=ALLOW --rules="tcp:$HEALTH_PORT" --source-ranges="$HEALTH_CHECK_RANGES" \
+            --target-service-accounts="$NODE_SA" \
+            --description="Google Cloud health checkers reach the nodes' /healthz"
+    if ((IAP_SSH)); then
+        have "firewall rule $FW_IAP" compute firewall-rules describe "$FW_IAP" ||
+            gc compute firewall-rules create "$FW_IAP" --network="$NETWORK" --direction=INGRESS \
+                --action=ALLOW --rules=tcp:22 --source-ranges="$IAP_RANGE" \
+                --target-service-accounts="$NODE_SA,$SCHEDULER_SA" \
+                --description="ssh through Identity-Aware Proxy only"
+    fi
+}
+
+create_scheduler() {
+    # A reserved internal address keeps the nodes' --scheduler-url valid
+    # when the VM is rebuilt.
+    have "address $SCHEDULER_ADDRESS" compute addresses describe "$SCHEDULER_ADDRESS" --region="$REGION" ||
+        gc compute addresses create "$SCHEDULER_ADDRESS" --region="$REGION" --subnet="$SUBNET"
+    SCHEDULER_IP=$(gc compute addresses describe "$SCHEDULER_ADDRESS" --region="$REGION" \
+        --format='value(address)')
+    [[ -n "$SCHEDULER_IP" ]] || die "address $SCHEDULER_ADDRESS has no IP"
+    SCHEDULER_URL="http://$SCHEDULER_IP:$LUIGID_PORT"
+
+    have "luigid VM $SCHEDULER_VM" compute instances describe "$SCHEDULER_VM" --zone="$ZONE" ||
+        gc compute instances create "$SCHEDULER_VM" --zone="$ZONE" \
+            --machine-type="$SCHEDULER_MACHINE_TYPE" \
+            --subnet="$SUBNET" --no-address --private-network-ip="$SCHEDULER_IP" \
+            --service-account="$SCHEDULER_SA" --scopes=cloud-platform \
+            --image-family="$IMAGE_FAMILY" --image-project="$IMAGE_PROJECT" \
+            --boot-disk-size="$SCHEDULER_DISK_SIZE" \
+            --shielded-secure-boot --shielded-vtpm --shielded-integrity-monitoring \
+            --metadata-from-file="startup-script=$INIT_SCRIPT" \
+            --metadata="^|^poltergust-role=scheduler|poltergust-package=$PACKAGE|enable-oslogin=TRUE|block-project-ssh-keys=TRUE"
+}
+
+create_nodes() {
+    have "health check $HEALTH_CHECK" compute health-checks describe "$HEALTH_CHECK" --global ||
+        gc compute health-checks create http "$HEALTH_CHECK" --global --port="$HEALTH_PORT" \
+            --request-path=/healthz --check-interval=10s --timeout=5s \
+            --healthy-threshold=2 --unhealthy-threshold=3
+
+    # Templates cannot change, so the template's name carries a checksum of
+    # everything in it: changed settings give a new template, the same
+    # settings find the existing one.
+    local metadata checksum template
+    metadata="^|^poltergust-role=node|poltergust-package=$PACKAGE|poltergust-path=$PIPELINE_URL"
+    metadata+="|poltergust-scheduler-url=$SCHEDULER_URL|poltergust-topic=$TOPIC|poltergust-project=$PROJECT"
+    metadata+="|enable-oslogin=TRUE|block-project-ssh-keys=TRUE"
+    checksum=$( { printf '%s\n' "$metadata" "$NODE_MACHINE_TYPE" "$NODE_DISK_SIZE" "$IMAGE_FAMILY" \
+        "$IMAGE_PROJECT" "$SUBNET" "$NODE_SA"; cat "$INIT_SCRIPT"; } | cksum | cut -d' ' -f1)
+    template="$TEMPLATE_PREFIX$checksum"
+
+    have "instance template $template" compute instance-templates describe "$template" ||
+        gc compute instance-templates create "$template" \
+            --machine-type="$NODE_MACHINE_TYPE" \
+            --subnet="projects/$PROJECT/regions/$REGION/subnetworks/$SUBNET" --no-address \
+            --service-account="$NODE_SA" --scopes=cloud-platform \
+            --image-family="$IMAGE_FAMILY" --image-project="$IMAGE_PROJECT" \
+            --boot-disk-size="$NODE_DISK_SIZE" \
+            --shielded-secure-boot --shielded-vtpm --shielded-integrity-monitoring \
+            --metadata-from-file="startup-script=$INIT_SCRIPT" \
+            --metadata="$metadata"
+
+    if have "managed instance group $MIG" compute instance-groups managed describe "$MIG" --region="$REGION"; then
+        local current
+        current=$(gc compute instance-groups managed describe "$MIG" --region="$REGION" \
+            --format='value(instanceTemplate.basename())')
+        if [[ "$current" != "$template" ]]; then
+            log "updating: $MIG from template $current to $template (rolling replace)"
+            gc compute instance-groups managed rolling-action start-update "$MIG" --region="$REGION" \
+                --version="template=$template" --max-surge=3 --max-unavailable=0
+        fi
+    else
+        # First boot installs Python and Poltergust: give it 10 minutes
+        # before autohealing judges /healthz.
+        gc compute instance-groups managed create "$MIG" --region="$REGION" \
+            --template="$template" --size="$MIN_NODES" --base-instance-name="$NAME-node" \
+            --health-check="$HEALTH_CHECK" --initial-delay=600
+    fi
+
+    local autoscaler
+    autoscaler=$(gc compute instance-groups managed describe "$MIG" --region="$REGION" \
+        --format='value(status.autoscaler)')
+    if [[ -n "$autoscaler" ]]; then
+        log "exists:   autoscaling of $MIG"
+    else
+        log "creating: autoscaling of $MIG ($MIN_NODES-$MAX_NODES nodes)"
+        gc compute instance-groups managed set-autoscaling "$MIG" --region="$REGION" \
+            --min-num-replicas="$MIN_NODES" --max-num-replicas="$MAX_NODES" \
+            --target-cpu-utilization="$CPU_TARGET" --cool-down-period=300 \
+            --scale-in-control=max-scaled-in-replicas=1,time-window=600
+    fi
+}
+
+main() {
+    parse_args "$@"
+    derive_names
+    check_settings
+    log "project $PROJECT, region $REGION, bucket $BUCKET_URL, topic $TOPIC, nodes $MIN_NODES-$MAX_NODES"
+
+    enable_apis
+    create_bucket_and_topic
+    create_service_accounts
+    grant_node_permissions
+    create_network
+    create_scheduler
+    create_nodes
+
+    cat <<EOF
+
+Poltergust is deployed. Nodes take a few minutes to install on first boot.
+  Submit a pipeline:  gcloud storage cp mypipeline.config.yaml $PIPELINE_URL/
+  Scheduler web page: gcloud compute ssh $SCHEDULER_VM --project=$PROJECT --zone=$ZONE --tunnel-through-iap -- -L $LUIGID_PORT:localhost:$LUIGID_PORT -N
+                      then open http://localhost:$LUIGID_PORT
+  Remove it again:    $HERE/teardown.sh --project=$PROJECT --region=$REGION --name=$NAME --bucket=$BUCKET
+EOF
+}
+
+main "$@"

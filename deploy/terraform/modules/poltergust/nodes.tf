@@ -1,0 +1,133 @@
+# The nodes: an instance template booting node-init.sh, a regional managed
+# instance group (spread over the region's zones) that replaces nodes whose
+# /healthz stops answering, and a CPU-based autoscaler.
+
+resource "google_compute_instance_template" "node" {
+  project      = var.project_id
+  name_prefix  = "${var.name}-node-"
+  region       = var.region
+  machine_type = var.node_machine_type
+  labels       = var.labels
+
+  disk {
+    source_image = var.image
+    disk_size_gb = var.node_disk_size_gb
+    auto_delete  = true
+    boot         = true
+  }
+
+  # No access_config block: no external address. Outbound goes through NAT.
+  network_interface {
+    subnetwork = google_compute_subnetwork.poltergust.id
+  }
+
+  service_account {
+    email = google_service_account.node.email
+    # Access is decided by the node's IAM grants (iam.tf), not by scopes.
+    scopes = ["cloud-platform"]
+  }
+
+  shielded_instance_config {
+    enable_secure_boot          = true
+    enable_vtpm                 = true
+    enable_integrity_monitoring = true
+  }
+
+  # Read by node-init.sh, which passes them to the node's command line.
+  metadata = {
+    poltergust-role          = "node"
+    poltergust-package       = local.package_spec
+    poltergust-path          = local.pipeline_url
+    poltergust-scheduler-url = local.scheduler_url
+    poltergust-topic         = google_pubsub_topic.bucket_events.name
+    poltergust-project       = var.project_id
+    # ssh only with OS Login (IAM-controlled), never with keys in metadata.
+    enable-oslogin         = "TRUE"
+    block-project-ssh-keys = "TRUE"
+  }
+  metadata_startup_script = local.init_script
+
+  lifecycle {
+    # Templates are immutable: make the new one before the group lets go of the old.
+    create_before_destroy = true
+
+    precondition {
+      condition     = var.poltergust_version == "" || can(regex("^[A-Za-z0-9][A-Za-z0-9._-]*(\\[[A-Za-z0-9,._-]+\\])?$", var.poltergust_package))
+      error_message = "poltergust_version can only pin a plain distribution name; put the version into poltergust_package for URLs."
+    }
+  }
+}
+
+resource "google_compute_health_check" "node" {
+  project             = var.project_id
+  name                = "${var.name}-node-health"
+  description         = "A Poltergust node answers GET /healthz with 200 once it is ready."
+  check_interval_sec  = 10
+  timeout_sec         = 5
+  healthy_threshold   = 2
+  unhealthy_threshold = 3
+
+  http_health_check {
+    port         = local.health_port
+    request_path = "/healthz"
+  }
+}
+
+resource "google_compute_region_instance_group_manager" "nodes" {
+  project            = var.project_id
+  name               = "${var.name}-nodes"
+  region             = var.region
+  base_instance_name = "${var.name}-node"
+  # No target_size: the autoscaler owns the size.
+
+  version {
+    instance_template = google_compute_instance_template.node.id
+  }
+
+  auto_healing_policies {
+    health_check = google_compute_health_check.node.id
+    # First boot installs Python and Poltergust before /healthz can answer.
+    initial_delay_sec = 600
+  }
+
+  update_policy {
+    type                  = "PROACTIVE"
+    minimal_action        = "REPLACE"
+    max_surge_fixed       = 3 # a regional group needs 0 or at least its zone count
+    max_unavailable_fixed = 0
+  }
+}
+
+resource "google_compute_region_autoscaler" "nodes" {
+  project = var.project_id
+  name    = "${var.name}-nodes"
+  region  = var.region
+  target  = google_compute_region_instance_group_manager.nodes.id
+
+  autoscaling_policy {
+    min_replicas = var.node_min_count
+    max_replicas = var.node_max_count
+    # Covers a new node's first boot (installs) before its CPU means anything.
+    cooldown_period = 300
+
+    cpu_utilization {
+      target = var.node_cpu_target
+    }
+
+    # A node being scaled in stops its luigi work and the scheduler hands the
+    # tasks to others; still, remove at most one node per 10 minutes.
+    scale_in_control {
+      time_window_sec = 600
+      max_scaled_in_replicas {
+        fixed = 1
+      }
+    }
+  }
+
+  lifecycle {
+    precondition {
+      condition     = var.node_min_count <= var.node_max_count
+      error_message = "node_min_count must not be larger than node_max_count."
+    }
+  }
+}

@@ -1,0 +1,151 @@
+variable "project_id" {
+  description = "Project that holds everything: bucket, topic, VMs, service accounts."
+  type        = string
+}
+
+variable "region" {
+  description = "Region of the nodes' managed instance group, the subnet and (by default) the bucket."
+  type        = string
+}
+
+variable "zone" {
+  description = "Zone of the scheduler VM. Default: the first zone of the region that is up."
+  type        = string
+  default     = null
+}
+
+variable "name" {
+  description = "Prefix of every resource name (VMs, service accounts, firewall rules, ...)."
+  type        = string
+  default     = "poltergust"
+
+  validation {
+    # Service account ids are at most 30 characters: NAME-scheduler must fit.
+    condition     = can(regex("^[a-z][a-z0-9-]{0,18}[a-z0-9]$", var.name))
+    error_message = "name must be 2-20 lower-case letters, digits or dashes, starting with a letter."
+  }
+}
+
+variable "bucket_name" {
+  description = "Bucket for pipeline configs, results, logs and environment files. Default: PROJECT-poltergust."
+  type        = string
+  default     = null
+}
+
+variable "bucket_location" {
+  description = "Location of the bucket. Default: the region."
+  type        = string
+  default     = null
+}
+
+variable "bucket_force_destroy" {
+  description = "Let terraform destroy delete the bucket even when it still holds objects (pipelines, results, logs)."
+  type        = bool
+  default     = false
+}
+
+variable "pipeline_prefix" {
+  description = "Folder of the bucket the nodes watch: configs go to gs://BUCKET/PREFIX/NAME.config.yaml."
+  type        = string
+  default     = "pipeline"
+
+  validation {
+    condition     = can(regex("^[^/]+(/[^/]+)*$", var.pipeline_prefix))
+    error_message = "pipeline_prefix is a folder name without leading or trailing slash, e.g. \"pipeline\"."
+  }
+}
+
+variable "topic_name" {
+  description = "Pub/Sub topic for the bucket notifications. Default: poltergust-BUCKET, the name the node assumes."
+  type        = string
+  default     = null
+}
+
+variable "subnet_cidr" {
+  description = "IP range of the subnet the scheduler and the nodes live in."
+  type        = string
+  default     = "10.42.0.0/24"
+}
+
+variable "scheduler_machine_type" {
+  description = "Machine type of the luigid VM."
+  type        = string
+  default     = "e2-medium"
+}
+
+variable "node_machine_type" {
+  description = "Machine type of each node."
+  type        = string
+  default     = "e2-standard-4"
+}
+
+variable "node_min_count" {
+  description = "Fewest nodes the autoscaler keeps running."
+  type        = number
+  default     = 1
+
+  validation {
+    # CPU-based autoscaling cannot start from zero nodes: no CPU to measure.
+    condition     = var.node_min_count >= 1
+    error_message = "node_min_count must be at least 1."
+  }
+}
+
+variable "node_max_count" {
+  description = "Most nodes the autoscaler may start."
+  type        = number
+  default     = 4
+
+  validation {
+    condition     = var.node_max_count >= 1
+    error_message = "node_max_count must be at least 1."
+  }
+}
+
+variable "node_cpu_target" {
+  description = "Average CPU utilisation (0-1) the autoscaler aims for."
+  type        = number
+  default     = 0.6
+}
+
+variable "node_disk_size_gb" {
+  description = "Boot disk of each node: holds the pipelines' environments and luigi working files."
+  type        = number
+  default     = 50
+}
+
+variable "scheduler_disk_size_gb" {
+  description = "Boot disk of the scheduler VM."
+  type        = number
+  default     = 20
+}
+
+variable "image" {
+  description = "Boot image of the VMs (node-init.sh expects Debian or Ubuntu)."
+  type        = string
+  default     = "debian-cloud/debian-12"
+}
+
+variable "poltergust_package" {
+  description = "What the VMs pip install: a distribution name (default), a git+https URL or a wheel URL."
+  type        = string
+  default     = "poltergust"
+}
+
+variable "poltergust_version" {
+  description = "Pin the version (poltergust_package==VERSION); only when poltergust_package is a plain name. Empty: newest release."
+  type        = string
+  default     = ""
+}
+
+variable "enable_iap_ssh" {
+  description = "Allow ssh to the VMs through Identity-Aware Proxy (35.235.240.0/20), e.g. for the tunnel to the scheduler's web page."
+  type        = bool
+  default     = true
+}
+
+variable "labels" {
+  description = "Labels put on the bucket, the topic and the VMs."
+  type        = map(string)
+  default     = {}
+}

@@ -1,0 +1,40 @@
+"""`GET /healthz` for load balancers and managed instance groups.
+
+Ready (200) once the event stream is attached and the first scan is done, and
+while the stream is not broken; 503 otherwise. The handler runs on the node's
+own event loop, so a stalled loop does not answer at all, which a health
+check counts as a failure too.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from .worker import Node
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def health_server(node: Node, host: str, port: int) -> AsyncIterator[None]:
+    async def healthz(_: web.Request) -> web.Response:
+        broken = node.events.broken
+        if not node.ready.is_set():
+            return web.Response(status=503, text="starting: subscription or first scan not done\n")
+        if broken is not None:
+            return web.Response(status=503, text=f"event stream broken: {broken}\n")
+        return web.Response(text="ok\n")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("health check at http://%s:%d/healthz", host, port)
+    try:
+        yield
+    finally:
+        await runner.cleanup()
