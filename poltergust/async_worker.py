@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("max-concurrent", "pipelines this node runs at once", type=int, default=4)
     add("rescan-interval", "seconds between full rescans of the prefixes (the safety net for lost events)",
         type=float, default=300.0)
+    add("outage-limit", "seconds a storage or scheduler outage is waited out before a run ends as an error",
+        type=float, default=600.0)
+    add("claim-grace", "seconds a run claimed by another node is left to it before this node completes it",
+        type=float, default=60.0)
     add("allowed-environment-prefix", "URL prefix environment files may be read from; repeatable "
                                       "(default: the buckets of --path)", action="append", metavar="URL")
     add("http-port", "serve GET /healthz on this port (0: no health server)", type=int, default=0)
@@ -103,6 +108,8 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         env_dir=Path(args.env_dir).expanduser() if args.env_dir else data_dir / "environments",
         max_concurrent=args.max_concurrent,
         rescan_interval=args.rescan_interval,
+        outage_limit=args.outage_limit,
+        claim_grace=args.claim_grace,
         allowed_environment_prefixes=args.allowed_environment_prefix,
     )
     topic = args.topic or f"poltergust-{locations[0].bucket.rsplit('/', 1)[-1]}"
@@ -120,7 +127,8 @@ async def serve(settings: Settings, project: str, topic: str, subscription: str,
         if not settings.scheduler_url:
             settings.scheduler_url = await stack.enter_async_context(
                 embedded_scheduler(settings.data_dir, settings.embedded_scheduler_port))
-        node = Node(settings, events, open_store, Environments(settings.env_dir))
+        node = Node(settings, events, functools.partial(open_store, retry_for=settings.outage_limit),
+                    Environments(settings.env_dir))
         if http[1]:
             await stack.enter_async_context(health_server(node, *http))
         await node.run()

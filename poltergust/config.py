@@ -49,6 +49,10 @@ class PipelineConfig:
     variables: Mapping[str, str]
     document: Mapping[str, Any]
     """The whole parsed file, so result files can repeat the user's keys unchanged."""
+    timeout: float | None = None
+    """Seconds after which the run is stopped and ends as an error."""
+    retries: int = 0
+    """How many times a failed run is tried again on a node before the error is written."""
 
 
 @dataclass(frozen=True)
@@ -137,12 +141,20 @@ def parse_pipeline(data: bytes, source: str) -> PipelineConfig:
         if not isinstance(key, str) or not key or key.startswith("-") or any(c.isspace() for c in key):
             raise ConfigError(source, "task arguments must be plain names like some-argument", f"task.{key}")
         arguments[key] = value
+    timeout = document.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ConfigError(source, f"must be a positive number of seconds (got {timeout!r})", "timeout")
+    retries = document.get("retries", 0)
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 100:
+        raise ConfigError(source, f"must be a whole number from 0 to 100 (got {retries!r})", "retries")
     return PipelineConfig(
         source=source,
         environment=resolve_reference(environment, source),
         task=TaskSpec(name=name, module=module, arguments=arguments),
         variables=_variables(document, source),
         document=document,
+        timeout=float(timeout) if timeout is not None else None,
+        retries=retries,
     )
 
 

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlparse
 
 from .config import EnvironmentSpec, PipelineConfig
 from .runlog import RunLog
 from .subprocesses import run_streaming
+
+log = logging.getLogger(__name__)
 
 # Exit codes we ask luigi to use (luigi's defaults are all 0, which says nothing).
 OTHERS_RUNNING = 12  # tasks held by another worker (another node, or a vanished one)
@@ -101,15 +105,22 @@ def luigi_environ(
 
 
 async def run_until_settled(
-    command: list[str], *, env: Mapping[str, str], cwd: Path, runlog: RunLog,
-    max_backoff: float = 30.0,
+    command: list[str], *, env: Mapping[str, str], cwd: Path, runlog: RunLog, scheduler_url: str,
+    outage_limit: float, max_backoff: float = 30.0,
 ) -> Outcome:
-    """Run luigi, again and again while other workers hold tasks, until it settles."""
+    """Run luigi, again and again while other workers hold tasks, until it settles.
+
+    A scheduler that cannot be reached is waited for (up to `outage_limit`
+    seconds) rather than counted as a failure of the pipeline.
+    """
     cwd.mkdir(parents=True, exist_ok=True)
     attempt = 0
     not_run = 0
     delay = 1.0
     while True:
+        if not await wait_for_scheduler(scheduler_url, runlog, outage_limit):
+            return Outcome(False, f"the luigi scheduler at {scheduler_url} was unreachable for {outage_limit:.0f}s",
+                           attempt)
         attempt += 1
         runlog.note(f"luigi attempt {attempt}: " + " ".join(command[1:]))
         code = await run_streaming(command, env=env, cwd=cwd, sink=runlog.write)
@@ -124,7 +135,42 @@ async def run_until_settled(
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, max_backoff)
             continue
+        if not await scheduler_reachable(scheduler_url):
+            runlog.note("luigi failed while the scheduler was unreachable: not a failure of the pipeline")
+            continue
         return Outcome(False, _reason(code, runlog), attempt)
+
+
+async def wait_for_scheduler(url: str, runlog: RunLog, limit: float) -> bool:
+    """True once the scheduler accepts connections; False if it does not within `limit` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    delay = 0.5
+    waited = False
+    while not await scheduler_reachable(url):
+        if loop.time() + delay > deadline:
+            return False
+        if not waited:
+            runlog.note(f"the luigi scheduler at {url} is unreachable; waiting up to {limit:.0f}s")
+            log.warning("luigi scheduler %s unreachable; waiting", url)
+            waited = True
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        delay = min(delay * 2, 15.0)
+    if waited:
+        runlog.note("the luigi scheduler is reachable again")
+        log.info("luigi scheduler %s reachable again", url)
+    return True
+
+
+async def scheduler_reachable(url: str) -> bool:
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(parsed.hostname, port), 5)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 def _reason(code: int, runlog: RunLog) -> str:

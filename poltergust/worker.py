@@ -9,7 +9,9 @@ that generation cancels that run only.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 import signal
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from . import results
-from .config import ConfigError, parse_environment, parse_pipeline
+from .config import ConfigError, PipelineConfig, parse_environment, parse_pipeline
 from .environments import EnvironmentBuildError, Environments
 from .events import Event, EventSource, is_config_name
 from .runlog import RunLog
@@ -38,6 +40,8 @@ class Settings:
     """Used only when `scheduler_url` is empty: the node then starts or joins a local luigid."""
     max_concurrent: int = 4
     rescan_interval: float = 300.0
+    outage_limit: float = 600.0
+    """How long a storage or scheduler outage is ridden out before a run gives up."""
     claim_grace: float = 60.0
     """How long a claim by another node is left to that node before anyone else completes it."""
     log_upload_interval: float = 5.0
@@ -187,7 +191,7 @@ class Node:
 
     async def _run(self, key: RunKey, store: ObjectStore, config: Blob) -> None:
         name = results.pipeline_name(key.name)
-        runlog = RunLog(self.settings.data_dir / "logs" / f"{name}.{key.generation}.log")
+        runlog = RunLog(self.settings.data_dir / "logs" / f"{_safe(name)}.{key.generation}.log")
         log_object = results.log_name(key.name, self.settings.node_name)
         uploader = asyncio.create_task(self._upload_log_periodically(store, log_object, runlog))
         started = _now()
@@ -217,23 +221,47 @@ class Node:
         """Everything between reading the config and luigi's final answer; never raises for bad input."""
         try:
             config = parse_pipeline(config_blob.data, key.url())
-            env_bucket, env_name = self._environment_object(config.environment, key)
-            try:
-                env_blob = await self.store(env_bucket).read(env_name)
-            except NotFound:
-                raise ConfigError(key.url(), f"environment file {config.environment} does not exist", "environment") from None
-            spec = parse_environment(env_blob.data, config.environment)
-            for secret in self.environments.secrets(spec):
-                runlog.add_secret(secret)
-            env_path = await self.environments.get(spec, runlog)
-            command = luigi_command(env_path / "bin" / "python", config, self.settings.scheduler_url)
-            env = luigi_environ(self.environments.environ, spec, config,
-                                node_extra_environ(self.settings.node_name, key.url(), key.generation))
-            cwd = self.settings.data_dir / "work" / results.pipeline_name(key.name)
-            return await run_until_settled(command, env=env, cwd=cwd, runlog=runlog)
-        except (ConfigError, EnvironmentBuildError, StorageError) as exc:
+            return await asyncio.wait_for(self._attempts(key, config, runlog), config.timeout)
+        except ConfigError as exc:
             runlog.note(f"error: {exc}")
             return Outcome(False, runlog.mask(str(exc)))
+        except asyncio.TimeoutError:
+            reason = f"timed out after {config.timeout:g}s (the config's timeout)"
+            runlog.note(reason)
+            return Outcome(False, reason)
+
+    async def _attempts(self, key: RunKey, config: PipelineConfig, runlog: RunLog) -> Outcome:
+        """Run the pipeline, trying again up to the config's `retries` times after a failure."""
+        for attempt in range(config.retries + 1):
+            outcome = await self._attempt_once(key, config, runlog)
+            if outcome.ok or attempt == config.retries:
+                return outcome
+            runlog.note(f"run failed ({outcome.reason}); trying again, retry {attempt + 1} of {config.retries}")
+        raise AssertionError("unreachable")
+
+    async def _attempt_once(self, key: RunKey, config: PipelineConfig, runlog: RunLog) -> Outcome:
+        env_bucket, env_name = self._environment_object(config.environment, key)
+        try:
+            env_blob = await self.store(env_bucket).read(env_name)
+        except NotFound:
+            raise ConfigError(key.url(), f"environment file {config.environment} does not exist", "environment") from None
+        except StorageError as exc:
+            return Outcome(False, f"cannot read the environment file {config.environment}: {exc}")
+        spec = parse_environment(env_blob.data, config.environment)
+        for secret in self.environments.secrets(spec):
+            runlog.add_secret(secret)
+        try:
+            env_path = await self.environments.get(spec, runlog)
+        except EnvironmentBuildError as exc:
+            runlog.note(f"error: {exc}")
+            return Outcome(False, runlog.mask(str(exc)))
+        command = luigi_command(env_path / "bin" / "python", config, self.settings.scheduler_url)
+        env = luigi_environ(self.environments.environ, spec, config,
+                            node_extra_environ(self.settings.node_name, key.url(), key.generation))
+        return await run_until_settled(
+            command, env=env, cwd=self.settings.data_dir / "work" / _safe(results.pipeline_name(key.name)),
+            runlog=runlog, scheduler_url=self.settings.scheduler_url, outage_limit=self.settings.outage_limit,
+        )
 
     def _environment_object(self, url: str, key: RunKey) -> tuple[str, str]:
         allowed = self.settings.allowed_environment_prefixes or [f"{loc.bucket}/" for loc in self.settings.locations]
@@ -296,6 +324,14 @@ class Node:
             await store.write(name, runlog.read())
         except (StorageError, OSError) as exc:
             log.warning("could not upload the log %s: %s", name, exc)
+
+
+def _safe(name: str) -> str:
+    """A pipeline name made safe as a single local file name (object names may hold anything)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "_"
+    if cleaned == name:
+        return name
+    return f"{cleaned[:100]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def _now() -> datetime:

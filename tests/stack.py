@@ -54,14 +54,30 @@ class Server:
         self.name = name
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = log_path.open("ab")
+        self._spawn = dict(args=list(command), env=env, cwd=cwd)
+        self.start()
+
+    def start(self) -> None:
+        """(Re)start the process with the same command line, so the same port."""
+        self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            list(command), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, cwd=cwd, start_new_session=True,
+            **self._spawn, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def ready(self) -> bool:
+        return True
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        wait_for(lambda: self.check_alive() or self.ready(), timeout, f"{self.name} to be ready")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+        self.wait_ready()
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:
@@ -102,7 +118,10 @@ class PubSubEmulator(Server):
              f"--project={project}", f"--data-dir={workdir / 'pubsub'}", "--quiet"],
             workdir / "pubsub.log",
         )
-        wait_for(lambda: self.check_alive() or _port_open(self.port), 60, "the Pub/Sub emulator to listen")
+        self.wait_ready()
+
+    def ready(self) -> bool:
+        return _port_open(self.port)
 
     def create_topic(self, topic: str) -> str:
         from google.cloud import pubsub_v1
@@ -132,7 +151,10 @@ class FakeGcs(Server):
              "-event.list", "finalize,delete", "-log-level", "warn"],
             workdir / "gcs.log", env=env,
         )
-        wait_for(lambda: self.check_alive() or _http_ok(f"{self.url}/storage/v1/b"), 30, "fake-gcs-server to answer")
+        self.wait_ready()
+
+    def ready(self) -> bool:
+        return _http_ok(f"{self.url}/storage/v1/b")
 
 
 class Luigid(Server):
@@ -148,8 +170,10 @@ class Luigid(Server):
              "--port", str(self.port), "--state-path", str(workdir / "luigid.state"), "--logdir", str(workdir)],
             workdir / "luigid.log", env=dict(os.environ, LUIGI_CONFIG_PATH=str(config)),
         )
-        wait_for(lambda: self.check_alive() or _http_ok(f"{self.url}/api/task_list?data=%7B%7D"), 30,
-                 "luigid to answer")
+        self.wait_ready()
+
+    def ready(self) -> bool:
+        return _http_ok(f"{self.url}/api/task_list?data=%7B%7D")
 
     def tasks(self, status: str = "DONE") -> dict[str, dict]:
         query = urllib.parse.quote(json.dumps({"status": status}))
@@ -185,8 +209,17 @@ class Bucket:
     def _object_url(self, name: str) -> str:
         return f"{self.gcs.url}/storage/v1/b/{self.name}/o/{urllib.parse.quote(name, safe='')}"
 
-    def upload(self, name: str, data: bytes | str) -> int:
+    def upload(self, name: str, data: bytes | str, metadata: dict[str, str] | None = None) -> int:
         body = data.encode() if isinstance(data, str) else data
+        if metadata:
+            boundary = "poltergust-test-boundary"
+            resource = json.dumps({"name": name, "metadata": metadata}).encode()
+            body = (f"--{boundary}\r\nContent-Type: application/json\r\n\r\n".encode() + resource
+                    + f"\r\n--{boundary}\r\nContent-Type: text/plain\r\n\r\n".encode() + body
+                    + f"\r\n--{boundary}--\r\n".encode())
+            url = f"{self.gcs.url}/upload/storage/v1/b/{self.name}/o?uploadType=multipart"
+            headers = {"Content-Type": f"multipart/related; boundary={boundary}"}
+            return int(json.loads(self._request("POST", url, body, headers))["generation"])
         url = (f"{self.gcs.url}/upload/storage/v1/b/{self.name}/o?uploadType=media&name="
                f"{urllib.parse.quote(name, safe='')}")
         return int(json.loads(self._request("POST", url, body))["generation"])
@@ -230,7 +263,14 @@ class LocalBucket:
     def url(self, name: str = "") -> str:
         return f"file://{self.root}/{name}"
 
-    def upload(self, name: str, data: bytes | str) -> int:
+    def upload(self, name: str, data: bytes | str, metadata: dict[str, str] | None = None) -> int:
+        if metadata:  # as a node writes a claim: through the local backend itself
+            import asyncio
+
+            from poltergust.localdir import LocalStore
+
+            body = data.encode() if isinstance(data, str) else data
+            return asyncio.run(LocalStore(self.root).write(name, body, metadata=metadata)).generation
         path = self.root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.parent / f".upload-{os.getpid()}-{time.monotonic_ns()}"
@@ -261,11 +301,16 @@ class Node(Server):
 
     def __init__(self, name: str, workdir: Path, args: Sequence[str], env: dict[str, str]) -> None:
         self.node_name = name
+        log_path = workdir / f"node-{name}.log"
+        restarts = 1
+        while log_path.exists():  # a node started again under the same name gets a log of its own
+            restarts += 1
+            log_path = workdir / f"node-{name}-{restarts}.log"
         super().__init__(
             f"node {name}",
             [sys.executable, "-m", "poltergust.async_worker", "--node-name", name, *args],
-            workdir / f"node-{name}.log", env=env, cwd=ROOT,
+            log_path, env=env, cwd=ROOT,
         )
 
-    def wait_ready(self, timeout: float = 30) -> None:
-        wait_for(lambda: self.check_alive() or "ready: subscribed" in self.output(), timeout, f"{self.name} to be ready")
+    def ready(self) -> bool:
+        return "ready: subscribed" in self.output()

@@ -85,3 +85,18 @@ class Sleep(_Output):
             pass
         time.sleep(self.seconds)
         self._write(_node())
+
+
+class Flaky(_Output):
+    """Fails on its first run and succeeds on the next: for the `retries` key."""
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "flaky.txt"))
+
+    def run(self):
+        os.makedirs(self.out_dir, exist_ok=True)
+        marker = os.path.join(self.out_dir, "failed-once")
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("failing the first time on purpose")
+        self._write(_node())
