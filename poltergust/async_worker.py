@@ -20,8 +20,10 @@ import uvloop
 
 from .environments import Environments
 from .events import EventSource, PubSubEvents, default_subscription
+from . import logs
 from .health import health_server
 from .localdir import LocalEvents
+from .notify import notify_target
 from .scheduler import DEFAULT_PORT, embedded_scheduler
 from .storage import Location, open_store
 from .worker import Node, Settings
@@ -79,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("http-host", "address of the health server; 0.0.0.0 lets a load balancer reach it", default="127.0.0.1")
     add("log-level", "logging level of the node's own log", default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add("log-format", "the node's own log: JSON lines (Cloud Logging fields), readable text, or auto: "
+                      "JSON unless stderr is a terminal", default="auto", choices=["auto", "json", "text"])
+    add("notify-url", "on each finished run, the claiming node POSTs a JSON summary here (a DB_URL variable "
+                      "instead gets the original GET with pipeline_url)", metavar="URL")
     return parser
 
 
@@ -110,6 +116,7 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         rescan_interval=args.rescan_interval,
         outage_limit=args.outage_limit,
         claim_grace=args.claim_grace,
+        notify=notify_target(args.notify_url, os.environ.get("DB_URL")),
         allowed_environment_prefixes=args.allowed_environment_prefix,
     )
     topic = args.topic or f"poltergust-{locations[0].bucket.rsplit('/', 1)[-1]}"
@@ -137,8 +144,7 @@ async def serve(settings: Settings, project: str, topic: str, subscription: str,
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.node_name, args.log_format)
     settings, project, topic, subscription = settings_from(args, parser)
     uvloop.run(serve(settings, project, topic, subscription, (args.http_host, args.http_port)))
     return 0

@@ -1,4 +1,4 @@
-"""`GET /healthz` for load balancers and managed instance groups.
+"""The node's small HTTP server: `/healthz` for load balancers and managed instance groups, `/metrics`.
 
 Ready (200) once the event stream is attached and the first scan is done, and
 while the stream is not broken; 503 otherwise. The handler runs on the node's
@@ -12,6 +12,7 @@ import logging
 from typing import AsyncIterator
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .worker import Node
 
@@ -28,12 +29,16 @@ async def health_server(node: Node, host: str, port: int) -> AsyncIterator[None]
             return web.Response(status=503, text=f"event stream broken: {broken}\n")
         return web.Response(text="ok\n")
 
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
-    log.info("health check at http://%s:%d/healthz", host, port)
+    log.info("health check at http://%s:%d/healthz, metrics at /metrics", host, port)
     try:
         yield
     finally:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
+from . import metrics
 from .config import EnvironmentSpec, PipelineConfig
 from .runlog import RunLog
 from .subprocesses import run_streaming
@@ -132,6 +133,7 @@ async def run_until_settled(
             if not_run >= MAX_NOT_RUN:
                 return Outcome(False, "the root task was not run: a dependency failed or is disabled in the scheduler", attempt)
             runlog.note(f"other workers hold tasks of this pipeline; running luigi again in {delay:.0f}s")
+            metrics.LUIGI_RERUNS.inc()
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, max_backoff)
             continue

@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 import aiohttp
 from gcloud.aio.storage import Storage as _GcsClient
 
+from .metrics import STORAGE_ERRORS
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -210,7 +212,10 @@ async def retry_transient(
             return await operation()
         except Exception as exc:  # noqa: BLE001 -- classified just below
             error = translate(exc)
-            transient = not isinstance(error, (NotFound, PreconditionFailed)) and _is_transient(exc)
+            if isinstance(error, (NotFound, PreconditionFailed)):
+                raise error from exc  # answers, not faults
+            STORAGE_ERRORS.labels(type(exc).__name__).inc()
+            transient = _is_transient(exc)
             if not transient or loop.time() + delay > deadline:
                 raise error from exc
             log.warning("storage: %s; retrying in %.1fs", error, delay)

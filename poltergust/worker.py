@@ -18,10 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from . import results
+from . import metrics, results
 from .config import ConfigError, PipelineConfig, parse_environment, parse_pipeline
 from .environments import EnvironmentBuildError, Environments
 from .events import Event, EventSource, is_config_name
+from .logs import CURRENT_RUN
+from .notify import NotifyTarget, notify
 from .runlog import RunLog
 from .runner import Outcome, luigi_command, luigi_environ, node_extra_environ, run_until_settled
 from .storage import Blob, Location, NotFound, ObjectStore, StorageError, split_url
@@ -45,6 +47,7 @@ class Settings:
     claim_grace: float = 60.0
     """How long a claim by another node is left to that node before anyone else completes it."""
     log_upload_interval: float = 5.0
+    notify: NotifyTarget | None = None
     allowed_environment_prefixes: list[str] = field(default_factory=list)
     """URL prefixes environment files may come from; empty means the pipelines' own buckets."""
 
@@ -72,6 +75,7 @@ class Node:
         self._finishing: set[RunKey] = set()
         """Runs past luigi, claiming and writing their result: no event may interrupt that."""
         self._slots = asyncio.Semaphore(settings.max_concurrent)
+        self._notifications: set[asyncio.Task[bool]] = set()
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         """Set once the subscription is attached and the first scan is done."""
@@ -80,6 +84,7 @@ class Node:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        metrics.watch_event_loop(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         log.info("node %s starting: %s, scheduler %s", self.settings.node_name,
@@ -96,6 +101,8 @@ class Node:
             for task in list(self._runs.values()):
                 task.cancel()
             await asyncio.gather(*background, *self._runs.values(), return_exceptions=True)
+            if self._notifications:
+                await asyncio.wait(self._notifications, timeout=10)
         finally:
             await self.events.close()
             for store in self._stores.values():
@@ -138,6 +145,7 @@ class Node:
             if broken is None:
                 continue
             log.error("event stream broken (%s); re-attaching", broken)
+            metrics.EVENT_ERRORS.labels(type(broken).__name__).inc()
             try:
                 await self.events.close()
                 await self.events.attach()
@@ -171,6 +179,7 @@ class Node:
     # -- one run -----------------------------------------------------------
 
     async def _execute(self, key: RunKey) -> None:
+        CURRENT_RUN.set((key.url(), key.generation))
         async with self._slots:
             store = self.store(key.bucket)
             try:
@@ -195,6 +204,8 @@ class Node:
         log_object = results.log_name(key.name, self.settings.node_name)
         uploader = asyncio.create_task(self._upload_log_periodically(store, log_object, runlog))
         started = _now()
+        metrics.RUNS_STARTED.inc()
+        metrics.RUNS_ACTIVE.inc()
         log.info("%s: run of generation %d started", key.url(), key.generation)
         runlog.note(f"node {self.settings.node_name} starts {key.url()} generation {key.generation}")
         try:
@@ -206,6 +217,7 @@ class Node:
                 outcome="done" if outcome.ok else "error", node=self.settings.node_name,
                 started=started, finished=_now(), reason=outcome.reason, log_tail=runlog.tail(),
             )
+            metrics.RUNS_FINISHED.labels(result.outcome).inc()
             runlog.note(f"finished locally: {result.outcome}{': ' + outcome.reason if outcome.reason else ''}")
             await self._upload_log(store, log_object, runlog)
             await self._finish(key, store, config, result, runlog)
@@ -215,13 +227,14 @@ class Node:
             await asyncio.shield(self._upload_log(store, log_object, runlog))
             raise
         finally:
+            metrics.RUNS_ACTIVE.dec()
             runlog.close()
 
     async def _attempt(self, key: RunKey, config_blob: Blob, runlog: RunLog) -> Outcome:
         """Everything between reading the config and luigi's final answer; never raises for bad input."""
         try:
             config = parse_pipeline(config_blob.data, key.url())
-            return await asyncio.wait_for(self._attempts(key, config, runlog), config.timeout)
+            return await asyncio.wait_for(self._attempts(key, config, runlog, config_blob.info.updated), config.timeout)
         except ConfigError as exc:
             runlog.note(f"error: {exc}")
             return Outcome(False, runlog.mask(str(exc)))
@@ -230,16 +243,17 @@ class Node:
             runlog.note(reason)
             return Outcome(False, reason)
 
-    async def _attempts(self, key: RunKey, config: PipelineConfig, runlog: RunLog) -> Outcome:
+    async def _attempts(self, key: RunKey, config: PipelineConfig, runlog: RunLog, uploaded: datetime) -> Outcome:
         """Run the pipeline, trying again up to the config's `retries` times after a failure."""
         for attempt in range(config.retries + 1):
-            outcome = await self._attempt_once(key, config, runlog)
+            outcome = await self._attempt_once(key, config, runlog, uploaded if attempt == 0 else None)
             if outcome.ok or attempt == config.retries:
                 return outcome
             runlog.note(f"run failed ({outcome.reason}); trying again, retry {attempt + 1} of {config.retries}")
         raise AssertionError("unreachable")
 
-    async def _attempt_once(self, key: RunKey, config: PipelineConfig, runlog: RunLog) -> Outcome:
+    async def _attempt_once(self, key: RunKey, config: PipelineConfig, runlog: RunLog,
+                            uploaded: datetime | None) -> Outcome:
         env_bucket, env_name = self._environment_object(config.environment, key)
         try:
             env_blob = await self.store(env_bucket).read(env_name)
@@ -258,6 +272,8 @@ class Node:
         command = luigi_command(env_path / "bin" / "python", config, self.settings.scheduler_url)
         env = luigi_environ(self.environments.environ, spec, config,
                             node_extra_environ(self.settings.node_name, key.url(), key.generation))
+        if uploaded is not None:
+            metrics.PICKUP_SECONDS.observe(max(0.0, (_now() - uploaded).total_seconds()))
         return await run_until_settled(
             command, env=env, cwd=self.settings.data_dir / "work" / _safe(results.pipeline_name(key.name)),
             runlog=runlog, scheduler_url=self.settings.scheduler_url, outage_limit=self.settings.outage_limit,
@@ -287,7 +303,16 @@ class Node:
                 return
             runlog.note(f"claimed the run; writing {results.pipeline_name(key.name)}.{result.outcome}.yaml")
             await results.complete(store, claimed, body)
+            metrics.RUNS_CLAIMED.labels(result.outcome).inc()
             log.info("%s: %s (claimed by this node)", key.url(), result.outcome)
+            if self.settings.notify is not None:
+                task = asyncio.create_task(notify(self.settings.notify, {
+                    "pipeline_url": key.url(), "outcome": result.outcome, "node": result.node,
+                    "started": result.started.isoformat(), "finished": result.finished.isoformat(),
+                    "reason": result.reason,
+                }))
+                self._notifications.add(task)
+                task.add_done_callback(self._notifications.discard)
         except StorageError as exc:
             runlog.note(f"could not write the result: {exc}; the config stays for the next scan")
             log.error("%s: could not finish: %s", key.url(), exc)
