@@ -8,6 +8,7 @@ anything a lost message would have said.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -90,11 +91,11 @@ class PubSubEvents:
 
     def __init__(self, project: str, topic: str, subscription: str, locations: list[Location]) -> None:
         self._locations = locations
-        self._subscriber = pubsub_v1.SubscriberClient()
+        self._subscriber: pubsub_v1.SubscriberClient | None = None
         self.topic = topic if topic.startswith("projects/") else f"projects/{project}/topics/{topic}"
         self.subscription = (
             subscription if subscription.startswith("projects/")
-            else self._subscriber.subscription_path(project, subscription)
+            else pubsub_v1.SubscriberClient.subscription_path(project, subscription)
         )
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._future: pubsub_v1.subscriber.futures.StreamingPullFuture | None = None
@@ -107,6 +108,7 @@ class PubSubEvents:
         miss an upload that happened in between.
         """
         self._loop = asyncio.get_running_loop()
+        self._subscriber = pubsub_v1.SubscriberClient()
         await asyncio.to_thread(self._ensure_subscription)
         self._future = self._subscriber.subscribe(self.subscription, callback=self._on_message)
         log.info("listening on %s", self.subscription)
@@ -125,6 +127,7 @@ class PubSubEvents:
             "message_retention_duration": {"seconds": 600},
         }
         try:
+            assert self._subscriber is not None
             self._subscriber.create_subscription(request=request)
             log.info("created subscription %s on %s", self.subscription, self.topic)
         except gexc.AlreadyExists:
@@ -150,6 +153,10 @@ class PubSubEvents:
     async def close(self) -> None:
         if self._future is not None:
             self._future.cancel()
-            # Blocks until the client's threads have stopped.
-            await asyncio.to_thread(self._future.result)
-        await asyncio.to_thread(self._subscriber.close)
+            # Blocks until the client's threads have stopped; a broken stream's error was already reported.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._future.result)
+            self._future = None
+        if self._subscriber is not None:
+            await asyncio.to_thread(self._subscriber.close)
+            self._subscriber = None

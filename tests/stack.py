@@ -161,6 +161,7 @@ class Luigid(Server):
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "luigid.cfg"
         # A short disconnect delay frees a killed node's tasks quickly (see DESIGN.md).
         config.write_text("[scheduler]\nworker_disconnect_delay = 10\nprune_on_get_work = true\nretry_delay = 1\n")
