@@ -107,7 +107,10 @@ def load_yaml(data: bytes, source: str) -> dict[str, Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(source, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    loader = _BoundedLoader(text)
+    try:
+        loader = _BoundedLoader(text)  # checks for unprintable characters right away
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, f"invalid YAML: {exc}".splitlines()[0]) from None
     loader.name = source
     try:
         document = loader.get_single_data()

@@ -242,6 +242,11 @@ class Node:
             reason = f"timed out after {config.timeout:g}s (the config's timeout)"
             runlog.note(reason)
             return Outcome(False, reason)
+        except Exception as exc:  # noqa: BLE001 -- a bug here must still end the run visibly
+            log.exception("%s: unexpected error", key.url())
+            reason = runlog.mask(f"internal error in the node: {type(exc).__name__}: {exc}")
+            runlog.note(reason)
+            return Outcome(False, reason)
 
     async def _attempts(self, key: RunKey, config: PipelineConfig, runlog: RunLog, uploaded: datetime) -> Outcome:
         """Run the pipeline, trying again up to the config's `retries` times after a failure."""
