@@ -250,12 +250,13 @@ class Node:
 
     async def _attempts(self, key: RunKey, config: PipelineConfig, runlog: RunLog, uploaded: datetime) -> Outcome:
         """Run the pipeline, trying again up to the config's `retries` times after a failure."""
-        for attempt in range(config.retries + 1):
-            outcome = await self._attempt_once(key, config, runlog, uploaded if attempt == 0 else None)
-            if outcome.ok or attempt == config.retries:
-                return outcome
-            runlog.note(f"run failed ({outcome.reason}); trying again, retry {attempt + 1} of {config.retries}")
-        raise AssertionError("unreachable")
+        outcome = await self._attempt_once(key, config, runlog, uploaded)
+        for retry in range(1, config.retries + 1):
+            if outcome.ok:
+                break
+            runlog.note(f"run failed ({outcome.reason}); trying again, retry {retry} of {config.retries}")
+            outcome = await self._attempt_once(key, config, runlog, None)
+        return outcome
 
     async def _attempt_once(self, key: RunKey, config: PipelineConfig, runlog: RunLog,
                             uploaded: datetime | None) -> Outcome:
@@ -310,19 +311,23 @@ class Node:
             await results.complete(store, claimed, body)
             metrics.RUNS_CLAIMED.labels(result.outcome).inc()
             log.info("%s: %s (claimed by this node)", key.url(), result.outcome)
-            if self.settings.notify is not None:
-                task = asyncio.create_task(notify(self.settings.notify, {
-                    "pipeline_url": key.url(), "outcome": result.outcome, "node": result.node,
-                    "started": result.started.isoformat(), "finished": result.finished.isoformat(),
-                    "reason": result.reason,
-                }))
-                self._notifications.add(task)
-                task.add_done_callback(self._notifications.discard)
+            self._notify(key, result)
         except StorageError as exc:
             runlog.note(f"could not write the result: {exc}; the config stays for the next scan")
             log.error("%s: could not finish: %s", key.url(), exc)
         finally:
             self._finishing.discard(key)
+
+    def _notify(self, key: RunKey, result: results.Result) -> None:
+        """Send the completion notification in the background: the endpoint must not hold up the node."""
+        if self.settings.notify is None:
+            return
+        task = asyncio.create_task(notify(self.settings.notify, {
+            "pipeline_url": key.url(), "outcome": result.outcome, "node": result.node,
+            "started": result.started.isoformat(), "finished": result.finished.isoformat(), "reason": result.reason,
+        }))
+        self._notifications.add(task)
+        task.add_done_callback(self._notifications.discard)
 
     async def _complete_claim(self, key: RunKey, store: ObjectStore, config: Blob) -> None:
         """Complete a run another node claimed but did not finish (it may have crashed)."""
@@ -359,7 +364,7 @@ class Node:
 def _safe(name: str) -> str:
     """A pipeline name made safe as a single local file name (object names may hold anything)."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "_"
-    if cleaned == name:
+    if cleaned == name and len(name) <= 100:
         return name
     return f"{cleaned[:100]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
