@@ -152,3 +152,18 @@ def test_nodes_without_scheduler_url_share_an_embedded_luigid(bucket, environmen
     finally:
         for node in reversed(nodes):
             node.stop()
+
+
+def test_demo_stops_everything_on_ctrl_c(wheelhouse: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(WHEELHOUSE))
+    demo = Server("demo", [sys.executable, "-m", "poltergust", "demo"], tmp_path / "demo.log", env=env, cwd=ROOT)
+    try:
+        wait_for(lambda: demo.check_alive() or "are watching" in demo.output(), 120, "the demo's nodes")
+        root = Path(demo.output().split("demo directory: ", 1)[1].split()[0])
+        demo.process.send_signal(signal.SIGINT)
+        assert demo.process.wait(timeout=30) == 130
+        assert "interrupted; everything is stopped" in demo.output()
+        leftovers = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()
+        assert leftovers == [], "no node or luigid of the demo is left running"
+    finally:
+        demo.stop()
