@@ -33,4 +33,4 @@ if ! have_postgres; then
 fi
 
 mkdir -p "$wheelhouse"
-"$python" -m pip download --quiet --dest "$wheelhouse" psycopg2-binary setuptools
+"$python" -m pip download --quiet --dest "$wheelhouse" psycopg2-binary setuptools wheel

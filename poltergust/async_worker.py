@@ -18,7 +18,7 @@ from typing import Sequence
 
 import uvloop
 
-from .environments import Environments
+from .environments import Environments, parse_size
 from .events import EventSource, PubSubEvents, default_subscription
 from . import logs
 from .health import health_server
@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("data-dir", "directory for run logs and luigi working directories",
         default=str(Path.home() / ".local" / "share" / "poltergust"))
     add("env-dir", "directory where environments are built and cached (default: DATA_DIR/environments)")
+    add("env-cache-size", "disk budget of the environment cache, such as 500M or 10G (0: none); beyond it the "
+                          "least recently used environments not in use are removed", default="0", type=parse_size)
+    add("share-environments", "upload each environment this node builds beside its environment file, and unpack "
+                              "such an archive instead of building (true or false)", default="false",
+        type=lambda value: value.strip().lower() in ("1", "true", "yes", "on"), nargs="?", const="true")
     add("max-concurrent", "pipelines this node runs at once", type=int, default=4)
     add("rescan-interval", "seconds between full rescans of the prefixes (the safety net for lost events)",
         type=float, default=300.0)
@@ -124,7 +129,8 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return settings, args.project, topic, subscription
 
 
-async def serve(settings: Settings, project: str, topic: str, subscription: str, http: tuple[str, int]) -> None:
+async def serve(settings: Settings, project: str, topic: str, subscription: str, http: tuple[str, int],
+                environment_options: dict | None = None) -> None:
     events: EventSource
     if settings.locations[0].bucket.startswith("gs://"):
         events = PubSubEvents(project, topic, subscription, settings.locations)
@@ -135,7 +141,7 @@ async def serve(settings: Settings, project: str, topic: str, subscription: str,
             settings.scheduler_url = await stack.enter_async_context(
                 embedded_scheduler(settings.data_dir, settings.embedded_scheduler_port))
         node = Node(settings, events, functools.partial(open_store, retry_for=settings.outage_limit),
-                    Environments(settings.env_dir))
+                    Environments(settings.env_dir, **(environment_options or {})))
         if http[1]:
             await stack.enter_async_context(health_server(node, *http))
         await node.run()
@@ -146,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.configure(args.log_level, args.node_name, args.log_format)
     settings, project, topic, subscription = settings_from(args, parser)
-    uvloop.run(serve(settings, project, topic, subscription, (args.http_host, args.http_port)))
+    uvloop.run(serve(settings, project, topic, subscription, (args.http_host, args.http_port),
+                     dict(cache_size=args.env_cache_size, share=args.share_environments)))
     return 0
 
 

@@ -72,6 +72,8 @@ def test_metrics_move_during_and_after_a_run(start_node, bucket, environment_yam
     assert after['poltergust_runs_finished_total{outcome="done"}'] == 1
     assert after['poltergust_runs_claimed_total{outcome="done"}'] == 1
     assert after["poltergust_pickup_seconds_count"] == 1
+    assert after.get('poltergust_environment_builds_total{result="built"}', 0) + after[
+        "poltergust_environment_cache_hits_total"] == 1
     assert 0 < after["poltergust_pickup_seconds_sum"] < 60
 
 
