@@ -1,0 +1,130 @@
+"""The pipelines benchmark (benchmarks/run.py) keeps working: run it in quick mode and read its tables.
+
+Quick mode installs luigi-poltergust 0.0.5 from the package index, starts
+luigid, the emulators and nodes of both systems, and measures every figure on
+tiny sizes. Only the shape of the result is checked here, never the timings.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "## Pipelines:"
+
+
+def _tables(text: str) -> dict[str, list[list[str]]]:
+    """The Markdown tables of the output, by the ### heading above each, as rows of cells."""
+    tables: dict[str, list[list[str]]] = {}
+    heading = ""
+    for line in text.splitlines():
+        if line.startswith("### "):
+            heading = line[4:].strip()
+        elif line.startswith("|") and not re.match(r"^\|(\s*---\s*\|)+$", line):
+            cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            tables.setdefault(heading, []).append(cells)
+    return {name: rows[1:] for name, rows in tables.items()}  # without the header row
+
+
+def _number(cell: str) -> float:
+    value = float(cell)
+    assert math.isfinite(value), cell
+    return value
+
+
+def _pipelines_section(path: Path) -> str:
+    text = path.read_text() if path.exists() else ""
+    start = text.find(SECTION)
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else None]
+
+
+def _leftovers(workdir: Path) -> list[str]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(workdir) in command:
+                found.append(f"{entry}: {command[:200]}")
+    return found
+
+
+@pytest.mark.timeout(900)
+def test_quick_benchmark_measures_everything(tmp_path: Path) -> None:
+    readme = ROOT / "benchmarks" / "README.md"
+    section_before = _pipelines_section(readme)
+    markdown = tmp_path / "benchmark.md"
+    workdir = tmp_path / "work"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--markdown", str(markdown),
+         "--workdir", str(workdir)],
+        capture_output=True, text=True, timeout=850, cwd=ROOT, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+
+    text = markdown.read_text()
+    assert text.startswith(SECTION)
+    assert "Command: `python benchmarks/run.py --quick" in text
+    for fact in ("nproc", "CPU", "memory", "Python"):
+        assert f"{fact} " in text, fact
+    tables = _tables(text)
+    compare = tables["Poltergust against the original"]
+    alone = tables["Poltergust alone, and the floor"]
+    targets = tables["Targets"]
+
+    # Every measure has rows, with numbers where numbers belong.
+    assert {row[0] for row in compare + alone} == {"1", "2", "3", "4", "5", "6"}
+    for row in compare:
+        assert len(row) == 9, row
+        if row[5] == "—":  # the original can be left out of the slowest makespans, saying so
+            assert "not run" in row[8], row
+            continue
+        ours, original = _number(row[3]), _number(row[5])
+        if not row[1].startswith("overhead"):  # a difference, which noise can make negative
+            assert ours >= 0 and original >= 0, row
+        if original > 0:
+            assert _number(row[7]) == pytest.approx(ours / original, rel=0.1, abs=0.01), row
+    for row in alone:
+        assert len(row) == 6, row
+        assert _number(row[3]) >= 0, row
+
+    measures = [row[1] for row in compare + alone]
+
+    def rows(pattern: str) -> list[str]:
+        return [m for m in measures if re.search(pattern, m)]
+
+    assert len(rows(r"^warm pickup: config written → ")) == 4
+    assert rows(r"^makespan, K=3 no-op pipelines on N=1 node ") and rows(r"^makespan, K=3 no-op pipelines on N=2 nodes")
+    assert rows(r"^idle CPU per node") and rows(r"^idle storage operations per node-hour")
+    assert len(rows(r"^upload → ")) == 4
+    assert rows(r"^floor: plain") and rows(r"^CPU floor for K=3") and rows(r"^overhead per pipeline")
+    assert rows(r"^RSS of an idle node") and rows(r"runs in flight")
+
+    # The latencies are positive and ordered as the milestones happen.
+    pickup = {row[1]: _number(row[3]) for row in compare if row[1].startswith("warm pickup")}
+    values = list(pickup.values())
+    assert 0 < values[0] <= values[1] <= values[2] <= values[3], pickup
+
+    # The original really ran: it listed the directory while idle, and finished its pipelines.
+    listings = next(row for row in compare if row[1].startswith("idle storage operations per node in"))
+    assert _number(listings[5]) > 0
+
+    assert len(targets) == 5
+    assert all(row[3] in ("met", "**missed**", "—") for row in targets), targets
+
+    # Quick mode with --markdown leaves the README alone; nothing is left running or installed.
+    assert _pipelines_section(readme) == section_before
+    assert _leftovers(workdir) == []
+    assert not (Path("/tmp/environments") / str(workdir).lstrip("/")).exists()
