@@ -90,7 +90,8 @@ class Node:
         log.info("node %s starting: %s, scheduler %s", self.settings.node_name,
                  ", ".join(loc.url() for loc in self.settings.locations), self.settings.scheduler_url)
         try:
-            await self.events.attach()
+            if not await self._attach():
+                return
             background = [asyncio.create_task(self._scan_periodically()), asyncio.create_task(self._serve_events()),
                           asyncio.create_task(self._keep_events_attached())]
             await self._stopping.wait()
@@ -111,6 +112,23 @@ class Node:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _attach(self) -> bool:
+        """Attach the event stream, waiting (not failing) while Pub/Sub cannot be reached; False if stopped."""
+        delay = 1.0
+        while True:
+            try:
+                await self.events.attach()
+                return True
+            except Exception as exc:  # noqa: BLE001 -- any failure here is worth another try
+                metrics.EVENT_ERRORS.labels(type(exc).__name__).inc()
+                log.error("cannot attach the event stream (%s); trying again in %.0fs", exc, delay)
+                await self.events.close()
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+                return False
+            except asyncio.TimeoutError:
+                delay = min(delay * 2, 30.0)
 
     def store(self, bucket: str) -> ObjectStore:
         if bucket not in self._stores:

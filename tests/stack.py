@@ -103,8 +103,8 @@ class Server:
 
 
 class PubSubEmulator(Server):
-    def __init__(self, workdir: Path, project: str) -> None:
-        self.port = free_port()
+    def __init__(self, workdir: Path, project: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.project = project
         self.host = f"127.0.0.1:{self.port}"
         (workdir / "pubsub").mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.error
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -128,3 +129,37 @@ def test_node_log_lines_are_json_with_run_fields(start_node, bucket, environment
     assert claimed["pipeline"] == bucket.url("pipeline/logged.config.yaml")
     assert int(claimed["generation"]) > 0
     assert not any("Informed scheduler" in e["message"] for e in entries), "luigi's output stays in the run log"
+
+
+def test_healthz_is_not_ready_until_the_subscription_is_attached(tmp_path, gcs, luigid, env_dir) -> None:
+    """A node started before Pub/Sub can be reached waits for it, and says so on /healthz."""
+    import os
+
+    from conftest import PROJECT, TOPIC
+    from stack import Bucket, Node, PubSubEmulator
+
+    pubsub_port, http_port = free_port(), free_port()
+    bucket = Bucket(gcs, "unattached")
+    env = dict(os.environ, PUBSUB_EMULATOR_HOST=f"127.0.0.1:{pubsub_port}", STORAGE_EMULATOR_HOST=gcs.url)
+    node = Node("node-a", tmp_path, [
+        "--path", bucket.url("pipeline"), "--scheduler-url", luigid.url, "--project", PROJECT, "--topic", TOPIC,
+        "--data-dir", str(tmp_path / "data"), "--env-dir", str(env_dir), "--http-port", str(http_port)], env)
+    pubsub = None
+    try:
+        def status() -> int | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=2) as response:
+                    return response.status
+            except urllib.error.HTTPError as error:
+                return error.code
+            except OSError:
+                return None
+
+        assert wait_for(lambda: node.check_alive() or status(), 30, "the health server") == 503
+        pubsub = PubSubEmulator(tmp_path / "late-pubsub", PROJECT, port=pubsub_port)
+        pubsub.create_topic(TOPIC)
+        wait_for(lambda: node.check_alive() or status() == 200, 120, "the node to attach and report ready")
+    finally:
+        node.stop()
+        if pubsub is not None:
+            pubsub.stop()
