@@ -201,7 +201,7 @@ class Bucket:
 
     def _request(self, method: str, url: str, data: bytes | None = None, headers: dict | None = None) -> bytes:
         request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=60) as response:  # the emulator slows down under load
             return response.read()
 
     def url(self, name: str = "") -> str:
