@@ -9,9 +9,9 @@ import argparse
 import asyncio
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import yaml
 
@@ -140,10 +140,11 @@ async def _wait(store: ObjectStore, target: Location, name: str, before: dict[st
         await asyncio.sleep(0.5)
 
 
-def _running_nodes(target: Location, name: str, objects: object, before: dict[str, int]) -> list[str]:
+def _running_nodes(target: Location, name: str, objects: Iterable[ObjectInfo], before: dict[str, int]) -> list[str]:
+    """Nodes whose log of this pipeline changed since the submission."""
     prefix = f"{target.prefix}{name}."
     return sorted(
-        info.name[len(prefix):-len(".log.txt")] for info in objects  # type: ignore[attr-defined]
+        info.name[len(prefix):-len(".log.txt")] for info in objects
         if info.name.endswith(".log.txt") and info.generation != before.get(info.name)
     )
 
@@ -196,8 +197,8 @@ async def _status_line(store: ObjectStore, name: str, kinds: dict[str, ObjectInf
     return f"{name:30} logs only"
 
 
-def _age(delta: object) -> str:
-    seconds = int(delta.total_seconds())  # type: ignore[attr-defined]
+def _age(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
