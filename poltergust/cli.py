@@ -155,25 +155,21 @@ async def status(target: Location, only: str | None) -> int:
     store = open_store(target.bucket, CLI_RETRY_SECONDS)
     try:
         objects = await store.list(target.prefix)
-    finally:
-        await store.close()
-    pipelines: dict[str, dict[str, ObjectInfo]] = {}
-    for info in objects:
-        rest = info.name[len(target.prefix):]
-        name, _, kind = rest.partition(".")
-        if not kind.endswith((".yaml", ".txt")) or (only and name != only):
-            continue
-        pipelines.setdefault(name, {})[kind] = info
-    if not pipelines:
-        print(f"no pipelines under {target.url()}" + (f" named {only}" if only else ""))
-        return 1 if only else 0
-    store = open_store(target.bucket, CLI_RETRY_SECONDS)
-    try:
+        pipelines: dict[str, dict[str, ObjectInfo]] = {}
+        for info in objects:
+            rest = info.name[len(target.prefix):]
+            name, _, kind = rest.partition(".")
+            if not kind.endswith((".yaml", ".txt")) or (only and name != only):
+                continue
+            pipelines.setdefault(name, {})[kind] = info
+        if not pipelines:
+            print(f"no pipelines under {target.url()}" + (f" named {only}" if only else ""))
+            return 1 if only else 0
         for name in sorted(pipelines):
             print(await _status_line(store, name, pipelines[name]))
+        return 0
     finally:
         await store.close()
-    return 0
 
 
 async def _status_line(store: ObjectStore, name: str, kinds: dict[str, ObjectInfo]) -> str:
