@@ -15,7 +15,6 @@ from typing import Iterable, Sequence
 
 import yaml
 
-from . import results
 from .config import ConfigError, PipelineConfig, load_yaml, parse_environment, parse_pipeline
 from .events import CONFIG_SUFFIX
 from .storage import Location, NotFound, ObjectInfo, ObjectStore, StorageError, open_store, split_url
@@ -122,9 +121,9 @@ async def _wait(store: ObjectStore, target: Location, name: str, before: dict[st
     """Show progress until this submission's result file appears; exit status 0 for done, 1 for error."""
     shown = ""
     while True:
-        objects = {info.name: info for info in await store.list(f"{target.prefix}{name}.")}
+        kinds = _by_pipeline(await store.list(f"{target.prefix}{name}."), target.prefix).get(name, {})
         for outcome in ("done", "error"):
-            info = objects.get(f"{target.prefix}{name}.{outcome}.yaml")
+            info = kinds.get(f"{outcome}.yaml")
             if info and info.generation != before.get(info.name):
                 document = yaml.safe_load((await store.read(info.name)).data)
                 section = document.get("poltergust", {})
@@ -132,7 +131,7 @@ async def _wait(store: ObjectStore, target: Location, name: str, before: dict[st
                       + (f": {section.get('reason')}" if outcome == "error" else ""))
                 print(f"result: {target.url(info.name)}")
                 return 0 if outcome == "done" else 1
-        nodes = _running_nodes(target, name, objects.values(), before)
+        nodes = sorted(node for node, info in _logs(kinds).items() if info.generation != before.get(info.name))
         state = f"{name}: running on {', '.join(nodes)}" if nodes else f"{name}: queued"
         if state != shown:
             print(state, flush=True)
@@ -140,13 +139,9 @@ async def _wait(store: ObjectStore, target: Location, name: str, before: dict[st
         await asyncio.sleep(0.5)
 
 
-def _running_nodes(target: Location, name: str, objects: Iterable[ObjectInfo], before: dict[str, int]) -> list[str]:
-    """Nodes whose log of this pipeline changed since the submission."""
-    prefix = f"{target.prefix}{name}."
-    return sorted(
-        info.name[len(prefix):-len(".log.txt")] for info in objects
-        if info.name.endswith(".log.txt") and info.generation != before.get(info.name)
-    )
+def _logs(kinds: dict[str, ObjectInfo]) -> dict[str, ObjectInfo]:
+    """The log objects of one pipeline's `_by_pipeline` entry, by node name."""
+    return {kind[: -len(".log.txt")]: info for kind, info in sorted(kinds.items()) if kind.endswith(".log.txt")}
 
 
 # -- status -----------------------------------------------------------------
@@ -154,14 +149,9 @@ def _running_nodes(target: Location, name: str, objects: Iterable[ObjectInfo], b
 async def status(target: Location, only: str | None) -> int:
     store = open_store(target.bucket, CLI_RETRY_SECONDS)
     try:
-        objects = await store.list(target.prefix)
-        pipelines: dict[str, dict[str, ObjectInfo]] = {}
-        for info in objects:
-            rest = info.name[len(target.prefix):]
-            name, _, kind = rest.partition(".")
-            if not kind.endswith((".yaml", ".txt")) or (only and name != only):
-                continue
-            pipelines.setdefault(name, {})[kind] = info
+        pipelines = _by_pipeline(await store.list(target.prefix), target.prefix)
+        if only:
+            pipelines = {name: kinds for name, kinds in pipelines.items() if name == only}
         if not pipelines:
             print(f"no pipelines under {target.url()}" + (f" named {only}" if only else ""))
             return 1 if only else 0
@@ -172,12 +162,33 @@ async def status(target: Location, only: str | None) -> int:
         await store.close()
 
 
+def _by_pipeline(objects: Iterable[ObjectInfo], prefix: str) -> dict[str, dict[str, ObjectInfo]]:
+    """Group objects by pipeline name: {NAME: {"config.yaml": ..., "NODE.log.txt": ...}}.
+
+    Names may contain dots, so results are matched by their suffix, and a log
+    belongs to the longest pipeline name it starts with.
+    """
+    pipelines: dict[str, dict[str, ObjectInfo]] = {}
+    logs = []
+    for info in objects:
+        rest = info.name[len(prefix):]
+        kind = next((k for k in ("config.yaml", "done.yaml", "error.yaml") if rest.endswith("." + k)), None)
+        if kind is not None and "/" not in rest:
+            pipelines.setdefault(rest[: -len(kind) - 1], {})[kind] = info
+        elif rest.endswith(".log.txt") and "/" not in rest:
+            logs.append((rest, info))
+    for rest, info in logs:
+        owners = [name for name in pipelines if rest.startswith(name + ".")]
+        name = max(owners, key=len) if owners else rest.partition(".")[0]
+        pipelines.setdefault(name, {})[rest[len(name) + 1:]] = info
+    return pipelines
+
+
 async def _status_line(store: ObjectStore, name: str, kinds: dict[str, ObjectInfo]) -> str:
     now = datetime.now(timezone.utc)
     config = kinds.get("config.yaml")
     if config is not None:
-        nodes = sorted(k[: -len(".log.txt")] for k, info in kinds.items()
-                       if k.endswith(".log.txt") and info.updated >= config.updated)
+        nodes = sorted(node for node, info in _logs(kinds).items() if info.updated >= config.updated)
         state = f"running on {', '.join(nodes)}" if nodes else "queued"
         return f"{name:30} {state:40} submitted {_age(now - config.updated)} ago"
     for outcome in ("done", "error"):
@@ -208,19 +219,16 @@ async def logs(target: Location, name: str, node: str | None, follow: bool) -> i
     offsets: dict[str, int] = {}
     try:
         while True:
-            objects = await store.list(f"{target.prefix}{name}.")
-            wanted = [info for info in objects if info.name.endswith(".log.txt")
-                      and (node is None or info.name == results.log_name(f"{target.prefix}{name}{CONFIG_SUFFIX}", node))]
-            for info in wanted:
+            kinds = _by_pipeline(await store.list(f"{target.prefix}{name}."), target.prefix).get(name, {})
+            wanted = {label: info for label, info in _logs(kinds).items() if node in (None, label)}
+            for label, info in wanted.items():
                 data = (await store.read(info.name)).data
                 offset = offsets.get(info.name, 0)
                 if len(data) > offset:
-                    label = info.name[len(f"{target.prefix}{name}."):-len(".log.txt")]
                     for line in data[offset:].decode(errors="replace").splitlines():
                         print(f"[{label}] {line}" if len(wanted) > 1 or follow else line, flush=True)
                     offsets[info.name] = len(data)
-            finished = any(info.name.endswith((".done.yaml", ".error.yaml")) for info in objects) and not any(
-                info.name.endswith(CONFIG_SUFFIX) for info in objects)
+            finished = ("done.yaml" in kinds or "error.yaml" in kinds) and "config.yaml" not in kinds
             if not follow or finished:
                 if not wanted:
                     print(f"no logs for {name} under {target.url()}", file=sys.stderr)

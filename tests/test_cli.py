@@ -167,3 +167,30 @@ def test_demo_stops_everything_on_ctrl_c(wheelhouse: Path, tmp_path: Path) -> No
         assert leftovers == [], "no node or luigid of the demo is left running"
     finally:
         demo.stop()
+
+
+def test_status_groups_dotted_pipeline_names(tmp_path: Path) -> None:
+    pipeline = tmp_path / "bucket" / "pipeline"
+    pipeline.mkdir(parents=True)
+    (pipeline / "my.pipe.done.yaml").write_text(yaml.safe_dump(
+        {"poltergust": {"outcome": "done", "node": "node-a", "duration_seconds": 1.5}}))
+    (pipeline / "my.pipe.node-a.log.txt").write_text("log\n")
+    (pipeline / "my.config.yaml").write_text("environment: e.yaml\n")
+    status = poltergust("status", "--path", str(pipeline))
+    assert status.returncode == 0, status.stderr
+    lines = {line.split()[0]: line for line in status.stdout.splitlines()}
+    assert set(lines) == {"my", "my.pipe"}
+    assert " queued " in lines["my"], "the other pipeline's log is not taken for this one's"
+    assert " done " in lines["my.pipe"] and "on node-a" in lines["my.pipe"]
+
+
+def test_logs_of_a_pipeline_leave_out_a_dotted_neighbour(tmp_path: Path) -> None:
+    pipeline = tmp_path / "bucket" / "pipeline"
+    pipeline.mkdir(parents=True)
+    (pipeline / "my.done.yaml").write_text("poltergust: {outcome: done}\n")
+    (pipeline / "my.node-a.log.txt").write_text("mine\n")
+    (pipeline / "my.pipe.config.yaml").write_text("environment: e.yaml\n")
+    (pipeline / "my.pipe.node-a.log.txt").write_text("theirs\n")
+    logs = poltergust("logs", "my", "--path", str(pipeline))
+    assert logs.returncode == 0, logs.stderr
+    assert logs.stdout == "mine\n"
