@@ -10,18 +10,15 @@ claimed config can complete the move without knowing anything else.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping
 
 import yaml
 
-from .config import load_yaml, ConfigError
+from .config import ConfigError, load_yaml
 from .events import CONFIG_SUFFIX
 from .storage import Blob, NotFound, ObjectInfo, ObjectStore, PreconditionFailed
-
-log = logging.getLogger(__name__)
 
 OUTCOME_KEY = "poltergust-outcome"
 NODE_KEY = "poltergust-node"

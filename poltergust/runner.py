@@ -55,7 +55,6 @@ ERROR_LINE = re.compile(r"^(?:[\w.]+(?:Error|Exception)|luigi\.[\w.]+|Traceback)
 class Outcome:
     ok: bool
     reason: str = ""
-    attempts: int = 1
 
 
 def task_arguments(arguments: Mapping[str, Any]) -> list[str]:
@@ -120,18 +119,17 @@ async def run_until_settled(
     delay = 1.0
     while True:
         if not await wait_for_scheduler(scheduler_url, runlog, outage_limit):
-            return Outcome(False, f"the luigi scheduler at {scheduler_url} was unreachable for {outage_limit:.0f}s",
-                           attempt)
+            return Outcome(False, f"the luigi scheduler at {scheduler_url} was unreachable for {outage_limit:.0f}s")
         attempt += 1
         runlog.note(f"luigi attempt {attempt}: " + " ".join(command[1:]))
         code = await run_streaming(command, env=env, cwd=cwd, sink=runlog.write)
         runlog.note(f"luigi exited with code {code}")
         if code == 0:
-            return Outcome(True, attempts=attempt)
+            return Outcome(True)
         if code in (OTHERS_RUNNING, NOT_RUN):
             not_run = not_run + 1 if code == NOT_RUN else 0
             if not_run >= MAX_NOT_RUN:
-                return Outcome(False, "the root task was not run: a dependency failed or is disabled in the scheduler", attempt)
+                return Outcome(False, "the root task was not run: a dependency failed or is disabled in the scheduler")
             runlog.note(f"other workers hold tasks of this pipeline; running luigi again in {delay:.0f}s")
             metrics.LUIGI_RERUNS.inc()
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
@@ -140,7 +138,7 @@ async def run_until_settled(
         if not await scheduler_reachable(scheduler_url):
             runlog.note("luigi failed while the scheduler was unreachable: not a failure of the pipeline")
             continue
-        return Outcome(False, _reason(code, runlog), attempt)
+        return Outcome(False, _reason(code, runlog))
 
 
 async def wait_for_scheduler(url: str, runlog: RunLog, limit: float) -> bool:
