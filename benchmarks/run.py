@@ -611,7 +611,7 @@ def _machine_cpu() -> float:
 
 
 def _rescan_interval() -> float:
-    from poltergust.async_worker import build_parser
+    from poltergust.settings import build_parser
 
     return float(build_parser().parse_args(["--path", "/tmp"]).rescan_interval)
 

@@ -1,8 +1,12 @@
 """Poltergust: run Luigi pipelines on a fleet of worker nodes, triggered by YAML files in a bucket.
 
-The package also registers `RunTasks` so that the original entry point,
-`luigi RunTasks --module poltergust --path=...`, keeps working.
+The package also registers `RunTasks` when luigi imports it, so that the
+original entry point, `luigi RunTasks --module poltergust --path=...`, keeps
+working; anything else importing the package does not pay for importing luigi.
 """
-from .luigi_task import RunTasks
+import sys
 
-__all__ = ["RunTasks"]
+if "luigi" in sys.modules:
+    from .luigi_task import RunTasks
+
+    __all__ = ["RunTasks"]

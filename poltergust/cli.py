@@ -1,7 +1,7 @@
 """The `poltergust` command: submit, status, logs, validate, demo.
 
-It talks to the same bucket or directory the nodes watch, through the same
-storage code, so what it shows is exactly what the nodes see.
+Argument parsing and printing only; the work is `client`'s, so the CLI shows
+exactly what the nodes see.
 """
 from __future__ import annotations
 
@@ -11,197 +11,67 @@ import logging
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
-import yaml
-
-from .config import ConfigError, PipelineConfig, load_yaml, parse_environment, parse_pipeline
-from .events import CONFIG_SUFFIX
-from .storage import Location, NotFound, ObjectInfo, ObjectStore, StorageError, open_store, split_url
-
-
-CLI_RETRY_SECONDS = 5.0
-"""A person is waiting: report an unreachable bucket quickly."""
+from . import client
+from .client import CLI_RETRY_SECONDS, Pipeline, UsageError
+from .config import ConfigError
+from .layout import Location
+from .storage import ObjectStore, StorageError, open_store
 
 
-class UsageError(Exception):
-    """Bad input on the command line; printed as one line, exit code 2."""
-
-
-# -- validate ---------------------------------------------------------------
-
-def validate_file(path: Path) -> list[str]:
-    """Problems in one local pipeline config or environment file (empty when valid)."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return [f"{path}: cannot read: {exc.strerror}"]
-    try:
-        if _is_pipeline(data, str(path)):
-            config = parse_pipeline(data, path.resolve().as_uri())
-            local = _local_environment(config)
-            if local is not None:
-                return validate_file(local) if local.exists() else [
-                    f"{path}: environment: {local} does not exist"]
-        else:
-            parse_environment(data, str(path))
-    except ConfigError as exc:
-        return [str(exc)]
-    return []
-
-
-def _is_pipeline(data: bytes, source: str) -> bool:
-    document = load_yaml(data, source)
-    return "task" in document or "environment" in document
-
-
-def _local_environment(config: PipelineConfig) -> Path | None:
-    bucket, name = split_url(config.environment)
-    return Path(bucket[len("file://"):]) / name if bucket.startswith("file://") else None
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 # -- submit -----------------------------------------------------------------
 
 async def submit(config_path: Path, target: Location, name: str | None, wait: bool) -> int:
+    name = name or client.pipeline_name_of(config_path)
     try:
-        data = config_path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{config_path}: cannot read: {exc.strerror}") from None
-    name = name or _pipeline_name(config_path)
-    config_name = f"{target.prefix}{name}{CONFIG_SUFFIX}"
-    try:
-        config = parse_pipeline(data, target.url(config_name))
-        await _upload_environment(config_path, config)
+        uploaded = await client.submit(config_path, target, name, _say)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    store = open_store(target.bucket, CLI_RETRY_SECONDS)
-    try:
-        before = {info.name: info.generation for info in await store.list(f"{target.prefix}{name}.")}
-        uploaded = await store.write(config_name, data, content_type="application/yaml")
-        print(f"submitted {target.url(config_name)} (generation {uploaded.generation})", flush=True)
-        if not wait:
-            return 0
-        return await _wait(store, target, name, before)
-    finally:
-        await store.close()
-
-
-def _pipeline_name(path: Path) -> str:
-    base = path.name
-    for suffix in (CONFIG_SUFFIX, ".yaml", ".yml"):
-        if base.endswith(suffix):
-            return base[: -len(suffix)]
-    return base
-
-
-async def _upload_environment(config_path: Path, config: PipelineConfig) -> None:
-    """Check the environment the config names; a relative one found beside the local config is uploaded."""
-    reference = config.document["environment"].strip()
-    local = (config_path.parent / reference).resolve() if "://" not in reference else None
-    bucket, env_name = split_url(config.environment)
-    store = open_store(bucket, CLI_RETRY_SECONDS)
-    try:
-        if local is not None and local.exists():
-            data = local.read_bytes()
-            parse_environment(data, str(local))
-            await store.write(env_name, data, content_type="application/yaml")
-            print(f"uploaded environment {local} to {config.environment}")
-            return
-        try:
-            parse_environment((await store.read(env_name)).data, config.environment)
-        except NotFound:
-            raise ConfigError(str(config_path), f"{config.environment} does not exist"
-                              + (f" (nor does {local})" if local else ""), "environment") from None
-    finally:
-        await store.close()
-
-
-async def _wait(store: ObjectStore, target: Location, name: str, before: dict[str, int]) -> int:
-    """Show progress until this submission's result file appears; exit status 0 for done, 1 for error."""
-    shown = ""
-    while True:
-        kinds = _by_pipeline(await store.list(f"{target.prefix}{name}."), target.prefix).get(name, {})
-        for outcome in ("done", "error"):
-            info = kinds.get(f"{outcome}.yaml")
-            if info and info.generation != before.get(info.name):
-                document = yaml.safe_load((await store.read(info.name)).data)
-                section = document.get("poltergust", {})
-                print(f"{name}: {outcome} on {section.get('node')} in {section.get('duration_seconds')}s"
-                      + (f": {section.get('reason')}" if outcome == "error" else ""))
-                print(f"result: {target.url(info.name)}")
-                return 0 if outcome == "done" else 1
-        nodes = sorted(node for node, info in _logs(kinds).items() if info.generation != before.get(info.name))
-        state = f"{name}: running on {', '.join(nodes)}" if nodes else f"{name}: queued"
-        if state != shown:
-            print(state, flush=True)
-            shown = state
-        await asyncio.sleep(0.5)
-
-
-def _logs(kinds: dict[str, ObjectInfo]) -> dict[str, ObjectInfo]:
-    """The log objects of one pipeline's `_by_pipeline` entry, by node name."""
-    return {kind[: -len(".log.txt")]: info for kind, info in sorted(kinds.items()) if kind.endswith(".log.txt")}
+    _say(f"submitted {target.url(uploaded.name)} (generation {uploaded.generation})")
+    if not wait:
+        return 0
+    async with open_store(target.bucket, CLI_RETRY_SECONDS) as store:
+        outcome, section = await client.wait(store, target, name, uploaded.generation, _say)
+    _say(f"{name}: {outcome} on {section.get('node')} in {section.get('duration_seconds')}s"
+         + (f": {section.get('reason')}" if outcome == "error" else ""))
+    _say(f"result: {target.url(target.prefix + name)}.{outcome}.yaml")
+    if section.get("logs"):
+        _say(f"logs: {section['logs']}")
+    return 0 if outcome == "done" else 1
 
 
 # -- status -----------------------------------------------------------------
 
 async def status(target: Location, only: str | None) -> int:
-    store = open_store(target.bucket, CLI_RETRY_SECONDS)
-    try:
-        pipelines = _by_pipeline(await store.list(target.prefix), target.prefix)
-        if only:
-            pipelines = {name: kinds for name, kinds in pipelines.items() if name == only}
-        if not pipelines:
+    async with open_store(target.bucket, CLI_RETRY_SECONDS) as store:
+        found = await client.pipelines(store, target, only)
+        if not found:
             print(f"no pipelines under {target.url()}" + (f" named {only}" if only else ""))
             return 1 if only else 0
-        for name in sorted(pipelines):
-            print(await _status_line(store, name, pipelines[name]))
+        for name in sorted(found):
+            print(await _status_line(store, target, found[name]))
         return 0
-    finally:
-        await store.close()
 
 
-def _by_pipeline(objects: Iterable[ObjectInfo], prefix: str) -> dict[str, dict[str, ObjectInfo]]:
-    """Group objects by pipeline name: {NAME: {"config.yaml": ..., "NODE.log.txt": ...}}.
-
-    Names may contain dots, so results are matched by their suffix, and a log
-    belongs to the longest pipeline name it starts with.
-    """
-    pipelines: dict[str, dict[str, ObjectInfo]] = {}
-    logs = []
-    for info in objects:
-        rest = info.name[len(prefix):]
-        kind = next((k for k in ("config.yaml", "done.yaml", "error.yaml") if rest.endswith("." + k)), None)
-        if kind is not None and "/" not in rest:
-            pipelines.setdefault(rest[: -len(kind) - 1], {})[kind] = info
-        elif rest.endswith(".log.txt") and "/" not in rest:
-            logs.append((rest, info))
-    for rest, info in logs:
-        owners = [name for name in pipelines if rest.startswith(name + ".")]
-        name = max(owners, key=len) if owners else rest.partition(".")[0]
-        pipelines.setdefault(name, {})[rest[len(name) + 1:]] = info
-    return pipelines
-
-
-async def _status_line(store: ObjectStore, name: str, kinds: dict[str, ObjectInfo]) -> str:
+async def _status_line(store: ObjectStore, target: Location, pipeline: Pipeline) -> str:
     now = datetime.now(timezone.utc)
-    config = kinds.get("config.yaml")
-    if config is not None:
-        nodes = sorted(node for node, info in _logs(kinds).items() if info.updated >= config.updated)
-        state = f"running on {', '.join(nodes)}" if nodes else "queued"
-        return f"{name:30} {state:40} submitted {_age(now - config.updated)} ago"
-    for outcome in ("done", "error"):
-        info = kinds.get(f"{outcome}.yaml")
-        if info is not None:
-            try:
-                section = yaml.safe_load((await store.read(info.name)).data).get("poltergust", {})
-            except (StorageError, yaml.YAMLError, AttributeError):
-                section = {}
-            line = (f"{name:30} {outcome:40} took {section.get('duration_seconds', '?')}s on "
-                    f"{section.get('node', '?')}, {_age(now - info.updated)} ago")
-            return line + (f": {section.get('reason')}" if outcome == "error" else "")
-    return f"{name:30} logs only"
+    name, state = pipeline.name, pipeline.state
+    if state == "config":
+        config = pipeline.objects["config"]
+        nodes = await client.running_nodes(store, config.name, config.generation)
+        shown = f"running on {', '.join(nodes)}" if nodes else "queued"
+        return f"{name:30} {shown:40} submitted {_age(now - config.updated)} ago"
+    info = pipeline.objects[state]
+    section = await client.result_section(store, info)
+    line = (f"{name:30} {state:40} took {section.get('duration_seconds', '?')}s on "
+            f"{section.get('node', '?')}, {_age(now - info.updated)} ago")
+    return line + (f": {section.get('reason')}" if state == "error" else "")
 
 
 def _age(delta: timedelta) -> str:
@@ -215,12 +85,14 @@ def _age(delta: timedelta) -> str:
 # -- logs -------------------------------------------------------------------
 
 async def logs(target: Location, name: str, node: str | None, follow: bool) -> int:
-    store = open_store(target.bucket, CLI_RETRY_SECONDS)
+    """Print the nodes' logs of the pipeline's latest run (following it while it goes on)."""
     offsets: dict[str, int] = {}
-    try:
+    config_name = target.config(name)
+    async with open_store(target.bucket, CLI_RETRY_SECONDS) as store:
         while True:
-            kinds = _by_pipeline(await store.list(f"{target.prefix}{name}."), target.prefix).get(name, {})
-            wanted = {label: info for label, info in _logs(kinds).items() if node in (None, label)}
+            runs = await client.run_logs(store, config_name)
+            latest = runs[max(runs)] if runs else {}
+            wanted = {label: info for label, info in latest.items() if node in (None, label)}
             for label, info in wanted.items():
                 data = (await store.read(info.name)).data
                 offset = offsets.get(info.name, 0)
@@ -228,15 +100,14 @@ async def logs(target: Location, name: str, node: str | None, follow: bool) -> i
                     for line in data[offset:].decode(errors="replace").splitlines():
                         print(f"[{label}] {line}" if len(wanted) > 1 or follow else line, flush=True)
                     offsets[info.name] = len(data)
-            finished = ("done.yaml" in kinds or "error.yaml" in kinds) and "config.yaml" not in kinds
+            pipeline = (await client.pipelines(store, target, name)).get(name)
+            finished = pipeline is not None and pipeline.state in ("done", "error")
             if not follow or finished:
                 if not wanted:
                     print(f"no logs for {name} under {target.url()}", file=sys.stderr)
                     return 1
                 return 0
             await asyncio.sleep(1.0)
-    finally:
-        await store.close()
 
 
 # -- entry point --------------------------------------------------------------
@@ -277,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(message)s")  # failures are reported below, once
     try:
         if args.command == "validate":
-            problems = [problem for path in args.files for problem in validate_file(path)]
+            problems = [problem for path in args.files for problem in client.validate_file(path)]
             for problem in problems:
                 print(problem, file=sys.stderr)
             if not problems:

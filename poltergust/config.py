@@ -21,6 +21,9 @@ MAX_FILE_SIZE = 256 * 1024
 MAX_NODES = 10_000
 """Bound on YAML nodes after alias expansion, so a 'billion laughs' file is refused cheaply."""
 
+MAX_DEPTH = 50
+"""Bound on nesting: PyYAML composes recursively, and a file of 10 000 `[` would exhaust the stack."""
+
 
 class ConfigError(ValueError):
     """A user file is invalid; the message says which file and which key."""
@@ -84,6 +87,18 @@ class _BoundedLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
 
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of `[`/`{` (a cheap upper bound, quoted brackets included), checked before parsing."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
 def _check_size(root: yaml.Node, source: str) -> None:
     seen = 0
     stack = [root]
@@ -107,6 +122,9 @@ def load_yaml(data: bytes, source: str) -> dict[str, Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(source, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    depth = _flow_depth(text)
+    if depth > MAX_DEPTH:
+        raise ConfigError(source, f"nested too deeply ({depth} levels; the limit is {MAX_DEPTH})")
     try:
         loader = _BoundedLoader(text)  # checks for unprintable characters right away
     except yaml.YAMLError as exc:
@@ -119,6 +137,8 @@ def load_yaml(data: bytes, source: str) -> dict[str, Any]:
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, f"invalid YAML: {problem}{at}") from None
+    except RecursionError:
+        raise ConfigError(source, f"nested too deeply (the limit is {MAX_DEPTH} levels)") from None
     finally:
         loader.dispose()
     if not isinstance(document, dict):

@@ -15,9 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .cli import submit
+from . import client
+from .layout import Location, log_prefix
 from .scheduler import embedded_scheduler
-from .storage import Location
+from .storage import open_store
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "top_artists"
 NODES = ("demo-node-1", "demo-node-2")
@@ -54,12 +55,12 @@ async def _demo(root: Path) -> int:
         try:
             await _wait_ready(root, nodes)
             print(f"nodes {', '.join(NODES)} are watching {bucket / 'pipeline'}")
-            code = await submit(config, Location.parse(str(bucket / "pipeline")), None, wait=True)
+            code = await _submit_and_wait(config, Location.parse(str(bucket / "pipeline")))
             results = sorted((root / "data").glob("top_artists_*.tsv"))
             if code == 0 and results:
                 print(f"top 10 artists: {results[0]}")
                 print(results[0].read_text(), end="")
-            print(f"node logs: {bucket / 'pipeline'}/top_artists.*.log.txt")
+            print(f"node logs: {bucket / log_prefix('pipeline/top_artists.config.yaml')}")
             return code
         finally:
             for node in nodes:
@@ -68,6 +69,17 @@ async def _demo(root: Path) -> int:
             for node in nodes:
                 await asyncio.to_thread(node.wait)
             print("nodes and scheduler stopped")
+
+
+async def _submit_and_wait(config: Path, target: Location) -> int:
+    uploaded = await client.submit(config, target, "top_artists", print)
+    print(f"submitted {target.url(uploaded.name)}", flush=True)
+    async with open_store(target.bucket) as store:
+        outcome, section = await client.wait(store, target, "top_artists", uploaded.generation,
+                                             lambda line: print(line, flush=True))
+    print(f"top_artists: {outcome} on {section.get('node')} in {section.get('duration_seconds')}s"
+          + (f": {section.get('reason')}" if outcome == "error" else ""), flush=True)
+    return 0 if outcome == "done" else 1
 
 
 def _start_node(root: Path, name: str, url: str, bucket: Path) -> subprocess.Popen[bytes]:

@@ -82,7 +82,8 @@ from .env_archive import (
 )
 from .interpreters import Interpreter, InterpreterNotFound
 from .runlog import RunLog
-from .storage import NotFound, StorageError, open_store, split_url
+from .layout import split_url
+from .storage import NotFound, StorageError, open_store
 from .subprocesses import run_streaming
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The node's small HTTP server: `/healthz` for load balancers and managed instance groups, `/metrics`.
 
-Ready (200) once the event stream is attached and the first scan is done, and
-while the stream is not broken; 503 otherwise. The handler runs on the node's
+Ready (200) while the node can take work (its event stream attached and not
+broken); 503 with the reason otherwise. The handler runs on the node's
 own event loop, so a stalled loop does not answer at all, which a health
 check counts as a failure too.
 """
@@ -9,25 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from .worker import Node
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
-async def health_server(node: Node, host: str, port: int) -> AsyncIterator[None]:
+async def health_server(problem: Callable[[], str | None], host: str, port: int) -> AsyncIterator[None]:
+    """Serve /healthz (503 with `problem()` when it says something is wrong) and /metrics."""
     async def healthz(_: web.Request) -> web.Response:
-        broken = node.events.broken
-        if not node.ready.is_set():
-            return web.Response(status=503, text="starting: subscription or first scan not done\n")
-        if broken is not None:
-            return web.Response(status=503, text=f"event stream broken: {broken}\n")
-        return web.Response(text="ok\n")
+        wrong = problem()
+        return web.Response(status=503, text=f"{wrong}\n") if wrong else web.Response(text="ok\n")
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -6,6 +6,7 @@ every form a program is likely to print it (as is, URL-encoded).
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable
 from urllib.parse import quote, quote_plus
 
@@ -26,3 +27,13 @@ def mask(text: str, secrets: Iterable[str]) -> str:
     for variant in variants:
         text = text.replace(variant, MASK)
     return text
+
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]*@")
+_QUERY = re.compile(r"(?P<url>[A-Za-z][A-Za-z0-9+.-]*://[^\s?]*)\?[^\s]*")
+
+
+def redact_url(text: str) -> str:
+    """`text` with every URL's `user:password@` and query string (which often carry tokens) masked."""
+    text = _CREDENTIALS.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
+    return _QUERY.sub(lambda m: f"{m.group('url')}?{MASK}", text)

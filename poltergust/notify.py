@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import aiohttp
 
+from .backoff import Backoff
+from .masking import redact_url
 from .metrics import NOTIFY_ERRORS
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,27 @@ def notify_target(flag: str | None, db_url: str | None) -> NotifyTarget | None:
     return NotifyTarget(db_url, legacy_get=True) if db_url else None
 
 
+class Notifier:
+    """Sends notifications in the background (the endpoint must not hold up the node), and waits for them at exit."""
+
+    def __init__(self, target: NotifyTarget | None) -> None:
+        self.target = target
+        self._pending: set[asyncio.Task[bool]] = set()
+
+    def send(self, payload: Mapping[str, Any]) -> None:
+        if self.target is None:
+            return
+        task = asyncio.create_task(notify(self.target, payload))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def wait(self, timeout: float) -> None:
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=timeout)
+
+
 async def notify(target: NotifyTarget, payload: Mapping[str, Any], attempts: int = 5) -> bool:
-    delay = 0.5
+    backoff = Backoff(first=0.5, cap=30.0)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         for attempt in range(1, attempts + 1):
             try:
@@ -47,9 +67,8 @@ async def notify(target: NotifyTarget, payload: Mapping[str, Any], attempts: int
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             if attempt < attempts:
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 30.0)
+                await backoff.sleep()
     NOTIFY_ERRORS.inc()
     log.warning("could not notify %s after %d attempts (%s); the run's result stands",
-                target.url.split("?")[0], attempts, problem)
+                redact_url(target.url), attempts, redact_url(problem))
     return False

@@ -10,6 +10,7 @@ claimed config can complete the move without knowing anything else.
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping
@@ -17,11 +18,13 @@ from typing import Any, Mapping
 import yaml
 
 from .config import ConfigError, load_yaml
-from .events import CONFIG_SUFFIX
+from .layout import result_name
 from .storage import Blob, NotFound, ObjectInfo, ObjectStore, PreconditionFailed
 
 OUTCOME_KEY = "poltergust-outcome"
 NODE_KEY = "poltergust-node"
+TOKEN_KEY = "poltergust-claim"
+"""A token unique to one claim attempt: a retried claim whose first try went through finds its own token."""
 YAML_TYPE = "application/yaml"
 
 
@@ -33,20 +36,22 @@ class Result:
     finished: datetime
     reason: str = ""
     log_tail: str = ""
+    generation: int = 0
+    """The config generation this is the result of."""
+    logs: str = ""
+    """URL of the folder holding every node's log of this run."""
 
-
-def pipeline_name(config_name: str) -> str:
-    """`pipeline/NAME.config.yaml` -> `NAME`."""
-    return config_name.rsplit("/", 1)[-1][: -len(CONFIG_SUFFIX)]
-
-
-def sibling(config_name: str, suffix: str) -> str:
-    """`pipeline/NAME.config.yaml` -> `pipeline/NAME` + suffix."""
-    return config_name[: -len(CONFIG_SUFFIX)] + suffix
-
-
-def log_name(config_name: str, node: str) -> str:
-    return sibling(config_name, f".{node}.log.txt")
+    @classmethod
+    def from_document(cls, body: bytes, metadata: Mapping[str, str]) -> "Result | None":
+        """The result a claimed config holds (to report a claim completed on another node's behalf)."""
+        try:
+            section = yaml.safe_load(body).get("poltergust", {})
+            return cls(outcome=metadata[OUTCOME_KEY], node=metadata.get(NODE_KEY, "?"),
+                       started=datetime.fromisoformat(section["started"]),
+                       finished=datetime.fromisoformat(section["finished"]), reason=section.get("reason", ""),
+                       generation=int(section.get("generation", 0)))
+        except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError, RecursionError):
+            return None
 
 
 def result_document(original: bytes, result: Result) -> bytes:
@@ -60,11 +65,14 @@ def result_document(original: bytes, result: Result) -> bytes:
         document = {"original_config": original.decode("utf-8", errors="replace")}
     section: dict[str, Any] = {
         "outcome": result.outcome,
+        "generation": result.generation,
         "node": result.node,
         "started": result.started.isoformat(),
         "finished": result.finished.isoformat(),
         "duration_seconds": round((result.finished - result.started).total_seconds(), 3),
     }
+    if result.logs:
+        section["logs"] = result.logs
     if result.outcome == "error":
         section["reason"] = " ".join(result.reason.split())
         section["log_tail"] = result.log_tail
@@ -72,21 +80,37 @@ def result_document(original: bytes, result: Result) -> bytes:
     return yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=1000).encode()
 
 
+async def finish(store: ObjectStore, config: Blob, result: Result) -> bool:
+    """Claim `config`'s generation with `result` and write the result file; False if another node won."""
+    body = result_document(config.data, result)
+    claimed = await claim(store, config, body, result.outcome, result.node)
+    if claimed is None:
+        return False
+    await complete(store, claimed, body)
+    return True
+
+
 async def claim(store: ObjectStore, config: Blob, body: bytes, outcome: str, node: str) -> ObjectInfo | None:
     """Try to become the one node that finishes `config`'s generation; None if another did (HTTP 412)."""
+    token = uuid.uuid4().hex
     try:
         return await store.write(
             config.info.name, body, if_generation_match=config.info.generation,
-            metadata={OUTCOME_KEY: outcome, NODE_KEY: node}, content_type=YAML_TYPE,
+            metadata={OUTCOME_KEY: outcome, NODE_KEY: node, TOKEN_KEY: token}, content_type=YAML_TYPE,
         )
     except PreconditionFailed:
-        return None
+        # A retried request whose first attempt went through also ends here: then the claim is ours.
+        try:
+            current = await store.stat(config.info.name)
+        except NotFound:
+            return None
+        return current if current.metadata.get(TOKEN_KEY) == token else None
 
 
 async def complete(store: ObjectStore, claimed: ObjectInfo, body: bytes) -> None:
     """Write the result file of a claimed config, then remove the config."""
     outcome = claimed.metadata[OUTCOME_KEY]
-    await store.write(sibling(claimed.name, f".{outcome}.yaml"), body, content_type=YAML_TYPE)
+    await store.write(result_name(claimed.name, outcome), body, content_type=YAML_TYPE)
     # GCS enforces ifGenerationMatch on delete; its emulator does not, so look
     # first: a config re-uploaded meanwhile is a new submission and must stay.
     try:

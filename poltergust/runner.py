@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Mapping
 from urllib.parse import urlparse
 
 from . import metrics
+from .backoff import Backoff
 from .config import EnvironmentSpec, PipelineConfig
 from .runlog import RunLog
 from .subprocesses import run_streaming
@@ -116,7 +116,7 @@ async def run_until_settled(
     cwd.mkdir(parents=True, exist_ok=True)
     attempt = 0
     not_run = 0
-    delay = 1.0
+    backoff = Backoff(first=1.0, cap=max_backoff, jitter=(0.8, 1.2))
     while True:
         if not await wait_for_scheduler(scheduler_url, runlog, outage_limit):
             return Outcome(False, f"the luigi scheduler at {scheduler_url} was unreachable for {outage_limit:.0f}s")
@@ -130,10 +130,10 @@ async def run_until_settled(
             not_run = not_run + 1 if code == NOT_RUN else 0
             if not_run >= MAX_NOT_RUN:
                 return Outcome(False, "the root task was not run: a dependency failed or is disabled in the scheduler")
+            delay = backoff.next()
             runlog.note(f"other workers hold tasks of this pipeline; running luigi again in {delay:.0f}s")
             metrics.LUIGI_RERUNS.inc()
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, max_backoff)
+            await asyncio.sleep(delay)
             continue
         if not await scheduler_reachable(scheduler_url):
             runlog.note("luigi failed while the scheduler was unreachable: not a failure of the pipeline")
@@ -145,17 +145,17 @@ async def wait_for_scheduler(url: str, runlog: RunLog, limit: float) -> bool:
     """True once the scheduler accepts connections; False if it does not within `limit` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
-    delay = 0.5
+    backoff = Backoff(first=0.5, cap=15.0)
     waited = False
     while not await scheduler_reachable(url):
+        delay = backoff.next()
         if loop.time() + delay > deadline:
             return False
         if not waited:
             runlog.note(f"the luigi scheduler at {url} is unreachable; waiting up to {limit:.0f}s")
             log.warning("luigi scheduler %s unreachable; waiting", url)
             waited = True
-        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-        delay = min(delay * 2, 15.0)
+        await asyncio.sleep(delay)
     if waited:
         runlog.note("the luigi scheduler is reachable again")
         log.info("luigi scheduler %s reachable again", url)

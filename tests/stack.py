@@ -46,6 +46,16 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def latest_log(names: list[str], pipeline: str, node: str, prefix: str = "pipeline/") -> str:
+    """The object name of `node`'s log of the newest run of `pipeline` (a name that does not exist if none)."""
+    base = f"_poltergust/logs/{prefix}{pipeline}/"
+    runs = [name for name in names if name.startswith(base) and name.endswith(f"/{node}.log.txt")
+            and name[len(base):].split("/")[0].isdigit() and name[len(base):].count("/") == 1]
+    if not runs:
+        return f"{base}none/{node}.log.txt"
+    return max(runs, key=lambda name: int(name[len(base):].split("/")[0]))
+
+
 class Server:
     """A child process in its own process group, with its output in a log file."""
 
@@ -247,6 +257,9 @@ class Bucket:
     def delete(self, name: str) -> None:
         self._request("DELETE", self._object_url(name))
 
+    def log_name(self, pipeline: str, node: str) -> str:
+        return latest_log(self.names("_poltergust/logs/"), pipeline, node)
+
     def names(self, prefix: str = "") -> list[str]:
         query = urllib.parse.urlencode({"prefix": prefix})
         listing = json.loads(self._request("GET", f"{self.gcs.url}/storage/v1/b/{self.name}/o?{query}"))
@@ -268,7 +281,7 @@ class LocalBucket:
         if metadata:  # as a node writes a claim: through the local backend itself
             import asyncio
 
-            from poltergust.localdir import LocalStore
+            from poltergust.storage.local import LocalStore
 
             body = data.encode() if isinstance(data, str) else data
             return asyncio.run(LocalStore(self.root).write(name, body, metadata=metadata)).generation
@@ -290,6 +303,9 @@ class LocalBucket:
 
     def delete(self, name: str) -> None:
         (self.root / name).unlink()
+
+    def log_name(self, pipeline: str, node: str) -> str:
+        return latest_log(self.names("_poltergust/logs/"), pipeline, node)
 
     def names(self, prefix: str = "") -> list[str]:
         return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*")

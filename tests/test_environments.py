@@ -26,7 +26,7 @@ from conftest import WHEELHOUSE
 from poltergust import env_archive, interpreters
 from poltergust.config import parse_environment
 from poltergust.environments import Environments, installer_settings, parse_size
-from poltergust.localdir import LocalStore
+from poltergust.storage.local import LocalStore
 from poltergust.runlog import RunLog
 from stack import wait_for
 
@@ -253,8 +253,8 @@ def test_secrets_never_reach_logs_error_files_or_command_lines(
     assert "/****/slow/" in run_log(tmp_path, "node-a", "slow")
     everything = [run_logs(tmp_path, "node-a"), node.output(), yaml.safe_dump(error),
                   bucket.read("pipeline/slow.done.yaml").decode(),
-                  bucket.read("pipeline/slow.node-a.log.txt").decode(),
-                  bucket.read("pipeline/leaky.node-a.log.txt").decode()]
+                  bucket.read(bucket.log_name("slow", "node-a")).decode(),
+                  bucket.read(bucket.log_name("leaky", "node-a")).decode()]
     for text in everything:
         assert secret not in text
 

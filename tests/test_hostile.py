@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from poltergust.config import ConfigError, parse_environment, parse_pipeline
-from poltergust.events import parse_notification
+from poltergust.events.pubsub import parse_notification
 from poltergust.results import Result, result_document
-from poltergust.storage import Location
-from poltergust.worker import _safe
+from poltergust.layout import Location
+from poltergust.layout import safe_name as _safe
 from stack import wait_for
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20))

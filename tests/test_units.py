@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from poltergust.config import ConfigError, parse_environment, parse_pipeline, resolve_reference
-from poltergust.events import is_config_name, parse_notification
-from poltergust.localdir import LocalStore
+from poltergust.events.pubsub import parse_notification
+from poltergust.layout import is_config_name
+from poltergust.storage.local import LocalStore
 from poltergust.runner import task_arguments
-from poltergust.storage import Location, PreconditionFailed, split_url
+from poltergust.layout import Location, split_url
+from poltergust.storage import PreconditionFailed
 
 SOURCE = "gs://b/pipeline/x.config.yaml"
 

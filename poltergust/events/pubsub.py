@@ -1,4 +1,4 @@
-"""Bucket notifications, delivered to each node through its own Pub/Sub subscription.
+"""Bucket notifications from GCS, delivered to each node through its own Pub/Sub subscription.
 
 Every node must see every config upload (they all run the pipeline), so each
 has its own subscription rather than sharing one. Events are hints: the node
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import re
-from dataclasses import dataclass
-from typing import Iterable, Mapping, Protocol
+from typing import Iterable, Mapping
 
 # Nodes fork luigi while gRPC threads stream messages; gRPC's fork handlers
 # are not needed by the children and only print warnings.
@@ -22,44 +22,26 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from google.api_core import exceptions as gexc  # noqa: E402
 from google.cloud import pubsub_v1  # noqa: E402
 
-from .storage import Location  # noqa: E402
+from ..layout import CONFIG_SUFFIX, Location, is_config_name  # noqa: E402
+from .base import ClosingSource, Event  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-CONFIG_SUFFIX = ".config.yaml"
-SUBSCRIPTION_TTL_SECONDS = 7 * 24 * 3600
-"""Unused subscriptions of scaled-down nodes are deleted by Pub/Sub after this long."""
+SUBSCRIPTION_TTL_SECONDS = 24 * 3600
+"""Subscriptions of nodes that died without deleting theirs are removed by Pub/Sub after a day unused."""
+MAX_FILTER_BYTES = 256
+"""Pub/Sub refuses longer filters; a node then filters by bucket only (it filters every message itself too)."""
+EVENT_KINDS = {"OBJECT_FINALIZE": "finalize", "OBJECT_DELETE": "delete", "OBJECT_ARCHIVE": "delete"}
+"""In a versioned bucket an overwritten or deleted config is archived, not deleted: the same to a node."""
 
 
-@dataclass(frozen=True)
-class Event:
-    """A change to one generation of one pipeline config."""
-
-    kind: str  # "finalize" or "delete"
-    bucket: str
-    """Bucket URL, as in `Location.bucket`."""
-    name: str
-    generation: int
-    replaced_by: int | None = None
-    """For a delete caused by an overwrite: the generation that replaced this one."""
-
-
-class EventSource(Protocol):
-    """Where a node hears about config changes: Pub/Sub for GCS, the file system for local directories."""
-
-    async def attach(self) -> None: ...
-
-    async def get(self) -> Event: ...
-
-    @property
-    def broken(self) -> BaseException | None: ...
-
-    async def close(self) -> None: ...
+class SubscriptionMismatch(Exception):
+    """An existing subscription of that name listens to another topic or with another filter."""
 
 
 def parse_notification(attributes: Mapping[str, str], locations: Iterable[Location]) -> Event | None:
     """Turn GCS notification attributes into an `Event`, or None if it is not for us."""
-    kind = {"OBJECT_FINALIZE": "finalize", "OBJECT_DELETE": "delete"}.get(attributes.get("eventType", ""))
+    kind = EVENT_KINDS.get(attributes.get("eventType", ""))
     bucket, name = "gs://" + attributes.get("bucketId", ""), attributes.get("objectId", "")
     if kind is None or not name.endswith(CONFIG_SUFFIX):
         return None
@@ -74,19 +56,31 @@ def parse_notification(attributes: Mapping[str, str], locations: Iterable[Locati
         return None
 
 
-def is_config_name(name: str, prefix: str) -> bool:
-    """True for `PREFIX/NAME.config.yaml` directly under the prefix (no subfolders)."""
-    rest = name[len(prefix):] if name.startswith(prefix) else None
-    return bool(rest) and "/" not in rest and rest.endswith(CONFIG_SUFFIX) and len(rest) > len(CONFIG_SUFFIX)
+def subscription_filter(locations: Iterable[Location]) -> str:
+    """The narrowest filter Pub/Sub accepts for these locations: by bucket and prefix, else by bucket only."""
+    locations = list(locations)
+    exact = " OR ".join(
+        f'(attributes.bucketId = "{loc.bucket_name}" AND hasPrefix(attributes.objectId, "{loc.prefix}"))'
+        for loc in locations
+    )
+    if len(exact.encode()) <= MAX_FILTER_BYTES:
+        return exact
+    buckets = " OR ".join(f'attributes.bucketId = "{bucket}"' for bucket in sorted({loc.bucket_name for loc in locations}))
+    return buckets if len(buckets.encode()) <= MAX_FILTER_BYTES else ""
 
 
-def default_subscription(node_name: str) -> str:
-    """A valid subscription id derived from the node name."""
+def default_subscription(node_name: str, topic: str, locations: Iterable[Location]) -> str:
+    """A subscription id of its own for this node, topic and set of prefixes.
+
+    Another topic or `--path` gives another subscription rather than reusing
+    one that delivers the wrong messages.
+    """
     cleaned = re.sub(r"[^A-Za-z0-9._~+%-]", "-", node_name).strip("-") or "node"
-    return f"poltergust-{cleaned}"[:255]
+    what = "\n".join([topic, *sorted(loc.url() for loc in locations)])
+    return f"poltergust-{cleaned[:200]}-{hashlib.sha256(what.encode()).hexdigest()[:8]}"
 
 
-class PubSubEvents:
+class PubSubEvents(ClosingSource):
     """A node's subscription, bridged from the client's callback threads into asyncio."""
 
     def __init__(self, project: str, topic: str, subscription: str, locations: list[Location]) -> None:
@@ -114,24 +108,31 @@ class PubSubEvents:
         log.info("listening on %s", self.subscription)
 
     def _ensure_subscription(self) -> None:
-        prefixes = " OR ".join(
-            f'(attributes.bucketId = "{loc.bucket[len("gs://"):]}" AND hasPrefix(attributes.objectId, "{loc.prefix}"))'
-            for loc in self._locations
-        )
+        assert self._subscriber is not None
+        wanted = subscription_filter(self._locations)
         request = {
             "name": self.subscription,
             "topic": self.topic,
-            "filter": prefixes,
+            "filter": wanted,
             "ack_deadline_seconds": 30,
             "expiration_policy": {"ttl": {"seconds": SUBSCRIPTION_TTL_SECONDS}},
             "message_retention_duration": {"seconds": 600},
         }
         try:
-            assert self._subscriber is not None
             self._subscriber.create_subscription(request=request)
-            log.info("created subscription %s on %s", self.subscription, self.topic)
+            log.info("created subscription %s on %s%s", self.subscription, self.topic,
+                     f" filtered by {wanted}" if wanted else " (unfiltered: the paths make too long a filter)")
+            return
         except gexc.AlreadyExists:
-            log.info("using existing subscription %s", self.subscription)
+            pass
+        existing = self._subscriber.get_subscription(request={"subscription": self.subscription})
+        if existing.topic != self.topic or existing.filter != wanted:
+            raise SubscriptionMismatch(
+                f"subscription {self.subscription} exists on {existing.topic} with filter {existing.filter!r}, "
+                f"but this node needs {self.topic} with filter {wanted!r}: delete it, or pick another "
+                "--subscription"
+            )
+        log.info("using existing subscription %s", self.subscription)
 
     def _on_message(self, message: pubsub_v1.subscriber.message.Message) -> None:
         # Runs on a client thread: hand over to the loop and return at once.
@@ -150,13 +151,29 @@ class PubSubEvents:
             return self._future.exception() or RuntimeError("subscription stream closed")
         return None
 
-    async def close(self) -> None:
+    async def close(self, delete: bool = False) -> None:
+        """Stop receiving; with `delete`, also remove the subscription (a clean shutdown leaves nothing behind)."""
         if self._future is not None:
             self._future.cancel()
             # Blocks until the client's threads have stopped; a broken stream's error was already reported.
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self._future.result)
             self._future = None
+        if delete:
+            await asyncio.to_thread(self._delete_subscription)
         if self._subscriber is not None:
             await asyncio.to_thread(self._subscriber.close)
             self._subscriber = None
+
+    def _delete_subscription(self) -> None:
+        subscriber = self._subscriber or pubsub_v1.SubscriberClient()
+        try:
+            subscriber.delete_subscription(request={"subscription": self.subscription}, timeout=10)
+            log.info("deleted subscription %s", self.subscription)
+        except gexc.NotFound:
+            pass
+        except Exception as exc:  # noqa: BLE001 -- its TTL removes it anyway
+            log.warning("could not delete subscription %s (its TTL will): %s", self.subscription, exc)
+        finally:
+            if subscriber is not self._subscriber:
+                subscriber.close()

@@ -1,0 +1,22 @@
+"""How a node hears about configs: GCS notifications through Pub/Sub (`pubsub`), or a watched directory (`local`).
+
+Events are hints: the node re-reads the bucket for each, and its periodic
+rescan covers anything a lost event would have said.
+"""
+from __future__ import annotations
+
+from ..layout import Location
+from .base import Event, EventSource
+from .local import LocalEvents
+from .pubsub import PubSubEvents, default_subscription
+
+__all__ = ["Event", "EventSource", "LocalEvents", "PubSubEvents", "open_events"]
+
+
+def open_events(locations: list[Location], node_name: str, project: str, topic: str,
+                subscription: str = "") -> EventSource:
+    """The event source for the node's locations (all in buckets, or all local directories)."""
+    if locations[0].is_gcs:
+        return PubSubEvents(project, topic, subscription or default_subscription(node_name, topic, locations),
+                            locations)
+    return LocalEvents(locations)

@@ -1,0 +1,225 @@
+"""One node's lifecycle: attach the event stream -> scan -> serve events and rescan -> stop.
+
+Subscribing before scanning means no upload can fall between the two. A run
+is identified by its `RunKey` (bucket, object name, generation): duplicate
+events and rescans of a run already in flight are no-ops, and a delete or
+overwrite of that generation cancels that run only. What one run does is
+`run.Run`'s business.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import tempfile
+from pathlib import Path
+
+from . import metrics
+from .backoff import Backoff
+from .environments import Environments
+from .events import Event, EventSource, open_events
+from .health import health_server
+from .layout import RunKey, is_config_name, safe_name
+from .locks import try_lock
+from .notify import Notifier
+from .run import Run
+from .scheduler import embedded_scheduler
+from .settings import Settings
+from .storage import ObjectStore, StorageError, open_store
+
+log = logging.getLogger(__name__)
+
+ATTACH_BEFORE_SCAN_SECONDS = 10.0
+"""The first scan waits this long for the event stream (so nothing falls in between), then runs regardless."""
+SHUTDOWN_UPLOADS_SECONDS = 60.0
+"""How long a stopping node waits for environment archives it is still uploading."""
+
+
+class Node:
+    def __init__(self, settings: Settings, events: EventSource, environments: Environments) -> None:
+        self.settings = settings
+        self.events = events
+        self.environments = environments
+        self._stores: dict[str, ObjectStore] = {}
+        self._runs: dict[RunKey, asyncio.Task[None]] = {}
+        self._finishing: set[RunKey] = set()
+        """Runs past luigi, claiming and writing their result: no event may interrupt that."""
+        self._slots = asyncio.Semaphore(settings.max_concurrent)
+        self._notifier = Notifier(settings.notify)
+        self._stopping = asyncio.Event()
+        self.attached = asyncio.Event()
+        """Set while the event stream is attached: the node is then ready for work."""
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        metrics.watch_event_loop(loop)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        log.info("node %s starting: %s, scheduler %s", self.settings.node_name,
+                 ", ".join(loc.url() for loc in self.settings.locations), self.settings.scheduler_url)
+        background = [asyncio.create_task(self._scan_periodically()), asyncio.create_task(self._serve_events()),
+                      asyncio.create_task(self._keep_events_attached())]
+        try:
+            await self._stopping.wait()
+            log.info("stopping: taking no new work, stopping %d run(s); their configs stay for the next scan",
+                     len(self._runs))
+            for task in [*background, *self._runs.values()]:
+                task.cancel()
+            await asyncio.gather(*background, *self._runs.values(), return_exceptions=True)
+            await self._notifier.wait(timeout=10)
+            await self._wait_for_uploads()
+        finally:
+            await self.events.close(delete=True)
+            for store in self._stores.values():
+                await store.close()
+            log.info("node %s stopped", self.settings.node_name)
+
+    async def _wait_for_uploads(self) -> None:
+        """Environment archives still being shared are worth a little patience: other nodes would build instead."""
+        try:
+            await asyncio.wait_for(self.environments.wait_background(), SHUTDOWN_UPLOADS_SECONDS)
+        except asyncio.TimeoutError:
+            log.warning("gave up waiting for environment archive uploads after %.0fs", SHUTDOWN_UPLOADS_SECONDS)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def problem(self) -> str | None:
+        """Why this node cannot take work right now (for /healthz), or None when it can."""
+        if not self.attached.is_set():
+            return "event stream not attached (yet)"
+        broken = self.events.broken
+        return f"event stream broken: {broken}" if broken is not None else None
+
+    def store(self, bucket: str) -> ObjectStore:
+        if bucket not in self._stores:
+            self._stores[bucket] = open_store(bucket, retry_for=self.settings.outage_limit)
+        return self._stores[bucket]
+
+    # -- finding work ------------------------------------------------------
+
+    async def _keep_events_attached(self, check_every: float = 5.0) -> None:
+        """Attach the event stream, and re-attach it whenever it breaks, until it works; rescan after each."""
+        backoff = Backoff(first=1.0, cap=30.0)
+        first = True
+        while True:
+            broken = self.events.broken if self.attached.is_set() else None
+            if broken is not None:
+                log.error("event stream broken (%s); re-attaching", broken)
+                metrics.EVENT_ERRORS.labels(type(broken).__name__).inc()
+                self.attached.clear()
+            if not self.attached.is_set():
+                try:
+                    await self.events.close()
+                    await self.events.attach()
+                except Exception as exc:  # noqa: BLE001 -- any failure here is worth another try
+                    metrics.EVENT_ERRORS.labels(type(exc).__name__).inc()
+                    delay = backoff.next()
+                    log.error("cannot attach the event stream (%s); trying again in %.0fs", exc, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                backoff.reset()
+                self.attached.set()
+                log.info("ready: subscribed%s", ", scanning" if first else "; rescanning for what was missed")
+                if not first:
+                    await self._scan_logged()
+                first = False
+            await asyncio.sleep(check_every)
+
+    async def _scan_periodically(self) -> None:
+        """The safety net: scan at start (even while events cannot attach) and every rescan interval."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.attached.wait(), ATTACH_BEFORE_SCAN_SECONDS)
+        while True:
+            await self._scan_logged()
+            await asyncio.sleep(self.settings.rescan_interval)
+
+    async def _scan_logged(self) -> None:
+        try:
+            scheduled = await self.scan()
+            log.info("scanned: %d run(s) scheduled, %d in flight", scheduled, len(self._runs))
+        except StorageError as exc:
+            log.error("scan failed, will retry at the next rescan: %s", exc)
+
+    async def scan(self) -> int:
+        """Schedule every config under the prefixes, reading the listing a page at a time; returns how many."""
+        scheduled = 0
+        for location in self.settings.locations:
+            async for page in self.store(location.bucket).pages(location.prefix, glob="*.config.yaml"):
+                for info in page:
+                    if is_config_name(info.name, location.prefix):
+                        scheduled += self._schedule(RunKey(location.bucket, info.name, info.generation))
+        return scheduled
+
+    async def _serve_events(self) -> None:
+        while True:
+            self.handle(await self.events.get())
+
+    def handle(self, event: Event) -> None:
+        key = RunKey(event.bucket, event.name, event.generation)
+        log.debug("event %s %s#%d%s", event.kind, key.url(), key.generation,
+                  " (already in progress)" if key in self._runs else "")
+        if event.kind == "finalize":
+            self._schedule(key)
+        elif key in self._runs and key not in self._finishing:
+            why = f"replaced by generation {event.replaced_by}" if event.replaced_by else "deleted"
+            log.info("%s generation %d was %s: stopping its run", key.url(), key.generation, why)
+            self._runs[key].cancel()
+
+    def _schedule(self, key: RunKey) -> bool:
+        if key in self._runs or self._stopping.is_set():
+            return False
+        run = Run(key, self.settings, self.store, self.environments, self._notifier, self._finishing)
+        task = asyncio.create_task(self._execute(run), name=f"run {key.url()}#{key.generation}")
+        self._runs[key] = task
+        task.add_done_callback(lambda _: self._runs.pop(key, None))
+        return True
+
+    async def _execute(self, run: Run) -> None:
+        async with self._slots:
+            await run.execute()
+
+
+def take_node_name(settings: Settings) -> Settings:
+    """Make the node's name unique among node processes on this host, for as long as this process lives.
+
+    Two processes started with the same name (the host name, by default)
+    would share a subscription, each hearing half the events, and write each
+    other's log objects. The second one becomes NAME-2, and so on.
+    """
+    for index in range(1, 1000):
+        name = settings.node_name if index == 1 else f"{settings.node_name}-{index}"
+        fd = try_lock(Path(tempfile.gettempdir()) / f"poltergust-node-{safe_name(name)}.lock")
+        if fd is not None:
+            _NAME_LOCKS.append(fd)
+            if index > 1:
+                log.warning("another node process on this host is named %s: this one is %s",
+                            settings.node_name, name)
+            return dataclasses.replace(settings, node_name=name)
+    raise RuntimeError(f"too many node processes named {settings.node_name} on this host")
+
+
+_NAME_LOCKS: list[int] = []
+"""Descriptors holding this process's name lock; released when the process ends."""
+
+
+async def serve(settings: Settings) -> None:
+    """Run a node with everything it needs (scheduler, events, environments, health server) until stopped."""
+    async with contextlib.AsyncExitStack() as stack:
+        if not settings.scheduler_url:
+            url = await stack.enter_async_context(
+                embedded_scheduler(settings.data_dir, settings.embedded_scheduler_port))
+            settings = dataclasses.replace(settings, scheduler_url=url)
+        events = await stack.enter_async_context(
+            open_events(settings.locations, settings.node_name, settings.project, settings.topic,
+                        settings.subscription))
+        environments = Environments(settings.env_dir, cache_size=settings.env_cache_size,
+                                    share=settings.share_environments)
+        node = Node(settings, events, environments)
+        if settings.http_port:
+            await stack.enter_async_context(health_server(node.problem, settings.http_host, settings.http_port))
+        await node.run()

@@ -1,0 +1,246 @@
+"""One run of one config generation: config -> environment -> luigi -> outcome -> claim and result.
+
+Whatever the user submitted, a run ends with an outcome: bad input, a failed
+build, a timeout or a bug in the node all become an error result naming the
+problem. Only a storage outage (the result could not be written) or a
+shutdown leaves the config in place, for the next scan.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+from typing import Callable
+
+from . import metrics, results
+from .config import MAX_FILE_SIZE, ConfigError, PipelineConfig, parse_environment, parse_pipeline
+from .environments import EnvironmentBuildError, Environments
+from .layout import RunKey, log_name, pipeline_name, safe_name, split_url, under_prefix
+from .logs import CURRENT_RUN
+from .notify import Notifier
+from .runlog import RunLog
+from .runner import Outcome, luigi_command, luigi_environ, node_extra_environ, run_until_settled
+from .settings import Settings
+from .storage import Blob, NotFound, ObjectStore, StorageError, TooLarge
+
+log = logging.getLogger(__name__)
+
+
+class Run:
+    def __init__(self, key: RunKey, settings: Settings, stores: Callable[[str], ObjectStore],
+                 environments: Environments, notifier: Notifier, finishing: set[RunKey]) -> None:
+        self.key = key
+        self.settings = settings
+        self.stores = stores
+        """The node's store for a bucket (environment files may live in another bucket)."""
+        self.store = stores(key.bucket)
+        self.environments = environments
+        self.notifier = notifier
+        self.finishing = finishing
+        """Runs of this node past luigi, claiming and writing their result (shared with the node)."""
+        self.name = pipeline_name(key.name)
+        self.log_object = log_name(key.name, key.generation, settings.node_name)
+
+    async def execute(self) -> None:
+        key = self.key
+        CURRENT_RUN.set((key.url(), key.generation))
+        try:
+            config = await self.store.read(key.name, key.generation, max_bytes=MAX_FILE_SIZE)
+        except NotFound:
+            log.debug("%s#%d is gone (finished, replaced or deleted): nothing to do", key.url(), key.generation)
+            return
+        except TooLarge as exc:
+            config = Blob((await self.store.stat(key.name)), b"")
+            await self._refuse(config, f"{key.url()}: {exc}: a pipeline config is at most {MAX_FILE_SIZE} bytes")
+            return
+        except StorageError as exc:
+            log.error("%s: cannot read the config, leaving it for the next scan: %s", key.url(), exc)
+            return
+        try:
+            if results.claimed_outcome(config.info.metadata):
+                await self._complete_claim(config)
+            else:
+                await self._run(config)
+        except Exception:  # noqa: BLE001 -- one broken run must not take the node down
+            log.exception("%s: unexpected error; the config stays for the next scan", key.url())
+
+    async def _run(self, config: Blob) -> None:
+        key, node = self.key, self.settings.node_name
+        runlog = RunLog(self.settings.data_dir / "logs" / safe_name(node) / f"{safe_name(self.name)}.{key.generation}.log")
+        uploader = asyncio.create_task(self._upload_log_periodically(runlog))
+        started = _now()
+        metrics.RUNS_STARTED.inc()
+        metrics.RUNS_ACTIVE.inc()
+        log.info("%s: run of generation %d started", key.url(), key.generation)
+        runlog.note(f"node {node} starts {key.url()} generation {key.generation}")
+        try:
+            try:
+                outcome = await self._outcome(config, runlog)
+            finally:
+                uploader.cancel()
+            result = results.Result(
+                outcome="done" if outcome.ok else "error", node=node, started=started, finished=_now(),
+                reason=outcome.reason, log_tail=runlog.tail(), generation=key.generation,
+                logs=f"{key.bucket}/{self.log_object.rsplit('/', 1)[0]}/",
+            )
+            metrics.RUNS_FINISHED.labels(result.outcome).inc()
+            runlog.note(f"finished locally: {result.outcome}{': ' + outcome.reason if outcome.reason else ''}")
+            await self._upload_log(runlog)
+            await self._finish(config, result, runlog)
+            await self._upload_log(runlog)
+        except asyncio.CancelledError:
+            runlog.note("run stopped on this node (shutdown, or the config was deleted, replaced or claimed)")
+            await asyncio.shield(self._upload_log(runlog))
+            raise
+        finally:
+            metrics.RUNS_ACTIVE.dec()
+            runlog.close()
+
+    async def _outcome(self, config_blob: Blob, runlog: RunLog) -> Outcome:
+        """Everything between reading the config and luigi's final answer; never raises for bad input."""
+        config: PipelineConfig | None = None
+        try:
+            config = parse_pipeline(config_blob.data, self.key.url())
+            return await asyncio.wait_for(self._with_retries(config, runlog, config_blob.info.updated),
+                                          config.timeout)
+        except ConfigError as exc:
+            runlog.note(f"error: {exc}")
+            return Outcome(False, runlog.mask(str(exc)))
+        except asyncio.TimeoutError:
+            reason = f"timed out after {config.timeout:g}s (the config's timeout)" if config else "timed out"
+            runlog.note(reason)
+            return Outcome(False, reason)
+        except Exception as exc:  # noqa: BLE001 -- a bug here must still end the run visibly
+            log.exception("%s: unexpected error", self.key.url())
+            reason = runlog.mask(f"internal error in the node: {type(exc).__name__}: {exc}")
+            runlog.note(reason)
+            return Outcome(False, reason)
+
+    async def _with_retries(self, config: PipelineConfig, runlog: RunLog, uploaded: datetime) -> Outcome:
+        """Run the pipeline, trying again up to the config's `retries` times after a failure."""
+        outcome = await self._run_luigi(config, runlog, uploaded)
+        for retry in range(1, config.retries + 1):
+            if outcome.ok:
+                break
+            runlog.note(f"run failed ({outcome.reason}); trying again, retry {retry} of {config.retries}")
+            outcome = await self._run_luigi(config, runlog, None)
+        return outcome
+
+    async def _run_luigi(self, config: PipelineConfig, runlog: RunLog, uploaded: datetime | None) -> Outcome:
+        """Read the environment, get it built, and run luigi in it until luigi settles."""
+        key = self.key
+        env_bucket, env_name = self._environment_object(config.environment)
+        try:
+            env_blob = await self.stores(env_bucket).read(env_name, max_bytes=MAX_FILE_SIZE)
+        except NotFound:
+            raise ConfigError(key.url(), f"environment file {config.environment} does not exist",
+                              "environment") from None
+        except TooLarge as exc:
+            raise ConfigError(key.url(), f"environment file {exc}", "environment") from None
+        except StorageError as exc:
+            return Outcome(False, runlog.mask(f"cannot read the environment file {config.environment}: {exc}"))
+        spec = parse_environment(env_blob.data, config.environment)
+        try:
+            env_path = await self.environments.get(spec, runlog)
+        except EnvironmentBuildError as exc:
+            runlog.note(f"error: {exc}")
+            return Outcome(False, runlog.mask(str(exc)))
+        command = luigi_command(env_path / "bin" / "python", config, self.settings.scheduler_url)
+        env = luigi_environ(self.environments.environ, spec, config,
+                            node_extra_environ(self.settings.node_name, key.url(), key.generation))
+        if uploaded is not None:
+            metrics.PICKUP_SECONDS.observe(max(0.0, (_now() - uploaded).total_seconds()))
+        cwd = self.settings.data_dir / "work" / safe_name(self.settings.node_name) / safe_name(self.name)
+        return await run_until_settled(command, env=env, cwd=cwd, runlog=runlog,
+                                       scheduler_url=self.settings.scheduler_url,
+                                       outage_limit=self.settings.outage_limit)
+
+    def _environment_object(self, url: str) -> tuple[str, str]:
+        allowed = self.settings.environment_prefixes
+        try:
+            bucket, name = split_url(url)
+        except ValueError as exc:
+            raise ConfigError(self.key.url(), str(exc), "environment") from None
+        if not any(under_prefix(url, prefix) for prefix in allowed):
+            raise ConfigError(self.key.url(), f"{url} is outside the allowed environment prefixes "
+                              f"({', '.join(allowed)})", "environment")
+        return bucket, name
+
+    async def _finish(self, config: Blob, result: results.Result, runlog: RunLog) -> None:
+        """Claim the run and write its result, unless another node did so first."""
+        key = self.key
+        self.finishing.add(key)
+        try:
+            won = await results.finish(self.store, config, result)
+            if not won:
+                runlog.note("another node finished this run first (claim got HTTP 412); nothing to write")
+                log.info("%s: claim lost (HTTP 412): another node finished generation %d", key.url(), key.generation)
+                return
+            runlog.note(f"claimed the run; wrote {self.name}.{result.outcome}.yaml")
+            self._claimed(result)
+        except StorageError as exc:
+            runlog.note(f"could not write the result: {exc}; the config stays for the next scan")
+            log.error("%s: could not finish: %s", key.url(), exc)
+        finally:
+            self.finishing.discard(key)
+
+    async def _refuse(self, config: Blob, reason: str) -> None:
+        """End a run that cannot even start (its config cannot be read) as an error, without running anything."""
+        now = _now()
+        result = results.Result("error", self.settings.node_name, now, now, reason=reason,
+                                generation=self.key.generation)
+        log.error("%s", reason)
+        try:
+            if await results.finish(self.store, config, result):
+                self._claimed(result)
+        except StorageError as exc:
+            log.error("%s: could not write the error result: %s", self.key.url(), exc)
+
+    def _claimed(self, result: results.Result) -> None:
+        metrics.RUNS_CLAIMED.labels(result.outcome).inc()
+        log.info("%s: %s (claimed by this node)", self.key.url(), result.outcome)
+        self.notifier.send({
+            "pipeline_url": self.key.url(), "outcome": result.outcome, "node": result.node,
+            "started": result.started.isoformat(), "finished": result.finished.isoformat(), "reason": result.reason,
+        })
+
+    async def _complete_claim(self, config: Blob) -> None:
+        """Complete a run another node claimed but did not finish (it may have crashed)."""
+        key = self.key
+        if any((k.bucket, k.name) == (key.bucket, key.name) for k in self.finishing):
+            return  # this node's own claim, being completed right now
+        info = config.info
+        claimer = info.metadata.get(results.NODE_KEY, "?")
+        age = (_now() - info.updated).total_seconds()
+        if claimer != self.settings.node_name and age < self.settings.claim_grace:
+            return  # the claimer is most likely writing the result right now
+        log.info("%s: completing the run claimed by %s %.0fs ago", key.url(), claimer, age)
+        try:
+            await results.complete(self.store, info, config.data)
+        except StorageError as exc:
+            log.error("%s: could not complete the claimed run: %s", key.url(), exc)
+            return
+        result = results.Result.from_document(config.data, info.metadata)
+        if result is not None:
+            self._claimed(result)
+
+    # -- logs --------------------------------------------------------------
+
+    async def _upload_log_periodically(self, runlog: RunLog) -> None:
+        """Refresh the log object while the run goes on: rarely, as every write costs a request."""
+        uploaded = -1
+        while True:
+            await asyncio.sleep(self.settings.log_upload_interval)
+            if runlog.version != uploaded:
+                uploaded = runlog.version
+                await self._upload_log(runlog)
+
+    async def _upload_log(self, runlog: RunLog) -> None:
+        try:
+            await self.store.write(self.log_object, runlog.read())
+        except (StorageError, OSError) as exc:
+            log.warning("could not upload the log %s: %s", self.log_object, exc)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)

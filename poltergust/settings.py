@@ -1,0 +1,171 @@
+"""The node's settings: every flag (and its POLTERGUST_* variable) parsed and checked once, into one value.
+
+Every flag can also be given as a POLTERGUST_* environment variable (the
+flag name in capitals, dashes as underscores), which is how the systemd unit
+and container deployments configure nodes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .layout import Location
+from .notify import NotifyTarget, notify_target
+from .environments import parse_size
+
+DEFAULT_SCHEDULER_PORT = 8082
+
+
+@dataclass(frozen=True)
+class Settings:
+    locations: list[Location]
+    node_name: str
+    data_dir: Path
+    env_dir: Path
+    scheduler_url: str = ""
+    """Empty: the node starts or joins a local luigid on `embedded_scheduler_port`."""
+    embedded_scheduler_port: int = DEFAULT_SCHEDULER_PORT
+    project: str = ""
+    topic: str = ""
+    subscription: str = ""
+    """Empty: derived from the node name, the topic and the prefixes (see `events.pubsub`)."""
+    env_cache_size: int | None = None
+    share_environments: bool = False
+    max_concurrent: int = 4
+    rescan_interval: float = 300.0
+    outage_limit: float = 600.0
+    """How long a storage or scheduler outage is ridden out before a run gives up."""
+    claim_grace: float = 60.0
+    """How long a claim by another node is left to that node before anyone else completes it."""
+    log_upload_interval: float = 30.0
+    """A run's log is refreshed in the bucket this often while it runs (and always at its end)."""
+    notify: NotifyTarget | None = None
+    allowed_environment_prefixes: list[str] = field(default_factory=list)
+    """URL prefixes environment files may come from; empty means the pipelines' own buckets."""
+    http_host: str = "127.0.0.1"
+    http_port: int = 0
+    log_level: str = "INFO"
+    log_format: str = "auto"
+
+    @property
+    def environment_prefixes(self) -> list[str]:
+        return self.allowed_environment_prefixes or [loc.bucket for loc in self.locations]
+
+
+def _variable(flag: str) -> str:
+    return "POLTERGUST_" + flag.upper().replace("-", "_")
+
+
+def _boolean(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m poltergust.async_worker",
+        description="Run one Poltergust node: watch pipeline prefixes for *.config.yaml and run them with luigi. "
+                    "Each flag can also be set through the environment variable shown with it.",
+    )
+
+    def add(flag: str, help: str, default: object = None, **kwargs: object) -> None:
+        name = _variable(flag)
+        if kwargs.get("action") == "append":
+            default = None  # filled from the variable after parsing, so flags replace it
+            shown = ""
+        else:
+            default = os.environ.get(name, default)
+            shown = f" (default: {default})" if default is not None else ""
+        parser.add_argument(f"--{flag}", default=default, help=f"{help}{shown} [{name}]", **kwargs)  # type: ignore[arg-type]
+
+    add("path", "pipeline prefix to watch: gs://BUCKET/PREFIX, or a local directory (file:///DIR or a plain "
+                "path); repeat for several (in the variable: separated by spaces)", action="append", metavar="URL")
+    add("scheduler-url", "URL of the luigi central scheduler (luigid) all nodes share (default: a local luigid "
+                         "on 127.0.0.1, started by the first local node and joined by the others)",
+        metavar="URL")
+    add("embedded-scheduler-port", "port of the local luigid used when --scheduler-url is not given",
+        type=int, default=DEFAULT_SCHEDULER_PORT)
+    add("node-name", "this node's name, used in log object names and claims", default=socket.gethostname())
+    add("project", "Google Cloud project of the notification topic and the subscription (gs:// paths only)",
+        default=os.environ.get("GOOGLE_CLOUD_PROJECT"))
+    add("topic", "Pub/Sub topic receiving the bucket's notifications (default: poltergust-BUCKET "
+                 "for the first --path)")
+    add("subscription", "this node's subscription on the topic, created if missing (default: derived from the "
+                        "node name, the topic and the paths)")
+    add("data-dir", "directory for run logs and luigi working directories",
+        default=str(Path.home() / ".local" / "share" / "poltergust"))
+    add("env-dir", "directory where environments are built and cached (default: DATA_DIR/environments)")
+    add("env-cache-size", "disk budget of the environment cache, such as 500M or 10G (0: none); beyond it the "
+                          "least recently used environments not in use are removed", default="0", type=parse_size)
+    add("share-environments", "upload each environment this node builds beside its environment file, and unpack "
+                              "such an archive instead of building (true or false)", default="false",
+        type=_boolean, nargs="?", const="true")
+    add("max-concurrent", "pipelines this node runs at once", type=int, default=4)
+    add("rescan-interval", "seconds between full rescans of the prefixes (the safety net for lost events)",
+        type=float, default=300.0)
+    add("outage-limit", "seconds a storage or scheduler outage is waited out before a run ends as an error",
+        type=float, default=600.0)
+    add("claim-grace", "seconds a run claimed by another node is left to it before this node completes it",
+        type=float, default=60.0)
+    add("log-upload-interval", "seconds between refreshes of a running pipeline's log in the bucket",
+        type=float, default=30.0)
+    add("allowed-environment-prefix", "URL prefix environment files may be read from; repeatable "
+                                      "(default: the buckets of --path)", action="append", metavar="URL")
+    add("http-port", "serve GET /healthz on this port (0: no health server)", type=int, default=0)
+    add("http-host", "address of the health server; 0.0.0.0 lets a load balancer reach it", default="127.0.0.1")
+    add("log-level", "logging level of the node's own log", default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add("log-format", "the node's own log: JSON lines (Cloud Logging fields), readable text, or auto: "
+                      "JSON unless stderr is a terminal", default="auto", choices=["auto", "json", "text"])
+    add("notify-url", "on each finished run, the claiming node POSTs a JSON summary here (a DB_URL variable "
+                      "instead gets the original GET with pipeline_url)", metavar="URL")
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> Settings:
+    """Settings from the command line and the environment; exits with a usage error for bad values."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("path", "allowed-environment-prefix"):
+        attribute = flag.replace("-", "_")
+        if getattr(args, attribute) is None:
+            setattr(args, attribute, os.environ.get(_variable(flag), "").split())
+    if not args.path:
+        parser.error("--path is required (or set POLTERGUST_PATH)")
+    try:
+        locations = [Location.parse(url) for url in args.path]
+        allowed = [Location.parse(url).url() for url in args.allowed_environment_prefix]
+    except ValueError as exc:
+        parser.error(str(exc))
+    if len({loc.is_gcs for loc in locations}) > 1:
+        parser.error("--path: one node watches either buckets or local directories, not both")
+    if locations[0].is_gcs and not args.project:
+        parser.error("--project is required for gs:// paths (or set POLTERGUST_PROJECT or GOOGLE_CLOUD_PROJECT)")
+    data_dir = Path(args.data_dir).expanduser()
+    return Settings(
+        locations=locations,
+        node_name=args.node_name,
+        data_dir=data_dir,
+        env_dir=Path(args.env_dir).expanduser() if args.env_dir else data_dir / "environments",
+        scheduler_url=args.scheduler_url or "",
+        embedded_scheduler_port=args.embedded_scheduler_port,
+        project=args.project or "",
+        topic=args.topic or f"poltergust-{locations[0].bucket.rsplit('/', 1)[-1]}",
+        subscription=args.subscription or "",
+        env_cache_size=args.env_cache_size,
+        share_environments=args.share_environments,
+        max_concurrent=args.max_concurrent,
+        rescan_interval=args.rescan_interval,
+        outage_limit=args.outage_limit,
+        claim_grace=args.claim_grace,
+        log_upload_interval=args.log_upload_interval,
+        notify=notify_target(args.notify_url, os.environ.get("DB_URL")),
+        allowed_environment_prefixes=allowed,
+        http_host=args.http_host,
+        http_port=args.http_port,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
