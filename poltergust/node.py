@@ -26,7 +26,7 @@ from .locks import try_lock
 from .notify import Notifier
 from .run import Run
 from .scheduler import embedded_scheduler
-from .settings import Settings
+from .settings import Settings, default_data_dir
 from .storage import ObjectStore, StorageError, open_store
 
 log = logging.getLogger(__name__)
@@ -196,10 +196,13 @@ def take_node_name(settings: Settings) -> Settings:
         fd = try_lock(Path(tempfile.gettempdir()) / f"poltergust-node-{safe_name(name)}.lock")
         if fd is not None:
             _NAME_LOCKS.append(fd)
-            if index > 1:
-                log.warning("another node process on this host is named %s: this one is %s",
-                            settings.node_name, name)
-            return dataclasses.replace(settings, node_name=name)
+            if index == 1:
+                return settings
+            log.warning("another node process on this host is named %s: this one is %s", settings.node_name, name)
+            data_dir = settings.data_dir
+            if data_dir == default_data_dir(settings.node_name):
+                data_dir = default_data_dir(name)
+            return dataclasses.replace(settings, node_name=name, data_dir=data_dir)
     raise RuntimeError(f"too many node processes named {settings.node_name} on this host")
 
 

@@ -66,7 +66,7 @@ class Run:
 
     async def _run(self, config: Blob) -> None:
         key, node = self.key, self.settings.node_name
-        runlog = RunLog(self.settings.data_dir / "logs" / safe_name(node) / f"{safe_name(self.name)}.{key.generation}.log")
+        runlog = RunLog(self.settings.data_dir / "logs" / f"{safe_name(self.name)}.{key.generation}.log")
         uploader = asyncio.create_task(self._upload_log_periodically(runlog))
         started = _now()
         metrics.RUNS_STARTED.inc()
@@ -150,7 +150,7 @@ class Run:
                             node_extra_environ(self.settings.node_name, key.url(), key.generation))
         if uploaded is not None:
             metrics.PICKUP_SECONDS.observe(max(0.0, (_now() - uploaded).total_seconds()))
-        cwd = self.settings.data_dir / "work" / safe_name(self.settings.node_name) / safe_name(self.name)
+        cwd = self.settings.data_dir / "work" / safe_name(self.name)
         return await run_until_settled(command, env=env, cwd=cwd, runlog=runlog,
                                        scheduler_url=self.settings.scheduler_url,
                                        outage_limit=self.settings.outage_limit)

@@ -13,11 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .layout import Location
+from .layout import Location, safe_name
 from .notify import NotifyTarget, notify_target
 from .environments import parse_size
 
 DEFAULT_SCHEDULER_PORT = 8082
+DEFAULT_ROOT = Path.home() / ".local" / "share" / "poltergust"
+"""Below it: `nodes/NODE/` (a node's own files, by default) and `environments/` (shared by the host's nodes)."""
+
+
+def default_data_dir(node_name: str) -> Path:
+    """A node's own directory by default, so nodes sharing a host never mix their run files."""
+    return DEFAULT_ROOT / "nodes" / safe_name(node_name)
 
 
 @dataclass(frozen=True)
@@ -95,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "for the first --path)")
     add("subscription", "this node's subscription on the topic, created if missing (default: derived from the "
                         "node name, the topic and the paths)")
-    add("data-dir", "directory for run logs and luigi working directories",
-        default=str(Path.home() / ".local" / "share" / "poltergust"))
-    add("env-dir", "directory where environments are built and cached (default: DATA_DIR/environments)")
+    add("data-dir", f"directory for run logs and luigi working directories (default: {DEFAULT_ROOT}/nodes/NODE)")
+    add("env-dir", "directory where environments are built and cached, shareable by the host's nodes "
+                   f"(default: DATA_DIR/environments, or {DEFAULT_ROOT}/environments without --data-dir)")
     add("env-cache-size", "disk budget of the environment cache, such as 500M or 10G (0: none); beyond it the "
                           "least recently used environments not in use are removed", default="0", type=parse_size)
     add("share-environments", "upload each environment this node builds beside its environment file, and unpack "
@@ -144,12 +151,16 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         parser.error("--path: one node watches either buckets or local directories, not both")
     if locations[0].is_gcs and not args.project:
         parser.error("--project is required for gs:// paths (or set POLTERGUST_PROJECT or GOOGLE_CLOUD_PROJECT)")
-    data_dir = Path(args.data_dir).expanduser()
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir(args.node_name)
+    if args.env_dir:
+        env_dir = Path(args.env_dir).expanduser()
+    else:
+        env_dir = data_dir / "environments" if args.data_dir else DEFAULT_ROOT / "environments"
     return Settings(
         locations=locations,
         node_name=args.node_name,
         data_dir=data_dir,
-        env_dir=Path(args.env_dir).expanduser() if args.env_dir else data_dir / "environments",
+        env_dir=env_dir,
         scheduler_url=args.scheduler_url or "",
         embedded_scheduler_port=args.embedded_scheduler_port,
         project=args.project or "",

@@ -46,7 +46,7 @@ def luigid(workdir: Path) -> Iterator[Luigid]:
 
 @pytest.fixture(scope="session")
 def wheelhouse(workdir: Path) -> Path:
-    """Wheels for test environments: luigi (prepared once, see .ci/run) plus the test pipelines."""
+    """Wheels for test environments: luigi (prepared once, see tests/run.sh) plus the test pipelines."""
     if not any(WHEELHOUSE.glob("luigi-*.whl")):
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(WHEELHOUSE), "luigi"],
                        check=True)

@@ -4,7 +4,7 @@ Static checks (terraform fmt/validate, checkov, shellcheck) and behaviour
 tests of the shell scripts: node-init.sh in --dry-run mode with metadata from
 a directory, and the gcloud scripts against a fake gcloud
 (tests/deploy_fixtures/fake_gcloud.py) that records every call and models
-which resources exist. `bash .ci/deploy-tools.sh` installs shellcheck and
+which resources exist. `bash tests/setup/deploy-tools.sh` installs shellcheck and
 checkov; checkov is found through $CHECKOV.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ TEARDOWN = DEPLOY / "gcloud" / "teardown.sh"
 CLUSTERS = ROOT / "clusters"
 FAKE_GCLOUD = Path(__file__).resolve().parent / "deploy_fixtures" / "fake_gcloud.py"
 
-INSTALL_HINT = "run `bash .ci/deploy-tools.sh` (as root on Debian) to install it"
+INSTALL_HINT = "run `bash tests/setup/deploy-tools.sh` (as root on Debian) to install it"
 
 
 def shell_scripts() -> list[Path]:

@@ -7,7 +7,7 @@ step runs against a PostgreSQL server started for the test.
 
 Self-contained: uses no fixture of conftest.py (those start the GCS/Pub/Sub
 stack). Needs the PostgreSQL server binaries (Debian package `postgresql`);
-.ci/example-tools.sh installs them and fills the wheelhouse.
+tests/setup/example-tools.sh installs them and fills the wheelhouse.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def run(command: list, **kwargs) -> subprocess.CompletedProcess:
 
 
 def ensure_wheel(project: str, wheel_prefix: str) -> None:
-    """Download `project` into the wheelhouse once (CI does it in .ci/example-tools.sh)."""
+    """Download `project` into the wheelhouse once (CI does it in tests/setup/example-tools.sh)."""
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
     if any(WHEELHOUSE.glob(f"{wheel_prefix}-*-{tag}-*.whl")) or any(WHEELHOUSE.glob(f"{wheel_prefix}-*-py3-*.whl")):
         return
@@ -231,7 +231,7 @@ def postgres_bin() -> Path:
     if not initdb or not (Path(initdb).parent / "pg_ctl").exists():
         pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin "
                     "nor on PATH: install the Debian package `postgresql` (apt-get install postgresql), "
-                    "as .ci/example-tools.sh does")
+                    "as tests/setup/example-tools.sh does")
     return Path(initdb).parent
 
 

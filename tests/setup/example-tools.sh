@@ -6,7 +6,7 @@
 #     environments install from (the test downloads psycopg2-binary itself if
 #     it is missing, but CI fetches everything in its install step).
 #
-# Usage: bash .ci/example-tools.sh WHEELHOUSE
+# Usage: bash tests/setup/example-tools.sh WHEELHOUSE
 # Uses `python` from PATH (activate the project's virtualenv first), or $PYTHON:
 # the wheels must match the interpreter the tests run with.
 set -euo pipefail

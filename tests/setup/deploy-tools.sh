@@ -9,8 +9,8 @@
 #     new upstream checks from failing CI unannounced.
 #
 # Contract for callers:
-#   source .ci/deploy-tools.sh   installs, then exports CHECKOV=<venv>/bin/checkov
-#   bash .ci/deploy-tools.sh     installs, then prints "export CHECKOV=...";
+#   source tests/setup/deploy-tools.sh   installs, then exports CHECKOV=<venv>/bin/checkov
+#   bash tests/setup/deploy-tools.sh     installs, then prints "export CHECKOV=...";
 #                                set that variable yourself before running pytest
 # tests/test_deploy.py finds checkov through $CHECKOV (else on PATH), and
 # the shellcheck executable on PATH. Exit/return status is non-zero if an install failed.

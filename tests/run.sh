@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Install everything the tests need, then run them: `bash tests/run.sh [PYTEST ARGS...]`.
+#
+# On a fresh Debian machine as root it installs what is missing: Java and the
+# gcloud CLI's Pub/Sub emulator (the test stack), PostgreSQL (the Top Artists
+# example), shellcheck and checkov (the deploy checks). Not as root, it says
+# exactly which Debian packages to install and stops. The project and its test
+# extra go into ./.venv; test environments install from ./.wheelhouse, filled
+# here, so no test needs the package index.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v java >/dev/null || missing+=(default-jre-headless)
+gcloud beta emulators pubsub --help >/dev/null 2>&1 || missing+=(google-cloud-cli-pubsub-emulator)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
+command -v shellcheck >/dev/null || missing+=(shellcheck)
+if ((${#missing[@]})); then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "tests/run.sh: missing Debian packages; install them as root, then run this again:" >&2
+        echo "    apt-get install ${missing[*]}" >&2
+        echo "(google-cloud-cli-pubsub-emulator comes from Google's Cloud SDK apt repository)" >&2
+        exit 1
+    fi
+    echo "tests/run.sh: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The project and its test dependencies, in a virtualenv of their own.
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet -e '.[test]'
+
+# Wheels the test environments install from, so no test needs the package index.
+bash tests/setup/example-tools.sh .wheelhouse
+python -m pip download --quiet --dest .wheelhouse luigi
+
+# checkov, in a virtualenv of its own; exports CHECKOV.
+# shellcheck disable=SC1091
+source tests/setup/deploy-tools.sh
+
+python -m pytest -q "$@"
