@@ -6,7 +6,6 @@ the pipeline's error file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import shlex
@@ -56,6 +55,10 @@ class PipelineConfig:
     """Seconds after which the run is stopped and ends as an error."""
     retries: int = 0
     """How many times a failed run is tried again on a node before the error is written."""
+    nodes: int | None = None
+    """At most this many nodes take part; None: as many as the graph has tasks for. See `all_nodes`."""
+    all_nodes: bool = False
+    """`nodes: all`: every node runs the pipeline from the start, as the original Poltergust did."""
 
 
 @dataclass(frozen=True)
@@ -64,19 +67,6 @@ class EnvironmentSpec:
     virtualenv: Mapping[str, Any]
     dependencies: tuple[str, ...]
     variables: Mapping[str, str]
-
-    @property
-    def build_key(self) -> str:
-        """Hash of what determines the built environment.
-
-        Variables are applied when luigi runs, not at build time, so editing them
-        does not force a rebuild; editing options or dependencies does.
-        """
-        content = json.dumps(
-            {"virtualenv": dict(self.virtualenv), "dependencies": list(self.dependencies)},
-            sort_keys=True,
-        )
-        return hashlib.sha256(content.encode()).hexdigest()
 
 
 class _BoundedLoader(yaml.SafeLoader):
@@ -170,6 +160,9 @@ def parse_pipeline(data: bytes, source: str) -> PipelineConfig:
     retries = document.get("retries", 0)
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 100:
         raise ConfigError(source, f"must be a whole number from 0 to 100 (got {retries!r})", "retries")
+    nodes = document.get("nodes")
+    if not (nodes is None or nodes == "all" or (isinstance(nodes, int) and not isinstance(nodes, bool) and nodes >= 1)):
+        raise ConfigError(source, f"must be a whole number of nodes (1 or more) or all (got {nodes!r})", "nodes")
     return PipelineConfig(
         source=source,
         environment=resolve_reference(environment, source),
@@ -178,6 +171,8 @@ def parse_pipeline(data: bytes, source: str) -> PipelineConfig:
         document=document,
         timeout=float(timeout) if timeout is not None else None,
         retries=retries,
+        nodes=nodes if isinstance(nodes, int) else None,
+        all_nodes=nodes == "all",
     )
 
 

@@ -6,6 +6,7 @@ names without importing each other. The bucket holds:
     PREFIX/NAME.config.yaml                           submitted by the user (the trigger)
     PREFIX/NAME.done.yaml, PREFIX/NAME.error.yaml     the result
     _poltergust/logs/PREFIX/NAME/GENERATION/NODE.log.txt   one node's log of one run
+    _poltergust/runs/PREFIX/NAME/GENERATION/start    which node started a run (and helper-W-I: who joined)
     _poltergust/nodes/NODE.json                       a node's heartbeat
     ENVDIR/ENV.yaml, ENVDIR/ENV.env/KEY.tar.gz        an environment and its shared archives
 
@@ -28,6 +29,7 @@ RESULT_SUFFIXES = {"done": ".done.yaml", "error": ".error.yaml"}
 INTERNAL = "_poltergust/"
 """Everything nodes write for themselves lives below this bucket-level prefix."""
 LOGS = INTERNAL + "logs/"
+RUNS = INTERNAL + "runs/"
 HEARTBEATS = INTERNAL + "nodes/"
 
 
@@ -146,6 +148,16 @@ def log_prefix(config_name: str, generation: int | None = None) -> str:
 def log_name(config_name: str, generation: int, node: str) -> str:
     """One node's log of one run: `_poltergust/logs/PREFIX/NAME/GENERATION/NODE.log.txt`."""
     return f"{log_prefix(config_name, generation)}{safe_name(node)}.log.txt"
+
+
+def run_tag(key: "RunKey") -> str:
+    """A short tag naming one run (config URL and generation), as carried by its luigi workers' ids."""
+    return hashlib.sha256(f"{key.url()}#{key.generation}".encode()).hexdigest()[:12]
+
+
+def run_marker(config_name: str, generation: int, marker: str) -> str:
+    """`_poltergust/runs/PREFIX/NAME/GENERATION/MARKER`: small objects that decide who takes part in a run."""
+    return f"{RUNS}{config_name[: -len(CONFIG_SUFFIX)]}/{generation}/{marker}"
 
 
 def heartbeat_name(node: str) -> str:

@@ -44,10 +44,13 @@ class Node:
         self.environments = environments
         self._stores: dict[str, ObjectStore] = {}
         self._runs: dict[RunKey, asyncio.Task[None]] = {}
+        self._run_objects: dict[RunKey, Run] = {}
         self._finishing: set[RunKey] = set()
         """Runs past luigi, claiming and writing their result: no event may interrupt that."""
         self._slots = asyncio.Semaphore(settings.max_concurrent)
         self._notifier = Notifier(settings.notify)
+        self._background: set[asyncio.Task[None]] = set()
+        self._scanned = False
         self._stopping = asyncio.Event()
         self.attached = asyncio.Event()
         """Set while the event stream is attached: the node is then ready for work."""
@@ -148,11 +151,13 @@ class Node:
     async def scan(self) -> int:
         """Schedule every config under the prefixes, reading the listing a page at a time; returns how many."""
         scheduled = 0
+        first = not self._scanned
         for location in self.settings.locations:
             async for page in self.store(location.bucket).pages(location.prefix, glob="*.config.yaml"):
                 for info in page:
                     if is_config_name(info.name, location.prefix):
-                        scheduled += self._schedule(RunKey(location.bucket, info.name, info.generation))
+                        scheduled += self._schedule(RunKey(location.bucket, info.name, info.generation), first)
+        self._scanned = True
         return scheduled
 
     async def _serve_events(self) -> None:
@@ -165,23 +170,38 @@ class Node:
                   " (already in progress)" if key in self._runs else "")
         if event.kind == "finalize":
             self._schedule(key)
+        elif event.kind == "help":
+            if key in self._run_objects:
+                self._run_objects[key].hear(event)
         elif key in self._runs and key not in self._finishing:
             why = f"replaced by generation {event.replaced_by}" if event.replaced_by else "deleted"
             log.info("%s generation %d was %s: stopping its run", key.url(), key.generation, why)
             self._runs[key].cancel()
 
-    def _schedule(self, key: RunKey) -> bool:
+    def _schedule(self, key: RunKey, found_at_start: bool = False) -> bool:
         if key in self._runs or self._stopping.is_set():
             return False
-        run = Run(key, self.settings, self.store, self.environments, self._notifier, self._finishing)
-        task = asyncio.create_task(self._execute(run), name=f"run {key.url()}#{key.generation}")
+        run = Run(key, self.settings, self.store, self.environments, self._notifier, self._finishing, self._slots,
+                  self)
+        run.found_at_start = found_at_start
+        task = asyncio.create_task(run.execute(), name=f"run {key.url()}#{key.generation}")
         self._runs[key] = task
-        task.add_done_callback(lambda _: self._runs.pop(key, None))
+        self._run_objects[key] = run
+        task.add_done_callback(lambda _: (self._runs.pop(key, None), self._run_objects.pop(key, None)))
         return True
 
-    async def _execute(self, run: Run) -> None:
-        async with self._slots:
-            await run.execute()
+    def call_for_help(self, key: RunKey, wanted: int, wave: int) -> None:
+        """Publish a run's call for help in the background (see `joining`)."""
+        async def publish() -> None:
+            try:
+                await self.events.call_for_help(key.bucket, key.name, key.generation, wanted, wave)
+                log.info("%s: asked for %d more node(s) (call %d)", key.url(), wanted, wave)
+            except Exception as exc:  # noqa: BLE001 -- the run goes on with the nodes it has
+                log.warning("%s: could not ask for help: %s", key.url(), exc)
+
+        task = asyncio.create_task(publish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 def take_node_name(settings: Settings) -> Settings:

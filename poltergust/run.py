@@ -9,26 +9,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Protocol
 
-from . import metrics, results
+from . import joining, metrics, results
 from .config import MAX_FILE_SIZE, ConfigError, PipelineConfig, parse_environment, parse_pipeline
 from .environments import EnvironmentBuildError, Environments
-from .layout import RunKey, log_name, pipeline_name, safe_name, split_url, under_prefix
+from .events import Event
+from .graph import pipeline_assistants
+from .layout import RunKey, log_name, pipeline_name, run_tag, safe_name, split_url, under_prefix
 from .logs import CURRENT_RUN
 from .notify import Notifier
 from .runlog import RunLog
-from .runner import Outcome, luigi_command, luigi_environ, node_extra_environ, run_until_settled
+from .participate import Participation
+from .runner import Outcome, luigi_command, luigi_environ, node_extra_environ, worker_id
 from .settings import Settings
-from .storage import Blob, NotFound, ObjectStore, StorageError, TooLarge
+from .storage import Blob, NotFound, ObjectInfo, ObjectStore, StorageError, TooLarge
 
 log = logging.getLogger(__name__)
 
 
+class HelpCaller(Protocol):
+    def call_for_help(self, key: RunKey, wanted: int, wave: int) -> None:
+        """Tell every node that this run could use `wanted` more nodes (in the background)."""
+
+
 class Run:
     def __init__(self, key: RunKey, settings: Settings, stores: Callable[[str], ObjectStore],
-                 environments: Environments, notifier: Notifier, finishing: set[RunKey]) -> None:
+                 environments: Environments, notifier: Notifier, finishing: set[RunKey],
+                 slots: asyncio.Semaphore, helpers: HelpCaller) -> None:
         self.key = key
         self.settings = settings
         self.stores = stores
@@ -38,8 +48,15 @@ class Run:
         self.notifier = notifier
         self.finishing = finishing
         """Runs of this node past luigi, claiming and writing their result (shared with the node)."""
+        self.slots = slots
+        """The node's room for runs taking part; a run standing by holds none."""
+        self.helpers = helpers
         self.name = pipeline_name(key.name)
         self.log_object = log_name(key.name, key.generation, settings.node_name)
+        self._calls: asyncio.Queue[Event] = asyncio.Queue()
+        self.found_at_start = False
+        """Found by the node's first scan: this node may have started it before a crash."""
+        self._recruiting: _Recruiting | None = None
 
     async def execute(self) -> None:
         key = self.key
@@ -60,9 +77,101 @@ class Run:
             if results.claimed_outcome(config.info.metadata):
                 await self._complete_claim(config)
             else:
-                await self._run(config)
+                await self._join(config)
         except Exception:  # noqa: BLE001 -- one broken run must not take the node down
             log.exception("%s: unexpected error; the config stays for the next scan", key.url())
+
+    def hear(self, event: Event) -> None:
+        """A call for help for this run (see `joining`)."""
+        self._calls.put_nowait(event)
+
+    async def _join(self, config: Blob) -> None:
+        """Start the run, or stand by until it wants help (see `joining`); `nodes: all` starts it everywhere."""
+        key, node = self.key, self.settings.node_name
+        try:
+            parsed: PipelineConfig | None = parse_pipeline(config.data, key.url())
+        except ConfigError:
+            parsed = None  # the starting node reports it
+        if parsed is not None and parsed.all_nodes:
+            async with self.slots:
+                await self._take_part(config)
+            return
+        async with self.slots:
+            marker = await joining.take_start(self.store, key, node, restarted=self.found_at_start)
+            if marker is not None:
+                log.info("%s: this node starts generation %d", key.url(), key.generation)
+                await self._take_part(config, marker=marker, limit=parsed.nodes if parsed else None)
+                return
+        log.info("%s: started by another node; standing by to help", key.url())
+        while True:
+            try:
+                call = await asyncio.wait_for(self._calls.get(), self.settings.rescan_interval)
+            except asyncio.TimeoutError:
+                if not await self._still_wanted():
+                    return
+                marker = await joining.take_over_if_stale(self.store, key, node)
+                if marker is not None:
+                    log.warning("%s: its starting node stopped showing signs of life; taking the run over", key.url())
+                    async with self.slots:
+                        await self._take_part(config, marker=marker, limit=parsed.nodes if parsed else None)
+                    return
+                continue
+            if self.slots.locked():
+                continue  # no room on this node: another node will answer
+            if await joining.take_helper_place(self.store, key, node, call.wave, call.wanted):
+                log.info("%s: joining the run (call for help %d)", key.url(), call.wave)
+                async with self.slots:
+                    await self._take_part(config)
+                return
+
+    async def _still_wanted(self) -> bool:
+        """Whether this generation of the config is still waiting for its result (its events may be lost)."""
+        try:
+            return (await self.store.stat(self.key.name)).generation == self.key.generation
+        except NotFound:
+            return False
+
+    async def _take_part(self, config: Blob, marker: ObjectInfo | None = None, limit: int | None = None) -> None:
+        """This node's part: environment, luigi, and the race to finish; the starter also keeps its marker."""
+        refresher = asyncio.create_task(self._keep_marker(marker)) if marker is not None else None
+        self._recruiting = _Recruiting(limit) if marker is not None else None
+        try:
+            await self._run(config)
+        except asyncio.CancelledError:
+            if marker is not None:  # stopping before the end: let another node start it now
+                await asyncio.shield(self._release(marker))
+            raise
+        finally:
+            if refresher is not None:
+                refresher.cancel()
+
+    async def _release(self, marker: ObjectInfo) -> None:
+        try:
+            await joining.release_start(self.store, marker)
+        except StorageError as exc:
+            log.warning("%s: could not release the start marker (it goes stale instead): %s", self.key.url(), exc)
+
+    async def _keep_marker(self, marker: ObjectInfo) -> None:
+        while True:
+            await asyncio.sleep(joining.REFRESH_SECONDS)
+            try:
+                refreshed = await joining.refresh_start(self.store, self.key, self.settings.node_name, marker)
+            except StorageError as exc:
+                log.warning("%s: could not refresh the start marker: %s", self.key.url(), exc)
+                continue
+            if refreshed is None:
+                log.warning("%s: another node took this run over; both go on, one result is written", self.key.url())
+                return
+            marker = refreshed
+
+    def _recruit(self, takeable: int) -> None:
+        """Ask other nodes to join while tasks wait that nobody runs (the starter only, with backoff)."""
+        recruiting = self._recruiting
+        if recruiting is None or not recruiting.due():
+            return
+        wanted = recruiting.places(takeable)
+        if wanted:
+            self.helpers.call_for_help(self.key, wanted, recruiting.wave)
 
     async def _run(self, config: Blob) -> None:
         key, node = self.key, self.settings.node_name
@@ -145,15 +254,18 @@ class Run:
         except EnvironmentBuildError as exc:
             runlog.note(f"error: {exc}")
             return Outcome(False, runlog.mask(str(exc)))
-        command = luigi_command(env_path / "bin" / "python", config, self.settings.scheduler_url)
+        scheduler = self.settings.scheduler_url
+        assistant = self._recruiting is None and await pipeline_assistants(scheduler)
+        command = luigi_command(env_path / "bin" / "python", config, scheduler,
+                                worker_id(run_tag(key), self.settings.node_name), assistant=assistant)
         env = luigi_environ(self.environments.environ, spec, config,
                             node_extra_environ(self.settings.node_name, key.url(), key.generation))
         if uploaded is not None:
             metrics.PICKUP_SECONDS.observe(max(0.0, (_now() - uploaded).total_seconds()))
         cwd = self.settings.data_dir / "work" / safe_name(self.name)
-        return await run_until_settled(command, env=env, cwd=cwd, runlog=runlog,
-                                       scheduler_url=self.settings.scheduler_url,
-                                       outage_limit=self.settings.outage_limit)
+        return await Participation(command, env=env, cwd=cwd, runlog=runlog, scheduler_url=scheduler,
+                                   outage_limit=self.settings.outage_limit, assistant=assistant,
+                                   recruit=self._recruit).run()
 
     def _environment_object(self, url: str) -> tuple[str, str]:
         allowed = self.settings.environment_prefixes
@@ -227,19 +339,45 @@ class Run:
     # -- logs --------------------------------------------------------------
 
     async def _upload_log_periodically(self, runlog: RunLog) -> None:
-        """Refresh the log object while the run goes on: rarely, as every write costs a request."""
+        """Show the log at once (the run has started here), then refresh it rarely: every write costs a request."""
         uploaded = -1
         while True:
-            await asyncio.sleep(self.settings.log_upload_interval)
             if runlog.version != uploaded:
                 uploaded = runlog.version
                 await self._upload_log(runlog)
+            await asyncio.sleep(self.settings.log_upload_interval)
 
     async def _upload_log(self, runlog: RunLog) -> None:
         try:
             await self.store.write(self.log_object, runlog.read())
         except (StorageError, OSError) as exc:
             log.warning("could not upload the log %s: %s", self.log_object, exc)
+
+
+class _Recruiting:
+    """A starter's calls for help: each has its own places, and they grow rarer (every one reaches every node)."""
+
+    FIRST_GAP = 2.0
+    MAX_GAP = 60.0
+
+    def __init__(self, limit: int | None) -> None:
+        self.left = None if limit is None else limit - 1
+        """Helper places still to offer (None: as many as the graph has tasks for)."""
+        self.wave = 0
+        self._gap = self.FIRST_GAP
+        self._next = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._next and self.left != 0
+
+    def places(self, takeable: int) -> int:
+        wanted = takeable if self.left is None else min(takeable, self.left)
+        if self.left is not None:
+            self.left -= wanted
+        self.wave += 1
+        self._next = time.monotonic() + self._gap
+        self._gap = min(self._gap * 2, self.MAX_GAP)
+        return wanted
 
 
 def _now() -> datetime:

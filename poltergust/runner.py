@@ -1,29 +1,19 @@
-"""Run a pipeline's luigi root task on this node until luigi has a final answer.
+"""The luigi command line of a run: task arguments, worker options, exit codes and the environment.
 
-Several nodes run the same root task against one central scheduler, which
-hands each node a share of the graph. A node's luigi exits as soon as it has
-nothing left to do, which is before the root task is complete when other
-nodes still hold tasks; luigi's exit code says so, and we run it again (with
-backoff) until the root task is done or has failed.
+Exit codes are set explicitly (luigi's defaults are all 0, which says
+nothing). A node's luigi names its worker `poltergust:TAG:NODE`, so luigid's
+pages and API show which pipeline and node a worker serves.
 """
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlparse
 
-from . import metrics
-from .backoff import Backoff
 from .config import EnvironmentSpec, PipelineConfig
 from .runlog import RunLog
-from .subprocesses import run_streaming
-
-log = logging.getLogger(__name__)
 
 # Exit codes we ask luigi to use (luigi's defaults are all 0, which says nothing).
 OTHERS_RUNNING = 12  # tasks held by another worker (another node, or a vanished one)
@@ -46,8 +36,6 @@ REASONS = {
     SCHEDULING_ERROR: "luigi could not schedule the tasks (complete() or requires() raised)",
     CRASHED: "luigi stopped with an error",
 }
-MAX_NOT_RUN = 5
-"""Consecutive 'not run' answers (nobody else running, root incomplete) before giving up."""
 ERROR_LINE = re.compile(r"^(?:[\w.]+(?:Error|Exception)|luigi\.[\w.]+|Traceback)\b.*")
 
 
@@ -77,7 +65,20 @@ def task_arguments(arguments: Mapping[str, Any]) -> list[str]:
     return options
 
 
-def luigi_command(python: Path, config: PipelineConfig, scheduler_url: str) -> list[str]:
+def worker_id(tag: str, node: str) -> str:
+    """A luigi worker id naming the pipeline (its tag) and the node, as `poltergust.luigid` reads it."""
+    return f"poltergust:{tag}:{node}"
+
+
+def luigi_command(python: Path, config: PipelineConfig, scheduler_url: str, worker: str,
+                  assistant: bool = False) -> list[str]:
+    """`python -m luigi ...` for the config's root task, as one worker of the pipeline.
+
+    The worker stays while its tasks wait on others (keep-alive) and asks for
+    work every few tenths of a second, so a task freed by another node is
+    taken within a second. As an assistant it also takes tasks other workers
+    of the pipeline scheduled (those yielded from `run()`).
+    """
     # --no-lock: nodes sharing a host, and re-runs, must not trip over luigi's per-host lock.
     return [
         str(python), "-m", "luigi",
@@ -85,6 +86,9 @@ def luigi_command(python: Path, config: PipelineConfig, scheduler_url: str) -> l
         *task_arguments(config.task.arguments),
         "--scheduler-url", scheduler_url,
         "--no-lock",
+        "--worker-id", worker,
+        "--worker-keep-alive", "--worker-wait-interval", "0.2", "--worker-wait-jitter", "0.3",
+        *(["--assistant"] if assistant else []),
         *RETCODE_OPTIONS,
     ]
 
@@ -104,76 +108,8 @@ def luigi_environ(
     return env
 
 
-async def run_until_settled(
-    command: list[str], *, env: Mapping[str, str], cwd: Path, runlog: RunLog, scheduler_url: str,
-    outage_limit: float, max_backoff: float = 30.0,
-) -> Outcome:
-    """Run luigi, again and again while other workers hold tasks, until it settles.
-
-    A scheduler that cannot be reached is waited for (up to `outage_limit`
-    seconds) rather than counted as a failure of the pipeline.
-    """
-    cwd.mkdir(parents=True, exist_ok=True)
-    attempt = 0
-    not_run = 0
-    backoff = Backoff(first=1.0, cap=max_backoff, jitter=(0.8, 1.2))
-    while True:
-        if not await wait_for_scheduler(scheduler_url, runlog, outage_limit):
-            return Outcome(False, f"the luigi scheduler at {scheduler_url} was unreachable for {outage_limit:.0f}s")
-        attempt += 1
-        runlog.note(f"luigi attempt {attempt}: " + " ".join(command[1:]))
-        code = await run_streaming(command, env=env, cwd=cwd, sink=runlog.write)
-        runlog.note(f"luigi exited with code {code}")
-        if code == 0:
-            return Outcome(True)
-        if code in (OTHERS_RUNNING, NOT_RUN):
-            not_run = not_run + 1 if code == NOT_RUN else 0
-            if not_run >= MAX_NOT_RUN:
-                return Outcome(False, "the root task was not run: a dependency failed or is disabled in the scheduler")
-            delay = backoff.next()
-            runlog.note(f"other workers hold tasks of this pipeline; running luigi again in {delay:.0f}s")
-            metrics.LUIGI_RERUNS.inc()
-            await asyncio.sleep(delay)
-            continue
-        if not await scheduler_reachable(scheduler_url):
-            runlog.note("luigi failed while the scheduler was unreachable: not a failure of the pipeline")
-            continue
-        return Outcome(False, _reason(code, runlog))
-
-
-async def wait_for_scheduler(url: str, runlog: RunLog, limit: float) -> bool:
-    """True once the scheduler accepts connections; False if it does not within `limit` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    backoff = Backoff(first=0.5, cap=15.0)
-    waited = False
-    while not await scheduler_reachable(url):
-        delay = backoff.next()
-        if loop.time() + delay > deadline:
-            return False
-        if not waited:
-            runlog.note(f"the luigi scheduler at {url} is unreachable; waiting up to {limit:.0f}s")
-            log.warning("luigi scheduler %s unreachable; waiting", url)
-            waited = True
-        await asyncio.sleep(delay)
-    if waited:
-        runlog.note("the luigi scheduler is reachable again")
-        log.info("luigi scheduler %s reachable again", url)
-    return True
-
-
-async def scheduler_reachable(url: str) -> bool:
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(parsed.hostname, port), 5)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    writer.close()
-    return True
-
-
-def _reason(code: int, runlog: RunLog) -> str:
+def exit_reason(code: int, runlog: RunLog) -> str:
+    """Why luigi failed, from its exit code and the last error line of its output."""
     reason = REASONS.get(code, f"luigi exited with code {code}")
     lines = runlog.lines()
     detail = next((m.group(0) for line in reversed(lines) if (m := ERROR_LINE.match(line.strip()))

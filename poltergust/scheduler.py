@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import signal
@@ -17,6 +16,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 from typing import AsyncIterator
+
+from . import locks
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,8 @@ async def embedded_scheduler(data_dir: Path, port: int = DEFAULT_PORT) -> AsyncI
     """Yield the URL of a local luigid, started here unless one already answers."""
     url = f"http://127.0.0.1:{port}"
     # Nodes starting at the same moment take turns: the first starts luigid, the others find it.
-    with (Path(tempfile.gettempdir()) / f"poltergust-luigid-{port}.lock").open("a") as lock:
-        await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
-        try:
-            process = None if await asyncio.to_thread(_answers, url) else await _start_luigid(data_dir, port, url)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    async with locks.held(Path(tempfile.gettempdir()) / f"poltergust-luigid-{port}.lock"):
+        process = None if await asyncio.to_thread(_answers, url) else await _start_luigid(data_dir, port, url)
     if process is None:
         log.info("using the luigi scheduler already running at %s", url)
         yield url
@@ -68,7 +65,7 @@ async def _start_luigid(data_dir: Path, port: int, url: str) -> asyncio.subproce
     (state / "luigi.cfg").write_text(LUIGID_CONFIG)
     with (state / "luigid.log").open("ab") as output:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "from luigi.cmdline import luigid; luigid()",
+            sys.executable, "-m", "poltergust.luigid",
             "--address", "127.0.0.1", "--port", str(port),
             "--state-path", str(state / "state.pickle"), "--logdir", str(state),
             stdout=output, stderr=output, stdin=asyncio.subprocess.DEVNULL,

@@ -177,7 +177,7 @@ class Luigid(Server):
         config.write_text("[scheduler]\nworker_disconnect_delay = 10\nprune_on_get_work = true\nretry_delay = 1\n")
         super().__init__(
             "luigid",
-            [sys.executable, "-c", "from luigi.cmdline import luigid; luigid()", "--address", "127.0.0.1",
+            [sys.executable, "-m", "poltergust.luigid", "--address", "127.0.0.1",
              "--port", str(self.port), "--state-path", str(workdir / "luigid.state"), "--logdir", str(workdir)],
             workdir / "luigid.log", env=dict(os.environ, LUIGI_CONFIG_PATH=str(config)),
         )

@@ -48,11 +48,11 @@ def offline(wheelhouse: Path, *dependencies: str, options: str = "") -> str:
 
 
 def submit(bucket, name: str, out: Path, environment: str, environment_yaml: str | None = None,
-           task: str = "Touch") -> int:
+           task: str = "Touch", **settings: object) -> int:
     if environment_yaml is not None:
         bucket.upload(f"environment/{environment}.yaml", environment_yaml)
     config = {"environment": bucket.url(f"environment/{environment}.yaml"),
-              "task": {"name": task, "module": "poltergust_testpipes", "out-dir": str(out / name)}}
+              "task": {"name": task, "module": "poltergust_testpipes", "out-dir": str(out / name)}, **settings}
     return bucket.upload(f"pipeline/{name}.config.yaml", yaml.safe_dump(config))
 
 
@@ -140,7 +140,7 @@ def test_runs_racing_for_a_new_environment_build_it_once(
     bucket.upload("environment/race.yaml", offline(wheelhouse, "luigi", "poltergust-testpipes"))
     names = ["race-1", "race-2", "race-3"]
     for name in names:
-        submit(bucket, name, tmp_path / "out", "race")
+        submit(bucket, name, tmp_path / "out", "race", nodes="all")
     for name in names:
         result(bucket, name, "done")
     wait_for(lambda: all(run_log(tmp_path, node, name) for node in ("node-a", "node-b") for name in names), 30,

@@ -46,13 +46,13 @@ def test_two_nodes_share_one_pipeline_and_exactly_one_finishes_it(
 def test_two_nodes_racing_to_claim_one_gets_412(
     start_node, pubsub, bucket, environment_yaml: str, tmp_path: Path,
 ) -> None:
-    """Nodes on a topic nobody publishes to cannot be told that the other one finished:
+    """Nodes on a topic nobody publishes to cannot be told that the other one finished: with `nodes: all`
     both run the pipeline to its end and try to claim it, and the bucket must refuse one."""
     silent = f"silent-{uuid.uuid4().hex[:8]}"
     pubsub.create_topic(silent)
     out = tmp_path / "race"
     submit(bucket, "race", {"name": "Fan", "module": "poltergust_testpipes", "out-dir": str(out),
-                            "parts": 4, "seconds": 1.0}, environment_yaml)
+                            "parts": 4, "seconds": 1.0}, environment_yaml, nodes="all")
     nodes = [start_node(name, topic=silent, wait=False) for name in ("node-a", "node-b")]
     done = result(bucket, "race", "done")
     losers = [n for n in nodes if n.node_name != done["poltergust"]["node"]]

@@ -10,9 +10,11 @@ from stack import wait_for
 TIMEOUT = 120
 
 
-def submit(bucket, name: str, task: dict, environment_yaml: str, variables: dict | None = None) -> int:
+def submit(bucket, name: str, task: dict, environment_yaml: str, variables: dict | None = None,
+           **settings: object) -> int:
+    """Upload a config for `task` (and the test environment); `settings` are further top-level keys."""
     bucket.upload("environment/test.yaml", environment_yaml)
-    config = {"environment": bucket.url("environment/test.yaml"), "task": task}
+    config = {"environment": bucket.url("environment/test.yaml"), "task": task, **settings}
     if variables:
         config["variables"] = variables
     return bucket.upload(f"pipeline/{name}.config.yaml", yaml.safe_dump(config))

@@ -52,7 +52,7 @@ def test_a_claim_left_by_a_crash_is_completed(start_node, bucket, environment_ya
 def test_deleting_a_config_stops_its_run_on_every_node(start_node, bucket, environment_yaml, tmp_path) -> None:
     nodes = [start_node("node-a"), start_node("node-b")]
     out = tmp_path / "cancel"
-    submit(bucket, "cancel", {**SLEEP, "out-dir": str(out), "seconds": 120}, environment_yaml)
+    submit(bucket, "cancel", {**SLEEP, "out-dir": str(out), "seconds": 120}, environment_yaml, nodes="all")
     luigi_pid = int(_started(out)[0].name.rsplit("-", 1)[1])
     for node in nodes:
         wait_for(lambda: "run of generation" in node.output(), 30, f"{node.name} to join the run")

@@ -9,13 +9,17 @@ from typing import Any, Protocol
 class Event:
     """A change to one generation of one pipeline config."""
 
-    kind: str  # "finalize" or "delete"
+    kind: str  # "finalize", "delete", or "help" (a node running it asks others to join)
     bucket: str
     """Bucket URL, as in `Location.bucket`."""
     name: str
     generation: int
     replaced_by: int | None = None
     """For a delete caused by an overwrite: the generation that replaced this one."""
+    wanted: int = 0
+    """For a call for help: how many more nodes the run could use."""
+    wave: int = 0
+    """For a call for help: its number within the run (each call has its own helper places)."""
 
 
 class EventSource(Protocol):
@@ -29,6 +33,9 @@ class EventSource(Protocol):
     async def attach(self) -> None: ...
 
     async def get(self) -> Event: ...
+
+    async def call_for_help(self, bucket: str, name: str, generation: int, wanted: int, wave: int) -> None:
+        """Tell every node that this run could use `wanted` more nodes."""
 
     @property
     def broken(self) -> BaseException | None: ...

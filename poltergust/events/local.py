@@ -7,17 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import time
 import uuid
 from pathlib import Path
 
 import watchfiles
 
-from ..layout import Location, is_config_name
+from ..layout import INTERNAL, Location, is_config_name
 from ..storage.local import LocalStore
 from .base import ClosingSource, Event
 
 log = logging.getLogger(__name__)
+
+HELP_DIRECTORY = INTERNAL + "help"
+"""Calls for help are small JSON files here, in each bucket directory; the watcher reads them as events."""
+HELP_KEPT_SECONDS = 60.0
 
 
 class LocalEvents(ClosingSource):
@@ -35,10 +42,15 @@ class LocalEvents(ClosingSource):
     def _directory(self, location: Location) -> Path:
         return Path(location.bucket_path) / location.prefix
 
+    def _help_directories(self) -> list[Path]:
+        return sorted({Path(location.bucket_path) / HELP_DIRECTORY for location in self._locations})
+
     async def attach(self) -> None:
         """Start watching; returns once the watcher is really armed (it has seen a probe file)."""
         self._stop = asyncio.Event()  # a fresh watch after a close
         self._armed = asyncio.Event()
+        for directory in self._help_directories():
+            directory.mkdir(parents=True, exist_ok=True)
         for location in self._locations:
             self._directory(location).mkdir(parents=True, exist_ok=True)
             for info in await LocalStore(Path(location.bucket_path)).list(location.prefix):
@@ -56,11 +68,14 @@ class LocalEvents(ClosingSource):
 
     async def _watch(self) -> None:
         directories = [str(self._directory(loc)) for loc in self._locations]
+        directories += [str(directory) for directory in self._help_directories()]
         async for changes in watchfiles.awatch(*directories, watch_filter=None, recursive=False,
                                                stop_event=self._stop, debounce=200, step=20):
             for _, changed in changes:
                 if Path(changed).name == self._probe:
                     self._armed.set()
+                elif Path(changed).parent in self._help_directories():
+                    self._help(Path(changed))
             for location in self._locations:
                 for _, changed in changes:
                     self._changed(location, Path(changed))
@@ -89,8 +104,33 @@ class LocalEvents(ClosingSource):
         else:
             self._known.pop(key, None)
 
+    def _help(self, path: Path) -> None:
+        try:
+            call = json.loads(path.read_text())
+            event = Event("help", call["bucket"], call["name"], int(call["generation"]), wanted=int(call["wanted"]),
+                          wave=int(call["wave"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # removed meanwhile, or half written (a temporary file): the rename's event follows
+        self._queue.put_nowait(event)
+
     async def get(self) -> Event:
         return await self._queue.get()
+
+    async def call_for_help(self, bucket: str, name: str, generation: int, wanted: int, wave: int) -> None:
+        directory = Path(bucket[len("file://"):]) / HELP_DIRECTORY
+        await asyncio.to_thread(self._write_help, directory, json.dumps(
+            {"bucket": bucket, "name": name, "generation": generation, "wanted": wanted, "wave": wave}))
+
+    @staticmethod
+    def _write_help(directory: Path, body: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        for old in directory.glob("*.json"):  # calls are heard at once or not at all: keep the folder small
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - old.stat().st_mtime > HELP_KEPT_SECONDS:
+                    old.unlink()
+        temporary = directory / f".{uuid.uuid4().hex}.tmp"
+        temporary.write_text(body)
+        os.replace(temporary, directory / f"{uuid.uuid4().hex}.json")
 
     @property
     def broken(self) -> BaseException | None:

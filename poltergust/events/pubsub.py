@@ -31,7 +31,9 @@ SUBSCRIPTION_TTL_SECONDS = 24 * 3600
 """Subscriptions of nodes that died without deleting theirs are removed by Pub/Sub after a day unused."""
 MAX_FILTER_BYTES = 256
 """Pub/Sub refuses longer filters; a node then filters by bucket only (it filters every message itself too)."""
-EVENT_KINDS = {"OBJECT_FINALIZE": "finalize", "OBJECT_DELETE": "delete", "OBJECT_ARCHIVE": "delete"}
+HELP = "POLTERGUST_HELP"
+"""A node's call for help, published on the notification topic so that it reaches every node's subscription."""
+EVENT_KINDS = {"OBJECT_FINALIZE": "finalize", "OBJECT_DELETE": "delete", "OBJECT_ARCHIVE": "delete", HELP: "help"}
 """In a versioned bucket an overwritten or deleted config is archived, not deleted: the same to a node."""
 
 
@@ -50,7 +52,8 @@ def parse_notification(attributes: Mapping[str, str], locations: Iterable[Locati
     try:
         generation = int(attributes["objectGeneration"])
         replaced = attributes.get("overwrittenByGeneration")
-        return Event(kind, bucket, name, generation, int(replaced) if replaced else None)
+        return Event(kind, bucket, name, generation, int(replaced) if replaced else None,
+                     wanted=int(attributes.get("poltergustWanted", 0)), wave=int(attributes.get("poltergustWave", 0)))
     except (KeyError, ValueError):
         log.warning("ignoring malformed notification for %s: %r", name, dict(attributes))
         return None
@@ -92,6 +95,7 @@ class PubSubEvents(ClosingSource):
             else pubsub_v1.SubscriberClient.subscription_path(project, subscription)
         )
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._publisher: pubsub_v1.PublisherClient | None = None
         self._future: pubsub_v1.subscriber.futures.StreamingPullFuture | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -144,6 +148,15 @@ class PubSubEvents(ClosingSource):
     async def get(self) -> Event:
         return await self._queue.get()
 
+    async def call_for_help(self, bucket: str, name: str, generation: int, wanted: int, wave: int) -> None:
+        if self._publisher is None:
+            self._publisher = pubsub_v1.PublisherClient()
+        future = self._publisher.publish(
+            self.topic, b"", eventType=HELP, bucketId=bucket[len("gs://"):], objectId=name,
+            objectGeneration=str(generation), poltergustWanted=str(wanted), poltergustWave=str(wave),
+        )
+        await asyncio.wrap_future(future)
+
     @property
     def broken(self) -> BaseException | None:
         """The error that ended the stream, if it has ended."""
@@ -164,6 +177,9 @@ class PubSubEvents(ClosingSource):
         if self._subscriber is not None:
             await asyncio.to_thread(self._subscriber.close)
             self._subscriber = None
+        if self._publisher is not None and delete:
+            await asyncio.to_thread(self._publisher.stop)
+            self._publisher = None
 
     def _delete_subscription(self) -> None:
         subscriber = self._subscriber or pubsub_v1.SubscriberClient()

@@ -1,0 +1,113 @@
+"""What the central scheduler knows about a pipeline's task graph, and what that says about its outcome.
+
+When several workers share a graph, a luigi process's exit code says what
+that one process saw; the root task's state in luigid says how the pipeline
+stands. `verdict` reads it the way a plain single-process luigi run would end:
+done when the root task is DONE, failed once a task FAILED or is DISABLED
+and nothing runs any more, busy while anything runs or could be taken.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+from urllib.parse import quote
+
+import aiohttp
+
+from .masking import redact_url
+
+
+class SchedulerError(Exception):
+    """luigid did not answer as expected."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    state: str
+    """done, failed, busy (tasks run, or wait to be taken), stuck (nothing can move), unknown (no graph)."""
+    running: int = 0
+    takeable: int = 0
+    """Pending tasks a worker of the pipeline could start right now."""
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    """(task id, display name) of the FAILED and DISABLED tasks."""
+
+
+def verdict(graph: Mapping[str, Mapping[str, Any]], root: str) -> Verdict:
+    if root not in graph:
+        return Verdict("unknown")
+    if graph[root].get("status") == "DONE":
+        return Verdict("done")
+    running = sum(1 for task in graph.values() if task.get("status") == "RUNNING")
+    failed = sorted((task_id, task.get("display_name") or task_id) for task_id, task in graph.items()
+                    if task.get("status") in ("FAILED", "DISABLED"))
+    takeable = sum(
+        1 for task in graph.values()
+        if task.get("status") == "PENDING" and task.get("runnable", True)
+        and all(graph.get(dep, {}).get("status") == "DONE" for dep in task.get("deps", ()))
+    )
+    if failed and not running:
+        return Verdict("failed", failed=failed)
+    if running or takeable:
+        return Verdict("busy", running=running, takeable=takeable, failed=failed)
+    return Verdict("stuck")
+
+
+class Luigid:
+    """The few calls of luigid's JSON API a node makes (each one request: luigid serves one at a time)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+
+    async def call(self, method: str, **data: Any) -> Any:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        url = f"{self.url}/api/{method}?data={quote(json.dumps(data))}"
+        try:
+            async with self._session.get(url) as response:
+                if response.status != 200:
+                    raise SchedulerError(f"luigid {method}: HTTP {response.status}")
+                return (await response.json(content_type=None))["response"]
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+            raise SchedulerError(f"luigid {method} at {redact_url(self.url)}: {type(exc).__name__}: {exc}") from exc
+
+    async def graph(self, root: str) -> dict[str, dict[str, Any]]:
+        return await self.call("dep_graph", task_id=root, include_done=True)
+
+    async def verdict(self, root: str) -> Verdict:
+        return verdict(await self.graph(root), root)
+
+    async def error(self, task_id: str) -> str:
+        """The last line of a failed task's error (its exception), or empty."""
+        text = (await self.call("fetch_error", task_id=task_id)).get("error") or ""
+        if text.startswith('"'):  # workers send their explanation JSON-encoded
+            try:
+                text = str(json.loads(text))
+            except ValueError:
+                pass
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+_ASSISTANTS: dict[str, bool] = {}
+
+
+async def pipeline_assistants(url: str) -> bool:
+    """Whether the luigid at `url` keeps assistants to their pipeline (asked once per process)."""
+    if url not in _ASSISTANTS:
+        luigid = Luigid(url)
+        try:
+            _ASSISTANTS[url] = bool((await luigid.call("poltergust_features")).get("pipeline_assistants"))
+        except SchedulerError as exc:
+            if "HTTP 404" not in str(exc):
+                return False  # unreachable now: ask again next time
+            _ASSISTANTS[url] = False
+        finally:
+            await luigid.close()
+    return _ASSISTANTS[url]

@@ -1,0 +1,72 @@
+"""`python -m poltergust.luigid`: luigi's own central scheduler, with assistants kept to their pipeline.
+
+Nodes that join a pipeline run their luigi as assistants, so that they can
+take tasks another worker yielded dynamically from `run()`. A plain assistant
+takes any pending task, including another pipeline's whose module its
+environment lacks. Here an assistant whose worker id carries a pipeline tag
+(`poltergust:TAG:NODE`) is given only tasks that a worker of the same pipeline
+scheduled, and the task graph says which pending tasks a worker could run
+(`runnable`: an external task's data, for instance, is waited for, not run).
+Everything else is luigid as shipped: same flags, API and pages.
+Nodes ask for `poltergust_features` and do without assistants on a plain luigid.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+import luigi.cmdline
+import luigi.server
+from luigi.scheduler import Scheduler, rpc_method
+
+WORKER_PREFIX = "poltergust"
+
+
+def pipeline_tag(worker_id: str) -> str | None:
+    """The pipeline tag of a node's worker id (`poltergust:TAG:NODE`), None for any other worker."""
+    parts = worker_id.split(":", 2)
+    return parts[1] if len(parts) == 3 and parts[0] == WORKER_PREFIX else None
+
+
+class PipelineScheduler(Scheduler):
+    _assistant_tag: str | None = None
+    """While an assistant of a pipeline asks for work: its tag (luigid serves one request at a time)."""
+
+    def get_work(self, host: Any = None, assistant: bool = False, current_tasks: Any = None, worker: Any = None,
+                 **kwargs: Any) -> Any:
+        self._assistant_tag = pipeline_tag(worker or "") if assistant else None
+        try:
+            return super().get_work(host=host, assistant=assistant, current_tasks=current_tasks, worker=worker,
+                                    **kwargs)
+        finally:
+            self._assistant_tag = None
+
+    def _schedulable(self, task: Any) -> bool:
+        tag = self._assistant_tag
+        if tag is not None and not any(pipeline_tag(worker) == tag for worker in task.workers):
+            return False
+        return super()._schedulable(task)
+
+    def _serialize_task(self, task_id: str, include_deps: bool = True, deps: Any = None) -> dict[str, Any]:
+        serialized = super()._serialize_task(task_id, include_deps, deps)
+        serialized["runnable"] = bool(getattr(self._state.get_task(task_id), "runnable", True))
+        return serialized
+
+    @rpc_method()
+    def poltergust_features(self, **kwargs: Any) -> dict[str, bool]:
+        """What this scheduler adds to luigid's, for nodes to check."""
+        return {"pipeline_assistants": True}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    serve = luigi.server.run
+
+    def run(*args: Any, scheduler: Scheduler | None = None, **kwargs: Any) -> None:
+        serve(*args, scheduler=scheduler or PipelineScheduler(), **kwargs)
+
+    luigi.server.run = run  # luigid's own command line, with this scheduler
+    luigi.cmdline.luigid(list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""A node's part in one pipeline: run luigi, and watch the graph in luigid until the pipeline is over.
+
+Several nodes' luigi workers share one graph through luigid. A worker exits
+when it has nothing left to do, which says little about the pipeline, so
+the outcome is read from luigid (see `graph`): done when the root task is
+DONE; an error, naming the failed task, once a task FAILED or is DISABLED and
+nothing runs; while others still run tasks this node waits (asking luigid,
+not starting luigi again) and takes part again when a task is free for it.
+Without a graph (a plain luigid that pruned it, a root that never reached the
+scheduler), luigi's exit codes decide, as they would for a single process.
+A scheduler that cannot be reached is waited for (up to `outage_limit`)
+rather than counted as a failure of the pipeline.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from pathlib import Path
+from typing import Callable, Mapping
+from urllib.parse import urlparse
+
+from . import metrics
+from .backoff import Backoff
+from .graph import Luigid, SchedulerError, Verdict
+from .runlog import RunLog
+from .runner import NOT_RUN, OTHERS_RUNNING, Outcome, exit_reason
+from .subprocesses import run_streaming
+
+log = logging.getLogger(__name__)
+
+ROOT_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status")
+"""luigi's first such line is about the root task: the one place its task id shows before it runs."""
+FAILED_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status\s+FAILED")
+WATCH_SECONDS = 1.0
+"""How often a node asks luigid about its pipeline while it takes part (one request each time)."""
+EXIT_GRACE_SECONDS = 5.0
+"""How long a worker that is not an assistant gets to exit by itself once the pipeline is over."""
+MAX_NOT_RUN = 5
+"""Consecutive runs with nothing to do and nothing running elsewhere before giving up."""
+
+Recruit = Callable[[int], None]
+"""Asks that many more nodes to join the pipeline (the node that started it does)."""
+
+
+class Participation:
+    def __init__(self, command: list[str], *, env: Mapping[str, str], cwd: Path, runlog: RunLog,
+                 scheduler_url: str, outage_limit: float, assistant: bool = False, recruit: Recruit | None = None,
+                 max_backoff: float = 30.0) -> None:
+        self.command = command
+        self.env = env
+        self.cwd = cwd
+        self.runlog = runlog
+        self.scheduler_url = scheduler_url
+        self.outage_limit = outage_limit
+        self.assistant = assistant
+        """luigi runs as an assistant: it never exits by itself, the pipeline's end stops it."""
+        self.recruit = recruit
+        self.max_backoff = max_backoff
+        self.luigid = Luigid(scheduler_url)
+        self.root: str | None = None
+        self.failed_here: set[str] = set()
+        """Tasks this node's luigi reported FAILED (luigid may already have queued them again)."""
+
+    async def run(self) -> Outcome:
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        try:
+            return await self._run()
+        finally:
+            await self.luigid.close()
+
+    async def _run(self) -> Outcome:
+        attempt = 0
+        not_run = 0
+        backoff = Backoff(first=1.0, cap=self.max_backoff, jitter=(0.8, 1.2))
+        while True:
+            if not await wait_for_scheduler(self.scheduler_url, self.runlog, self.outage_limit):
+                return Outcome(False, f"the luigi scheduler at {self.scheduler_url} was unreachable for "
+                                      f"{self.outage_limit:.0f}s")
+            attempt += 1
+            if attempt > 1:
+                metrics.LUIGI_RERUNS.inc()
+            self.runlog.note(f"luigi attempt {attempt}: " + " ".join(self.command[1:]))
+            code, settled = await self._luigi_while_watching()
+            if code is not None:
+                self.runlog.note(f"luigi exited with code {code}")
+            if code == 0:
+                return Outcome(True)  # luigi itself saw the root task complete
+            current = settled or await self._verdict()
+            if current.state == "busy":
+                current = await self._wait_while_others_work()
+                if current.state == "busy":
+                    continue  # a task is free for this node: take part again
+            if current.state in ("done", "failed"):
+                outcome = await self._outcome(current)
+                if outcome is not None:
+                    return outcome
+                await asyncio.sleep(backoff.next())
+                continue
+            assert code is not None
+            if code in (OTHERS_RUNNING, NOT_RUN):
+                not_run = not_run + 1 if code == NOT_RUN else 0
+                if not_run >= MAX_NOT_RUN:
+                    return Outcome(False, "the root task was not run: a dependency failed or is disabled "
+                                          "in the scheduler")
+                delay = backoff.next()
+                self.runlog.note(f"other workers hold tasks of this pipeline; running luigi again in {delay:.0f}s")
+                await asyncio.sleep(delay)
+                continue
+            if not await scheduler_reachable(self.scheduler_url):
+                self.runlog.note("luigi failed while the scheduler was unreachable: not a failure of the pipeline")
+                continue
+            return Outcome(False, exit_reason(code, self.runlog))
+
+    async def _luigi_while_watching(self) -> tuple[int | None, Verdict | None]:
+        """Run luigi once, watching luigid; returns luigi's exit code (None if stopped) and a final verdict.
+
+        A worker usually exits by itself once the pipeline is over; one that
+        stays (an assistant, or a kept-alive worker behind a failed task) is
+        stopped when luigid says the pipeline is over.
+        """
+        def sink(line: str) -> None:
+            self.runlog.write(line)
+            if self.root is None and (match := ROOT_LINE.search(line)):
+                self.root = match.group(1)
+            if match := FAILED_LINE.search(line):
+                self.failed_here.add(match.group(1))
+                failure.set()  # look now: the scheduler may queue it again within a second
+
+        failure = asyncio.Event()
+        luigi = asyncio.create_task(run_streaming(self.command, env=self.env, cwd=self.cwd, sink=sink))
+        over: Verdict | None = None
+        stop_at = 0.0
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                failed = asyncio.ensure_future(failure.wait())
+                done, _ = await asyncio.wait({luigi, failed}, timeout=WATCH_SECONDS,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                failed.cancel()
+                failure.clear()
+                if luigi in done:
+                    return luigi.result(), over
+                if over is not None:
+                    if loop.time() >= stop_at:
+                        self.runlog.note(f"the scheduler says the pipeline is {over.state}: stopping this node's luigi")
+                        return None, over
+                    continue
+                current = await self._verdict()
+                if self.failed_here and current.state in ("busy", "stuck", "unknown") and not current.running:
+                    # As a single luigi process would: a failed task ends the run once nothing else runs,
+                    # even if the scheduler would try it again later.
+                    current = Verdict("failed", failed=[(task, task) for task in sorted(self.failed_here)])
+                if current.state in ("done", "failed"):
+                    over = current
+                    grace = 0.0 if self.assistant or current.state == "failed" else EXIT_GRACE_SECONDS
+                    stop_at = loop.time() + grace
+                elif current.state == "busy" and current.takeable > 0 and self.recruit is not None:
+                    self.recruit(current.takeable)
+        finally:
+            if not luigi.done():
+                luigi.cancel()
+                await asyncio.gather(luigi, return_exceptions=True)
+
+    async def _verdict(self) -> Verdict:
+        if self.root is None:
+            return Verdict("unknown")
+        try:
+            return await self.luigid.verdict(self.root)
+        except SchedulerError as exc:
+            log.debug("cannot read the task graph: %s", exc)
+            return Verdict("unknown")
+
+    async def _wait_while_others_work(self) -> Verdict:
+        """Wait, asking luigid with backoff, while other workers run tasks and none is free for this node."""
+        self.runlog.note("other workers run tasks of this pipeline; waiting for them")
+        backoff = Backoff(first=0.5, cap=5.0)
+        while True:
+            current = await self._verdict()
+            if current.state != "busy" or current.takeable > 0:
+                return current
+            await asyncio.sleep(backoff.next())
+
+    async def _outcome(self, current: Verdict) -> Outcome | None:
+        """The pipeline's outcome from a final verdict; None when its failures are only vanished workers'.
+
+        luigid marks a task FAILED, with no error, when the worker running it
+        disappears (a node stopped or died); luigi runs such a task again when
+        it is scheduled anew, so this node takes part again instead.
+        """
+        if current.state == "done":
+            return Outcome(True)
+        parts = []
+        for task_id, name in current.failed[:3]:
+            try:
+                error = await self.luigid.error(task_id)
+            except SchedulerError:
+                error = "?"
+            if error:
+                parts.append(f"{name}: {error[:300]}")
+        if not parts:
+            self.runlog.note("a worker running a task of this pipeline vanished; running its tasks again")
+            return None
+        more = f" (and {len(current.failed) - len(parts)} more)" if len(current.failed) > len(parts) else ""
+        reason = f"a luigi task failed: {'; '.join(parts)}{more}"
+        self.runlog.note(reason)
+        return Outcome(False, self.runlog.mask(reason))
+
+
+async def wait_for_scheduler(url: str, runlog: RunLog, limit: float) -> bool:
+    """True once the scheduler accepts connections; False if it does not within `limit` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    backoff = Backoff(first=0.5, cap=15.0)
+    waited = False
+    while not await scheduler_reachable(url):
+        delay = backoff.next()
+        if loop.time() + delay > deadline:
+            return False
+        if not waited:
+            runlog.note(f"the luigi scheduler at {url} is unreachable; waiting up to {limit:.0f}s")
+            log.warning("luigi scheduler %s unreachable; waiting", url)
+            waited = True
+        await asyncio.sleep(delay)
+    if waited:
+        runlog.note("the luigi scheduler is reachable again")
+        log.info("luigi scheduler %s reachable again", url)
+    return True
+
+
+async def scheduler_reachable(url: str) -> bool:
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(parsed.hostname, port), 5)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
