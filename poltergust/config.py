@@ -6,7 +6,6 @@ the pipeline's error file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import shlex
@@ -61,19 +60,6 @@ class EnvironmentSpec:
     virtualenv: Mapping[str, Any]
     dependencies: tuple[str, ...]
     variables: Mapping[str, str]
-
-    @property
-    def build_key(self) -> str:
-        """Hash of what determines the built environment.
-
-        Variables are applied when luigi runs, not at build time, so editing them
-        does not force a rebuild; editing options or dependencies does.
-        """
-        content = json.dumps(
-            {"virtualenv": dict(self.virtualenv), "dependencies": list(self.dependencies)},
-            sort_keys=True,
-        )
-        return hashlib.sha256(content.encode()).hexdigest()
 
 
 class _BoundedLoader(yaml.SafeLoader):

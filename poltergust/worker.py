@@ -102,6 +102,7 @@ class Node:
             for task in list(self._runs.values()):
                 task.cancel()
             await asyncio.gather(*background, *self._runs.values(), return_exceptions=True)
+            await self.environments.wait_background(timeout=60)  # archive uploads other nodes may wait for
             if self._notifications:
                 await asyncio.wait(self._notifications, timeout=10)
         finally:
@@ -284,7 +285,7 @@ class Node:
         except NotFound:
             raise ConfigError(key.url(), f"environment file {config.environment} does not exist", "environment") from None
         except StorageError as exc:
-            return Outcome(False, f"cannot read the environment file {config.environment}: {exc}")
+            return Outcome(False, runlog.mask(f"cannot read the environment file {config.environment}: {exc}"))
         spec = parse_environment(env_blob.data, config.environment)
         for secret in self.environments.secrets(spec):
             runlog.add_secret(secret)

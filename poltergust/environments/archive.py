@@ -1,4 +1,4 @@
-"""Relocatable archives of built environments, shared through the bucket.
+"""Archives of built environments: pack, check and unpack (the bytes; `share` moves them).
 
 After building an environment a node may upload it as a gzipped tar beside the
 environment file:
@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-MANIFEST = ".poltergust.json"
-"""Written into every environment: key, identity, size; its mtime records the last use."""
+from .cache import MANIFEST
 
 SKIPPED_DIRECTORIES = {"__pycache__"}
 """Byte code is written by whoever imports first; it is rebuilt on demand, so not shipped."""
@@ -55,17 +54,6 @@ class Packed:
     data: bytes
     sha256: str
     files: int
-
-
-def archive_name(environment_object: str, key: str) -> str:
-    """`environment/NAME.yaml` → `environment/NAME.env/KEY.tar.gz` (same bucket)."""
-    directory, base = posixpath.split(environment_object)
-    stem = base
-    for suffix in (".yaml", ".yml"):
-        if stem.endswith(suffix) and len(stem) > len(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    return posixpath.join(directory, f"{stem}.env", f"{key}.tar.gz")
 
 
 def identity_digest(identity: Mapping[str, object]) -> str:
