@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("share-environments", "upload each environment this node builds beside its environment file, and unpack "
                               "such an archive instead of building (true or false)", default="false",
         type=lambda value: value.strip().lower() in ("1", "true", "yes", "on"), nargs="?", const="true")
+    add("share-environments-key-env", "name of the environment variable holding the key that signs shared "
+                                      "environments (at least 16 characters, the same on every node); required "
+                                      "by --share-environments, and removed from the node's environment at start "
+                                      "so that installers and luigi do not inherit it", metavar="NAME")
     add("max-concurrent", "pipelines this node runs at once", type=int, default=4)
     add("rescan-interval", "seconds between full rescans of the prefixes (the safety net for lost events)",
         type=float, default=300.0)
@@ -129,6 +133,21 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return settings, args.project, topic, subscription
 
 
+def share_key_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bytes | None:
+    """The key signing shared environments, taken out of the node's environment; None when not sharing."""
+    name = args.share_environments_key_env
+    key = os.environ.pop(name, "") if name else ""
+    if not args.share_environments:
+        return None
+    if not name:
+        parser.error("--share-environments needs --share-environments-key-env NAME: the variable NAME holds the key "
+                     "that signs shared environments, so that nodes only use archives other nodes made")
+    if len(key) < 16:
+        parser.error(f"--share-environments-key-env {name}: the variable {name} "
+                     f"{'is not set' if not key else 'is too short'}; it must hold a key of at least 16 characters")
+    return key.encode()
+
+
 async def serve(settings: Settings, project: str, topic: str, subscription: str, http: tuple[str, int],
                 environment_options: dict | None = None) -> None:
     events: EventSource
@@ -152,8 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.configure(args.log_level, args.node_name, args.log_format)
     settings, project, topic, subscription = settings_from(args, parser)
+    share_key = share_key_from(args, parser)
     uvloop.run(serve(settings, project, topic, subscription, (args.http_host, args.http_port),
-                     dict(cache_size=args.env_cache_size, share=args.share_environments)))
+                     dict(cache_size=args.env_cache_size, share=args.share_environments, share_key=share_key)))
     return 0
 
 

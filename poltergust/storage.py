@@ -114,6 +114,14 @@ class ObjectStore(Protocol):
 
     async def read(self, name: str, generation: int | None = None) -> Blob: ...
 
+    async def read_to(self, name: str, path: Path, generation: int, limit: int) -> int:
+        """Stream one generation of an object into the file `path` (never whole in memory).
+
+        Writes at most `limit + 1` bytes, so a caller learns that an object is
+        larger than it may be without downloading it all; returns the bytes written.
+        """
+        ...
+
     async def write(
         self, name: str, data: bytes, *, if_generation_match: int | None = None,
         metadata: Mapping[str, str] | None = None, content_type: str = "text/plain",
@@ -167,6 +175,25 @@ class GcsStore:
             )
         )
         return Blob(_info(meta), data)
+
+    async def read_to(self, name: str, path: Path, generation: int, limit: int) -> int:
+        async def download() -> int:
+            stream = await self._client._download_stream(  # noqa: SLF001 -- the public one cannot pin a generation
+                self.bucket, name, params={"alt": "media", "generation": str(generation)},
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=60),  # type: ignore[arg-type]
+            )
+            written = 0
+            async with stream:
+                with path.open("wb") as handle:
+                    while written <= limit:
+                        chunk = await stream.read(min(1 << 20, limit + 1 - written))
+                        if not chunk:
+                            break
+                        await asyncio.to_thread(handle.write, chunk)
+                        written += len(chunk)
+            return written
+
+        return await self._call(download)
 
     async def write(
         self, name: str, data: bytes, *, if_generation_match: int | None = None,

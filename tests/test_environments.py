@@ -179,10 +179,17 @@ def test_failed_build_is_reported_with_the_installer_output_and_retried(
     assert len(built_keys(env_dir)) == 1
 
 
+SHARE_KEY = "test-share-key-" + os.urandom(16).hex()
+"""The key the test nodes sign shared environments with."""
+
+
 @pytest.fixture
-def own_env_dirs(tmp_path: Path):
+def own_env_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TEST_SHARE_KEY", SHARE_KEY)
+
     def make(name: str) -> list[str]:
-        return ["--env-dir", str(tmp_path / f"envs-{name}"), "--share-environments"]
+        return ["--env-dir", str(tmp_path / f"envs-{name}"), "--share-environments",
+                "--share-environments-key-env", "TEST_SHARE_KEY"]
     return make
 
 
@@ -450,7 +457,7 @@ async def test_foreign_tampered_or_corrupt_archives_are_refused_and_rebuilt(tmp_
 
     async def node() -> tuple[Environments, RunLog, Path]:
         name = next(nodes)
-        envs = Environments(tmp_path / f"envs-{name}", share=True)
+        envs = Environments(tmp_path / f"envs-{name}", share=True, share_key=SHARE_KEY.encode())
         return envs, RunLog(tmp_path / f"{name}.log"), tmp_path / f"{name}.log"
 
     builder, runlog, _ = await node()
@@ -477,8 +484,15 @@ async def test_foreign_tampered_or_corrupt_archives_are_refused_and_rebuilt(tmp_
         return out.getvalue()
 
     async def upload(data: bytes, identity: dict) -> None:
-        packed = env_archive.Packed(data, hashlib.sha256(data).hexdigest(), 0)
-        await store.write(name, data, metadata=env_archive.metadata_for(packed, key, identity, "test"))
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                members = tar.getmembers()
+        except tarfile.TarError:
+            members = []
+        packed = env_archive.Packed(data, hashlib.sha256(data).hexdigest(), len(members),
+                                    sum(member.size for member in members if member.isreg()))
+        metadata = env_archive.metadata_for(packed, key, identity, "test", SHARE_KEY.encode())
+        await store.write(name, data, metadata=metadata)
 
     async def expect_refusal(why: str) -> None:
         envs, runlog, log_path = await node()

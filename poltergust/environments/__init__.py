@@ -39,16 +39,18 @@ class _BuildInterrupted(Exception):
 class Environments:
     def __init__(
         self, root: Path, node_environ: Mapping[str, str] | None = None, *,
-        cache_size: int | str | None = None, share: bool = False,
+        cache_size: int | str | None = None, share: bool = False, share_key: bytes | None = None,
         on_evict: Callable[[str], None] | None = None,
     ) -> None:
+        """`share_key` signs the archives this node shares and proves the ones it uses; `share` needs it."""
+        if share and not share_key:
+            raise ValueError("sharing environments needs a signing key that only the nodes hold")
         self.environ = dict(os.environ if node_environ is None else node_environ)
         self.cache = Cache(root, cache_size, on_evict)
         self.root = self.cache.root
-        self.share = share
-        """Download and upload environment archives beside the environment files."""
         self._builder = Builder(self.cache, self.environ)
-        self._sharing = Sharing(self.cache, self.secrets)
+        self._sharing = Sharing(self.cache, self.secrets, share_key) if share and share_key else None
+        """Downloads and uploads environment archives beside the environment files (None: not sharing)."""
         self._builds: dict[str, asyncio.Future[Path]] = {}
 
     @property
@@ -70,7 +72,8 @@ class Environments:
 
     async def wait_background(self, timeout: float | None = None) -> None:
         """Wait for background work (uploads of archives) to finish, at most `timeout` seconds."""
-        await self._sharing.wait_background(timeout)
+        if self._sharing is not None:
+            await self._sharing.wait_background(timeout)
 
     async def get(self, spec: EnvironmentSpec, runlog: RunLog) -> Path:
         """Return the directory of a ready environment for `spec`, building it if needed.
@@ -136,7 +139,7 @@ class Environments:
             if self.cache.touch(path):
                 runlog.note(f"environment {key} was built by another node process meanwhile; using it")
                 return
-            if (self.share and not build_plan.fallback
+            if (self._sharing is not None and not build_plan.fallback
                     and await self._sharing.download(spec, key, interpreter, path, runlog)):
                 metrics.ENV_BUILDS.labels("downloaded").inc()
             else:
@@ -148,7 +151,7 @@ class Environments:
                 metrics.ENV_BUILDS.labels("built").inc()
                 built = True
         await self.cache.evict(runlog)
-        if built and self.share:
+        if built and self._sharing is not None:
             if build_plan.fallback:
                 runlog.note("not sharing this environment: virtualenv builds are not relocatable")
             else:

@@ -2,16 +2,18 @@
 
 After building, a node uploads an archive of the environment beside its file
 (`environment/NAME.yaml` -> `environment/NAME.env/KEY.tar.gz`, see `archive`)
-in the background; a node without the environment downloads and unpacks that
-archive instead of building, when its checksum, key and identity all match.
-Anything wrong with an archive makes the node build instead (and replace the
-archive with its own); sharing never fails a run.
+in the background, signed with the fleet's key. A node without the
+environment downloads that archive to a file (never whole into memory) and
+unpacks it instead of building, only when it is signed with the same key and
+made for the same key and identity, and then as untrusted data (see
+`archive`). Anything wrong with an archive makes the node build instead (and
+replace the archive with its own), saying why in the run's log; sharing never
+fails a run.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +23,9 @@ from ..config import EnvironmentSpec
 from ..layout import archive_name, split_url
 from ..runlog import RunLog
 from ..storage import NotFound, StorageError, open_store
-from .archive import ArchiveRefused, SecretInEnvironment, check_data, check_metadata, metadata_for, pack, unpack
+from .archive import (
+    META_SIZE, ArchiveRefused, Limits, SecretInEnvironment, check_file, check_metadata, metadata_for, pack, unpack,
+)
 from .cache import Cache, disk_usage
 from .interpreters import Interpreter
 
@@ -35,9 +39,11 @@ def archive_location(spec: EnvironmentSpec, key: str) -> tuple[str, str]:
 
 
 class Sharing:
-    def __init__(self, cache: Cache, secrets: Callable[[EnvironmentSpec], list[str]]) -> None:
+    def __init__(self, cache: Cache, secrets: Callable[[EnvironmentSpec], list[str]], signing_key: bytes) -> None:
         self.cache = cache
         self._secrets = secrets
+        self._signing_key = signing_key
+        self.limits = Limits()
         self._background: dict[asyncio.Task[None], str] = {}
 
     async def download(self, spec: EnvironmentSpec, key: str, interpreter: Interpreter, path: Path,
@@ -49,30 +55,34 @@ class Sharing:
             return False
         url = f"{bucket}/{name}"
         store = open_store(bucket)
+        download = self.cache.staging(key)
         staging = self.cache.staging(key)
         started = time.monotonic()
+        identity = interpreter.identity()
         try:
             try:
                 info = await store.stat(name)
             except NotFound:
                 runlog.note(f"no shared archive {url} yet")
                 return False
-            check_metadata(info.metadata, key, interpreter.identity())
-            blob = await store.read(name, info.generation)
-            check_data(blob.data, blob.info.metadata)
-            prefix = os.path.dirname(os.path.dirname(interpreter.path))
-            manifest = await asyncio.to_thread(unpack, blob.data, staging, prefix)
-            if manifest.get("key") != key or manifest.get("identity") != interpreter.identity():
+            check_metadata(info.metadata, key, identity, self.limits)
+            download.mkdir(mode=0o700)
+            archive = download / "archive.tar.gz"
+            size = await store.read_to(name, archive, info.generation, int(info.metadata[META_SIZE]))
+            if size > int(info.metadata[META_SIZE]):
+                raise ArchiveRefused(f"it is larger than the {info.metadata[META_SIZE]} bytes its metadata records")
+            await asyncio.to_thread(check_file, archive, info.metadata, key, identity, self._signing_key)
+            await asyncio.to_thread(unpack, archive, staging, interpreter.path, info.metadata, self.limits)
+            try:
+                manifest = self.cache.read_manifest(staging)
+            except (OSError, ValueError):
+                raise ArchiveRefused("it has no readable manifest") from None
+            if manifest.get("key") != key or manifest.get("identity") != identity:
                 raise ArchiveRefused(f"its manifest describes another environment ({manifest.get('python', '?')})")
-            check = await asyncio.create_subprocess_exec(str(staging / "bin" / "python"), "-c", "import sys",
-                                                         stdout=asyncio.subprocess.DEVNULL,
-                                                         stderr=asyncio.subprocess.DEVNULL)
-            if await check.wait() != 0:
-                raise ArchiveRefused("its python does not run on this node")
             manifest.update(source=spec.source, downloaded_from=url, size=await asyncio.to_thread(disk_usage, staging))
             self.cache.write_manifest(staging, manifest)
             self.cache.move_into_place(staging, path)
-            runlog.note(f"environment {key} downloaded from {url} ({len(blob.data) / 1e6:.1f} MB) and unpacked "
+            runlog.note(f"environment {key} downloaded from {url} ({size / 1e6:.1f} MB) and unpacked "
                         f"in {time.monotonic() - started:.1f}s")
             return True
         except ArchiveRefused as exc:
@@ -83,8 +93,9 @@ class Sharing:
             return False
         finally:
             await store.close()
-            if staging.exists():
-                await asyncio.to_thread(shutil.rmtree, staging, True)
+            for directory in (download, staging):
+                if directory.exists():
+                    await asyncio.to_thread(shutil.rmtree, directory, True)
 
     def start_upload(self, spec: EnvironmentSpec, key: str, interpreter: Interpreter, path: Path,
                      runlog: RunLog) -> None:
@@ -106,10 +117,10 @@ class Sharing:
         started = time.monotonic()
         try:
             packed = await asyncio.to_thread(pack, path, self._secrets(spec))
-            metadata = metadata_for(packed, key, interpreter.identity(), interpreter.describe())
+            metadata = metadata_for(packed, key, interpreter.identity(), interpreter.describe(), self._signing_key)
             await store.write(name, packed.data, metadata=metadata, content_type="application/gzip")
-            log.info("shared environment %s as %s (%.1f MB, %d files, %.1fs)", key, url, len(packed.data) / 1e6,
-                     packed.files, time.monotonic() - started)
+            log.info("shared environment %s as %s (%.1f MB, %d members, %.1fs)", key, url, len(packed.data) / 1e6,
+                     packed.members, time.monotonic() - started)
         except SecretInEnvironment as exc:
             log.warning("environment %s is not shared: %s", key, exc)
         except Exception as exc:  # noqa: BLE001 -- sharing is best effort; the run goes on regardless
