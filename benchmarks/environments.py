@@ -152,7 +152,8 @@ async def measure(work: Path, wheels: Path, packages: list[str], repeat: int) ->
     bucket = work / "bucket"
     (bucket / "environment").mkdir(parents=True)
     shared = parse_environment(environment_file(wheels, packages, "shared"), f"file://{bucket}/environment/bench.yaml")
-    builder = Environments(work / "node-a", environ, share=True)
+    share_key = os.urandom(32)  # the fleet's signing key
+    builder = Environments(work / "node-a", environ, share=True, share_key=share_key)
     await asyncio.create_task(builder.get(shared, RunLog(logs / "node-a.log")))
     started = time.perf_counter()
     await builder.wait_background()
@@ -169,7 +170,7 @@ async def measure(work: Path, wheels: Path, packages: list[str], repeat: int) ->
         seconds, _ = await timed_get(envs, environment_file(wheels, packages, "cold"), logs / f"cold-{attempt}.log")
         colds.append(seconds)
         say(f"round {attempt + 1}/{repeat}: download of the shared archive, empty uv cache...")
-        newcomer = Environments(work / f"node-b-{attempt}", cold_env, share=True)
+        newcomer = Environments(work / f"node-b-{attempt}", cold_env, share=True, share_key=share_key)
         started = time.perf_counter()
         await asyncio.create_task(newcomer.get(shared, RunLog(logs / f"node-b-{attempt}.log")))
         downloads.append(time.perf_counter() - started)

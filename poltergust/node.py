@@ -74,19 +74,12 @@ class Node:
                 task.cancel()
             await asyncio.gather(*background, *self._runs.values(), return_exceptions=True)
             await self._notifier.wait(timeout=10)
-            await self._wait_for_uploads()
+            await self.environments.wait_background(timeout=SHUTDOWN_UPLOADS_SECONDS)
         finally:
             await self.events.close(delete=True)
             for store in self._stores.values():
                 await store.close()
             log.info("node %s stopped", self.settings.node_name)
-
-    async def _wait_for_uploads(self) -> None:
-        """Environment archives still being shared are worth a little patience: other nodes would build instead."""
-        try:
-            await asyncio.wait_for(self.environments.wait_background(), SHUTDOWN_UPLOADS_SECONDS)
-        except asyncio.TimeoutError:
-            log.warning("gave up waiting for environment archive uploads after %.0fs", SHUTDOWN_UPLOADS_SECONDS)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -241,7 +234,7 @@ async def serve(settings: Settings) -> None:
             open_events(settings.locations, settings.node_name, settings.project, settings.topic,
                         settings.subscription))
         environments = Environments(settings.env_dir, cache_size=settings.env_cache_size,
-                                    share=settings.share_environments)
+                                    share=settings.share_environments, share_key=settings.share_key)
         node = Node(settings, events, environments)
         if settings.http_port:
             await stack.enter_async_context(health_server(node.problem, settings.http_host, settings.http_port))

@@ -11,6 +11,8 @@ from collections import deque
 from pathlib import Path
 from typing import Iterable
 
+from .masking import mask
+
 
 class RunLog:
     def __init__(self, path: Path, secrets: Iterable[str] = ()) -> None:
@@ -27,9 +29,7 @@ class RunLog:
             self._secrets = sorted([*self._secrets, secret], key=len, reverse=True)
 
     def mask(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "****")
-        return text
+        return mask(text, self._secrets)
 
     def write(self, line: str) -> None:
         """Append one line of subprocess output."""

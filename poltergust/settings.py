@@ -42,6 +42,8 @@ class Settings:
     """Empty: derived from the node name, the topic and the prefixes (see `events.pubsub`)."""
     env_cache_size: int | None = None
     share_environments: bool = False
+    share_key: bytes | None = field(default=None, repr=False)
+    """Signs and checks shared environment archives (from the variable --share-environments-key-env names)."""
     max_concurrent: int = 4
     rescan_interval: float = 300.0
     outage_limit: float = 600.0
@@ -110,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("share-environments", "upload each environment this node builds beside its environment file, and unpack "
                               "such an archive instead of building (true or false)", default="false",
         type=_boolean, nargs="?", const="true")
+    add("share-environments-key-env", "name of the environment variable holding the key that signs shared "
+                                      "environments (at least 16 characters, the same on every node); required "
+                                      "by --share-environments, and removed from the node's environment at start "
+                                      "so that installers and luigi do not inherit it", metavar="NAME")
     add("max-concurrent", "pipelines this node runs at once", type=int, default=4)
     add("rescan-interval", "seconds between full rescans of the prefixes (the safety net for lost events)",
         type=float, default=300.0)
@@ -151,6 +157,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         parser.error("--path: one node watches either buckets or local directories, not both")
     if locations[0].is_gcs and not args.project:
         parser.error("--project is required for gs:// paths (or set POLTERGUST_PROJECT or GOOGLE_CLOUD_PROJECT)")
+    share_key = _share_key(args, parser)
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir(args.node_name)
     if args.env_dir:
         env_dir = Path(args.env_dir).expanduser()
@@ -168,6 +175,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         subscription=args.subscription or "",
         env_cache_size=args.env_cache_size,
         share_environments=args.share_environments,
+        share_key=share_key,
         max_concurrent=args.max_concurrent,
         rescan_interval=args.rescan_interval,
         outage_limit=args.outage_limit,
@@ -180,3 +188,18 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         log_level=args.log_level,
         log_format=args.log_format,
     )
+
+
+def _share_key(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bytes | None:
+    """The key signing shared environments, taken out of the node's environment; None when not sharing."""
+    name = args.share_environments_key_env
+    key = os.environ.pop(name, "") if name else ""
+    if not args.share_environments:
+        return None
+    if not name:
+        parser.error("--share-environments needs --share-environments-key-env NAME: the variable NAME holds the key "
+                     "that signs shared environments, so that nodes only use archives other nodes made")
+    if len(key) < 16:
+        parser.error(f"--share-environments-key-env {name}: the variable {name} "
+                     f"{'is not set' if not key else 'is too short'}; it must hold a key of at least 16 characters")
+    return key.encode()

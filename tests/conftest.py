@@ -98,7 +98,8 @@ def start_node(
     nodes: list[Node] = []
     suffix = uuid.uuid4().hex[:6]
 
-    def start(name: str = "node-a", *extra: str, topic: str = TOPIC, wait: bool = True) -> Node:
+    def start(name: str = "node-a", *extra: str, topic: str = TOPIC, wait: bool = True,
+              env_overrides: dict[str, str] | None = None) -> Node:
         env = dict(os.environ)
         args = [
             "--path", bucket.url("pipeline"),
@@ -111,6 +112,7 @@ def start_node(
             env.update(PUBSUB_EMULATOR_HOST=pubsub.host, STORAGE_EMULATOR_HOST=bucket.gcs.url)
             args += ["--project", PROJECT, "--topic", topic, "--subscription", f"sub-{name}-{suffix}"]
         args += extra
+        env.update(env_overrides or {})
         node = Node(name, tmp_path, args, env)
         nodes.append(node)
         if wait:

@@ -331,3 +331,91 @@ class Node(Server):
 
     def ready(self) -> bool:
         return "ready: subscribed" in self.output()
+
+
+class GatedProxy:
+    """An HTTP proxy in front of the GCS emulator that holds back chosen requests until released.
+
+    A held request whose client hangs up meanwhile is dropped, not forwarded,
+    exactly as if the client's process had never sent it.
+    """
+
+    def __init__(self, upstream: str, hold: Callable[[str, str, bytes], bool]) -> None:
+        import http.client
+        import select
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        target = urllib.parse.urlsplit(upstream)
+        self.held = threading.Event()
+        """Set once a request has been held back."""
+        self.dropped = 0
+        self._released = threading.Event()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _client_gone(self) -> bool:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+
+            def _forward(self) -> None:
+                body = self._body()
+                if hold(self.command, self.path, body):
+                    proxy.held.set()
+                    proxy._released.wait(120)
+                    if self._client_gone():
+                        proxy.dropped += 1
+                        self.close_connection = True
+                        return
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length")}
+                headers["Content-Length"] = str(len(body))
+                upstream_connection = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                try:
+                    upstream_connection.request(self.command, self.path, body=body or None, headers=headers)
+                    response = upstream_connection.getresponse()
+                    data = response.read()
+                finally:
+                    upstream_connection.close()
+                self.send_response(response.status, response.reason)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    length = int(self.headers.get("Content-Length") or 0)
+                    return self.rfile.read(length) if length else b""
+                chunks = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass
+                        return b"".join(chunks)
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True, name="gated proxy").start()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def close(self) -> None:
+        self._released.set()
+        self._server.shutdown()
+        self._server.server_close()

@@ -12,6 +12,7 @@ import http.server
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -23,12 +24,13 @@ import pytest
 import yaml
 
 from conftest import WHEELHOUSE
-from poltergust import env_archive, interpreters
 from poltergust.config import parse_environment
-from poltergust.environments import Environments, installer_settings, parse_size
+from poltergust.environments import Environments, interpreters, parse_size, plan
+from poltergust.environments import archive as env_archive
+from poltergust.environments.plan import installer_settings
 from poltergust.storage.local import LocalStore
 from poltergust.runlog import RunLog
-from stack import wait_for
+from stack import GatedProxy, wait_for
 
 TIMEOUT = 120
 VERSION = "import sys; print('%d.%d' % sys.version_info[:2])"
@@ -95,6 +97,11 @@ def other_python(*versions: str) -> str:
 
 def spec(text: str, source: str):
     return parse_environment(text.encode(), source)
+
+
+def key_of(environment) -> str:
+    """The cache key a node on this machine gives `environment`."""
+    return plan.key(environment, plan.find_interpreter(environment, os.environ))
 
 
 async def get_in_task(envs: Environments, environment, runlog: RunLog) -> Path:
@@ -172,10 +179,17 @@ def test_failed_build_is_reported_with_the_installer_output_and_retried(
     assert len(built_keys(env_dir)) == 1
 
 
+SHARE_KEY = "test-share-key-" + os.urandom(16).hex()
+"""The key the test nodes sign shared environments with."""
+
+
 @pytest.fixture
-def own_env_dirs(tmp_path: Path):
+def own_env_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TEST_SHARE_KEY", SHARE_KEY)
+
     def make(name: str) -> list[str]:
-        return ["--env-dir", str(tmp_path / f"envs-{name}"), "--share-environments"]
+        return ["--env-dir", str(tmp_path / f"envs-{name}"), "--share-environments",
+                "--share-environments-key-env", "TEST_SHARE_KEY"]
     return make
 
 
@@ -197,6 +211,32 @@ def test_a_node_unpacks_the_archive_another_node_built(
     assert f"environment {key} downloaded from {bucket.url(archive)}" in log
     assert "building environment" not in log and "$ uv" not in log
     assert built_keys(tmp_path / "envs-b") == [key]
+
+
+@pytest.mark.parametrize("backend", ["gcs"], indirect=True)
+def test_a_stopping_node_finishes_its_archive_uploads_first(
+    start_node, bucket, gcs, wheelhouse: Path, tmp_path: Path, own_env_dirs,
+) -> None:
+    """SIGTERM while an archive upload is on its way: the node waits for it (bounded) before exiting."""
+    proxy = GatedProxy(gcs.url, lambda method, path, body: method == "POST" and b"application/gzip" in body)
+    try:
+        node = start_node("node-a", *own_env_dirs("a"), env_overrides={"STORAGE_EMULATOR_HOST": proxy.url})
+        submit(bucket, "one", tmp_path / "out", "shared", offline(wheelhouse, "luigi", "poltergust-testpipes"))
+        result(bucket, "one", "done")
+        [key] = built_keys(tmp_path / "envs-a")
+        archive = f"environment/shared.env/{key}.tar.gz"
+        wait_for(proxy.held.is_set, 60, "the archive upload to reach the bucket")
+        node.signal(signal.SIGTERM)
+        wait_for(lambda: f"waiting up to 60s for 1 environment archive upload(s): {bucket.url(archive)}"
+                 in node.output(), 30, "the node to say what it waits for")
+        assert node.process.poll() is None, "the node waits for the upload"
+        assert not bucket.exists(archive)
+        proxy.release()
+        assert node.process.wait(60) == 0
+    finally:
+        proxy.close()
+    assert proxy.dropped == 0
+    assert bucket.exists(archive), "the upload was completed, not dropped"
 
 
 @pytest.mark.parametrize("backend", ["local"], indirect=True)
@@ -295,8 +335,8 @@ async def test_interpreter_of_another_version_is_found_and_used(tmp_path: Path) 
     by_version = spec(f"virtualenv: {{python: '{version}'}}\n"
                       f"dependencies: [--no-index, '--find-links   {WHEELHOUSE}', six]\n",
                       "file:///b/environment/o.yaml")
-    assert envs.key(by_version) == envs.key(by_name), "same interpreter, same normalised content: one key"
-    assert envs.key(spec("dependencies: [six]\n", "x.yaml")) != envs.key(spec(
+    assert key_of(by_version) == key_of(by_name), "same interpreter, same normalised content: one key"
+    assert key_of(spec("dependencies: [six]\n", "x.yaml")) != key_of(spec(
         f"virtualenv: {{python: python{version}}}\ndependencies: [six]\n", "x.yaml")), "the interpreter is in the key"
     with pytest.raises(Exception, match=r"virtualenv.python: no interpreter 'python3.99' on this node"):
         await envs.get(spec("virtualenv: {python: python3.99}\n", "file:///b/environment/e.yaml"), runlog)
@@ -345,7 +385,7 @@ async def test_eviction_removes_the_least_recently_used_environments_not_in_use(
     runlog = RunLog(tmp_path / "run.log")
     specs = {name: spec(f"virtualenv: {{prompt: {name}}}\n", f"file:///b/environment/{name}.yaml")
              for name in "ABCDEF"}
-    keys = {name: envs.key(s) for name, s in specs.items()}
+    keys = {name: key_of(s) for name, s in specs.items()}
     for name in "ABC":
         await get_in_task(envs, specs[name], runlog)
 
@@ -396,6 +436,18 @@ async def test_eviction_removes_the_least_recently_used_environments_not_in_use(
     assert built_keys(root) == sorted([keys["C"], keys["D"], keys["E"]])
 
 
+async def test_eviction_calls_the_hook_with_each_evicted_key(tmp_path: Path) -> None:
+    evicted: list[str] = []
+    envs = Environments(tmp_path / "envs", cache_size=1, on_evict=evicted.append)
+    runlog = RunLog(tmp_path / "run.log")
+    first, second = (spec(f"virtualenv: {{prompt: {name}}}\n", f"file:///b/environment/{name}.yaml") for name in "AB")
+    await get_in_task(envs, first, runlog)
+    assert evicted == [], "an environment in use is never evicted"
+    await get_in_task(envs, second, runlog)
+    assert evicted == [key_of(first)]
+    assert built_keys(envs.root) == [key_of(second)]
+
+
 async def test_foreign_tampered_or_corrupt_archives_are_refused_and_rebuilt(tmp_path: Path) -> None:
     bucket = tmp_path / "bucket"
     (bucket / "environment").mkdir(parents=True)
@@ -405,13 +457,13 @@ async def test_foreign_tampered_or_corrupt_archives_are_refused_and_rebuilt(tmp_
 
     async def node() -> tuple[Environments, RunLog, Path]:
         name = next(nodes)
-        envs = Environments(tmp_path / f"envs-{name}", share=True)
+        envs = Environments(tmp_path / f"envs-{name}", share=True, share_key=SHARE_KEY.encode())
         return envs, RunLog(tmp_path / f"{name}.log"), tmp_path / f"{name}.log"
 
     builder, runlog, _ = await node()
     await get_in_task(builder, environment, runlog)
     await builder.wait_background()
-    key = builder.key(environment)
+    key = key_of(environment)
     name = f"environment/e.env/{key}.tar.gz"
     store = LocalStore(bucket)
     good = await store.read(name)
@@ -432,8 +484,15 @@ async def test_foreign_tampered_or_corrupt_archives_are_refused_and_rebuilt(tmp_
         return out.getvalue()
 
     async def upload(data: bytes, identity: dict) -> None:
-        packed = env_archive.Packed(data, hashlib.sha256(data).hexdigest(), 0)
-        await store.write(name, data, metadata=env_archive.metadata_for(packed, key, identity, "test"))
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                members = tar.getmembers()
+        except tarfile.TarError:
+            members = []
+        packed = env_archive.Packed(data, hashlib.sha256(data).hexdigest(), len(members),
+                                    sum(member.size for member in members if member.isreg()))
+        metadata = env_archive.metadata_for(packed, key, identity, "test", SHARE_KEY.encode())
+        await store.write(name, data, metadata=metadata)
 
     async def expect_refusal(why: str) -> None:
         envs, runlog, log_path = await node()

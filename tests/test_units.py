@@ -3,18 +3,22 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
 
 from poltergust.config import ConfigError, parse_environment, parse_pipeline, resolve_reference
-from poltergust.environments import normalised
+from poltergust.environments import Environments, plan
 from poltergust.events.pubsub import parse_notification
-from poltergust.layout import is_config_name
-from poltergust.storage.local import LocalStore
+from poltergust.layout import Location, RunKey, is_config_name, split_url
+from poltergust.notify import Notifier
+from poltergust.run import Run
+from poltergust.runlog import RunLog
 from poltergust.runner import task_arguments
-from poltergust.layout import Location, split_url
-from poltergust.storage import PreconditionFailed
+from poltergust.settings import Settings
+from poltergust.storage import PreconditionFailed, StorageError
+from poltergust.storage.local import LocalStore
 
 SOURCE = "gs://b/pipeline/x.config.yaml"
 
@@ -53,11 +57,15 @@ def test_yaml_bombs_and_oversized_files_are_refused() -> None:
         parse_pipeline(b"#" * (300 * 1024), SOURCE)
 
 
+def environment_key(spec) -> str:
+    return plan.key(spec, plan.find_interpreter(spec, os.environ))
+
+
 def test_environment_build_key_follows_content_not_variables() -> None:
     one = parse_environment(b"dependencies: [luigi]\nvariables: {A: 1}\n", "gs://b/e1.yaml")
     two = parse_environment(b"dependencies: [luigi]\nvariables: {A: 2}\n", "gs://b/e2.yaml")
     three = parse_environment(b"dependencies: [luigi, pandas]\n", "gs://b/e1.yaml")
-    assert normalised(one) == normalised(two) != normalised(three)
+    assert environment_key(one) == environment_key(two) != environment_key(three)
     with pytest.raises(ConfigError, match=r"dependencies\[0\]: cannot be split"):
         parse_environment(b"dependencies: ['pkg \"unclosed']\n", "e.yaml")
     with pytest.raises(ConfigError, match="unknown key"):
@@ -121,3 +129,23 @@ def test_local_claim_is_exclusive_across_processes(tmp_path: Path) -> None:
     assert blob.info.generation > info.generation
     with pytest.raises(PreconditionFailed):
         asyncio.run(store.delete("pipeline/x.config.yaml", if_generation_match=info.generation))
+
+
+async def test_a_storage_error_reading_the_environment_file_is_masked_in_the_reason(tmp_path: Path) -> None:
+    """The reason goes to the error file: a secret the run knows must not reach it through a storage error."""
+    secret = "tok-" + os.urandom(8).hex()
+
+    class Unreadable:
+        async def read(self, name: str, generation: int | None = None, **options: object):
+            raise StorageError(f"HTTP 403: credentials {secret} were refused")
+
+    settings = Settings(locations=[Location.parse("gs://b/pipeline")], scheduler_url="http://127.0.0.1:1",
+                        node_name="n", data_dir=tmp_path, env_dir=tmp_path / "envs")
+    run = Run(RunKey("gs://b", "pipeline/x.config.yaml", 1), settings, lambda bucket: Unreadable(),  # type: ignore
+              Environments(tmp_path / "envs"), Notifier(None), set(), asyncio.Semaphore(1), None)  # type: ignore
+    config = parse_pipeline(b"environment: gs://b/environment/e.yaml\ntask: {name: T, module: m}\n", SOURCE)
+    runlog = RunLog(tmp_path / "run.log", [secret])
+    outcome = await run._run_luigi(config, runlog, None)
+    assert not outcome.ok
+    assert outcome.reason == "cannot read the environment file gs://b/environment/e.yaml: HTTP 403: credentials " \
+                             "**** were refused"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, AsyncIterator, Mapping, Protocol
 
 
@@ -52,6 +53,13 @@ class ObjectStore(Protocol):
 
     async def read(self, name: str, generation: int | None = None, *, max_bytes: int | None = None) -> Blob:
         """One generation of an object; `TooLarge` (before downloading it) if it exceeds `max_bytes`."""
+
+    async def read_to(self, name: str, path: Path, generation: int, limit: int) -> int:
+        """Stream one generation of an object into the file `path` (never whole in memory).
+
+        Writes at most `limit + 1` bytes, so a caller learns that an object is
+        larger than it may be without downloading it all; returns the bytes written.
+        """
 
     async def write(
         self, name: str, data: bytes, *, if_generation_match: int | None = None,

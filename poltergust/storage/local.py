@@ -92,6 +92,26 @@ class LocalStore(ClosingStore):
         except (FileNotFoundError, IsADirectoryError):
             raise NotFound(f"{self.root}/{name} does not exist") from None
 
+    async def read_to(self, name: str, path: Path, generation: int, limit: int) -> int:
+        return await asyncio.to_thread(self._read_to, name, path, generation, limit)
+
+    def _read_to(self, name: str, destination: Path, generation: int, limit: int) -> int:
+        try:
+            source = self._path(name).open("rb")
+        except (FileNotFoundError, IsADirectoryError):
+            raise NotFound(f"{self.root}/{name} does not exist") from None
+        with source, destination.open("wb") as target:
+            if self._info(name, os.fstat(source.fileno())).generation != generation:
+                raise NotFound(f"{self.root}/{name} generation {generation} no longer exists")
+            written = 0
+            while written <= limit:
+                chunk = source.read(min(1 << 20, limit + 1 - written))
+                if not chunk:
+                    break
+                target.write(chunk)
+                written += len(chunk)
+            return written
+
     async def write(
         self, name: str, data: bytes, *, if_generation_match: int | None = None,
         metadata: Mapping[str, str] | None = None, content_type: str = "text/plain",
