@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float, default=600.0)
     add("claim-grace", "seconds a run claimed by another node is left to it before this node completes it",
         type=float, default=60.0)
+    add("heartbeat-interval", "seconds between this node's heartbeats (_poltergust/nodes/NODE.json in each bucket), "
+                              "which the dashboard shows", type=float, default=60.0)
     add("allowed-environment-prefix", "URL prefix environment files may be read from; repeatable "
                                       "(default: the buckets of --path)", action="append", metavar="URL")
     add("http-port", "serve GET /healthz on this port (0: no health server)", type=int, default=0)
@@ -121,6 +123,7 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         rescan_interval=args.rescan_interval,
         outage_limit=args.outage_limit,
         claim_grace=args.claim_grace,
+        heartbeat_interval=args.heartbeat_interval,
         notify=notify_target(args.notify_url, os.environ.get("DB_URL")),
         allowed_environment_prefixes=args.allowed_environment_prefix,
     )

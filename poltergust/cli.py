@@ -17,6 +17,8 @@ import yaml
 
 from .config import ConfigError, PipelineConfig, load_yaml, parse_environment, parse_pipeline
 from .events import CONFIG_SUFFIX
+from .layout import split_pipeline_object
+from .runlogs import latest, node_logs
 from .storage import Location, NotFound, ObjectInfo, ObjectStore, StorageError, open_store, split_url
 
 
@@ -82,7 +84,7 @@ async def submit(config_path: Path, target: Location, name: str | None, wait: bo
         print(f"submitted {target.url(config_name)} (generation {uploaded.generation})", flush=True)
         if not wait:
             return 0
-        return await _wait(store, target, name, before)
+        return await _wait(store, target, name, before, uploaded.generation)
     finally:
         await store.close()
 
@@ -117,7 +119,7 @@ async def _upload_environment(config_path: Path, config: PipelineConfig) -> None
         await store.close()
 
 
-async def _wait(store: ObjectStore, target: Location, name: str, before: dict[str, int]) -> int:
+async def _wait(store: ObjectStore, target: Location, name: str, before: dict[str, int], generation: int) -> int:
     """Show progress until this submission's result file appears; exit status 0 for done, 1 for error."""
     shown = ""
     while True:
@@ -131,17 +133,12 @@ async def _wait(store: ObjectStore, target: Location, name: str, before: dict[st
                       + (f": {section.get('reason')}" if outcome == "error" else ""))
                 print(f"result: {target.url(info.name)}")
                 return 0 if outcome == "done" else 1
-        nodes = sorted(node for node, info in _logs(kinds).items() if info.generation != before.get(info.name))
+        nodes = [log.node for log in await node_logs(store, f"{target.prefix}{name}{CONFIG_SUFFIX}", generation)]
         state = f"{name}: running on {', '.join(nodes)}" if nodes else f"{name}: queued"
         if state != shown:
             print(state, flush=True)
             shown = state
         await asyncio.sleep(0.5)
-
-
-def _logs(kinds: dict[str, ObjectInfo]) -> dict[str, ObjectInfo]:
-    """The log objects of one pipeline's `_by_pipeline` entry, by node name."""
-    return {kind[: -len(".log.txt")]: info for kind, info in sorted(kinds.items()) if kind.endswith(".log.txt")}
 
 
 # -- status -----------------------------------------------------------------
@@ -163,24 +160,15 @@ async def status(target: Location, only: str | None) -> int:
 
 
 def _by_pipeline(objects: Iterable[ObjectInfo], prefix: str) -> dict[str, dict[str, ObjectInfo]]:
-    """Group objects by pipeline name: {NAME: {"config.yaml": ..., "NODE.log.txt": ...}}.
+    """Group configs and results by pipeline name: {NAME: {"config.yaml": ..., "done.yaml": ...}}.
 
-    Names may contain dots, so results are matched by their suffix, and a log
-    belongs to the longest pipeline name it starts with.
+    Names may contain dots, so objects are matched by their suffix.
     """
     pipelines: dict[str, dict[str, ObjectInfo]] = {}
-    logs = []
     for info in objects:
-        rest = info.name[len(prefix):]
-        kind = next((k for k in ("config.yaml", "done.yaml", "error.yaml") if rest.endswith("." + k)), None)
-        if kind is not None and "/" not in rest:
-            pipelines.setdefault(rest[: -len(kind) - 1], {})[kind] = info
-        elif rest.endswith(".log.txt") and "/" not in rest:
-            logs.append((rest, info))
-    for rest, info in logs:
-        owners = [name for name in pipelines if rest.startswith(name + ".")]
-        name = max(owners, key=len) if owners else rest.partition(".")[0]
-        pipelines.setdefault(name, {})[rest[len(name) + 1:]] = info
+        found = split_pipeline_object(info.name, prefix)
+        if found is not None:
+            pipelines.setdefault(found[0], {})[f"{found[1]}.yaml"] = info
     return pipelines
 
 
@@ -188,7 +176,7 @@ async def _status_line(store: ObjectStore, name: str, kinds: dict[str, ObjectInf
     now = datetime.now(timezone.utc)
     config = kinds.get("config.yaml")
     if config is not None:
-        nodes = sorted(node for node, info in _logs(kinds).items() if info.updated >= config.updated)
+        nodes = [log.node for log in await node_logs(store, config.name, config.generation)]
         state = f"running on {', '.join(nodes)}" if nodes else "queued"
         return f"{name:30} {state:40} submitted {_age(now - config.updated)} ago"
     for outcome in ("done", "error"):
@@ -220,7 +208,8 @@ async def logs(target: Location, name: str, node: str | None, follow: bool) -> i
     try:
         while True:
             kinds = _by_pipeline(await store.list(f"{target.prefix}{name}."), target.prefix).get(name, {})
-            wanted = {label: info for label, info in _logs(kinds).items() if node in (None, label)}
+            found = latest(await node_logs(store, f"{target.prefix}{name}{CONFIG_SUFFIX}"))
+            wanted = {log.node: log.info for log in found if node in (None, log.node)}
             for label, info in wanted.items():
                 data = (await store.read(info.name)).data
                 offset = offsets.get(info.name, 0)

@@ -29,7 +29,7 @@ from typing import Iterator, Mapping
 import watchfiles
 
 from .events import Event, is_config_name
-from .storage import Blob, Location, NotFound, ObjectInfo, PreconditionFailed
+from .storage import Blob, Location, NotFound, ObjectInfo, PreconditionFailed, listed
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +49,25 @@ class LocalStore:
             raise NotFound(f"{name}: not an object name in {self.root}")
         return path
 
-    async def list(self, prefix: str) -> list[ObjectInfo]:
-        return await asyncio.to_thread(self._list, prefix)
+    async def list(self, prefix: str, *, delimiter: str | None = None,
+                   match_glob: str | None = None) -> list[ObjectInfo]:
+        """As on GCS: every object under `prefix`, or with `delimiter="/"` only those directly under it."""
+        if delimiter not in (None, "/"):
+            raise ValueError(f"delimiter {delimiter!r}: a local directory only knows '/'")
+        return await asyncio.to_thread(self._list, prefix, delimiter, match_glob)
 
-    def _list(self, prefix: str) -> list[ObjectInfo]:
-        directory = self.root / prefix if prefix.endswith("/") else (self.root / prefix).parent
+    def _list(self, prefix: str, delimiter: str | None, match_glob: str | None) -> list[ObjectInfo]:
+        top = self.root / prefix.rpartition("/")[0]
         objects = []
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(directory):
-                name = os.path.relpath(entry.path, self.root)
-                if entry.is_file() and not entry.name.startswith(".") and name.startswith(prefix.rstrip("/")):
+        for directory, subdirectories, files in os.walk(top):
+            if delimiter:
+                subdirectories.clear()
+            subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
+            for file in files:
+                name = os.path.relpath(os.path.join(directory, file), self.root)
+                if not file.startswith(".") and listed(name, prefix, delimiter, match_glob):
                     with contextlib.suppress(FileNotFoundError):
-                        objects.append(self._info(name, entry.stat()))
+                        objects.append(self._info(name, os.stat(os.path.join(directory, file))))
         return sorted(objects, key=lambda info: info.name)
 
     async def stat(self, name: str) -> ObjectInfo:

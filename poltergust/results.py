@@ -33,6 +33,8 @@ class Result:
     finished: datetime
     reason: str = ""
     log_tail: str = ""
+    submitted: datetime | None = None
+    """When the config was uploaded (its object's time), for pickup latency."""
 
 
 def pipeline_name(config_name: str) -> str:
@@ -61,6 +63,7 @@ def result_document(original: bytes, result: Result) -> bytes:
     section: dict[str, Any] = {
         "outcome": result.outcome,
         "node": result.node,
+        **({"submitted": result.submitted.isoformat()} if result.submitted else {}),
         "started": result.started.isoformat(),
         "finished": result.finished.isoformat(),
         "duration_seconds": round((result.finished - result.started).total_seconds(), 3),

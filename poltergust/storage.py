@@ -7,9 +7,11 @@ exactly one winner: see `results.py`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -108,7 +110,11 @@ def open_store(bucket: str, retry_for: float = 60.0) -> "ObjectStore":
 class ObjectStore(Protocol):
     """What the node needs from a bucket; one instance serves one bucket."""
 
-    async def list(self, prefix: str) -> list[ObjectInfo]: ...
+    async def list(self, prefix: str, *, delimiter: str | None = None,
+                   match_glob: str | None = None) -> list[ObjectInfo]:
+        """Objects whose names start with `prefix`; with `delimiter="/"` only those directly under it,
+        with `match_glob` only names matching it (GCS `matchGlob` syntax: `*` stops at `/`)."""
+        ...
 
     async def stat(self, name: str) -> ObjectInfo: ...
 
@@ -137,14 +143,20 @@ class GcsStore:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
         self._client = _GcsClient(session=self._session)
 
-    async def list(self, prefix: str) -> list[ObjectInfo]:
+    async def list(self, prefix: str, *, delimiter: str | None = None,
+                   match_glob: str | None = None) -> list[ObjectInfo]:
         objects: list[ObjectInfo] = []
         params: dict[str, str] = {"prefix": prefix}
+        if delimiter:
+            params["delimiter"] = delimiter
+        if match_glob:
+            params["matchGlob"] = match_glob
         while True:
             page = await self._call(lambda: self._client.list_objects(self.bucket, params=dict(params)))
             objects.extend(_info(item) for item in page.get("items", []))
             if not page.get("nextPageToken"):
-                return objects
+                # Filtered here too: the emulator ignores matchGlob.
+                return [info for info in objects if listed(info.name, prefix, delimiter, match_glob)]
             params["pageToken"] = page["nextPageToken"]
 
     async def stat(self, name: str) -> ObjectInfo:
@@ -221,6 +233,28 @@ async def retry_transient(
             log.warning("storage: %s; retrying in %.1fs", error, delay)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 10.0)
+
+
+def listed(name: str, prefix: str, delimiter: str | None, match_glob: str | None) -> bool:
+    """Whether a listing with these options includes `name` (client-side, as GCS decides it)."""
+    if not name.startswith(prefix) or (delimiter and delimiter in name[len(prefix):]):
+        return False
+    return match_glob is None or _glob(match_glob).fullmatch(name) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _glob(pattern: str) -> re.Pattern[str]:
+    """The part of GCS `matchGlob` we use, as a regular expression: `**` any text, `*` and `?`
+    within one `/` segment, `{a,b}` alternatives; every other character stands for itself."""
+    out = []
+    for part in re.split(r"(\*\*|\*|\?|\{[^{}]*\})", pattern):
+        if part in ("**", "*", "?"):
+            out.append({"**": ".*", "*": "[^/]*", "?": "[^/]"}[part])
+        elif part.startswith("{") and part.endswith("}"):
+            out.append("(?:" + "|".join(re.escape(choice) for choice in part[1:-1].split(",")) + ")")
+        else:
+            out.append(re.escape(part))
+    return re.compile("".join(out), re.DOTALL)
 
 
 def _is_transient(exc: Exception) -> bool:

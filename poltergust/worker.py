@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from . import metrics, results
+from . import heartbeat, layout, metrics, results
 from .config import ConfigError, PipelineConfig, parse_environment, parse_pipeline
 from .environments import EnvironmentBuildError, Environments
 from .events import Event, EventSource, is_config_name
@@ -47,6 +47,7 @@ class Settings:
     claim_grace: float = 60.0
     """How long a claim by another node is left to that node before anyone else completes it."""
     log_upload_interval: float = 5.0
+    heartbeat_interval: float = 60.0
     notify: NotifyTarget | None = None
     allowed_environment_prefixes: list[str] = field(default_factory=list)
     """URL prefixes environment files may come from; empty means the pipelines' own buckets."""
@@ -93,7 +94,9 @@ class Node:
             if not await self._attach():
                 return
             background = [asyncio.create_task(self._scan_periodically()), asyncio.create_task(self._serve_events()),
-                          asyncio.create_task(self._keep_events_attached())]
+                          asyncio.create_task(self._keep_events_attached()),
+                          asyncio.create_task(heartbeat.beat(self.settings, self.store, lambda: list(self._runs),
+                                                             self.ready))]
             await self._stopping.wait()
             log.info("stopping: taking no new work, stopping %d run(s); their configs stay for the next scan",
                      len(self._runs))
@@ -219,7 +222,7 @@ class Node:
     async def _run(self, key: RunKey, store: ObjectStore, config: Blob) -> None:
         name = results.pipeline_name(key.name)
         runlog = RunLog(self.settings.data_dir / "logs" / f"{_safe(name)}.{key.generation}.log")
-        log_object = results.log_name(key.name, self.settings.node_name)
+        log_object = layout.log_name(key.name, key.generation, self.settings.node_name)
         uploader = asyncio.create_task(self._upload_log_periodically(store, log_object, runlog))
         started = _now()
         metrics.RUNS_STARTED.inc()
@@ -234,6 +237,7 @@ class Node:
             result = results.Result(
                 outcome="done" if outcome.ok else "error", node=self.settings.node_name,
                 started=started, finished=_now(), reason=outcome.reason, log_tail=runlog.tail(),
+                submitted=config.info.updated,
             )
             metrics.RUNS_FINISHED.labels(result.outcome).inc()
             runlog.note(f"finished locally: {result.outcome}{': ' + outcome.reason if outcome.reason else ''}")
@@ -367,10 +371,10 @@ class Node:
     async def _upload_log_periodically(self, store: ObjectStore, name: str, runlog: RunLog) -> None:
         uploaded = -1
         while True:
-            await asyncio.sleep(self.settings.log_upload_interval)
             if runlog.version != uploaded:
                 uploaded = runlog.version
                 await self._upload_log(store, name, runlog)
+            await asyncio.sleep(self.settings.log_upload_interval)
 
     async def _upload_log(self, store: ObjectStore, name: str, runlog: RunLog) -> None:
         try:

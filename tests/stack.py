@@ -253,6 +253,13 @@ class Bucket:
         return sorted(item["name"] for item in listing.get("items", []))
 
 
+def node_log(bucket: "Bucket | LocalBucket", pipeline: str, node: str) -> bytes | None:
+    """The newest log `node` uploaded of `pipeline/PIPELINE.config.yaml` (any generation), or None."""
+    names = [name for name in bucket.names(f"_poltergust/logs/pipeline/{pipeline}/")
+             if name.endswith(f"/{node}.log.txt")]
+    return bucket.read(max(names, key=lambda name: int(name.split("/")[-2]))) if names else None
+
+
 class LocalBucket:
     """A directory used as a bucket (the local backend), with the same helper methods as `Bucket`."""
 

@@ -169,12 +169,18 @@ def test_demo_stops_everything_on_ctrl_c(wheelhouse: Path, tmp_path: Path) -> No
         demo.stop()
 
 
+def _log(bucket: Path, config: str, generation: int, node: str, text: str) -> None:
+    path = bucket / "_poltergust" / "logs" / "pipeline" / config / str(generation) / f"{node}.log.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def test_status_groups_dotted_pipeline_names(tmp_path: Path) -> None:
     pipeline = tmp_path / "bucket" / "pipeline"
     pipeline.mkdir(parents=True)
     (pipeline / "my.pipe.done.yaml").write_text(yaml.safe_dump(
         {"poltergust": {"outcome": "done", "node": "node-a", "duration_seconds": 1.5}}))
-    (pipeline / "my.pipe.node-a.log.txt").write_text("log\n")
+    _log(tmp_path / "bucket", "my.pipe", 1, "node-a", "log\n")
     (pipeline / "my.config.yaml").write_text("environment: e.yaml\n")
     status = poltergust("status", "--path", str(pipeline))
     assert status.returncode == 0, status.stderr
@@ -184,13 +190,14 @@ def test_status_groups_dotted_pipeline_names(tmp_path: Path) -> None:
     assert " done " in lines["my.pipe"] and "on node-a" in lines["my.pipe"]
 
 
-def test_logs_of_a_pipeline_leave_out_a_dotted_neighbour(tmp_path: Path) -> None:
+def test_logs_of_a_pipeline_show_its_newest_generation_only(tmp_path: Path) -> None:
     pipeline = tmp_path / "bucket" / "pipeline"
     pipeline.mkdir(parents=True)
     (pipeline / "my.done.yaml").write_text("poltergust: {outcome: done}\n")
-    (pipeline / "my.node-a.log.txt").write_text("mine\n")
+    _log(tmp_path / "bucket", "my", 5, "node-a", "old\n")
+    _log(tmp_path / "bucket", "my", 17, "node-a", "mine\n")
     (pipeline / "my.pipe.config.yaml").write_text("environment: e.yaml\n")
-    (pipeline / "my.pipe.node-a.log.txt").write_text("theirs\n")
+    _log(tmp_path / "bucket", "my.pipe", 20, "node-a", "theirs\n")
     logs = poltergust("logs", "my", "--path", str(pipeline))
     assert logs.returncode == 0, logs.stderr
     assert logs.stdout == "mine\n"

@@ -28,7 +28,7 @@ from poltergust.config import parse_environment
 from poltergust.environments import Environments, installer_settings, parse_size
 from poltergust.localdir import LocalStore
 from poltergust.runlog import RunLog
-from stack import wait_for
+from stack import node_log, wait_for
 
 TIMEOUT = 120
 VERSION = "import sys; print('%d.%d' % sys.version_info[:2])"
@@ -253,8 +253,8 @@ def test_secrets_never_reach_logs_error_files_or_command_lines(
     assert "/****/slow/" in run_log(tmp_path, "node-a", "slow")
     everything = [run_logs(tmp_path, "node-a"), node.output(), yaml.safe_dump(error),
                   bucket.read("pipeline/slow.done.yaml").decode(),
-                  bucket.read("pipeline/slow.node-a.log.txt").decode(),
-                  bucket.read("pipeline/leaky.node-a.log.txt").decode()]
+                  node_log(bucket, "slow", "node-a").decode(),
+                  node_log(bucket, "leaky", "node-a").decode()]
     for text in everything:
         assert secret not in text
 

@@ -11,7 +11,7 @@ import pytest
 from google.cloud import pubsub_v1
 
 from conftest import PROJECT, TOPIC
-from stack import wait_for
+from stack import node_log, wait_for
 from test_node import result, submit
 
 
@@ -39,7 +39,7 @@ def test_two_nodes_share_one_pipeline_and_exactly_one_finishes_it(
              "the other node to stop its part of the run")
     assert [n.node_name for n in nodes if "(claimed by this node)" in n.output()] == [done["poltergust"]["node"]]
     for node in nodes:
-        assert bucket.exists(f"pipeline/fan.{node.node_name}.log.txt")
+        assert node_log(bucket, "fan", node.node_name)
 
 
 @pytest.mark.parametrize("backend", ["gcs"], indirect=True)
@@ -58,8 +58,8 @@ def test_two_nodes_racing_to_claim_one_gets_412(
     losers = [n for n in nodes if n.node_name != done["poltergust"]["node"]]
     assert len(losers) == 1
     wait_for(lambda: "claim lost (HTTP 412)" in losers[0].output(), 60, "the losing node to get HTTP 412")
-    log = wait_for(lambda: b"HTTP 412" in (bucket.read(f"pipeline/race.{losers[0].node_name}.log.txt") or b"")
-                   and bucket.read(f"pipeline/race.{losers[0].node_name}.log.txt"), 30, "the loser's log")
+    log = wait_for(lambda: b"HTTP 412" in (node_log(bucket, "race", losers[0].node_name) or b"")
+                   and node_log(bucket, "race", losers[0].node_name), 30, "the loser's log")
     assert b"nothing to write" in log
     assert _results(bucket, "race") == ["pipeline/race.done.yaml"]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from stack import wait_for
+from stack import node_log, wait_for
 
 TIMEOUT = 120
 
@@ -36,7 +36,7 @@ def test_uploaded_config_runs_to_done(start_node, bucket, environment_yaml: str,
     assert (out / "touch.txt").read_text() == "node-a\nhi\n"
     wait_for(lambda: not bucket.exists("pipeline/hello.config.yaml"), 10, "the config to be removed")
     assert not bucket.exists("pipeline/hello.error.yaml")
-    log = bucket.read("pipeline/hello.node-a.log.txt").decode()
+    log = node_log(bucket, "hello", "node-a").decode()
     assert "luigi exited with code 0" in log
     node.check_alive()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from stack import wait_for
+from stack import node_log, wait_for
 from test_fleet import _alive, _results
 from test_node import result, submit
 
@@ -61,8 +61,8 @@ def test_deleting_a_config_stops_its_run_on_every_node(start_node, bucket, envir
         wait_for(lambda: "was deleted: stopping its run" in node.output(), 15, f"{node.name} to stop")
     wait_for(lambda: not _alive(luigi_pid), 15, "luigi to be stopped")
     for node in nodes:
-        wait_for(lambda: b"run stopped on this node" in (bucket.read(f"pipeline/cancel.{node.node_name}.log.txt")
-                                                        or b""), 15, "the final log upload")
+        wait_for(lambda: b"run stopped on this node" in (node_log(bucket, "cancel", node.node_name) or b""), 15,
+                 "the final log upload")
     assert _results(bucket, "cancel") == []
     assert not (out / "slept.txt").exists()
 
@@ -109,7 +109,7 @@ def test_timeout_and_retries(start_node, bucket, environment_yaml, tmp_path) -> 
     assert slow["reason"] == "timed out after 3s (the config's timeout)"
     assert 3 <= slow["duration_seconds"] < 30
     flaky = result(bucket, "flaky", "done")
-    assert "retry 1 of 1" in bucket.read("pipeline/flaky.node-a.log.txt").decode()
+    assert "retry 1 of 1" in node_log(bucket, "flaky", "node-a").decode()
     assert flaky["retries"] == 1
     assert result(bucket, "once", "error")["poltergust"]["reason"].startswith("a luigi task failed")
     assert "timeout: must be a positive number" in result(bucket, "badtimeout", "error")["poltergust"]["reason"]
