@@ -1,4 +1,4 @@
-"""The `poltergust` command: submit, status, logs, validate, demo.
+"""The `poltergust` command: submit, status, logs, validate, demo, dashboard.
 
 It talks to the same bucket or directory the nodes watch, through the same
 storage code, so what it shows is exactly what the nodes see.
@@ -258,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("files", nargs="+", type=Path)
 
     commands.add_parser("demo", help="run the Top Artists example on two local nodes and a local luigid")
+
+    command = commands.add_parser("dashboard", help="serve a read-only web view of pipelines, runs, logs and nodes")
+    command.add_argument("--path", action="append", required=True, metavar="URL",
+                         help="pipeline prefix the nodes watch: gs://BUCKET/PREFIX or a local directory; repeatable")
+    command.add_argument("--scheduler-url", default="", metavar="URL", help="luigid, to link each pipeline's task graph")
+    command.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    command.add_argument("--port", type=int, default=8090, help="port to listen on (default: %(default)s)")
     return parser
 
 
@@ -276,6 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo()
+        if args.command == "dashboard":
+            from .dashboard import serve
+
+            return asyncio.run(serve(args.path, args.scheduler_url, args.host, args.port)) or 0
         target = Location.parse(args.path)
         if args.command == "submit":
             return asyncio.run(submit(args.config, target, args.name, args.wait))
