@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     command = commands.add_parser("validate", help="check pipeline configs and environment files")
     command.add_argument("files", nargs="+", type=Path)
 
-    commands.add_parser("demo", help="run the Top Artists example on two local nodes and a local luigid")
+    command = commands.add_parser("demo", help="run the Top Artists example on two local nodes and a local luigid")
+    command.add_argument("--keep", action="store_true", help="keep nodes, luigid and dashboard up until Ctrl-C")
 
     command = commands.add_parser("dashboard", help="serve a read-only web view of pipelines, runs, logs and nodes")
     command.add_argument("--path", action="append", required=True, metavar="URL",
@@ -282,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            return run_demo()
+            return run_demo(args.keep)
         if args.command == "dashboard":
             from .dashboard import serve
 

@@ -57,17 +57,23 @@ class LocalStore:
         return await asyncio.to_thread(self._list, prefix, delimiter, match_glob)
 
     def _list(self, prefix: str, delimiter: str | None, match_glob: str | None) -> list[ObjectInfo]:
-        top = self.root / prefix.rpartition("/")[0]
+        top = prefix.rpartition("/")[0]
         objects = []
-        for directory, subdirectories, files in os.walk(top):
+        for directory, subdirectories, files in os.walk(self.root / top):
             if delimiter:
                 subdirectories.clear()
             subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
+            relative = os.path.relpath(directory, self.root)
+            base = "" if relative == "." else f"{relative}/"
+            try:  # which objects have metadata, so that the others cost no failed open
+                metadata = set(os.listdir(os.path.join(directory, HIDDEN)))
+            except FileNotFoundError:
+                metadata = set()
             for file in files:
-                name = os.path.relpath(os.path.join(directory, file), self.root)
+                name = base + file
                 if not file.startswith(".") and listed(name, prefix, delimiter, match_glob):
                     with contextlib.suppress(FileNotFoundError):
-                        objects.append(self._info(name, os.stat(os.path.join(directory, file))))
+                        objects.append(self._info(name, os.stat(os.path.join(directory, file)), metadata))
         return sorted(objects, key=lambda info: info.name)
 
     async def stat(self, name: str) -> ObjectInfo:
@@ -138,12 +144,12 @@ class LocalStore:
 
     # -- helpers -----------------------------------------------------------
 
-    def _info(self, name: str, stat: os.stat_result) -> ObjectInfo:
-        metadata_path = self._metadata_path(self.root / name, stat.st_mtime_ns)
-        try:
-            metadata = json.loads(metadata_path.read_text())
-        except (FileNotFoundError, ValueError):
-            metadata = {}
+    def _info(self, name: str, stat: os.stat_result, metadata_files: set[str] | None = None) -> ObjectInfo:
+        """`metadata_files`, when given, names the files of the object's hidden folder."""
+        metadata = {}
+        if metadata_files is None or f"{name.rpartition('/')[2]}.{stat.st_mtime_ns}.meta.json" in metadata_files:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                metadata = json.loads(self._metadata_path(self.root / name, stat.st_mtime_ns).read_text())
         return ObjectInfo(name, stat.st_mtime_ns, datetime.fromtimestamp(stat.st_mtime, timezone.utc), metadata)
 
     @staticmethod

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import WHEELHOUSE
-from stack import ROOT, Server, free_port, wait_for
+from stack import ROOT, Server, _http_ok, free_port, wait_for
 from test_node import result, submit
 
 
@@ -160,6 +160,8 @@ def test_demo_stops_everything_on_ctrl_c(wheelhouse: Path, tmp_path: Path) -> No
     try:
         wait_for(lambda: demo.check_alive() or "are watching" in demo.output(), 120, "the demo's nodes")
         root = Path(demo.output().split("demo directory: ", 1)[1].split()[0])
+        dashboard = demo.output().split("dashboard: ", 1)[1].split()[0]
+        assert _http_ok(dashboard + "nodes"), "the demo serves the dashboard"
         demo.process.send_signal(signal.SIGINT)
         assert demo.process.wait(timeout=30) == 130
         assert "interrupted; everything is stopped" in demo.output()

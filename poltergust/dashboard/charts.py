@@ -19,7 +19,7 @@ from .pipelines import Pipeline
 HOURS = 24
 WIDTH, HEIGHT = 520, 150
 LEFT, RIGHT, TOP, BOTTOM = 34, 8, 10, 22
-PICKUP_SAMPLE = 300
+PICKUP_SAMPLE = 200
 """Newest finished runs whose result files are read for the latency chart."""
 
 

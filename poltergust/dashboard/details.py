@@ -21,7 +21,7 @@ from .. import layout
 from ..config import ConfigError, TaskSpec, parse_pipeline
 from ..runlogs import NodeLog, node_logs
 from ..storage import NotFound, ObjectStore, StorageError
-from .pipelines import LruCache, Pipeline, gather_limited, group
+from .pipelines import LruCache, Pipeline, gather_limited, group, section_of
 
 MAX_GENERATIONS = 20
 """Runs shown in the timeline; older ones are left out."""
@@ -180,6 +180,8 @@ class DetailsReader:
             details.document_text = f"(cannot read {name}: {exc})"
             return
         details.document_text = data[:MAX_SHOWN].decode("utf-8", errors="replace")
+        if details.pipeline.result is not None:
+            details.pipeline.section = section_of(data, location.url(name))
         try:
             config = parse_pipeline(data, location.url(details.config_name))
         except ConfigError as exc:
