@@ -184,6 +184,13 @@ def test_pages_read_only_and_files_outside_the_buckets_stay_hidden(
     secret.write_text("dependencies: [do-not-show-this]\n")
     bucket.upload("pipeline/sneaky.config.yaml", f"environment: file://{secret}\ntask: {{name: T, module: m}}\n")
 
+    stamp = "[poltergust 2024-05-01 10:00:00Z]"
+    for generation, node, text in ((100, "node-a", "first try\nfinished locally: error\nclaimed the run\n"),
+                                   (200, "node-a", "finished locally: done\nclaimed the run\n"),
+                                   (200, "node-b", "second try\nfinished locally: done\n")):
+        bucket.upload(f"_poltergust/logs/pipeline/replay/{generation}/{node}.log.txt", f"{stamp} starts\n{text}")
+    bucket.upload("pipeline/replay.done.yaml", "environment: e.yaml\ntask: {name: T, module: m}\n")
+
     def files() -> dict[str, tuple[int, int]]:
         return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(bucket.root.rglob("*"))}
 
@@ -194,6 +201,16 @@ def test_pages_read_only_and_files_outside_the_buckets_stay_hidden(
     names = set(rows(browser))
     click(browser, By.CSS_SELECTOR, ".pager a[rel=next]")
     shown(browser, lambda: rows(browser) and not names & set(rows(browser)), 15, "the second page, other pipelines")
+
+    browser.get(f"{dashboard.url}/pipeline?path=0&name=replay")
+    runs = lambda: browser.execute_script(  # noqa: E731
+        "return [...document.querySelectorAll('table.runs tr[data-generation]')]"
+        ".map(row => [row.dataset.generation, row.querySelector('.badge').textContent])")
+    shown(browser, lambda: runs() == [["200", "done"], ["100", "error"]], 15, "both submissions, newest first")
+    assert "second try" in browser.find_element(By.CSS_SELECTOR, "pre.log[data-node=node-b]").text
+    click(browser, By.LINK_TEXT, "#100")
+    shown(browser, lambda: "first try" in browser.find_element(By.CSS_SELECTOR, "pre.log[data-node=node-a]").text,
+          15, "the first submission's log")
 
     browser.get(f"{dashboard.url}/pipeline?path=0&name=sneaky")
     shown(browser, lambda: "outside the buckets this dashboard reads" in browser.page_source, 15, "the refusal")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import re
 import time
 from datetime import datetime, timezone
@@ -25,8 +24,6 @@ from ..storage import NotFound, ObjectStore, StorageError, open_store
 from . import charts
 from .details import DetailsReader
 from .pipelines import STATES, PipelineList
-
-log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 50
@@ -185,9 +182,10 @@ def create_app(dashboard: Dashboard) -> web.Application:
             offset = max(0, int(request.query.get("offset", "0")))
         except ValueError:
             raise web.HTTPBadRequest(text="generation and offset must be numbers") from None
-        if not NODE_NAME.fullmatch(node):
-            raise web.HTTPBadRequest(text="not a node name")
-        name = f"{layout.log_prefix(where.config(request.query.get('name', '')), generation)}{node}.log.txt"
+        pipeline_name = request.query.get("name", "")
+        if not NODE_NAME.fullmatch(node) or not pipeline_name or "/" in pipeline_name:
+            raise web.HTTPBadRequest(text="not a node or pipeline name")
+        name = f"{layout.log_prefix(where.config(pipeline_name), generation)}{node}.log.txt"
         try:
             data = (await dashboard.stores[where.bucket].read(name)).data
         except NotFound:
