@@ -16,7 +16,7 @@ import signal
 import tempfile
 from pathlib import Path
 
-from . import metrics
+from . import heartbeat, metrics
 from .backoff import Backoff
 from .environments import Environments
 from .events import Event, EventSource, open_events
@@ -65,7 +65,8 @@ class Node:
         log.info("node %s starting: %s, scheduler %s", self.settings.node_name,
                  ", ".join(loc.url() for loc in self.settings.locations), self.settings.scheduler_url)
         background = [asyncio.create_task(self._scan_periodically()), asyncio.create_task(self._serve_events()),
-                      asyncio.create_task(self._keep_events_attached())]
+                      asyncio.create_task(self._keep_events_attached()),
+                      asyncio.create_task(heartbeat.beat(self.settings, self.store, self._taking_part, self.attached))]
         try:
             await self._stopping.wait()
             log.info("stopping: taking no new work, stopping %d run(s); their configs stay for the next scan",
@@ -83,6 +84,10 @@ class Node:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _taking_part(self) -> list[RunKey]:
+        """Runs this node takes part in (not those it stands by for), for its heartbeat."""
+        return [key for key, run in self._run_objects.items() if run.taking_part]
 
     def problem(self) -> str | None:
         """Why this node cannot take work right now (for /healthz), or None when it can."""

@@ -38,6 +38,8 @@ class Result:
     log_tail: str = ""
     generation: int = 0
     """The config generation this is the result of."""
+    submitted: datetime | None = None
+    """When the config was uploaded (its object's time), for pickup latency."""
     logs: str = ""
     """URL of the folder holding every node's log of this run."""
 
@@ -67,6 +69,7 @@ def result_document(original: bytes, result: Result) -> bytes:
         "outcome": result.outcome,
         "generation": result.generation,
         "node": result.node,
+        **({"submitted": result.submitted.isoformat()} if result.submitted else {}),
         "started": result.started.isoformat(),
         "finished": result.finished.isoformat(),
         "duration_seconds": round((result.finished - result.started).total_seconds(), 3),

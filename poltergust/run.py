@@ -54,6 +54,7 @@ class Run:
         self.name = pipeline_name(key.name)
         self.log_object = log_name(key.name, key.generation, settings.node_name)
         self._calls: asyncio.Queue[Event] = asyncio.Queue()
+        self.taking_part = False
         self.found_at_start = False
         """Found by the node's first scan: this node may have started it before a crash."""
         self._recruiting: _Recruiting | None = None
@@ -133,6 +134,7 @@ class Run:
 
     async def _take_part(self, config: Blob, marker: ObjectInfo | None = None, limit: int | None = None) -> None:
         """This node's part: environment, luigi, and the race to finish; the starter also keeps its marker."""
+        self.taking_part = True
         refresher = asyncio.create_task(self._keep_marker(marker)) if marker is not None else None
         self._recruiting = _Recruiting(limit) if marker is not None else None
         try:
@@ -190,6 +192,7 @@ class Run:
             result = results.Result(
                 outcome="done" if outcome.ok else "error", node=node, started=started, finished=_now(),
                 reason=outcome.reason, log_tail=runlog.tail(), generation=key.generation,
+                submitted=config.info.updated,
                 logs=f"{key.bucket}/{self.log_object.rsplit('/', 1)[0]}/",
             )
             metrics.RUNS_FINISHED.labels(result.outcome).inc()

@@ -52,6 +52,7 @@ class Settings:
     """How long a claim by another node is left to that node before anyone else completes it."""
     log_upload_interval: float = 30.0
     """A run's log is refreshed in the bucket this often while it runs (and always at its end)."""
+    heartbeat_interval: float = 60.0
     notify: NotifyTarget | None = None
     allowed_environment_prefixes: list[str] = field(default_factory=list)
     """URL prefixes environment files may come from; empty means the pipelines' own buckets."""
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float, default=60.0)
     add("log-upload-interval", "seconds between refreshes of a running pipeline's log in the bucket",
         type=float, default=30.0)
+    add("heartbeat-interval", "seconds between this node's heartbeats (_poltergust/nodes/NODE.json in each bucket), "
+                              "which the dashboard shows", type=float, default=60.0)
     add("allowed-environment-prefix", "URL prefix environment files may be read from; repeatable "
                                       "(default: the buckets of --path)", action="append", metavar="URL")
     add("http-port", "serve GET /healthz on this port (0: no health server)", type=int, default=0)
@@ -181,6 +184,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         outage_limit=args.outage_limit,
         claim_grace=args.claim_grace,
         log_upload_interval=args.log_upload_interval,
+        heartbeat_interval=args.heartbeat_interval,
         notify=notify_target(args.notify_url, os.environ.get("DB_URL")),
         allowed_environment_prefixes=allowed,
         http_host=args.http_host,

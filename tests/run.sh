@@ -15,6 +15,7 @@ command -v java >/dev/null || missing+=(default-jre-headless)
 gcloud beta emulators pubsub --help >/dev/null 2>&1 || missing+=(google-cloud-cli-pubsub-emulator)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
+command -v chromedriver >/dev/null || missing+=(chromium chromium-driver)  # the dashboard's browser tests
 if ((${#missing[@]})); then
     if [ "$(id -u)" -ne 0 ]; then
         echo "tests/run.sh: missing Debian packages; install them as root, then run this again:" >&2

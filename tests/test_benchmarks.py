@@ -128,3 +128,15 @@ def test_quick_benchmark_measures_everything(tmp_path: Path) -> None:
     assert _pipelines_section(readme) == section_before
     assert _leftovers(workdir) == []
     assert not (Path("/tmp/environments") / str(workdir).lstrip("/")).exists()
+
+
+def test_dashboard_benchmark_runs_and_counts_right(tmp_path: Path) -> None:
+    """Quick mode: 500 finished pipelines on a local directory and on the emulator; the benchmark itself
+    checks the counts the overview shows, and prints (never asserts) how long each page took."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dashboard.py"), "--quick", "--workdir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = _tables(result.stdout)["Dashboard with 500 finished pipelines and 5 waiting"]
+    assert {row[0] for row in rows} == {"local directory", "GCS emulator"}
+    assert len(rows) == 14 and all(_number(row[2]) > 0 for row in rows)
+    assert _leftovers(tmp_path) == []

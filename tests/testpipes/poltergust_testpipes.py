@@ -100,3 +100,19 @@ class Flaky(_Output):
             open(marker, "w").close()
             raise RuntimeError("failing the first time on purpose")
         self._write(_node())
+
+
+class Chatty(_Output):
+    """Prints a numbered line every `interval` seconds for `seconds`: a log that grows while it runs."""
+
+    seconds = luigi.FloatParameter(default=60.0)
+    interval = luigi.FloatParameter(default=0.5)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "chatty.txt"))
+
+    def run(self):
+        for line in range(int(self.seconds / self.interval)):
+            print(f"chatty line {line}", flush=True)
+            time.sleep(self.interval)
+        self._write(_node())
