@@ -117,7 +117,7 @@ def shown(browser, condition: Callable[[], object], timeout: float, what: str) -
 def test_pipelines_in_every_state_filters_live_log_and_a_silent_node(
     start_node, start_dashboard, bucket, luigid, browser, environment_yaml: str, tmp_path: Path,
 ) -> None:
-    node = start_node("node-a", "--max-concurrent", "1", "--heartbeat-interval", "1")
+    node = start_node("node-a", "--max-concurrent", "1", "--heartbeat-interval", "1", "--log-upload-interval", "2")
     task = {"module": "poltergust_testpipes"}
     submit(bucket, "good", {**task, "name": "Touch", "out-dir": str(tmp_path / "good")}, environment_yaml)
     result(bucket, "good", "done")
