@@ -26,6 +26,7 @@ from .locks import try_lock
 from .notify import Notifier
 from .run import Run
 from .scheduler import embedded_scheduler
+from .secret_env import SecretEnv
 from .settings import Settings, default_data_dir
 from .storage import ObjectStore, StorageError, open_store
 
@@ -40,6 +41,7 @@ SHUTDOWN_UPLOADS_SECONDS = 60.0
 class Node:
     def __init__(self, settings: Settings, events: EventSource, environments: Environments) -> None:
         self.settings = settings
+        self.secrets = SecretEnv(environments.environ, settings.secret_env)
         self.events = events
         self.environments = environments
         self._stores: dict[str, ObjectStore] = {}
@@ -180,7 +182,7 @@ class Node:
         if key in self._runs or self._stopping.is_set():
             return False
         run = Run(key, self.settings, self.store, self.environments, self._notifier, self._finishing, self._slots,
-                  self)
+                  self, self.secrets)
         run.found_at_start = found_at_start
         task = asyncio.create_task(run.execute(), name=f"run {key.url()}#{key.generation}")
         self._runs[key] = task

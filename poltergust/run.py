@@ -22,6 +22,7 @@ from .layout import RunKey, log_name, pipeline_name, run_tag, safe_name, split_u
 from .logs import CURRENT_RUN
 from .notify import Notifier
 from .runlog import RunLog
+from .secret_env import SecretEnv
 from .participate import Participation
 from .runner import Outcome, luigi_command, luigi_environ, node_extra_environ, worker_id
 from .settings import Settings
@@ -38,7 +39,7 @@ class HelpCaller(Protocol):
 class Run:
     def __init__(self, key: RunKey, settings: Settings, stores: Callable[[str], ObjectStore],
                  environments: Environments, notifier: Notifier, finishing: set[RunKey],
-                 slots: asyncio.Semaphore, helpers: HelpCaller) -> None:
+                 slots: asyncio.Semaphore, helpers: HelpCaller, secrets: SecretEnv) -> None:
         self.key = key
         self.settings = settings
         self.stores = stores
@@ -51,6 +52,7 @@ class Run:
         self.slots = slots
         """The node's room for runs taking part; a run standing by holds none."""
         self.helpers = helpers
+        self.secrets = secrets
         self.name = pipeline_name(key.name)
         self.log_object = log_name(key.name, key.generation, settings.node_name)
         self._calls: asyncio.Queue[Event] = asyncio.Queue()
@@ -183,6 +185,8 @@ class Run:
         metrics.RUNS_STARTED.inc()
         metrics.RUNS_ACTIVE.inc()
         log.info("%s: run of generation %d started", key.url(), key.generation)
+        for secret in self.secrets.values():
+            runlog.add_secret(secret)
         runlog.note(f"node {node} starts {key.url()} generation {key.generation}")
         try:
             try:
@@ -252,6 +256,9 @@ class Run:
         except StorageError as exc:
             return Outcome(False, runlog.mask(f"cannot read the environment file {config.environment}: {exc}"))
         spec = parse_environment(env_blob.data, config.environment)
+        self.secrets.add(self.environments.referenced(spec))
+        for secret in self.secrets.values():
+            runlog.add_secret(secret)
         try:
             env_path = await self.environments.get(spec, runlog)
         except EnvironmentBuildError as exc:
@@ -261,7 +268,7 @@ class Run:
         assistant = self._recruiting is None and await pipeline_assistants(scheduler)
         command = luigi_command(env_path / "bin" / "python", config, scheduler,
                                 worker_id(run_tag(key), self.settings.node_name), assistant=assistant)
-        env = luigi_environ(self.environments.environ, spec, config,
+        env = luigi_environ(self.secrets.without_secrets(), spec, config,
                             node_extra_environ(self.settings.node_name, key.url(), key.generation))
         if uploaded is not None:
             metrics.PICKUP_SECONDS.observe(max(0.0, (_now() - uploaded).total_seconds()))

@@ -54,6 +54,8 @@ class Settings:
     """A run's log is refreshed in the bucket this often while it runs (and always at its end)."""
     heartbeat_interval: float = 60.0
     notify: NotifyTarget | None = None
+    secret_env: list[str] = field(default_factory=list)
+    """Node variables that are secrets beyond those found by name (see `secret_env`)."""
     allowed_environment_prefixes: list[str] = field(default_factory=list)
     """URL prefixes environment files may come from; empty means the pipelines' own buckets."""
     http_host: str = "127.0.0.1"
@@ -128,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float, default=30.0)
     add("heartbeat-interval", "seconds between this node's heartbeats (_poltergust/nodes/NODE.json in each bucket), "
                               "which the dashboard shows", type=float, default=60.0)
+    add("secret-env", "a node variable that is a secret: never passed to pipelines, masked in every log and result "
+                      "(besides {{NAME}} references and names with TOKEN, SECRET, PASSWORD...); repeatable",
+        action="append", metavar="NAME")
     add("allowed-environment-prefix", "URL prefix environment files may be read from; repeatable "
                                       "(default: the buckets of --path)", action="append", metavar="URL")
     add("http-port", "serve GET /healthz on this port (0: no health server)", type=int, default=0)
@@ -145,7 +150,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     """Settings from the command line and the environment; exits with a usage error for bad values."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("path", "allowed-environment-prefix"):
+    for flag in ("path", "allowed-environment-prefix", "secret-env"):
         attribute = flag.replace("-", "_")
         if getattr(args, attribute) is None:
             setattr(args, attribute, os.environ.get(_variable(flag), "").split())
@@ -186,6 +191,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         log_upload_interval=args.log_upload_interval,
         heartbeat_interval=args.heartbeat_interval,
         notify=notify_target(args.notify_url, os.environ.get("DB_URL")),
+        secret_env=args.secret_env,
         allowed_environment_prefixes=allowed,
         http_host=args.http_host,
         http_port=args.http_port,

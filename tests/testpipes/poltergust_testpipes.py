@@ -116,3 +116,23 @@ class Chatty(_Output):
             print(f"chatty line {line}", flush=True)
             time.sleep(self.interval)
         self._write(_node())
+
+
+class Dump(_Output):
+    """Prints its whole environment and a file's content (as if fetched from elsewhere), then fails."""
+
+    leak = luigi.Parameter(default="")
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "never.txt"))
+
+    def run(self):
+        for name, value in sorted(os.environ.items()):
+            print(f"env {name}={value}", flush=True)
+        if self.leak:
+            with open(self.leak) as handle:
+                secret = handle.read().strip()
+            from urllib.parse import quote
+
+            print(f"leaked {secret} and {quote(secret, safe='')}", flush=True)
+        raise RuntimeError("dumped the environment")
