@@ -26,6 +26,7 @@ from .locks import try_lock
 from .notify import Notifier
 from .run import Run
 from .scheduler import embedded_scheduler
+from .sandbox import lock_down
 from .secret_env import SecretEnv
 from .settings import Settings, default_data_dir
 from .storage import ObjectStore, StorageError, open_store
@@ -232,6 +233,8 @@ _NAME_LOCKS: list[int] = []
 
 async def serve(settings: Settings) -> None:
     """Run a node with everything it needs (scheduler, events, environments, health server) until stopped."""
+    if settings.run_as is not None:
+        lock_down(settings.data_dir)
     async with contextlib.AsyncExitStack() as stack:
         if not settings.scheduler_url:
             url = await stack.enter_async_context(

@@ -63,7 +63,6 @@ class Participation:
         """Tasks this node's luigi reported FAILED (luigid may already have queued them again)."""
 
     async def run(self) -> Outcome:
-        self.cwd.mkdir(parents=True, exist_ok=True)
         try:
             return await self._run()
         finally:

@@ -22,6 +22,7 @@ from .layout import RunKey, log_name, pipeline_name, run_tag, safe_name, split_u
 from .logs import CURRENT_RUN
 from .notify import Notifier
 from .runlog import RunLog
+from .sandbox import work_directory
 from .secret_env import SecretEnv
 from .participate import Participation
 from .runner import Outcome, luigi_command, luigi_environ, node_extra_environ, worker_id
@@ -272,10 +273,14 @@ class Run:
                             node_extra_environ(self.settings.node_name, key.url(), key.generation))
         if uploaded is not None:
             metrics.PICKUP_SECONDS.observe(max(0.0, (_now() - uploaded).total_seconds()))
-        cwd = self.settings.data_dir / "work" / safe_name(self.name)
-        return await Participation(command, env=env, cwd=cwd, runlog=runlog, scheduler_url=scheduler,
-                                   outage_limit=self.settings.outage_limit, assistant=assistant,
-                                   recruit=self._recruit).run()
+        run_as = self.settings.run_as
+        async with work_directory(self.settings.data_dir / "work", safe_name(self.name), run_as) as cwd:
+            if run_as is not None:
+                env["HOME"] = str(cwd)
+                command = run_as.command(command)
+            return await Participation(command, env=env, cwd=cwd, runlog=runlog, scheduler_url=scheduler,
+                                       outage_limit=self.settings.outage_limit, assistant=assistant,
+                                       recruit=self._recruit).run()
 
     def _environment_object(self, url: str) -> tuple[str, str]:
         allowed = self.settings.environment_prefixes

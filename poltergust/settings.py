@@ -15,6 +15,7 @@ from typing import Sequence
 
 from .layout import Location, safe_name
 from .notify import NotifyTarget, notify_target
+from .sandbox import RunAs, RunAsError
 from .environments import parse_size
 
 DEFAULT_SCHEDULER_PORT = 8082
@@ -58,6 +59,8 @@ class Settings:
     """Node variables that are secrets beyond those found by name (see `secret_env`)."""
     allowed_environment_prefixes: list[str] = field(default_factory=list)
     """URL prefixes environment files may come from; empty means the pipelines' own buckets."""
+    run_as: RunAs | None = None
+    """Run luigi as this unprivileged user (the node runs as root); None: as the node's own user."""
     http_host: str = "127.0.0.1"
     http_port: int = 0
     log_level: str = "INFO"
@@ -133,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("secret-env", "a node variable that is a secret: never passed to pipelines, masked in every log and result "
                       "(besides {{NAME}} references and names with TOKEN, SECRET, PASSWORD...); repeatable",
         action="append", metavar="NAME")
+    add("run-as", "run pipelines as this unprivileged user, each in a private working directory (the node must "
+                  "run as root); without it pipelines share the node's user and trust domain", metavar="USER")
     add("allowed-environment-prefix", "URL prefix environment files may be read from; repeatable "
                                       "(default: the buckets of --path)", action="append", metavar="URL")
     add("http-port", "serve GET /healthz on this port (0: no health server)", type=int, default=0)
@@ -166,6 +171,10 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     if locations[0].is_gcs and not args.project:
         parser.error("--project is required for gs:// paths (or set POLTERGUST_PROJECT or GOOGLE_CLOUD_PROJECT)")
     share_key = _share_key(args, parser)
+    try:
+        run_as = RunAs.lookup(args.run_as) if args.run_as else None
+    except RunAsError as exc:
+        parser.error(str(exc))
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir(args.node_name)
     if args.env_dir:
         env_dir = Path(args.env_dir).expanduser()
@@ -192,6 +201,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         heartbeat_interval=args.heartbeat_interval,
         notify=notify_target(args.notify_url, os.environ.get("DB_URL")),
         secret_env=args.secret_env,
+        run_as=run_as,
         allowed_environment_prefixes=allowed,
         http_host=args.http_host,
         http_port=args.http_port,

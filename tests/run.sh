@@ -28,6 +28,11 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The unprivileged user that --run-as tests start pipelines as.
+if [ "$(id -u)" -eq 0 ] && ! id poltergust-run >/dev/null 2>&1; then
+    useradd --system --no-create-home --shell /usr/sbin/nologin poltergust-run
+fi
+
 # The project and its test dependencies, in a virtualenv of their own.
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # shellcheck disable=SC1091

@@ -1,9 +1,14 @@
 """Pipelines that attack the node, on the real stack: secrets, hostile configs, look-alike prefixes."""
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
+import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
+import pytest
 import yaml
 
 from stack import free_port, wait_for
@@ -70,3 +75,39 @@ def test_credentials_in_the_notify_url_never_reach_the_log(start_node, bucket, e
     wait_for(lambda: "could not notify" in node.output(), 120, "the notification to give up")
     assert "pa55word-xyz" not in node.output() and "k3y-value" not in node.output()
     assert "http://****@127.0.0.1" in node.output()
+
+
+RUN_AS = "poltergust-run"
+
+
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_run_as_keeps_pipelines_out_of_the_cache_and_the_node(
+    start_node, bucket, environment_yaml: str, tmp_path: Path,
+) -> None:
+    """tests/run.sh creates the user; pipelines use the system python, which that user may run."""
+    if os.geteuid() != 0:
+        pytest.skip("--run-as needs the tests to run as root (as tests/run.sh does in CI)")
+    user = pwd.getpwnam(RUN_AS)
+    root = Path(tempfile.mkdtemp(prefix="poltergust-run-as-"))
+    try:
+        os.chmod(root, 0o755)
+        out = root / "out"
+        out.mkdir(mode=0o777)
+        os.chmod(out, 0o777)
+        envs, data = root / "environments", root / "data"
+        start_node("node-a", "--run-as", RUN_AS, "--data-dir", str(data), "--env-dir", str(envs))
+        bucket.upload("environment/sys.yaml", "virtualenv:\n  python: /usr/bin/python3\n" + environment_yaml)
+        env = bucket.url("environment/sys.yaml")
+        task = {"module": "poltergust_testpipes", "out-dir": str(out)}
+        for name, target in (("cache", envs / "planted.txt"), ("node", data / "logs" / "planted.txt"),
+                             ("fine", out / "planted.txt")):
+            bucket.upload(f"pipeline/{name}.config.yaml", yaml.safe_dump(
+                {"environment": env, "task": {**task, "name": "Plant", "target": str(target)}}))
+        assert result(bucket, "fine", "done")
+        assert (out / "planted.txt").stat().st_uid == user.pw_uid, "luigi ran as the unprivileged user"
+        for name in ("cache", "node"):
+            assert "Permission denied" in result(bucket, name, "error")["poltergust"]["log_tail"]
+        assert not (envs / "planted.txt").exists() and not (data / "logs" / "planted.txt").exists()
+        wait_for(lambda: not any((data / "work").iterdir()), 30, "the runs' private directories to be removed")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -136,3 +136,16 @@ class Dump(_Output):
 
             print(f"leaked {secret} and {quote(secret, safe='')}", flush=True)
         raise RuntimeError("dumped the environment")
+
+
+class Plant(_Output):
+    """Tries to write a file where it should not be able to (under --run-as)."""
+
+    target = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(self.target)
+
+    def run(self):
+        with open(self.target, "w") as handle:
+            handle.write("planted")
