@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default: the buckets of --path)", action="append", metavar="URL")
     add("http-port", "serve GET /healthz on this port (0: no health server)", type=int, default=0)
     add("http-host", "address of the health server; 0.0.0.0 lets a load balancer reach it", default="127.0.0.1")
+    add("min-free-disk", "/healthz fails while the data or environment directory's disk has less free space than "
+                         "this, such as 2G (0: no check)", default="0", type=parse_size)
     add("log-level", "logging level of the node's own log", default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add("log-format", "the node's own log: JSON lines (Cloud Logging fields), readable text, or auto: "
@@ -130,7 +132,7 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 async def serve(settings: Settings, project: str, topic: str, subscription: str, http: tuple[str, int],
-                environment_options: dict | None = None) -> None:
+                environment_options: dict | None = None, min_free_disk: int | None = None) -> None:
     events: EventSource
     if settings.locations[0].bucket.startswith("gs://"):
         events = PubSubEvents(project, topic, subscription, settings.locations)
@@ -143,7 +145,7 @@ async def serve(settings: Settings, project: str, topic: str, subscription: str,
         node = Node(settings, events, functools.partial(open_store, retry_for=settings.outage_limit),
                     Environments(settings.env_dir, **(environment_options or {})))
         if http[1]:
-            await stack.enter_async_context(health_server(node, *http))
+            await stack.enter_async_context(health_server(node, *http, min_free_disk))
         await node.run()
 
 
@@ -153,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level, args.node_name, args.log_format)
     settings, project, topic, subscription = settings_from(args, parser)
     uvloop.run(serve(settings, project, topic, subscription, (args.http_host, args.http_port),
-                     dict(cache_size=args.env_cache_size, share=args.share_environments)))
+                     dict(cache_size=args.env_cache_size, share=args.share_environments), args.min_free_disk))
     return 0
 
 

@@ -1,15 +1,17 @@
 """The node's small HTTP server: `/healthz` for load balancers and managed instance groups, `/metrics`.
 
 Ready (200) once the event stream is attached and the first scan is done, and
-while the stream is not broken; 503 otherwise. The handler runs on the node's
-own event loop, so a stalled loop does not answer at all, which a health
-check counts as a failure too.
+while the stream is not broken and the data and environment disks have room;
+503 otherwise. The handler runs on the node's own event loop, so a stalled
+loop does not answer at all, which a health check counts as a failure too.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import AsyncIterator
+import shutil
+from pathlib import Path
+from typing import AsyncIterator, Iterable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,14 +21,35 @@ from .worker import Node
 log = logging.getLogger(__name__)
 
 
+def disk_shortage(paths: Iterable[Path], min_free: int | None) -> str | None:
+    """Which of `paths` sits on a disk with less than `min_free` bytes free, if any.
+
+    A node that cannot build environments or write logs fails every run it
+    takes; reporting it unhealthy lets autohealing replace it instead.
+    """
+    if not min_free:
+        return None
+    for path in paths:
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is None:
+            continue
+        free = shutil.disk_usage(existing).free
+        if free < min_free:
+            return f"disk nearly full: {free // 2**20} MiB free for {path}, below --min-free-disk"
+    return None
+
+
 @contextlib.asynccontextmanager
-async def health_server(node: Node, host: str, port: int) -> AsyncIterator[None]:
+async def health_server(node: Node, host: str, port: int, min_free_disk: int | None = None) -> AsyncIterator[None]:
     async def healthz(_: web.Request) -> web.Response:
         broken = node.events.broken
         if not node.ready.is_set():
             return web.Response(status=503, text="starting: subscription or first scan not done\n")
         if broken is not None:
             return web.Response(status=503, text=f"event stream broken: {broken}\n")
+        shortage = disk_shortage((node.settings.data_dir, node.settings.env_dir), min_free_disk)
+        if shortage is not None:
+            return web.Response(status=503, text=shortage + "\n")
         return web.Response(text="ok\n")
 
     async def metrics(_: web.Request) -> web.Response:
