@@ -106,7 +106,7 @@ usage() {
 log() { printf 'poltergust-init: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 # Bad metadata is the operator's to fix, so say exactly which attribute.
-bad_metadata() { log "error: metadata attribute $1: $2"; exit 2; }
+bad_metadata() { log "error: metadata attribute $1: ${*:2}"; exit 2; }
 
 # Run a command, or in dry-run only say what would run.
 run() {
@@ -239,8 +239,8 @@ read_release() {
     RELEASE_ID=$(printf '%s %s' "$WHEEL_SHA" "$LOCK_SHA" | sha256sum | cut -c1-16)
     RELEASE="$RELEASES/$RELEASE_ID"
     if [[ -n $(attribute poltergust-package) ]]; then
-        bad_metadata poltergust-package "is no longer read: nodes install only a verified wheel" \
-            "(poltergust-wheel-url/-sha256 and poltergust-lock-url/-sha256, see deploy/build-release.sh)"
+        bad_metadata poltergust-package "is no longer read: VMs install only a verified release" \
+            "(poltergust-wheel-url/-sha256 and poltergust-lock-url/-sha256, made by deploy/build-release.sh)"
     fi
 }
 
@@ -415,7 +415,7 @@ install_release() {
     printf '%s --hash=sha256:%s\n' "$dir/$WHEEL_FILE" "$WHEEL_SHA" >"$dir/poltergust.txt"
     python3 -m venv "$dir/venv"
     log "installing release $RELEASE_ID: $WHEEL_FILE and its locked dependencies"
-    "$dir/venv/bin/python" -m pip install --disable-pip-version-check --no-input --retries 10 \
+    "$dir/venv/bin/python" -m pip install --disable-pip-version-check --no-input --no-cache-dir --retries 10 \
         --require-hashes --only-binary :all: -r "$dir/requirements.lock" -r "$dir/poltergust.txt" ||
         die "pip could not install release $RELEASE_ID (see above); nothing was started"
     touch "$dir/.installed"

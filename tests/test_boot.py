@@ -300,3 +300,31 @@ def test_a_tampered_dependency_is_refused_by_pip(tmp_path: Path, gcs: FakeGcs, d
     assert "nothing was started" in boot.result.stderr
     assert boot.systemctl() == []
     assert not list((boot.root / "opt/poltergust/releases").glob("*/.installed"))
+
+
+# ---------------------------------------------------------------------------
+# What autohealing sees when a node's disk fills up
+
+
+def test_disk_shortage_names_the_directory_below_the_limit(tmp_path: Path) -> None:
+    from poltergust.health import disk_shortage
+
+    missing = tmp_path / "not" / "made" / "yet"
+    assert disk_shortage([tmp_path, missing], None) is None
+    assert disk_shortage([tmp_path, missing], 1) is None
+    free = shutil.disk_usage(tmp_path).free
+    reason = disk_shortage([missing], free * 2)
+    assert reason is not None and reason.startswith("disk nearly full") and str(missing) in reason
+
+
+@pytest.mark.parametrize("backend", ["local"])
+def test_healthz_fails_while_the_disk_is_nearly_full(start_node) -> None:
+    full_port, roomy_port = free_port(), free_port()
+    start_node("node-full", "--http-port", str(full_port), "--min-free-disk", "1000000T")
+    start_node("node-roomy", "--http-port", str(roomy_port), "--min-free-disk", "1M")
+    assert http_status(f"http://127.0.0.1:{roomy_port}/healthz") == 200
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{full_port}/healthz", timeout=5)
+        raise AssertionError("a node without disk space must fail its health check")
+    except urllib.error.HTTPError as error:
+        assert error.code == 503 and error.read().decode().startswith("disk nearly full")
