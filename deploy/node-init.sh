@@ -370,12 +370,13 @@ auth_header() {
 
 # Download URL $1 (gs:// or https://) to $2.
 download() {
-    local url=$1 dest=$2 bucket object status
+    local url=$1 dest=$2 bucket object status header
     if [[ "$url" == gs://* ]]; then
         bucket=${url#gs://}
         object=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "${bucket#*/}")
         bucket=${bucket%%/*}
-        status=$(curl --silent --show-error --retry 5 --retry-connrefused --max-time 300 -H @"$(auth_header)" \
+        header=$(auth_header)
+        status=$(curl --silent --show-error --retry 5 --retry-connrefused --max-time 300 -H @"$header" \
             -o "$dest" -w '%{http_code}' "$STORAGE_URL/storage/v1/b/$bucket/o/$object?alt=media") || status=000
     else
         status=$(curl --silent --show-error --retry 5 --proto '=https' --max-time 300 \
@@ -444,7 +445,7 @@ write_secrets() {
         rm -f "$ROOT$NODE_ENV"
         return
     fi
-    local entry name secret status
+    local entry name secret status header
     : >"$TMP/node.env"
     for entry in "${SECRETS[@]}"; do
         name=${entry%%=*}
@@ -455,7 +456,8 @@ write_secrets() {
             log "dry-run, would read $secret into $NODE_ENV as $name"
             continue
         fi
-        status=$(curl --silent --show-error --retry 5 --max-time 30 -H @"$(auth_header)" \
+        header=$(auth_header)
+        status=$(curl --silent --show-error --retry 5 --max-time 30 -H @"$header" \
             -o "$TMP/secret.json" -w '%{http_code}' "$SECRETS_URL/v1/$secret:access") || status=000
         [[ "$status" == 200 ]] || die "cannot read $secret for $name (HTTP status $status): the node's" \
             "service account needs roles/secretmanager.secretAccessor on it"
