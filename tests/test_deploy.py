@@ -1,24 +1,25 @@
 """Checks of the deployment files in deploy/ and clusters/.
 
 Static checks (terraform fmt/validate, checkov, shellcheck) and behaviour
-tests of the gcloud and DataProc scripts against a fake gcloud
+tests of the gcloud scripts against a fake gcloud
 (tests/deploy_fixtures/fake_gcloud.py) that records every call and models
-which resources exist. node-init.sh is tested in tests/test_node_init.py
-(its units) and tests/test_boot.py (a real boot). `bash .ci/deploy-tools.sh`
-installs shellcheck and checkov; checkov is found through $CHECKOV.
+which resources exist (DataProc's: tests/test_dataproc.py). node-init.sh is
+tested in tests/test_node_init.py (its units) and tests/test_boot.py (a real
+boot). `bash .ci/deploy-tools.sh` installs shellcheck and checkov; checkov is
+found through $CHECKOV.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from deploy_fixtures.gcloud_harness import (FakeGcloud, assert_flags, find, make_release, matches, metadata_of,
+                                            mutations, release_attributes)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -27,7 +28,6 @@ NODE_INIT = DEPLOY / "node-init.sh"
 CREATE = DEPLOY / "gcloud" / "create.sh"
 TEARDOWN = DEPLOY / "gcloud" / "teardown.sh"
 CLUSTERS = ROOT / "clusters"
-FAKE_GCLOUD = Path(__file__).resolve().parent / "deploy_fixtures" / "fake_gcloud.py"
 
 INSTALL_HINT = "run `bash .ci/deploy-tools.sh` (as root on Debian) to install it"
 
@@ -120,107 +120,6 @@ def test_scripts_are_executable() -> None:
 
 # ---------------------------------------------------------------------------
 # gcloud scripts against a fake gcloud
-
-MUTATING = {"create", "delete", "enable", "add-iam-policy-binding", "remove-iam-policy-binding",
-            "set-autoscaling", "undelete", "rolling-action", "rm", "cp", "update", "add-metadata"}
-
-
-class FakeGcloud:
-    def __init__(self, tmp_path: Path) -> None:
-        self.state = tmp_path / "gcloud-state"
-        self.state.mkdir()
-        bin_dir = tmp_path / "bin"
-        bin_dir.mkdir()
-        stub = bin_dir / "gcloud"
-        stub.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "{FAKE_GCLOUD}" "$@"\n')
-        stub.chmod(0o755)
-        self.env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-                    "FAKE_GCLOUD_STATE": str(self.state), "POLTERGUST_RETRY_SLEEP": "0"}
-        for name in list(self.env):
-            if name.startswith("POLTERGUST_") and name != "POLTERGUST_RETRY_SLEEP":
-                del self.env[name]
-        self.seen = 0
-
-    def run(self, *command: str | Path, env: dict[str, str] | None = None,
-            cwd: Path | None = None) -> tuple[subprocess.CompletedProcess[str], list[list[str]]]:
-        """Run a script; returns its result and the gcloud calls it made."""
-        result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=120,
-                                env={**self.env, **(env or {})}, cwd=cwd, stdin=subprocess.DEVNULL)
-        calls_file = self.state / "calls.jsonl"
-        lines = calls_file.read_text().splitlines() if calls_file.exists() else []
-        calls = [json.loads(line) for line in lines[self.seen:]]
-        self.seen = len(lines)
-        return result, calls
-
-    def edit(self, change) -> None:
-        """Change the modelled cloud (a function of its state dict)."""
-        db = json.loads((self.state / "state.json").read_text()) if (self.state / "state.json").exists() else {
-            "resources": {}, "bindings": [], "services": [], "notifications": {}, "subscriptions": {}, "next_id": 1}
-        change(db)
-        (self.state / "state.json").write_text(json.dumps(db))
-
-    def add_subscription(self, name: str, topic: str) -> None:
-        self.edit(lambda db: db["subscriptions"].__setitem__(name, topic))
-
-
-def make_release(directory: Path, version: str = "0.1.0-0123456789ab", wheel: bytes = b"the wheel") -> Path:
-    """A release.json with its files, as deploy/build-release.sh lays them out."""
-    files = {"poltergust-0.1.0-py3-none-any.whl": wheel, "requirements.lock": b"luigi==3.8.1 --hash=sha256:00\n"}
-    (directory / version).mkdir(parents=True)
-    for name, data in files.items():
-        (directory / version / name).write_bytes(data)
-    digest = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
-    manifest = directory / "release.json"
-    manifest.write_text(json.dumps({
-        "version": version, "wheel": "poltergust-0.1.0-py3-none-any.whl",
-        "wheel_sha256": digest["poltergust-0.1.0-py3-none-any.whl"], "lock": "requirements.lock",
-        "lock_sha256": digest["requirements.lock"]}))
-    return manifest
-
-
-def release_attributes(manifest: Path, bucket: str) -> dict[str, str]:
-    release = json.loads(manifest.read_text())
-    prefix = f"gs://{bucket}/_poltergust/dist/{release['version']}/"
-    return {"poltergust-wheel-url": prefix + release["wheel"], "poltergust-wheel-sha256": release["wheel_sha256"],
-            "poltergust-lock-url": prefix + release["lock"], "poltergust-lock-sha256": release["lock_sha256"]}
-
-
-def verb(call: list[str]) -> str:
-    words = [w for w in call if not w.startswith("-")]
-    return next((w for w in words if w in MUTATING | {"describe", "list", "get-iam-policy"}), "")
-
-
-def mutations(calls: list[list[str]]) -> list[list[str]]:
-    return [c for c in calls if verb(c) in MUTATING]
-
-
-def matches(call: list[str], words: tuple[str, ...]) -> bool:
-    """True if the call has these flags (--...) and, in a row, these other words."""
-    flags = [w for w in words if w.startswith("--")]
-    plain = [w for w in words if not w.startswith("--")]
-    positional = [w for w in call if not w.startswith("-")]
-    in_a_row = any(positional[i:i + len(plain)] == plain for i in range(len(positional) - len(plain) + 1))
-    return in_a_row and all(f in call for f in flags)
-
-
-def find(calls: list[list[str]], *words: str) -> list[str]:
-    """The one call that matches these words (see matches)."""
-    hits = [c for c in calls if matches(c, words)]
-    assert len(hits) == 1, f"expected one call with {words}, got {hits}"
-    return hits[0]
-
-
-def metadata_of(call: list[str]) -> dict[str, str]:
-    """The --metadata=^|^K=V|K=V... flag of a call as a dict (gcloud's ^|^ sets the separator)."""
-    value = next(w for w in call if w.startswith("--metadata="))[len("--metadata="):]
-    assert value.startswith("^|^"), value
-    return dict(entry.split("=", 1) for entry in value[3:].split("|"))
-
-
-def assert_flags(call: list[str], *flags: str) -> None:
-    for flag in flags:
-        assert flag in call, f"{flag} missing from {' '.join(call)}"
-
 
 def create_args(manifest: Path) -> list[str]:
     return ["--project=my-proj", "--region=europe-west4", "--bucket=my-bucket", "--min-nodes=2", "--max-nodes=5",
@@ -455,97 +354,3 @@ def test_teardown_deletes_everything_but_the_bucket_once(tmp_path: Path) -> None
     back, calls = fake.run(CREATE, *create_args(manifest))
     assert back.returncode == 0, back.stderr
     find(mutations(calls), "iam", "roles", "undelete", "poltergust_node_subscriptions")
-
-
-# ---------------------------------------------------------------------------
-# DataProc scripts
-
-DATAPROC_SA = "poltergust-mycluster@my-proj.iam.gserviceaccount.com"
-
-
-def test_dataproc_create_cluster_once_then_only_the_tunnel(tmp_path: Path) -> None:
-    fake = FakeGcloud(tmp_path)
-    manifest = make_release(tmp_path / "dist")
-    env = {"POLTERGUST_PROJECT": "my-proj", "POLTERGUST_RELEASE": str(manifest)}
-    result, calls = fake.run("./dataproc-create-cluster.sh", "mycluster", "2", env=env, cwd=CLUSTERS)
-    assert result.returncode == 0, result.stderr
-    created = mutations(calls)
-    assert_flags(find(created, "buckets", "create", "gs://mycluster"), "--uniform-bucket-level-access",
-                 "--public-access-prevention")
-    find(created, "pubsub", "topics", "create", "poltergust-mycluster")
-    assert_flags(find(created, "notifications", "create", "gs://mycluster"),
-                 "--event-types=OBJECT_FINALIZE,OBJECT_DELETE", "--object-prefix=pipeline/",
-                 "--topic=projects/my-proj/topics/poltergust-mycluster")
-
-    # The release and the init scripts lie below _poltergust/dist/, which the cluster cannot write.
-    attributes = release_attributes(manifest, "mycluster")
-    uploads = [c[-1] for c in created if "cp" in c]
-    assert uploads[:2] == [attributes["poltergust-wheel-url"], attributes["poltergust-lock-url"]]
-    init_dir = uploads[2].rsplit("/", 1)[0]
-    assert init_dir.startswith("gs://mycluster/_poltergust/dist/0.1.0-0123456789ab/init-")
-    assert uploads[2:] == [f"{init_dir}/dataproc-init.sh", f"{init_dir}/node-init.sh"]
-
-    # Its own service account, never the Compute Engine default one, with the node grants only.
-    member = f"--member=serviceAccount:{DATAPROC_SA}"
-    find(created, "iam", "service-accounts", "create", "poltergust-mycluster")
-    assert_flags(find(created, "buckets", "add-iam-policy-binding", "--role=roles/storage.objectUser", member),
-                 '--condition=expression=!resource.name.startsWith('
-                 '"projects/_/buckets/mycluster/objects/_poltergust/dist/"),title=not-the-release')
-    find(created, "buckets", "add-iam-policy-binding", "--role=roles/storage.objectViewer", member)
-    worker = find(created, "projects", "add-iam-policy-binding", "--role=roles/dataproc.worker", member)
-    condition = next(w for w in worker if w.startswith("--condition="))
-    assert 'resource.name.startsWith("projects/_/buckets/mycluster/objects/")' in condition
-    assert '!resource.name.startsWith("projects/_/buckets/mycluster/objects/_poltergust/dist/")' in condition
-    find(created, "projects", "add-iam-policy-binding", "--role=projects/my-proj/roles/poltergust_dataproc_node",
-         member)
-    assert_flags(find(created, "iam", "roles", "create", "poltergust_dataproc_node"),
-                 "--permissions=pubsub.subscriptions.consume,pubsub.subscriptions.create,"
-                 "pubsub.subscriptions.delete,pubsub.subscriptions.get")
-    find(created, "topics", "add-iam-policy-binding", "--role=roles/pubsub.subscriber", member)
-
-    # A network of its own: luigid's port only from the cluster, NAT for installs.
-    find(created, "compute", "networks", "create", "mycluster-net")
-    assert_flags(find(created, "subnets", "create", "mycluster-subnet"), "--enable-private-ip-google-access")
-    find(created, "routers", "nats", "create", "mycluster-nat")
-    assert_flags(find(created, "firewall-rules", "create", "mycluster-internal"),
-                 f"--source-service-accounts={DATAPROC_SA}", f"--target-service-accounts={DATAPROC_SA}")
-    assert not [c for c in created if "firewall-rules" in c and "--source-ranges=0.0.0.0/0" in c]
-
-    cluster = find(created, "dataproc", "clusters", "create", "mycluster")
-    assert_flags(cluster, "--num-workers=2", f"--initialization-actions={init_dir}/dataproc-init.sh",
-                 f"--service-account={DATAPROC_SA}", "--subnet=mycluster-subnet", "--no-address",
-                 "--bucket=mycluster", "--temp-bucket=mycluster")
-    node_init_sha = hashlib.sha256((DEPLOY / "node-init.sh").read_bytes()).hexdigest()
-    assert metadata_of(cluster) == {
-        "poltergust-path": "gs://mycluster/pipeline", "poltergust-topic": "poltergust-mycluster",
-        "poltergust-project": "my-proj", **attributes,
-        "poltergust-init-url": f"{init_dir}/node-init.sh", "poltergust-init-sha256": node_init_sha,
-    }
-    ssh = find(calls, "compute", "ssh", "mycluster-m")
-    assert "--tunnel-through-iap" in ssh and ssh[ssh.index("--"):] == ["--", "-L", "8082:localhost:8082", "-N"]
-
-    again, calls = fake.run("./dataproc-create-cluster.sh", "mycluster", "2", env=env, cwd=CLUSTERS)
-    assert again.returncode == 0, again.stderr
-    assert mutations(calls) == []
-    find(calls, "compute", "ssh", "mycluster-m")
-
-    deleted, calls = fake.run("./dataproc-delete-cluster.sh", "mycluster", env=env, cwd=CLUSTERS)
-    assert deleted.returncode == 0, deleted.stderr
-    removed = mutations(calls)
-    for words in [("dataproc", "clusters", "delete", "mycluster"), ("pubsub", "topics", "delete"),
-                  ("firewall-rules", "delete", "mycluster-internal"), ("networks", "delete", "mycluster-net"),
-                  ("remove-iam-policy-binding", "--role=roles/dataproc.worker", "--all"),
-                  ("service-accounts", "delete", DATAPROC_SA)]:
-        find(removed, *words)
-    assert not [c for c in removed if "rm" in c]
-    assert mutations(fake.run("./dataproc-delete-cluster.sh", "mycluster", env=env, cwd=CLUSTERS)[1]) == []
-
-
-def test_dataproc_refuses_another_projects_bucket(tmp_path: Path) -> None:
-    fake = FakeGcloud(tmp_path)
-    fake.edit(lambda db: db["resources"].__setitem__("storage/buckets:gs://mycluster", {
-        "project-number": "42", "uniform-bucket-level-access": True, "public-access-prevention": True}))
-    env = {"POLTERGUST_PROJECT": "my-proj", "POLTERGUST_RELEASE": str(make_release(tmp_path / "dist"))}
-    result, calls = fake.run("./dataproc-create-cluster.sh", "mycluster", "2", env=env, cwd=CLUSTERS)
-    assert result.returncode != 0 and "belongs to project number 42" in result.stderr
-    assert mutations(calls) == []
