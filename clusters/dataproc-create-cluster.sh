@@ -104,9 +104,8 @@ fi
 
 # --- the release and the init scripts, where the cluster cannot write --------
 upload_release "$BUCKET_URL"
-INIT_SHA=$(sha256sum "$HERE/../deploy/node-init.sh" | cut -d' ' -f1)
-INIT_URL="$BUCKET_URL/$DIST_ROOT$RELEASE_VERSION/init-$(cat "$HERE/dataproc-init.sh" "$HERE/../deploy/node-init.sh" |
-    sha256sum | cut -c1-12)"
+INIT_SHA=$(sha256 "$HERE/../deploy/node-init.sh")
+INIT_URL="$BUCKET_URL/$DIST_ROOT$RELEASE_VERSION/init-$(sha256 "$HERE/dataproc-init.sh" | cut -c1-6)${INIT_SHA:0:6}"
 for script in "$HERE/dataproc-init.sh" "$HERE/../deploy/node-init.sh"; do
     have "init script $INIT_URL/${script##*/}" storage objects describe "$INIT_URL/${script##*/}" ||
         gc storage cp "$script" "$INIT_URL/${script##*/}"

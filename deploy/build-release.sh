@@ -37,6 +37,8 @@ PYTHON_VERSION=3.11.2
 PLATFORM=x86_64-manylinux_2_36
 
 log() { printf 'build-release: %s\n' "$*" >&2; }
+# sha256 of file $1 (python3, so that this runs where sha256sum is missing too).
+sha256() { python3 -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$1"; }
 die() { log "error: $*"; exit 1; }
 
 while (($#)); do
@@ -56,7 +58,7 @@ done
 [[ "$PYTHON_VERSION" =~ ^3\.[0-9]+(\.[0-9]+)?$ ]] || die "--python-version: expected 3.X or 3.X.Y, got '$PYTHON_VERSION'"
 UV=${UV:-$(command -v uv || true)}
 [[ -n "$UV" && -x "$UV" ]] || die "uv not found: install it (pip install uv) or set UV to its path"
-UV=$(realpath "$UV")
+UV="$(cd "$(dirname "$UV")" && pwd)/$(basename "$UV")"
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -64,9 +66,8 @@ trap 'rm -rf "$WORK"' EXIT
 # Build from a copy of what the wheel is made of, so the build leaves nothing
 # in the checkout and nothing else in it (virtualenvs, caches) can slip in.
 mkdir -p "$WORK/src"
-cp "$CHECKOUT/pyproject.toml" "$CHECKOUT/setup.cfg" "$CHECKOUT/README.md" "$WORK/src/"
-(cd "$CHECKOUT" && find poltergust -type f ! -name '*.py[co]' ! -path '*/__pycache__/*' -print0 |
-    xargs -0 cp --parents -t "$WORK/src/")
+tar -C "$CHECKOUT" --exclude=__pycache__ --exclude='*.py[co]' -cf - pyproject.toml setup.cfg README.md poltergust |
+    tar -C "$WORK/src" -xf -
 COMMIT=$(git -C "$CHECKOUT" rev-parse HEAD 2>/dev/null || echo unknown)
 if [[ "$COMMIT" != unknown ]] && [[ -n $(git -C "$CHECKOUT" status --porcelain -- poltergust setup.cfg pyproject.toml) ]]; then
     COMMIT="$COMMIT+changes"
@@ -97,11 +98,12 @@ log "locking its dependencies for Python $PYTHON_VERSION on $PLATFORM"
     --custom-compile-command "deploy/build-release.sh" --output-file requirements.lock)
 grep -q -- '--hash=sha256:' "$WORK/requirements.lock" || die "the lock file has no hashes"
 
-WHEEL_SHA=$(sha256sum "$WHEEL_PATH" | cut -d' ' -f1)
-LOCK_SHA=$(sha256sum "$WORK/requirements.lock" | cut -d' ' -f1)
+WHEEL_SHA=$(sha256 "$WHEEL_PATH")
+LOCK_SHA=$(sha256 "$WORK/requirements.lock")
 PACKAGE_VERSION=${WHEEL#poltergust-}
 PACKAGE_VERSION=${PACKAGE_VERSION%%-*}
-VERSION="$PACKAGE_VERSION-$(printf '%s %s' "$WHEEL_SHA" "$LOCK_SHA" | sha256sum | cut -c1-12)"
+VERSION="$PACKAGE_VERSION-$(python3 -c 'import hashlib, sys; print(hashlib.sha256(sys.argv[1].encode()).hexdigest()[:12])' \
+    "$WHEEL_SHA $LOCK_SHA")"
 
 mkdir -p "$OUT_DIR/$VERSION"
 cp "$WHEEL_PATH" "$WORK/requirements.lock" "$OUT_DIR/$VERSION/"

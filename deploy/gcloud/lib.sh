@@ -155,6 +155,9 @@ retry() {
 }
 
 # --- the release (deploy/build-release.sh) ----------------------------------
+# sha256 of file $1 (python3: sha256sum is not everywhere an operator works).
+sha256() { python3 -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$1"; }
+
 # Everything below this prefix is what VMs install: only the operator writes
 # it (the nodes' object grant excludes it).
 readonly DIST_ROOT="_poltergust/dist/"
@@ -173,8 +176,8 @@ print(r["version"], r["wheel"], r["wheel_sha256"], r["lock"], r["lock_sha256"])'
         "$lock" =~ ^[A-Za-z0-9._-]+$ ]] || die "$manifest: unexpected version or file names"
     WHEEL_FILE="$(dirname "$manifest")/$RELEASE_VERSION/$wheel"
     LOCK_FILE="$(dirname "$manifest")/$RELEASE_VERSION/$lock"
-    WHEEL_SHA=$(sha256sum "$WHEEL_FILE" | cut -d' ' -f1)
-    LOCK_SHA=$(sha256sum "$LOCK_FILE" | cut -d' ' -f1)
+    WHEEL_SHA=$(sha256 "$WHEEL_FILE")
+    LOCK_SHA=$(sha256 "$LOCK_FILE")
     [[ "$WHEEL_SHA" == "$wheel_sha" && "$LOCK_SHA" == "$lock_sha" ]] ||
         die "the files of release $RELEASE_VERSION do not match $manifest: build the release again"
 }
