@@ -20,7 +20,7 @@ from . import heartbeat, metrics
 from .backoff import Backoff
 from .environments import Environments
 from .events import Event, EventSource, open_events
-from .health import health_server
+from .health import disk_shortage, health_server
 from .layout import RunKey, is_config_name, safe_name
 from .locks import try_lock
 from .notify import Notifier
@@ -96,6 +96,9 @@ class Node:
         """Why this node cannot take work right now (for /healthz), or None when it can."""
         if not self.attached.is_set():
             return "event stream not attached (yet)"
+        shortage = disk_shortage((self.settings.data_dir, self.settings.env_dir), self.settings.min_free_disk)
+        if shortage is not None:
+            return shortage
         broken = self.events.broken
         return f"event stream broken: {broken}" if broken is not None else None
 

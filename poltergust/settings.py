@@ -61,6 +61,8 @@ class Settings:
     """URL prefixes environment files may come from; empty means the pipelines' own buckets."""
     run_as: RunAs | None = None
     """Run luigi as this unprivileged user (the node runs as root); None: as the node's own user."""
+    min_free_disk: int | None = None
+    """/healthz fails while the data or environment disk has less free space (None: no check)."""
     http_host: str = "127.0.0.1"
     http_port: int = 0
     log_level: str = "INFO"
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "run as root); without it pipelines share the node's user and trust domain", metavar="USER")
     add("allowed-environment-prefix", "URL prefix environment files may be read from; repeatable "
                                       "(default: the buckets of --path)", action="append", metavar="URL")
+    add("min-free-disk", "/healthz fails while the data or environment directory's disk has less free space than "
+                         "this, such as 2G (0: no check)", default="0", type=parse_size)
     add("http-port", "serve GET /healthz on this port (0: no health server)", type=int, default=0)
     add("http-host", "address of the health server; 0.0.0.0 lets a load balancer reach it", default="127.0.0.1")
     add("log-level", "logging level of the node's own log", default="INFO",
@@ -203,6 +207,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         secret_env=args.secret_env,
         run_as=run_as,
         allowed_environment_prefixes=allowed,
+        min_free_disk=args.min_free_disk,
         http_host=args.http_host,
         http_port=args.http_port,
         log_level=args.log_level,

@@ -16,6 +16,9 @@ gcloud beta emulators pubsub --help >/dev/null 2>&1 || missing+=(google-cloud-cl
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
 command -v chromedriver >/dev/null || missing+=(chromium chromium-driver)  # the dashboard's browser tests
+command -v curl >/dev/null || missing+=(curl)                    # the boot test runs deploy/node-init.sh
+command -v systemd-analyze >/dev/null || missing+=(systemd)      # ... and scores its units
+command -v setpriv >/dev/null || missing+=(util-linux)           # --run-as
 if ((${#missing[@]})); then
     if [ "$(id -u)" -ne 0 ]; then
         echo "tests/run.sh: missing Debian packages; install them as root, then run this again:" >&2
@@ -43,6 +46,7 @@ python -m pip install --quiet -e '.[test]'
 # Wheels the test environments install from, so no test needs the package index.
 bash tests/setup/example-tools.sh .wheelhouse
 python -m pip download --quiet --dest .wheelhouse luigi
+bash tests/setup/runtime-wheels.sh .wheelhouse  # Poltergust's own dependencies, for the release the boot test builds
 
 # checkov, in a virtualenv of its own; exports CHECKOV.
 # shellcheck disable=SC1091

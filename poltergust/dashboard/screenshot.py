@@ -41,7 +41,7 @@ def chrome(width: int = 1360, height: int = 1000, timezone_name: str | None = No
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if browser is None or driver is None:
-        raise RuntimeError("needs Debian's chromium and chromium-driver packages (see .ci/run)")
+        raise RuntimeError("needs Debian's chromium and chromium-driver packages (tests/run.sh installs them)")
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",

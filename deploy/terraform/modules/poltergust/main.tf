@@ -10,8 +10,6 @@ locals {
   zone          = coalesce(var.zone, data.google_compute_zones.up.names[0])
   scheduler_url = "http://${google_compute_address.scheduler.address}:${local.luigid_port}"
 
-  package_spec = var.poltergust_version == "" ? var.poltergust_package : "${var.poltergust_package}==${var.poltergust_version}"
-
   # Both roles boot the same script; the poltergust-role attribute picks one.
   init_script = file("${path.module}/../../../node-init.sh")
 

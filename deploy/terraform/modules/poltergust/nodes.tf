@@ -33,14 +33,19 @@ resource "google_compute_instance_template" "node" {
     enable_integrity_monitoring = true
   }
 
-  # Read by node-init.sh, which passes them to the node's command line.
+  # Read by node-init.sh: the release to install, and the node's settings.
+  # Secrets are named here, never their values (node-init.sh reads those).
   metadata = {
     poltergust-role          = "node"
-    poltergust-package       = local.package_spec
     poltergust-path          = local.pipeline_url
     poltergust-scheduler-url = local.scheduler_url
     poltergust-topic         = google_pubsub_topic.bucket_events.name
     poltergust-project       = var.project_id
+    poltergust-secrets       = join(" ", [for name, id in var.node_secrets : "${name}=${id}"])
+    poltergust-wheel-url     = local.release_metadata.wheel_url
+    poltergust-wheel-sha256  = local.release_metadata.wheel_sha256
+    poltergust-lock-url      = local.release_metadata.lock_url
+    poltergust-lock-sha256   = local.release_metadata.lock_sha256
     # ssh only with OS Login (IAM-controlled), never with keys in metadata.
     enable-oslogin         = "TRUE"
     block-project-ssh-keys = "TRUE"
@@ -50,11 +55,6 @@ resource "google_compute_instance_template" "node" {
   lifecycle {
     # Templates are immutable: make the new one before the group lets go of the old.
     create_before_destroy = true
-
-    precondition {
-      condition     = var.poltergust_version == "" || can(regex("^[A-Za-z0-9][A-Za-z0-9._-]*(\\[[A-Za-z0-9,._-]+\\])?$", var.poltergust_package))
-      error_message = "poltergust_version can only pin a plain distribution name; put the version into poltergust_package for URLs."
-    }
   }
 }
 
@@ -86,7 +86,7 @@ resource "google_compute_region_instance_group_manager" "nodes" {
 
   auto_healing_policies {
     health_check = google_compute_health_check.node.id
-    # First boot installs Python and Poltergust before /healthz can answer.
+    # First boot installs the release before /healthz can answer.
     initial_delay_sec = 600
   }
 

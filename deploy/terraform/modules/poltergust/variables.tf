@@ -126,16 +126,21 @@ variable "image" {
   default     = "debian-cloud/debian-12"
 }
 
-variable "poltergust_package" {
-  description = "What the VMs pip install: a distribution name (default), a git+https URL or a wheel URL."
+variable "release_manifest" {
+  description = "Path of release.json written by deploy/build-release.sh. Its wheel and lock file (in VERSION/ beside it) are uploaded to gs://BUCKET/_poltergust/dist/VERSION/, and every VM installs exactly them, checked by sha256."
   type        = string
-  default     = "poltergust"
 }
 
-variable "poltergust_version" {
-  description = "Pin the version (poltergust_package==VERSION); only when poltergust_package is a plain name. Empty: newest release."
-  type        = string
-  default     = ""
+variable "node_secrets" {
+  description = "Secret Manager secrets the nodes put into their environment for {{NAME}} in environment files: NAME => secret id in project_id. The nodes' service account may read exactly these."
+  type        = map(string)
+  default     = {}
+
+  validation {
+    condition = alltrue([for name, id in var.node_secrets :
+    can(regex("^[A-Za-z_][A-Za-z0-9_]*$", name)) && can(regex("^[A-Za-z0-9_-]+$", id))])
+    error_message = "node_secrets maps environment variable names to secret ids (letters, digits, - and _)."
+  }
 }
 
 variable "enable_iap_ssh" {
