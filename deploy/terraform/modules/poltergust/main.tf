@@ -43,6 +43,29 @@ resource "google_storage_bucket" "poltergust" {
   versioning {
     enabled = false
   }
+
+  # Run logs and run markers are the nodes' own bookkeeping: kept for a while, then deleted.
+  lifecycle_rule {
+    condition {
+      age            = var.run_record_days
+      matches_prefix = ["_poltergust/logs/", "_poltergust/runs/"]
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
+  # Result files accumulate under the pipeline prefix; listings only ever read configs.
+  lifecycle_rule {
+    condition {
+      age            = var.result_days
+      matches_prefix = ["${var.pipeline_prefix}/"]
+      matches_suffix = [".done.yaml", ".error.yaml"]
+    }
+    action {
+      type = "Delete"
+    }
+  }
 }
 
 # ---------------------------------------------------------------------------

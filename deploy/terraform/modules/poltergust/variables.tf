@@ -154,3 +154,15 @@ variable "labels" {
   type        = map(string)
   default     = {}
 }
+
+variable "run_record_days" {
+  description = "Days after which run logs and run markers (_poltergust/logs/, _poltergust/runs/) are deleted."
+  type        = number
+  default     = 30
+}
+
+variable "result_days" {
+  description = "Days after which result files (NAME.done.yaml, NAME.error.yaml) are deleted."
+  type        = number
+  default     = 365
+}
