@@ -8,8 +8,8 @@ shutdown leaves the config in place, for the next scan.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
 from datetime import datetime, timezone
 from typing import Callable, Protocol
 
@@ -60,7 +60,7 @@ class Run:
         self.taking_part = False
         self.found_at_start = False
         """Found by the node's first scan: this node may have started it before a crash."""
-        self._recruiting: _Recruiting | None = None
+        self._recruiting: joining.Recruiting | None = None
 
     async def execute(self) -> None:
         key = self.key
@@ -71,8 +71,11 @@ class Run:
             log.debug("%s#%d is gone (finished, replaced or deleted): nothing to do", key.url(), key.generation)
             return
         except TooLarge as exc:
-            config = Blob((await self.store.stat(key.name)), b"")
-            await self._refuse(config, f"{key.url()}: {exc}: a pipeline config is at most {MAX_FILE_SIZE} bytes")
+            with contextlib.suppress(StorageError):  # gone meanwhile: nothing to refuse
+                info = await self.store.stat(key.name)
+                if info.generation == key.generation:
+                    await self._refuse(Blob(info, b""), f"{key.url()}: {exc}: a pipeline config is at most "
+                                                        f"{MAX_FILE_SIZE} bytes")
             return
         except StorageError as exc:
             log.error("%s: cannot read the config, leaving it for the next scan: %s", key.url(), exc)
@@ -139,7 +142,7 @@ class Run:
         """This node's part: environment, luigi, and the race to finish; the starter also keeps its marker."""
         self.taking_part = True
         refresher = asyncio.create_task(self._keep_marker(marker)) if marker is not None else None
-        self._recruiting = _Recruiting(limit) if marker is not None else None
+        self._recruiting = joining.Recruiting(limit) if marker is not None else None
         try:
             await self._run(config)
         except asyncio.CancelledError:
@@ -367,32 +370,6 @@ class Run:
             await self.store.write(self.log_object, runlog.read())
         except (StorageError, OSError) as exc:
             log.warning("could not upload the log %s: %s", self.log_object, exc)
-
-
-class _Recruiting:
-    """A starter's calls for help: each has its own places, and they grow rarer (every one reaches every node)."""
-
-    FIRST_GAP = 2.0
-    MAX_GAP = 60.0
-
-    def __init__(self, limit: int | None) -> None:
-        self.left = None if limit is None else limit - 1
-        """Helper places still to offer (None: as many as the graph has tasks for)."""
-        self.wave = 0
-        self._gap = self.FIRST_GAP
-        self._next = 0.0
-
-    def due(self) -> bool:
-        return time.monotonic() >= self._next and self.left != 0
-
-    def places(self, takeable: int) -> int:
-        wanted = takeable if self.left is None else min(takeable, self.left)
-        if self.left is not None:
-            self.left -= wanted
-        self.wave += 1
-        self._next = time.monotonic() + self._gap
-        self._gap = min(self._gap * 2, self.MAX_GAP)
-        return wanted
 
 
 def _now() -> datetime:
