@@ -32,7 +32,7 @@ class Verdict:
     takeable: int = 0
     """Pending tasks a worker of the pipeline could start right now."""
     failed: list[tuple[str, str]] = field(default_factory=list)
-    """(task id, display name) of the FAILED and DISABLED tasks."""
+    """(task id, display name) of the FAILED and DISABLED tasks, and of those that failed on this node."""
 
 
 def verdict(graph: Mapping[str, Mapping[str, Any]], root: str, failed_here: Collection[str] = ()) -> Verdict:
