@@ -3,9 +3,10 @@
 Several nodes' luigi workers share one graph through luigid. A worker exits
 when it has nothing left to do, which says little about the pipeline, so
 the outcome is read from luigid (see `graph`): done when the root task is
-DONE; an error, naming the failed task, once a task FAILED or is DISABLED and
-nothing runs; while others still run tasks this node waits (asking luigid,
-not starting luigi again) and takes part again when a task is free for it.
+DONE; an error, naming the failed tasks, once a task FAILED or is DISABLED and
+nothing else runs or could be taken; while others still run tasks this node
+waits (asking luigid, not starting luigi again) and takes part again when a
+task is free for it.
 Without a graph (a plain luigid that pruned it, a root that never reached the
 scheduler), luigi's exit codes decide, as they would for a single process.
 A scheduler that cannot be reached is waited for (up to `outage_limit`)
@@ -146,9 +147,8 @@ class Participation:
                         return None, over
                     continue
                 current = await self._verdict()
-                if self.failed_here and current.state in ("busy", "stuck", "unknown") and not current.running:
-                    # As a single luigi process would: a failed task ends the run once nothing else runs,
-                    # even if the scheduler would try it again later.
+                if self.failed_here and current.state == "unknown":
+                    # Without a graph, as a single luigi process would: a failed task ends the run.
                     current = Verdict("failed", failed=[(task, task) for task in sorted(self.failed_here)])
                 if current.state in ("done", "failed"):
                     over = current
@@ -165,7 +165,7 @@ class Participation:
         if self.root is None:
             return Verdict("unknown")
         try:
-            return await self.luigid.verdict(self.root)
+            return await self.luigid.verdict(self.root, self.failed_here)
         except SchedulerError as exc:
             log.debug("cannot read the task graph: %s", exc)
             return Verdict("unknown")

@@ -6,7 +6,8 @@
 # example), shellcheck and checkov (the deploy checks). Not as root, it says
 # exactly which Debian packages to install and stops. The project and its test
 # extra go into ./.venv; test environments install from ./.wheelhouse, filled
-# here, so no test needs the package index.
+# here, and luigi's source distribution goes into ./.sdists, so no test needs
+# the package index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,6 +48,9 @@ python -m pip install --quiet -e '.[test]'
 bash tests/setup/example-tools.sh .wheelhouse
 python -m pip download --quiet --dest .wheelhouse luigi
 bash tests/setup/runtime-wheels.sh .wheelhouse  # Poltergust's own dependencies, for the release the boot test builds
+# luigi's own examples ship only in its source distribution: tests/test_luigi_examples.py runs them on nodes.
+luigi_version=$(python -c 'import importlib.metadata as m; print(m.version("luigi"))')
+python -m pip download --quiet --no-binary :all: --no-deps --dest .sdists "luigi==$luigi_version"
 
 # checkov, in a virtualenv of its own; exports CHECKOV.
 # shellcheck disable=SC1091

@@ -63,6 +63,20 @@ class Fan(_Output):
         self._write(" ".join(nodes))
 
 
+class Dynamic(_Output):
+    """Yields its parts from run(), as luigi's dynamic_requirements example does: only its worker scheduled them."""
+
+    parts = luigi.IntParameter(default=20)
+    seconds = luigi.FloatParameter(default=1.0)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "dynamic.txt"))
+
+    def run(self):
+        parts = yield [Part(out_dir=self.out_dir, index=i, seconds=self.seconds) for i in range(self.parts)]
+        self._write(" ".join(sorted({target.open().read() for target in parts})))
+
+
 class Fail(_Output):
     def output(self):
         return luigi.LocalTarget(os.path.join(self.out_dir, "never.txt"))
