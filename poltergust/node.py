@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import signal
 import tempfile
@@ -208,25 +209,29 @@ class Node:
         task.add_done_callback(self._background.discard)
 
 
-def take_node_name(settings: Settings) -> Settings:
-    """Make the node's name unique among node processes on this host, for as long as this process lives.
+def take_node_name(settings: Settings) -> tuple[Settings, str]:
+    """Make the node's name unique among node processes on this host watching the same paths and topic.
 
-    Two processes started with the same name (the host name, by default)
+    Two such processes started with the same name (the host name, by default)
     would share a subscription, each hearing half the events, and write each
-    other's log objects. The second one becomes NAME-2, and so on.
+    other's log objects. The second one becomes NAME-2, and so on. Returns the
+    settings and, when renamed, a line to log saying so.
     """
+    watched = "\n".join([settings.topic, *sorted(loc.url() for loc in settings.locations)])
+    scope = hashlib.sha256(watched.encode()).hexdigest()[:12]
     for index in range(1, 1000):
         name = settings.node_name if index == 1 else f"{settings.node_name}-{index}"
-        fd = try_lock(Path(tempfile.gettempdir()) / f"poltergust-node-{safe_name(name)}.lock")
+        fd = try_lock(Path(tempfile.gettempdir()) / f"poltergust-node-{safe_name(name)}-{scope}.lock")
         if fd is not None:
             _NAME_LOCKS.append(fd)
             if index == 1:
-                return settings
-            log.warning("another node process on this host is named %s: this one is %s", settings.node_name, name)
+                return settings, ""
             data_dir = settings.data_dir
             if data_dir == default_data_dir(settings.node_name):
                 data_dir = default_data_dir(name)
-            return dataclasses.replace(settings, node_name=name, data_dir=data_dir)
+            return (dataclasses.replace(settings, node_name=name, data_dir=data_dir),
+                    f"another node process on this host watching the same paths is named {settings.node_name}: "
+                    f"this one is {name}")
     raise RuntimeError(f"too many node processes named {settings.node_name} on this host")
 
 

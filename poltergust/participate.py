@@ -35,7 +35,7 @@ ROOT_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status")
 FAILED_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status\s+FAILED")
 WATCH_SECONDS = 1.0
 """How often a node asks luigid about its pipeline while it takes part (one request each time)."""
-EXIT_GRACE_SECONDS = 5.0
+EXIT_GRACE_SECONDS = 30.0
 """How long a worker that is not an assistant gets to exit by itself once the pipeline is over."""
 MAX_NOT_RUN = 5
 """Consecutive runs with nothing to do and nothing running elsewhere before giving up."""

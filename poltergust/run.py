@@ -346,7 +346,8 @@ class Run:
             return  # the claimer is most likely writing the result right now
         log.info("%s: completing the run claimed by %s %.0fs ago", key.url(), claimer, age)
         try:
-            await results.complete(self.store, info, config.data)
+            if not await results.complete(self.store, info, config.data):
+                return  # the claimer (or another node) completed it meanwhile
         except StorageError as exc:
             log.error("%s: could not complete the claimed run: %s", key.url(), exc)
             return
