@@ -90,6 +90,7 @@ class Backlog:
         self._future: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._keeper: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def __aenter__(self) -> "Backlog":
         self._loop = asyncio.get_running_loop()
@@ -135,15 +136,19 @@ class Backlog:
             return
         self._loop.call_soon_threadsafe(self._hold, RunKey(event.bucket, event.name, event.generation), message)
 
+    def _stopping(self) -> bool:
+        return self._closing or self.node._stopping.is_set()
+
     def _hold(self, key: RunKey, message: Any) -> None:
-        if self.node._stopping.is_set():
-            message.nack()
-            return
-        if key in self._held:
-            self._held[key].append(message)
+        if key in self._held or self._stopping():
+            # A redelivery joins the held one. While stopping, `close` hands it back once the stream stopped:
+            # a nack now could come straight back to this node.
+            self._held.setdefault(key, []).append(message)
             return
         self._held[key] = [message]
-        self.node._schedule(key)
+        # As if found by a first scan: a redelivered message may be one this node's earlier self held (see
+        # `joining.take_start`); the run is taken back only if its start marker names this node.
+        self.node._schedule(key, True)
         log.info("backlog: holding %s#%d", key.url(), key.generation)
         task = asyncio.create_task(self._release_when_done(key))
         self._watchers.add(task)
@@ -156,7 +161,7 @@ class Backlog:
             run = self.node._runs.get(key)
             if run is not None:
                 await asyncio.wait({run})
-            if not self.node._stopping.is_set():
+            if not self._stopping():
                 done = await finished(self.node.store(key.bucket), key)
                 if not done:
                     log.info("backlog: %s#%d ended here unfinished; handing it back in %.0fs",
@@ -165,28 +170,40 @@ class Backlog:
         except StorageError as exc:
             log.warning("backlog: cannot check %s#%d (%s); handing it back", key.url(), key.generation, exc)
         finally:
-            for message in self._held.pop(key, []):
-                if done:
-                    message.ack()
-                else:
-                    message.nack()
+            if done or not self._stopping():
+                for message in self._held.pop(key, []):
+                    if done:
+                        message.ack()
+                    else:
+                        message.nack()
             if done:
                 log.info("backlog: %s#%d finished, acknowledged", key.url(), key.generation)
 
     async def close(self) -> None:
-        """Hand back every held message, then stop pulling."""
+        """Stop pulling, then hand back every held message at once (a nack each) so that other nodes get them."""
+        self._closing = True
         if self._keeper is not None:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
-        for task in list(self._watchers):
-            task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
         if self._future is not None:
             self._future.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self._future.result)
             self._future = None
+        for task in list(self._watchers):
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        ack_ids = [message.ack_id for messages in self._held.values() for message in messages]
+        self._held.clear()
         if self._subscriber is not None:
+            if ack_ids:
+                try:
+                    await asyncio.to_thread(self._subscriber.modify_ack_deadline, request={
+                        "subscription": self.subscription, "ack_ids": ack_ids, "ack_deadline_seconds": 0})
+                    log.info("backlog: handed back %d message(s)", len(ack_ids))
+                except Exception as exc:  # noqa: BLE001 -- their leases run out instead
+                    log.warning("backlog: could not hand back %d message(s) (their leases run out): %s",
+                                len(ack_ids), exc)
             await asyncio.to_thread(self._subscriber.close)
             self._subscriber = None

