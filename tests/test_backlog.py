@@ -14,6 +14,7 @@ from google.cloud import pubsub_v1
 from conftest import PROJECT, TOPIC
 from poltergust.backlog import ensure_subscription
 from poltergust.layout import Location
+from poltergust.settings import parse_settings
 from stack import wait_for
 from test_fleet import _results
 from test_node import result, submit
@@ -189,3 +190,13 @@ def test_a_burst_of_fifty_configs_leaves_one_result_each_and_an_empty_backlog(
     for node in nodes:
         assert node.stop() == 0
     assert _peek(backlog) == []
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--path", "/tmp/bucket/pipeline", "--backlog-subscription", "bl"], "only for gs:// paths"),
+    (["--path", "gs://b/pipeline", "--project", "p", "--backlog-ack-deadline", "5"], "10 to 600 seconds"),
+])
+def test_backlog_flags_are_checked(argv: list[str], problem: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(argv)
+    assert problem in capsys.readouterr().err
