@@ -39,6 +39,9 @@
 #   poltergust-project        project of the topic and subscriptions
 #                             (default: the project/project-id metadata value)
 #   poltergust-max-concurrent optional: pipelines one node runs at once
+#   poltergust-backlog-subscription
+#                             optional: the backlog subscription all nodes share
+#                             (its undelivered count drives the autoscaler)
 #   poltergust-allowed-environment-prefix
 #                             optional: gs:// prefixes environment files may come
 #                             from (default, decided by the node: the path's buckets)
@@ -283,6 +286,10 @@ read_node_settings() {
     MAX_CONCURRENT=$(attribute poltergust-max-concurrent)
     [[ -z "$MAX_CONCURRENT" || "$MAX_CONCURRENT" =~ ^[1-9][0-9]{0,3}$ ]] ||
         bad_metadata poltergust-max-concurrent "must be a positive integer, got '$MAX_CONCURRENT'"
+
+    BACKLOG=$(attribute poltergust-backlog-subscription)
+    [[ -z "$BACKLOG" || "$BACKLOG" =~ ^[A-Za-z][A-Za-z0-9._~+%-]{2,254}$ ]] ||
+        bad_metadata poltergust-backlog-subscription "'$BACKLOG' is not a valid Pub/Sub subscription id"
 
     ALLOWED_ENV_PREFIXES=$(attribute poltergust-allowed-environment-prefix)
     reject_control_chars poltergust-allowed-environment-prefix "$ALLOWED_ENV_PREFIXES"
@@ -544,6 +551,9 @@ write_node_unit() {
     local optional=""
     if [[ -n "$MAX_CONCURRENT" ]]; then
         optional+="Environment=POLTERGUST_MAX_CONCURRENT=$MAX_CONCURRENT"$'\n'
+    fi
+    if [[ -n "$BACKLOG" ]]; then
+        optional+="Environment=POLTERGUST_BACKLOG_SUBSCRIPTION=$BACKLOG"$'\n'
     fi
     if [[ -n "$ALLOWED_ENV_PREFIXES" ]]; then
         optional+="Environment=\"POLTERGUST_ALLOWED_ENVIRONMENT_PREFIX=$ALLOWED_ENV_PREFIXES\""$'\n'

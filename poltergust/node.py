@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from . import heartbeat, metrics
+from .backlog import Backlog
 from .backoff import Backoff
 from .environments import Environments
 from .events import Event, EventSource, open_events
@@ -256,4 +257,6 @@ async def serve(settings: Settings) -> None:
         node = Node(settings, events, environments)
         if settings.http_port:
             await stack.enter_async_context(health_server(node.problem, settings.http_host, settings.http_port))
+        if settings.backlog_subscription:
+            await stack.enter_async_context(Backlog(settings, node))
         await node.run()

@@ -41,6 +41,10 @@ class Settings:
     topic: str = ""
     subscription: str = ""
     """Empty: derived from the node name, the topic and the prefixes (see `events.pubsub`)."""
+    backlog_subscription: str = ""
+    """The subscription all nodes share and the autoscaler reads (see `backlog`); empty: none."""
+    backlog_ack_deadline: int = 60
+    backlog_max_lease: float = 86400.0
     env_cache_size: int | None = None
     share_environments: bool = False
     share_key: bytes | None = field(default=None, repr=False)
@@ -112,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
                  "for the first --path)")
     add("subscription", "this node's subscription on the topic, created if missing (default: derived from the "
                         "node name, the topic and the paths)")
+    add("backlog-subscription", "the backlog subscription all nodes share on the topic, created if missing: a "
+                                "config's message stays in it until the config is finished, and the fleet's "
+                                "autoscaler counts its undelivered messages (default: none)", metavar="NAME")
+    add("backlog-ack-deadline", "seconds a held backlog message is leased at a time (10 to 600): a killed node's "
+                                "configs return to the backlog within about this long", type=int, default=60)
+    add("backlog-max-lease", "seconds a node holds a backlog message at most, the longest a pipeline may run "
+                             "before another node is offered it", type=float, default=86400.0)
     add("data-dir", f"directory for run logs and luigi working directories (default: {DEFAULT_ROOT}/nodes/NODE)")
     add("env-dir", "directory where environments are built and cached, shareable by the host's nodes "
                    f"(default: DATA_DIR/environments, or {DEFAULT_ROOT}/environments without --data-dir)")
@@ -174,6 +185,10 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         parser.error("--path: one node watches either buckets or local directories, not both")
     if locations[0].is_gcs and not args.project:
         parser.error("--project is required for gs:// paths (or set POLTERGUST_PROJECT or GOOGLE_CLOUD_PROJECT)")
+    if args.backlog_subscription and not locations[0].is_gcs:
+        parser.error("--backlog-subscription: only for gs:// paths (a local directory has no backlog)")
+    if not 10 <= args.backlog_ack_deadline <= 600:
+        parser.error(f"--backlog-ack-deadline: must be 10 to 600 seconds (got {args.backlog_ack_deadline})")
     share_key = _share_key(args, parser)
     try:
         run_as = RunAs.lookup(args.run_as) if args.run_as else None
@@ -194,6 +209,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         project=args.project or "",
         topic=args.topic or f"poltergust-{locations[0].bucket.rsplit('/', 1)[-1]}",
         subscription=args.subscription or "",
+        backlog_subscription=args.backlog_subscription or "",
+        backlog_ack_deadline=args.backlog_ack_deadline,
+        backlog_max_lease=args.backlog_max_lease,
         env_cache_size=args.env_cache_size,
         share_environments=args.share_environments,
         share_key=share_key,

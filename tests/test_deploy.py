@@ -203,14 +203,25 @@ def test_create_makes_everything_once_then_nothing(tmp_path: Path) -> None:
         "poltergust-role": "node", **attributes,
         "poltergust-path": "gs://my-bucket/pipeline", "poltergust-scheduler-url": "http://10.42.0.2:8082",
         "poltergust-topic": "poltergust-my-bucket", "poltergust-project": "my-proj",
+        "poltergust-backlog-subscription": "poltergust-backlog", "poltergust-max-concurrent": "4",
         "enable-oslogin": "TRUE", "block-project-ssh-keys": "TRUE",
     }
     assert_flags(template, f"--metadata-from-file=startup-script={NODE_INIT}")
     assert_flags(template, "--no-address", "--service-account=poltergust-node@my-proj.iam.gserviceaccount.com")
     mig = find(created, "instance-groups", "managed", "create", "poltergust-nodes")
     assert_flags(mig, "--region=europe-west4", "--health-check=poltergust-node-health", "--size=2")
-    assert_flags(find(created, "set-autoscaling", "poltergust-nodes"),
-                 "--min-num-replicas=2", "--max-num-replicas=5")
+    assert_flags(find(created, "subscriptions", "create", "poltergust-backlog"), "--topic=poltergust-my-bucket",
+                 '--message-filter=(attributes.bucketId = "my-bucket" AND hasPrefix(attributes.objectId, "pipeline/"))',
+                 "--expiration-period=never")
+    # Scaled on the backlog (one node per --max-concurrent configs), not on CPU.
+    autoscaling = find(created, "set-autoscaling", "poltergust-nodes")
+    assert_flags(autoscaling, "--min-num-replicas=2", "--max-num-replicas=5",
+                 "--update-stackdriver-metric=pubsub.googleapis.com/subscription/num_undelivered_messages",
+                 "--stackdriver-metric-filter=resource.type = pubsub_subscription"
+                 " AND resource.label.subscription_id = poltergust-backlog",
+                 "--stackdriver-metric-single-instance-assignment=4",
+                 "--scale-in-control=max-scaled-in-replicas=1,time-window=600")
+    assert not [w for w in autoscaling if "cpu" in w]
     # Nothing anywhere installs a package by name.
     assert not [w for c in calls for w in c if "poltergust-package" in w]
 
@@ -253,7 +264,8 @@ def test_create_takes_settings_and_secrets_from_the_environment(tmp_path: Path) 
     result, calls = fake.run(CREATE, "--secret", "DB_PASSWORD=db-password", env=env)
     assert result.returncode == 0, result.stderr
     find(calls, "buckets", "create", "gs://env-bucket")
-    assert_flags(find(calls, "set-autoscaling"), "--max-num-replicas=7")
+    # Scale to zero by default.
+    assert_flags(find(calls, "set-autoscaling"), "--min-num-replicas=0", "--max-num-replicas=7")
     assert "secretmanager.googleapis.com" in find(calls, "services", "enable")
     metadata = metadata_of(find(calls, "instance-templates", "create"))
     assert metadata["poltergust-secrets"] == "GITHUB_TOKEN=gh-token DB_PASSWORD=db-password"

@@ -100,6 +100,7 @@ def test_node_defaults_come_from_the_path_and_the_project_metadata(tmp_path: Pat
 def test_node_takes_several_paths_and_optional_settings(tmp_path: Path) -> None:
     attributes = {**NODE_METADATA, "poltergust-path": "gs://my-bucket/pipeline gs://other-bucket/jobs",
                   "poltergust-max-concurrent": "2", "poltergust-env-cache-size": "20G",
+                  "poltergust-backlog-subscription": "poltergust-backlog",
                   "poltergust-min-free-disk": "3G", "poltergust-secrets": "TOKEN=gh-token DB=projects/p-1/secrets/db"}
     result, root = run_init(tmp_path, attributes)
     assert result.returncode == 0, result.stderr
@@ -107,6 +108,7 @@ def test_node_takes_several_paths_and_optional_settings(tmp_path: Path) -> None:
     assert "--path gs://my-bucket/pipeline --path gs://other-bucket/jobs --scheduler-url" in unit
     assert unit_value(unit, "ExecStart")[0].endswith(" --env-cache-size 20G --min-free-disk 3G")
     assert "Environment=POLTERGUST_MAX_CONCURRENT=2" in unit
+    assert "Environment=POLTERGUST_BACKLOG_SUBSCRIPTION=poltergust-backlog" in unit
     assert "would read projects/my-project/secrets/gh-token/versions/latest into /etc/poltergust/node.env as TOKEN" \
         in result.stderr
     assert "would read projects/p-1/secrets/db/versions/latest" in result.stderr
@@ -151,6 +153,7 @@ def test_scheduler_role_gets_luigid_and_no_node(tmp_path: Path) -> None:
         ({"poltergust-project": None, "project-id": None}, "poltergust-project"),
         ({"poltergust-package": "poltergust==1.2.3"}, "poltergust-package"),
         ({"poltergust-max-concurrent": "many"}, "poltergust-max-concurrent"),
+        ({"poltergust-backlog-subscription": "bad name; rm"}, "poltergust-backlog-subscription"),
         ({"poltergust-wheel-url": None}, "poltergust-wheel-url"),
         ({"poltergust-wheel-url": "http://example.invalid/poltergust-0.1.0-py3-none-any.whl"},
          "poltergust-wheel-url"),

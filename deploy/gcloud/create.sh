@@ -21,7 +21,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/lib.sh"
 
 INIT_SCRIPT="$(cd "$HERE/.." && pwd)/node-init.sh"
-MIN_NODES=${POLTERGUST_MIN_NODES:-1}
+MIN_NODES=${POLTERGUST_MIN_NODES:-0}
 MAX_NODES=${POLTERGUST_MAX_NODES:-4}
 NODE_MACHINE_TYPE=${POLTERGUST_NODE_MACHINE_TYPE:-e2-standard-4}
 SCHEDULER_MACHINE_TYPE=${POLTERGUST_SCHEDULER_MACHINE_TYPE:-e2-medium}
@@ -30,7 +30,7 @@ SCHEDULER_DISK_SIZE=${POLTERGUST_SCHEDULER_DISK_SIZE:-20GB}
 IMAGE_FAMILY=${POLTERGUST_IMAGE_FAMILY:-debian-12}
 IMAGE_PROJECT=${POLTERGUST_IMAGE_PROJECT:-debian-cloud}
 SUBNET_CIDR=${POLTERGUST_SUBNET_CIDR:-10.42.0.0/24}
-CPU_TARGET=${POLTERGUST_CPU_TARGET:-0.6}
+MAX_CONCURRENT=${POLTERGUST_MAX_CONCURRENT:-4}
 RELEASE=${POLTERGUST_RELEASE:-}
 read -r -a SECRETS <<<"${POLTERGUST_SECRETS:-}"
 IAP_SSH=${POLTERGUST_IAP_SSH:-1}
@@ -49,12 +49,15 @@ uv (pip install uv) to build the release.
 $COMMON_HELP
 
 Settings of this script:
-  --min-nodes N             POLTERGUST_MIN_NODES  (default: 1)
+  --min-nodes N             POLTERGUST_MIN_NODES  (default: 0: no node runs while
+                            no config waits; more keeps nodes warm)
   --max-nodes N             POLTERGUST_MAX_NODES  (default: 4)
   --nodes N                 shorthand for --min-nodes N --max-nodes N
   --node-machine-type T     POLTERGUST_NODE_MACHINE_TYPE  (default: e2-standard-4)
   --scheduler-machine-type T POLTERGUST_SCHEDULER_MACHINE_TYPE  (default: e2-medium)
-  --cpu-target F            POLTERGUST_CPU_TARGET  autoscaler CPU target 0-1 (default: 0.6)
+  --max-concurrent N        POLTERGUST_MAX_CONCURRENT  pipelines one node runs at once;
+                            the autoscaler runs one node per N configs waiting or
+                            running in the backlog subscription (default: 4)
   --release FILE            POLTERGUST_RELEASE  release.json of a release made by
                             deploy/build-release.sh (default: build one now)
   --secret NAME=SECRET      POLTERGUST_SECRETS (space-separated)  a Secret Manager
@@ -77,7 +80,7 @@ parse_args() {
             -h|--help) usage; exit 0 ;;
             --no-iap-ssh) IAP_SSH=0; shift; continue ;;
             --min-nodes|--max-nodes|--nodes|--node-machine-type|--scheduler-machine-type|\
-            --cpu-target|--release|--secret|--subnet-cidr) flag_arg "$@" ;;
+            --max-concurrent|--release|--secret|--subnet-cidr) flag_arg "$@" ;;
             --package|--version) die "${1%%=*} is gone: the VMs install the release built from this checkout (see --release)" ;;
             *) die "unknown argument: $1 (see --help)" ;;
         esac
@@ -87,7 +90,7 @@ parse_args() {
             --nodes) MIN_NODES=$VALUE; MAX_NODES=$VALUE ;;
             --node-machine-type) NODE_MACHINE_TYPE=$VALUE ;;
             --scheduler-machine-type) SCHEDULER_MACHINE_TYPE=$VALUE ;;
-            --cpu-target) CPU_TARGET=$VALUE ;;
+            --max-concurrent) MAX_CONCURRENT=$VALUE ;;
             --release) RELEASE=$VALUE ;;
             --secret) SECRETS+=("$VALUE") ;;
             --subnet-cidr) SUBNET_CIDR=$VALUE ;;
@@ -97,9 +100,9 @@ parse_args() {
 }
 
 check_settings() {
-    # At least one node: CPU-based autoscaling cannot start from zero.
-    [[ "$MIN_NODES" =~ ^[1-9][0-9]*$ && "$MAX_NODES" =~ ^[1-9][0-9]*$ ]] ||
-        die "--min-nodes and --max-nodes must be 1 or more"
+    [[ "$MIN_NODES" =~ ^[0-9]+$ ]] || die "--min-nodes must be 0 or more"
+    [[ "$MAX_NODES" =~ ^[1-9][0-9]*$ ]] || die "--max-nodes must be 1 or more"
+    [[ "$MAX_CONCURRENT" =~ ^[1-9][0-9]{0,3}$ ]] || die "--max-concurrent must be 1 to 9999"
     ((MIN_NODES <= MAX_NODES)) || die "--min-nodes ($MIN_NODES) is larger than --max-nodes ($MAX_NODES)"
     [[ -f "$INIT_SCRIPT" ]] || die "node init script not found: $INIT_SCRIPT"
     local secret
@@ -164,6 +167,14 @@ create_bucket_and_topic() {
             --event-types=OBJECT_FINALIZE,OBJECT_DELETE --object-prefix="$PIPELINE_PREFIX/" \
             --payload-format=json --skip-topic-setup
     fi
+
+    # The backlog: one message per config until a node finished it; filtered
+    # like the nodes' own subscriptions, never expiring (with zero nodes it is
+    # the autoscaler's only signal).
+    have "subscription $BACKLOG" pubsub subscriptions describe "$BACKLOG" ||
+        gc pubsub subscriptions create "$BACKLOG" --topic="$TOPIC" \
+            --message-filter="(attributes.bucketId = \"$BUCKET\" AND hasPrefix(attributes.objectId, \"$PIPELINE_PREFIX/\"))" \
+            --ack-deadline=60 --message-retention-duration=7d --expiration-period=never
 }
 
 create_service_accounts() {
@@ -305,6 +316,7 @@ create_nodes() {
     local metadata checksum template
     metadata="^|^poltergust-role=node|$(release_metadata)|poltergust-path=$PIPELINE_URL"
     metadata+="|poltergust-scheduler-url=$SCHEDULER_URL|poltergust-topic=$TOPIC|poltergust-project=$PROJECT"
+    metadata+="|poltergust-backlog-subscription=$BACKLOG|poltergust-max-concurrent=$MAX_CONCURRENT"
     ((${#SECRETS[@]} == 0)) || metadata+="|poltergust-secrets=${SECRETS[*]}"
     metadata+="|enable-oslogin=TRUE|block-project-ssh-keys=TRUE"
     checksum=$( { printf '%s\n' "$metadata" "$NODE_MACHINE_TYPE" "$NODE_DISK_SIZE" "$IMAGE_FAMILY" \
@@ -345,10 +357,15 @@ create_nodes() {
     if [[ -n "$autoscaler" ]]; then
         log "exists:   autoscaling of $MIG"
     else
-        log "creating: autoscaling of $MIG ($MIN_NODES-$MAX_NODES nodes)"
+        log "creating: autoscaling of $MIG ($MIN_NODES-$MAX_NODES nodes, one per $MAX_CONCURRENT configs in $BACKLOG)"
+        # A per-group metric: the backlog's undelivered messages exist while no
+        # node runs, so the group scales from and to zero. A node scaled in gets
+        # SIGTERM and hands its configs back; at most one node goes per 10 minutes.
         gc compute instance-groups managed set-autoscaling "$MIG" --region="$REGION" \
             --min-num-replicas="$MIN_NODES" --max-num-replicas="$MAX_NODES" \
-            --target-cpu-utilization="$CPU_TARGET" --cool-down-period=300 \
+            --update-stackdriver-metric=pubsub.googleapis.com/subscription/num_undelivered_messages \
+            --stackdriver-metric-filter="resource.type = pubsub_subscription AND resource.label.subscription_id = $BACKLOG" \
+            --stackdriver-metric-single-instance-assignment="$MAX_CONCURRENT" --cool-down-period=300 \
             --scale-in-control=max-scaled-in-replicas=1,time-window=600
     fi
 }
@@ -356,6 +373,7 @@ create_nodes() {
 main() {
     parse_args "$@"
     derive_names
+    BACKLOG="$NAME-backlog"
     check_settings
     prepare_release "$RELEASE"
     log "project $PROJECT, region $REGION, bucket $BUCKET_URL, topic $TOPIC, nodes $MIN_NODES-$MAX_NODES," \

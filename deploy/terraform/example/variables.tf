@@ -22,9 +22,9 @@ variable "node_machine_type" {
 }
 
 variable "node_min_count" {
-  description = "Fewest nodes."
+  description = "Fewest nodes (0: none while no config waits)."
   type        = number
-  default     = 1
+  default     = 0
 }
 
 variable "node_max_count" {

@@ -90,6 +90,23 @@ resource "google_pubsub_topic_iam_member" "gcs_publishes_events" {
   member  = "serviceAccount:${data.google_storage_project_service_account.gcs.email_address}"
 }
 
+# The backlog: one message per config until a node finished it, shared by
+# all nodes; its undelivered count drives the autoscaler (see nodes.tf).
+# Filtered like the nodes' own subscriptions (poltergust.events.pubsub).
+resource "google_pubsub_subscription" "backlog" {
+  project                    = var.project_id
+  name                       = "${var.name}-backlog"
+  topic                      = google_pubsub_topic.bucket_events.id
+  filter                     = "(attributes.bucketId = \"${local.bucket_name}\" AND hasPrefix(attributes.objectId, \"${var.pipeline_prefix}/\"))"
+  ack_deadline_seconds       = 60
+  message_retention_duration = "604800s"
+
+  # Never removed for want of a subscriber: with zero nodes it is the only signal.
+  expiration_policy {
+    ttl = ""
+  }
+}
+
 resource "google_storage_notification" "pipeline" {
   bucket             = google_storage_bucket.poltergust.name
   topic              = google_pubsub_topic.bucket_events.id

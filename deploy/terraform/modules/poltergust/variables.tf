@@ -80,14 +80,13 @@ variable "node_machine_type" {
 }
 
 variable "node_min_count" {
-  description = "Fewest nodes the autoscaler keeps running."
+  description = "Fewest nodes the autoscaler keeps running: 0 pays for no node while no config waits; more keeps nodes warm."
   type        = number
-  default     = 1
+  default     = 0
 
   validation {
-    # CPU-based autoscaling cannot start from zero nodes: no CPU to measure.
-    condition     = var.node_min_count >= 1
-    error_message = "node_min_count must be at least 1."
+    condition     = var.node_min_count >= 0
+    error_message = "node_min_count must be 0 or more."
   }
 }
 
@@ -102,10 +101,15 @@ variable "node_max_count" {
   }
 }
 
-variable "node_cpu_target" {
-  description = "Average CPU utilisation (0-1) the autoscaler aims for."
+variable "node_max_concurrent" {
+  description = "Pipelines one node runs at once; the autoscaler runs one node per this many configs waiting or running."
   type        = number
-  default     = 0.6
+  default     = 4
+
+  validation {
+    condition     = var.node_max_concurrent >= 1 && var.node_max_concurrent <= 9999
+    error_message = "node_max_concurrent must be 1 to 9999."
+  }
 }
 
 variable "node_disk_size_gb" {
