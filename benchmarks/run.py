@@ -18,7 +18,6 @@ import argparse
 import datetime as _dt
 import math
 import os
-import platform
 import random
 import shlex
 import signal
@@ -35,6 +34,7 @@ sys.path.insert(0, str(HERE))
 
 from _procs import command_line, register, stop_all, tree_cpu, tree_rss
 from _proxy import CountingProxy
+from _report import fmt, machine, table, write_section
 from _systems import ROOT, Original, Ours, Trial, Workspace, clean_environ, wait_trial
 
 README = HERE / "README.md"
@@ -66,15 +66,6 @@ def p50(values: Sequence[float]) -> float:
 
 def p95(values: Sequence[float]) -> float:
     return percentile(values, 0.95)
-
-
-def fmt(value: float | None, digits: int | None = None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if digits is None:
-        magnitude = abs(value)
-        digits = 3 if magnitude < 10 else 1 if magnitude < 1000 else 0
-    return f"{value:.{digits}f}"
 
 
 # -- results -------------------------------------------------------------------
@@ -619,29 +610,12 @@ def _rescan_interval() -> float:
 # -- the machine and the report ---------------------------------------------------
 
 def machine_facts(bench: Bench) -> dict[str, str]:
-    model = "unknown"
-    with open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as handle:
-        memory = next(int(line.split()[1]) for line in handle if line.startswith("MemTotal")) * 1024
     return {
         "nproc": str(bench.cores),
-        "CPU": model,
-        "memory": f"{memory / 1024 ** 3:.1f} GiB",
-        "Python": platform.python_version(),
-        "OS": f"{platform.system()} {platform.release()}",
+        **machine(),
         "luigi": f"{bench.env_luigi} in the pipelines' environment; {bench.original.luigi_version} running the original",
         "load average (1 min) at start / end": " / ".join(f"{load:.1f}" for load in bench.load),
     }
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def render(bench: Bench, command: str, duration: float) -> str:
@@ -724,17 +698,8 @@ def render(bench: Bench, command: str, duration: float) -> str:
 
 
 def write_markdown(path: Path, text: str) -> None:
-    """Replace the Pipelines section of a README that has one; otherwise write the text as the whole file."""
-    if path.exists():
-        current = path.read_text()
-        lines = current.splitlines(keepends=True)
-        start = next((i for i, line in enumerate(lines) if line.startswith("## Pipelines:")), None)
-        if start is not None:
-            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-            tail = "".join(lines[end:])
-            path.write_text("".join(lines[:start]) + text.rstrip("\n") + "\n" + ("\n" + tail if tail else ""))
-            return
-    path.write_text(text)
+    """Replace the Pipelines section of `path` (a new file gets the text alone)."""
+    write_section(path, "## Pipelines:", text)
 
 
 # -- command line --------------------------------------------------------------------
