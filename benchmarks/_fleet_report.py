@@ -5,7 +5,8 @@ import argparse
 import collections
 import datetime as _dt
 import os
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from typing import Callable
 
 from _report import fmt, machine, table
@@ -32,6 +33,10 @@ class PipelineCost:
     storage: collections.Counter[str]
     luigid: collections.Counter[str]
     ideal: float | None = None
+    first_tasks: list[float] = field(default_factory=list)
+    """Wide graph: seconds from the upload until each node's first task started, in order."""
+    last_task: float | None = None
+    """Wide graph: seconds from the upload until its last task ended."""
 
     @property
     def storage_requests(self) -> int:
@@ -112,15 +117,42 @@ def _kinds(counter: collections.Counter, per: int = 1) -> str:
                      for kind, count in sorted(counter.items(), key=lambda item: -item[1]) if count)
 
 
-def _pipeline_rows(costs: list[PipelineCost]) -> list[list[str]]:
-    rows = []
-    for c in costs:
-        row = [str(c.n), str(c.luigi_starts), str(c.taking_part), fmt(c.cpu_above_idle, 2), fmt(c.cpu, 2),
-               str(c.watched), str(c.delivered), str(c.storage_requests), str(c.luigid_requests), fmt(c.makespan, 1)]
-        if c.ideal is not None:
-            row += [fmt(c.ideal, 1), fmt(c.makespan / c.ideal, 2)]
-        rows.append(row)
-    return rows
+Measure = Callable[[PipelineCost], float]
+COLUMNS: list[tuple[str, Measure, int | None]] = [
+    ("luigi starts", lambda c: c.luigi_starts, 0),
+    ("nodes running luigi", lambda c: c.taking_part, 0),
+    ("CPU-s above idle", lambda c: c.cpu_above_idle, 2),
+    ("CPU-s", lambda c: c.cpu, 2),
+    ("messages (filters applied)", lambda c: c.watched, 0),
+    ("messages (emulator)", lambda c: c.delivered, 0),
+    ("storage requests", lambda c: c.storage_requests, 0),
+    ("luigid requests", lambda c: c.luigid_requests, 0),
+    ("makespan (s)", lambda c: c.makespan, 1),
+]
+WIDE: list[tuple[str, Measure, int | None]] = [
+    ("first task starts (s)", lambda c: c.first_tasks[0] if c.first_tasks else float("nan"), 1),
+    ("last node's first task (s)", lambda c: c.first_tasks[-1] if c.first_tasks else float("nan"), 1),
+    ("last task ends (s)", lambda c: c.last_task if c.last_task is not None else float("nan"), 1),
+    ("ideal (s)", lambda c: c.ideal or float("nan"), 1),
+    ("makespan / ideal", lambda c: c.makespan / c.ideal if c.ideal else float("nan"), 2),
+]
+
+
+def _median(samples: list[PipelineCost], measure: Measure) -> float:
+    return statistics.median(measure(c) for c in samples)
+
+
+def _groups(costs: list[PipelineCost], kind: str) -> dict[int, list[PipelineCost]]:
+    groups: dict[int, list[PipelineCost]] = {}
+    for cost in costs:
+        if cost.kind == kind:
+            groups.setdefault(cost.n, []).append(cost)
+    return groups
+
+
+def _rows(costs: list[PipelineCost], kind: str, columns: list[tuple[str, Measure, int | None]]) -> list[list[str]]:
+    return [[str(n), str(len(samples)), *[fmt(_median(samples, measure), digits) for _, measure, digits in columns]]
+            for n, samples in sorted(_groups(costs, kind).items())]
 
 
 SERIES: list[tuple[str, str, Callable[[PipelineCost], float]]] = [
@@ -138,8 +170,14 @@ SERIES: list[tuple[str, str, Callable[[PipelineCost], float]]] = [
 ]
 
 
+def _typical(samples: list[PipelineCost]) -> PipelineCost:
+    """The sample with the median CPU: its breakdowns (by kind) stand for the group's."""
+    ordered = sorted(samples, key=lambda c: c.cpu_above_idle)
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def _targets(costs: list[PipelineCost], ns: list[int]) -> tuple[list[list[str]], list[str]]:
-    by = {(c.kind, c.n): c for c in costs}
+    by = {(kind, n): _typical(samples) for kind in ("a", "b") for n, samples in _groups(costs, kind).items()}
     top = max(ns)
     a, one = by[("a", top)], by.get(("a", 1))
     rows: list[list[str]] = []
@@ -179,14 +217,17 @@ def _targets(costs: list[PipelineCost], ns: list[int]) -> tuple[list[list[str]],
            "which every node reads (its metadata, and its content unless it is already gone) only to find it "
            "claimed.")
     b3 = by.get(("b", 3))
-    if b3 is not None and b3.ideal:
+    if b3 is not None and b3.ideal and b3.first_tasks:
         ratio = b3.makespan / b3.ideal
         target("(b) makespan on 3 nodes", "≤ 1.3× the ideal", f"{fmt(ratio, 2)}× ({fmt(b3.makespan, 1)} s vs "
                f"{fmt(b3.ideal, 1)} s)", ratio <= 1.3,
-               f"the starter runs alone until a call for help is answered (the first call goes out after its "
-               f"first look at the graph, a second or more after luigi starts), then every helper starts luigi "
-               f"(≈ 0.55 CPU-s each) on the same 2 cores that run the tasks' processes; {b3.luigi_starts} luigi "
-               f"starts on {b3.taking_part} nodes, {fmt(b3.cpu, 1)} CPU-s in all.")
+               f"the first task started {fmt(b3.first_tasks[0], 1)} s after the upload (luigi's start and its "
+               f"scheduling of the whole graph, on the node that started the run), the helpers' first tasks "
+               f"{' and '.join(fmt(t, 1) + ' s' for t in b3.first_tasks[1:])} after it (the starter's first look "
+               f"at the graph, its call for help, then each helper's own luigi start and walk of the graph); the "
+               f"last task ended at {fmt(b3.last_task or 0, 1)} s and the result was written at "
+               f"{fmt(b3.makespan, 1)} s. All of it on the same 2 cores that run the tasks: {fmt(b3.cpu, 1)} "
+               f"CPU-s in all.")
     return rows, why
 
 
@@ -195,11 +236,10 @@ def render(costs: list[PipelineCost], idles: list[Idle], args: argparse.Namespac
     ns = sorted({c.n for c in costs})
     facts = {"nproc": str(len(os.sched_getaffinity(0))), **machine(),
              "load average (1 min) at start / end": " / ".join(f"{value:.1f}" for value in load)}
-    header = ["N", "luigi starts", "nodes running luigi", "CPU-s above idle", "CPU-s", "messages (filters applied)",
-              "messages (emulator)", "storage requests", "luigid requests", "makespan (s)"]
+    header = ["N", "runs", *[name for name, _, _ in COLUMNS]]
     growth = []
     for kind, label, value in SERIES:
-        points = [(c.n, float(value(c))) for c in costs if c.kind == kind]
+        points = [(n, float(_median(samples, value))) for n, samples in sorted(_groups(costs, kind).items())]
         fit, words = _growth(points)
         growth.append([f"({kind}) {label}", *[fmt(y, 2 if isinstance(y, float) and y % 1 else 0) for _, y in points],
                        fit, words])
@@ -210,7 +250,7 @@ def render(costs: list[PipelineCost], idles: list[Idle], args: argparse.Namespac
         growth.append([label, *[fmt(y, 2) for _, y in points], fit, words])
     targets, why = _targets(costs, ns)
     top = max(ns)
-    worst = {kind: next(c for c in costs if c.kind == kind and c.n == top) for kind in ("a", "b")}
+    worst = {kind: _typical(_groups(costs, kind)[top]) for kind in ("a", "b")}
     parts = [
         HEADING, "",
         "Written by `python benchmarks/fleet.py`; numbers from one run on one machine, every N node processes on "
@@ -218,11 +258,13 @@ def render(costs: list[PipelineCost], idles: list[Idle], args: argparse.Namespac
         f"Command: `{command}` — {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, took "  # noqa: UP017
         f"{duration / 60:.1f} min{' (quick mode)' if args.quick else ''}.", "",
         "Machine: " + "; ".join(f"{k} {v}" for k, v in facts.items()) + ".", "",
-        "### (a) a one-task pipeline", "", table(header, _pipeline_rows([c for c in costs if c.kind == "a"])), "",
+        "### (a) a one-task pipeline", "", "Medians over the runs at each N.", "",
+        table(header, _rows(costs, "a", COLUMNS)), "",
         f"Storage requests at N={top}, by kind: {_kinds(worst['a'].storage)}; luigid calls: "
         f"{_kinds(worst['a'].luigid)}; messages: {_kinds(worst['a'].messages)}.", "",
         f"### (b) a graph of {args.parts} independent {args.seconds:g} s tasks", "",
-        table(header + ["ideal (s)", "makespan / ideal"], _pipeline_rows([c for c in costs if c.kind == "b"])), "",
+        table(header + [name for name, _, _ in WIDE], _rows(costs, "b", COLUMNS + WIDE)), "",
+        "Times are from the upload; each task's end is its output file's modification time.", "",
         f"Storage requests at N={top}, by kind: {_kinds(worst['b'].storage)}; luigid calls: "
         f"{_kinds(worst['b'].luigid)}; messages: {_kinds(worst['b'].messages)}.", "",
         "### Idle nodes", "",

@@ -173,12 +173,27 @@ class Fleet:
         starts, taking_part = self._luigi_starts(nodes, name)
         span = after.at - before.at
         idle_cpu = idle.cpu_per_node_second * len(nodes) * span if idle else 0.0
-        ideal = None
-        if kind == "b":
-            ideal = -(-self.args.parts // len(nodes)) * self.args.seconds  # each node runs one task at a time
-        return PipelineCost(kind, len(nodes), starts, taking_part, makespan, after.cpu - before.cpu, idle_cpu,
+        cost = PipelineCost(kind, len(nodes), starts, taking_part, makespan, after.cpu - before.cpu, idle_cpu,
                             after.luigid_cpu - before.luigid_cpu, messages, after.storage - before.storage,
-                            after.luigid - before.luigid, ideal)
+                            after.luigid - before.luigid)
+        if kind == "b":
+            cost.ideal = -(-self.args.parts // len(nodes)) * self.args.seconds  # each node runs one task at a time
+            cost.first_tasks, cost.last_task = self._timeline(name, started)
+        return cost
+
+    def _timeline(self, name: str, started: float) -> tuple[list[float], float]:
+        """When each node's first task of the wide graph started, and when its last task ended (after the upload).
+
+        Each task writes its node's name into its output; the file's modification time is the task's end.
+        """
+        firsts: dict[str, float] = {}
+        last = 0.0
+        for path in (self.ws.out / name).glob("part-*.txt"):
+            end = path.stat().st_mtime - started
+            node = path.read_text()
+            firsts[node] = min(firsts.get(node, end), end - self.args.seconds)
+            last = max(last, end)
+        return sorted(firsts.values()), last
 
     def _wait_result(self, name: str, nodes: list[OurNode]) -> None:
         deadline = time.monotonic() + self.args.pipeline_timeout
@@ -210,10 +225,9 @@ class Fleet:
     def warm_up(self) -> None:
         log("building the pipelines' environment once (not measured)")
         nodes = self.start(1)
-        for kind in ("a", "b"):
-            name = self.ws.name(f"warm-{kind}")
-            self.bucket.upload(f"pipeline/{name}.config.yaml", self.config(kind, name))
-            self._wait_result(name, nodes)
+        name = self.ws.name("warm")
+        self.bucket.upload(f"pipeline/{name}.config.yaml", self.config("a", name))
+        self._wait_result(name, nodes)
         self.stop(nodes)
 
     def round(self, count: int) -> None:
@@ -226,7 +240,7 @@ class Fleet:
         startup_lists = self.storage.counts().get("list", 0) - lists_before
         log(f"  idle for {self.args.idle_seconds:.0f}s")
         idle = self.idle(nodes, startup_lists)
-        for kind in ("a", "b"):
+        for kind in ["a"] * self.args.repeat + ["b"]:
             log(f"  pipeline ({kind})")
             cost = self.pipeline(kind, nodes, idle)
             log(f"    {cost.makespan:.1f}s, {cost.luigi_starts} luigi start(s) on {cost.taking_part} node(s), "
@@ -252,6 +266,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=lambda text: [int(n) for n in text.split(",") if n.strip()],
                         help="N, node processes per round (default 1,3,10,30; quick 1,3)")
     parser.add_argument("--idle-seconds", type=float, help="idle window per round (default 30; quick 5)")
+    parser.add_argument("--repeat", type=int, help="runs of the one-task pipeline (a) per N, medians reported "
+                                                   "(default 3; quick 1)")
     parser.add_argument("--parts", type=int, help="tasks of the wide graph (b) (default 30; quick 6)")
     parser.add_argument("--seconds", type=float, default=1.0, help="how long each of its tasks takes (default 1)")
     parser.add_argument("--pipeline-timeout", type=float, default=300.0, help="seconds before a pipeline gives up")
@@ -260,7 +276,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="wheels the pipelines' environment installs luigi from (default: .wheelhouse)")
     parser.add_argument("--workdir", type=Path, help="keep everything here instead of a temporary directory")
     args = parser.parse_args(argv)
-    for name, full, quick in (("nodes", [1, 3, 10, 30], [1, 3]), ("idle_seconds", 30.0, 5.0), ("parts", 30, 6)):
+    for name, full, quick in (("nodes", [1, 3, 10, 30], [1, 3]), ("idle_seconds", 30.0, 5.0), ("parts", 30, 6),
+                              ("repeat", 3, 1)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     return args

@@ -157,12 +157,15 @@ def test_quick_fleet_benchmark_measures_every_count(tmp_path: Path) -> None:
     idle = tables["Idle nodes"]
     assert [row[0] for row in single] == [row[0] for row in wide] == [row[0] for row in idle] == ["1", "3"]
     for row in single + wide:
-        n, starts, running = (int(cell) for cell in row[:3])
-        numbers = [_number(cell) for cell in row[3:]]
-        assert starts >= running >= 1 and all(value >= 0 for value in numbers[1:]), row
-        watched, delivered = int(row[5]), int(row[6])
+        n, runs, starts, running = (int(cell) for cell in row[:4])
+        numbers = [_number(cell) for cell in row[4:]]
+        assert runs == 1 and starts >= running >= 1 and all(value >= 0 for value in numbers[1:]), row
+        watched, delivered = int(row[6]), int(row[7])
         assert n <= watched <= delivered, "every node heard of the upload; the emulator delivers a superset"
-    assert all(int(row[1]) <= 2 for row in single), "a one-task pipeline starts luigi on at most two nodes"
+    assert all(int(row[2]) <= 2 for row in single), "a one-task pipeline starts luigi on at most two nodes"
+    for row in wide:
+        first, last_first, last_end, ideal = (_number(cell) for cell in row[11:15])
+        assert 0 < first <= last_first < last_end <= _number(row[10]) and ideal > 0, row
     for row in idle:
         assert _number(row[3]) == 0, "idle nodes make no luigid request"
         assert row[5] == "0", "stopped nodes leave no subscription behind"
