@@ -176,59 +176,108 @@ def _typical(samples: list[PipelineCost]) -> PipelineCost:
     return ordered[(len(ordered) - 1) // 2]
 
 
+def _over(value: float, limit: float) -> str:
+    return f"{(value / limit - 1) * 100:.0f} % over the limit" if limit > 0 else "over the limit"
+
+
 def _targets(costs: list[PipelineCost], ns: list[int]) -> tuple[list[list[str]], list[str]]:
-    by = {(kind, n): _typical(samples) for kind in ("a", "b") for n, samples in _groups(costs, kind).items()}
+    """The issue's targets, judged on the medians at the largest N (and on 3 nodes for the wide graph)."""
     top = max(ns)
-    a, one = by[("a", top)], by.get(("a", 1))
+    runs, ones, wide = _groups(costs, "a")[top], _groups(costs, "a").get(1), _groups(costs, "b").get(3)
+    typical = _typical(runs)
     rows: list[list[str]] = []
     why: list[str] = []
 
-    def target(name: str, required: str, measured: str, met: bool, reason: str) -> None:
+    def target(name: str, required: str, value: float, limit: float, measured: str, reason: str) -> None:
+        met = value <= limit
         rows.append([name, required, measured, "met" if met else "**missed**"])
         if not met:
-            why.append(f"- {name} ({required}): {reason}")
+            why.append(f"- {name}: {measured}, against {required}: {_over(value, limit)}. {reason}")
 
-    per_node = (a.watched - (by[("a", 1)].watched if one else 0)) / max(top - 1, 1)
-    target(f"(a) luigi processes started, N={top}", "≤ 2", str(a.luigi_starts), a.luigi_starts <= 2,
-           f"{a.luigi_starts} starts on {a.taking_part} nodes: nodes join when the starter sees tasks in luigid that "
-           "nobody runs and calls for help; see the run logs.")
-    if one:
-        ratio = a.cpu_above_idle / one.cpu_above_idle if one.cpu_above_idle > 0 else float("inf")
-        slope = (a.cpu_above_idle - one.cpu_above_idle) / max(top - 1, 1)
-        target(f"(a) CPU-s above idle, N={top}", "≤ 2× N=1", f"{fmt(ratio, 2)}× ({fmt(a.cpu_above_idle, 2)} vs "
-               f"{fmt(one.cpu_above_idle, 2)}; with idle: {fmt(a.cpu, 2)} vs {fmt(one.cpu, 2)})", ratio <= 2,
-               f"each extra node costs ≈ {fmt(slope, 3)} CPU-s in its own process for a pipeline it does not run: "
-               f"it is told of every write under the prefix ({fmt(per_node, 1)} messages), reads the config and "
-               "tries the start marker, and reads the claimed generation the claim's rewrite announces.")
-    kinds = collections.Counter({kind: count for (kind, scope), count in a.messages.items() if scope == "watched"})
-    target(f"(a) messages delivered, N={top}", f"≤ 3·N = {3 * top}",
-           f"{a.watched} ({fmt(a.watched / top, 1)} per node; the emulator, which ignores filters, delivered "
-           f"{a.delivered})", a.watched <= 3 * top,
-           f"per node: {_kinds(kinds, top)}. Every write under the pipeline prefix reaches every node (Pub/Sub "
+    starts = _median(runs, lambda c: c.luigi_starts)
+    target(f"(a) luigi processes started, N={top}", "≤ 2", starts, 2, fmt(starts, 0),
+           "Nodes join when the starter sees tasks in luigid that nobody runs and calls for help; see the run logs.")
+    watched = _median(runs, lambda c: c.watched)
+    if ones:
+        cpu, cpu_one = _median(runs, lambda c: c.cpu_above_idle), _median(ones, lambda c: c.cpu_above_idle)
+        slope = (cpu - cpu_one) / max(top - 1, 1)
+        delivered = _median(runs, lambda c: c.delivered)
+        target(f"(a) CPU-s above idle, N={top}", "≤ 2× N=1", cpu, 2 * cpu_one,
+               f"{fmt(cpu / cpu_one, 2)}× ({fmt(cpu, 2)} vs {fmt(cpu_one, 2)}; with idle: "
+               f"{fmt(_median(runs, lambda c: c.cpu), 2)} vs {fmt(_median(ones, lambda c: c.cpu), 2)})",
+               f"Each node that does not run the pipeline still costs ≈ {fmt(slope * 1000, 0)} ms of CPU in its own "
+               f"process: it hears of every write under the prefix, reads the config, tries the start marker, and "
+               f"reads the claimed generation the claim's rewrite announces. Part of it is the emulator's doing: it "
+               f"delivers {fmt(delivered / top, 1)} messages per node, where the subscriptions' filters would pass "
+               f"{fmt(watched / top, 1)}. Meeting the target here needs less than "
+               f"{fmt(cpu_one / max(top - 1, 1) * 1000, 0)} ms per node.")
+    kinds = collections.Counter({kind: n for (kind, scope), n in typical.messages.items() if scope == "watched"})
+    target(f"(a) messages delivered, N={top}", f"≤ 3·N = {3 * top}", watched, 3 * top,
+           f"{fmt(watched, 0)} ({fmt(watched / top, 1)} per node; the emulator, which ignores filters, delivered "
+           f"{fmt(_median(runs, lambda c: c.delivered), 0)})",
+           f"Per node: {_kinds(kinds, top)}. Every write under the pipeline prefix reaches every node (Pub/Sub "
            "filters have no suffix match): the upload, the claim's conditional rewrite of the config (a finalize "
            "and a delete of the old generation), the result file and the config's removal make 5; each call for "
            "help adds one. Three per node needs a claim that leaves the config as it is (a create-if-absent "
            "marker under `_poltergust/`, say).")
-    storage_extra = a.storage_requests - 3 * top
-    target(f"(a) storage requests, N={top}", f"≤ 3·N + 20 = {3 * top + 20}",
-           f"{a.storage_requests} ({fmt(a.storage_requests / top, 1)} per node)", storage_extra <= 20,
-           f"by kind, per node: {_kinds(a.storage, top)}. Each node reads the config (metadata and content) and "
-           "tries the start marker once: 3; the claim's rewrite then announces a new generation of the config, "
-           "which every node reads (its metadata, and its content unless it is already gone) only to find it "
-           "claimed.")
-    b3 = by.get(("b", 3))
-    if b3 is not None and b3.ideal and b3.first_tasks:
-        ratio = b3.makespan / b3.ideal
-        target("(b) makespan on 3 nodes", "≤ 1.3× the ideal", f"{fmt(ratio, 2)}× ({fmt(b3.makespan, 1)} s vs "
-               f"{fmt(b3.ideal, 1)} s)", ratio <= 1.3,
-               f"the first task started {fmt(b3.first_tasks[0], 1)} s after the upload (luigi's start and its "
-               f"scheduling of the whole graph, on the node that started the run), the helpers' first tasks "
-               f"{' and '.join(fmt(t, 1) + ' s' for t in b3.first_tasks[1:])} after it (the starter's first look "
-               f"at the graph, its call for help, then each helper's own luigi start and walk of the graph); the "
-               f"last task ended at {fmt(b3.last_task or 0, 1)} s and the result was written at "
-               f"{fmt(b3.makespan, 1)} s. All of it on the same 2 cores that run the tasks: {fmt(b3.cpu, 1)} "
-               f"CPU-s in all.")
+    storage = _median(runs, lambda c: c.storage_requests)
+    target(f"(a) storage requests, N={top}", f"≤ 3·N + 20 = {3 * top + 20}", storage, 3 * top + 20,
+           f"{fmt(storage, 0)} ({fmt(storage / top, 1)} per node)",
+           f"By kind, per node (a typical run): {_kinds(typical.storage, top)}. Each node reads the config "
+           "(metadata and content) and tries the start marker once: 3; the claim's rewrite then announces a new "
+           "generation of the config, which every node reads (its metadata, and its content unless it is already "
+           "gone) only to find it claimed: 1 or 2 more.")
+    if wide and wide[0].ideal and wide[0].first_tasks:
+        b3 = _typical(wide)
+        makespan = _median(wide, lambda c: c.makespan)
+        target("(b) makespan on 3 nodes", "≤ 1.3× the ideal", makespan, 1.3 * b3.ideal,
+               f"{fmt(makespan / b3.ideal, 2)}× ({fmt(makespan, 1)} s vs {fmt(b3.ideal, 1)} s)",
+               f"The first task started {fmt(b3.first_tasks[0], 1)} s after the upload (luigi's start and its "
+               f"scheduling of the whole graph on the node that started the run); the helpers' first tasks at "
+               f"{' and '.join(fmt(t, 1) + ' s' for t in b3.first_tasks[1:])} (the starter's first look at the "
+               f"graph, a second after its luigi reports the root task, its call for help, then each helper's own "
+               f"luigi start and walk of the graph); the last task ended at {fmt(b3.last_task or 0, 1)} s and the "
+               f"result was written at {fmt(b3.makespan, 1)} s. All of it on the same 2 cores that run the tasks: "
+               f"{fmt(b3.cpu, 1)} CPU-s in all.")
     return rows, why
+
+
+def _summary(costs: list[PipelineCost], idles: list[Idle]) -> list[str]:
+    """What grows how, in words, from the measured points."""
+    def slope(kind: str, measure: Measure) -> float:
+        return _fit([(n, _median(samples, measure)) for n, samples in _groups(costs, kind).items()])[1]
+
+    single, wide = _groups(costs, "a"), _groups(costs, "b")
+    top = max(single)
+    makespans = {n: _median(samples, lambda c: c.makespan) for n, samples in wide.items()}
+    fastest = min(makespans, key=makespans.__getitem__)
+    joined = wide[top]
+    per_joiner = _median(joined, lambda c: c.luigid_requests / max(c.taking_part, 1))
+    cpu_per_joiner = _median(joined, lambda c: c.cpu_above_idle / max(c.taking_part, 1))
+    storage_slope = slope("a", lambda c: c.storage_requests)
+    low = min(single)
+    return [
+        f"- Per pipeline, every node costs ≈ {fmt(storage_slope, 1)} storage requests, "
+        f"{fmt(slope('a', lambda c: c.watched), 1)} messages and {fmt(slope('a', lambda c: c.cpu_above_idle) * 1000, 0)}"
+        " ms of CPU whether or not it runs anything: hearing of the config, reading it, trying the start marker, "
+        "hearing of the claim and reading it. That is O(N), the part DESIGN.md allows (one notification and one "
+        f"read per node), at {fmt(storage_slope, 1)} requests and {fmt(slope('a', lambda c: c.watched), 1)} "
+        "messages per node where the targets allow 3.",
+        f"- A one-task pipeline starts luigi {fmt(_median(single[top], lambda c: c.luigi_starts), 0)} time(s) and "
+        f"makes {fmt(_median(single[top], lambda c: c.luigid_requests), 0)} luigid requests at N={top} "
+        f"(N={low}: {fmt(_median(single[low], lambda c: c.luigi_starts), 0)} and "
+        f"{fmt(_median(single[low], lambda c: c.luigid_requests), 0)}).",
+        f"- A wide graph takes every node that answers a call for help, up to its width: at N={top}, "
+        f"{fmt(_median(joined, lambda c: c.taking_part), 0)} nodes started luigi, each costing ≈ "
+        f"{fmt(per_joiner, 0)} luigid requests (every joining worker schedules the whole graph: one add_task per "
+        f"task) and {fmt(cpu_per_joiner, 2)} CPU-s. Its makespan was shortest at N={fastest} "
+        f"({fmt(makespans[fastest], 1)} s): every node of this benchmark shares the same 2 cores, so beyond a few "
+        "nodes more luigi processes cost more CPU than they save; on separate machines each brings its own.",
+        f"- Idle nodes: {fmt(max(i.storage_per_node_minute for i in idles), 2)} storage requests per node-minute "
+        f"(one listing per rescan), {fmt(max(i.luigid_per_node_minute for i in idles), 2)} luigid requests, "
+        f"≈ {fmt(statistics.median(i.cpu_per_node_second * 60 for i in idles), 2)} CPU-s per node-minute (the "
+        "open Pub/Sub stream), at every N.",
+    ]
 
 
 def render(costs: list[PipelineCost], idles: list[Idle], args: argparse.Namespace, command: str, duration: float,
@@ -258,6 +307,7 @@ def render(costs: list[PipelineCost], idles: list[Idle], args: argparse.Namespac
         f"Command: `{command}` — {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, took "  # noqa: UP017
         f"{duration / 60:.1f} min{' (quick mode)' if args.quick else ''}.", "",
         "Machine: " + "; ".join(f"{k} {v}" for k, v in facts.items()) + ".", "",
+        *_summary(costs, idles), "",
         "### (a) a one-task pipeline", "", "Medians over the runs at each N.", "",
         table(header, _rows(costs, "a", COLUMNS)), "",
         f"Storage requests at N={top}, by kind: {_kinds(worst['a'].storage)}; luigid calls: "
