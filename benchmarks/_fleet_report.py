@@ -302,7 +302,7 @@ def render(costs: list[PipelineCost], idles: list[Idle], args: argparse.Namespac
     worst = {kind: _typical(_groups(costs, kind)[top]) for kind in ("a", "b")}
     parts = [
         HEADING, "",
-        "Written by `python benchmarks/fleet.py`; numbers from one run on one machine, every N node processes on "
+        "Written by `python benchmarks/fleet.py`; numbers from one run on one machine, all N node processes on "
         "this one machine (so every node's CPU comes out of the same 2 cores).", "",
         f"Command: `{command}` — {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, took "  # noqa: UP017
         f"{duration / 60:.1f} min{' (quick mode)' if args.quick else ''}.", "",
