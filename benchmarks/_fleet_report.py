@@ -33,6 +33,8 @@ class PipelineCost:
     storage: collections.Counter[str]
     luigid: collections.Counter[str]
     ideal: float | None = None
+    other_cpu: float = 0.0
+    """What the rest of the machine used over the same span: luigid, the emulators, the benchmark, anyone else."""
     first_tasks: list[float] = field(default_factory=list)
     """Wide graph: seconds from the upload until each node's first task started, in order."""
     last_task: float | None = None
@@ -128,6 +130,7 @@ COLUMNS: list[tuple[str, Measure, int | None]] = [
     ("storage requests", lambda c: c.storage_requests, 0),
     ("luigid requests", lambda c: c.luigid_requests, 0),
     ("makespan (s)", lambda c: c.makespan, 1),
+    ("CPU-s of the rest of the machine", lambda c: c.other_cpu, 1),
 ]
 WIDE: list[tuple[str, Measure, int | None]] = [
     ("first task starts (s)", lambda c: c.first_tasks[0] if c.first_tasks else float("nan"), 1),
@@ -238,7 +241,8 @@ def _targets(costs: list[PipelineCost], ns: list[int]) -> tuple[list[list[str]],
                f"graph, a second after its luigi reports the root task, its call for help, then each helper's own "
                f"luigi start and walk of the graph); the last task ended at {fmt(b3.last_task or 0, 1)} s and the "
                f"result was written at {fmt(b3.makespan, 1)} s. All of it on the same 2 cores that run the tasks: "
-               f"{fmt(b3.cpu, 1)} CPU-s in all.")
+               f"{fmt(b3.cpu, 1)} CPU-s of the nodes, {fmt(b3.other_cpu, 1)} of the rest of the machine (luigid, "
+               f"the emulators, the benchmark and whatever else ran) over the {fmt(b3.makespan, 0)} s.")
     return rows, why
 
 
@@ -354,7 +358,8 @@ def render(costs: list[PipelineCost], idles: list[Idle], args: argparse.Namespac
         "window). luigid's CPU is not in it (at the largest N: "
         f"{fmt(worst['a'].luigid_cpu, 2)} CPU-s for (a), {fmt(worst['b'].luigid_cpu, 2)} for (b)).",
         "- Makespan: from the upload until `NAME.done.yaml` exists (polled every 50 ms). The ideal of (b) is "
-        "⌈tasks / N⌉ × task duration: each node runs one task at a time.",
+        "⌈tasks / N⌉ × task duration: each node runs one task at a time. The machine may be shared: \"rest of the "
+        "machine\" is its busy CPU time (/proc/stat) over the same span, minus the nodes'.",
         f"- Idle: a {args.idle_seconds:g} s window after start-up has settled, before the pipelines; the rescan's "
         "listings (counted at start-up) are spread over the rescan interval. After the pipelines every node gets "
         "SIGTERM, and the topic's subscriptions are counted.",

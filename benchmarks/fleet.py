@@ -33,10 +33,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _fleet_report import Idle, PipelineCost, render  # noqa: E402
-from _procs import command_line, descendants, register, stop_all, tree_cpu  # noqa: E402
+from _procs import command_line, descendants, machine_cpu, register, stop_all, tree_cpu  # noqa: E402
 from _proxy import CountingProxy, luigid_call  # noqa: E402
 from _report import write_section  # noqa: E402
-from _systems import ROOT, OurNode, Ours, Workspace, clean_environ  # noqa: E402
+from _systems import ROOT, OurNode, Ours, Workspace, clean_environ, rescan_interval  # noqa: E402
 
 README = HERE / "README.md"
 HEADING = "## Fleet scale"
@@ -59,6 +59,8 @@ class Counts:
     cpu: float
     """The node processes and every process they started (luigi, installers), exited ones included."""
     luigid_cpu: float
+    machine_cpu: float
+    """CPU seconds the whole machine has been busy (all processes, anyone's)."""
 
 
 class Fleet:
@@ -111,7 +113,7 @@ class Fleet:
     def counts(self, nodes: list[OurNode]) -> Counts:
         return Counts(time.time(), collections.Counter(self.storage.counts()),
                       collections.Counter(self.scheduler.counts()), sum(tree_cpu(node.pid) for node in nodes),
-                      tree_cpu(self.luigid.process.pid))
+                      tree_cpu(self.luigid.process.pid), machine_cpu())
 
     def messages(self, nodes: list[OurNode]) -> collections.Counter[tuple[str, str]]:
         """Messages delivered to the nodes' subscriptions so far, by (kind, scope), from their /metrics."""
@@ -151,7 +153,7 @@ class Fleet:
         time.sleep(window)
         after = self.counts(nodes)
         return Idle(len(nodes), after.at - before.at, after.storage - before.storage, after.luigid - before.luigid,
-                    after.cpu - before.cpu, startup_lists / len(nodes), _rescan_interval())
+                    after.cpu - before.cpu, startup_lists / len(nodes), rescan_interval())
 
     def config(self, kind: str, name: str) -> str:
         if kind == "a":
@@ -176,6 +178,7 @@ class Fleet:
         cost = PipelineCost(kind, len(nodes), starts, taking_part, makespan, after.cpu - before.cpu, idle_cpu,
                             after.luigid_cpu - before.luigid_cpu, messages, after.storage - before.storage,
                             after.luigid - before.luigid)
+        cost.other_cpu = max(0.0, after.machine_cpu - before.machine_cpu - cost.cpu)
         if kind == "b":
             cost.ideal = -(-self.args.parts // len(nodes)) * self.args.seconds  # each node runs one task at a time
             cost.first_tasks, cost.last_task = self._timeline(name, started)
@@ -249,12 +252,6 @@ class Fleet:
             self.costs.append(cost)
         idle.subscriptions_left = self.stop(nodes)
         self.idles.append(idle)
-
-
-def _rescan_interval() -> float:
-    from poltergust.settings import build_parser
-
-    return float(build_parser().parse_args(["--path", "/tmp"]).rescan_interval)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

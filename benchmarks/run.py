@@ -32,10 +32,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _procs import command_line, register, stop_all, tree_cpu, tree_rss
+from _procs import command_line, machine_cpu, register, stop_all, tree_cpu, tree_rss
 from _proxy import CountingProxy
 from _report import fmt, machine, table, write_section
-from _systems import ROOT, Original, Ours, Trial, Workspace, clean_environ, wait_trial
+from _systems import ROOT, Original, Ours, Trial, Workspace, clean_environ, rescan_interval, wait_trial
 
 README = HERE / "README.md"
 SECTION = "## Pipelines: Poltergust against the original and against the floor"
@@ -231,7 +231,7 @@ class Bench:
         nodes = system.start(n)
         cpu_before = sum(tree_cpu(node.pid) for node in nodes)
         own_before = sum(_own_cpu(node.pid) for node in nodes)
-        machine_before = _machine_cpu()
+        machine_before = machine_cpu()
         names = [self.ws.name(f"mk{k}x{n}") for _ in range(k)]
         wanted = set(names)
         started = time.time()
@@ -252,7 +252,7 @@ class Bench:
             time.sleep(0.02)
         cpu = sum(tree_cpu(node.pid) for node in nodes) - cpu_before
         own = sum(_own_cpu(node.pid) for node in nodes) - own_before
-        other = _machine_cpu() - machine_before - cpu
+        other = machine_cpu() - machine_before - cpu
         system.stop()
         self.ws.clear_configs()
         return Makespan(ended - started, cpu, own, errors, finished, timed_out, max(other, 0.0))
@@ -325,7 +325,7 @@ class Bench:
         self.ours.stop()
         self.original.stop()
 
-        rescan = _rescan_interval()
+        rescan = rescan_interval()
         hour = 3600 / window
         ours_hour = requests * hour + (startup_requests * 3600 / rescan if window < rescan else 0)
         orig_hour = listings * hour
@@ -591,20 +591,6 @@ def _own_cpu(pid: int) -> float:
     except FileNotFoundError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _machine_cpu() -> float:
-    """CPU seconds the whole machine has been busy since boot (all cores), from /proc/stat."""
-    with open("/proc/stat") as handle:
-        fields = [int(value) for value in handle.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _rescan_interval() -> float:
-    from poltergust.settings import build_parser
-
-    return float(build_parser().parse_args(["--path", "/tmp"]).rescan_interval)
 
 
 # -- the machine and the report ---------------------------------------------------

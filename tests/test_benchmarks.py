@@ -164,7 +164,7 @@ def test_quick_fleet_benchmark_measures_every_count(tmp_path: Path) -> None:
         assert n <= watched <= delivered, "every node heard of the upload; the emulator delivers a superset"
     assert all(int(row[2]) <= 2 for row in single), "a one-task pipeline starts luigi on at most two nodes"
     for row in wide:
-        first, last_first, last_end, ideal = (_number(cell) for cell in row[11:15])
+        first, last_first, last_end, ideal = (_number(cell) for cell in row[12:16])
         assert 0 < first <= last_first < last_end <= _number(row[10]) and ideal > 0, row
     for row in idle:
         assert _number(row[3]) == 0, "idle nodes make no luigid request"
