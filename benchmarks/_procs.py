@@ -89,6 +89,14 @@ def _running(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
+def machine_cpu() -> float:
+    """CPU seconds the whole machine has been busy since boot (all cores), from /proc/stat."""
+    with open("/proc/stat") as handle:
+        fields = [int(value) for value in handle.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def descendants(pid: int) -> list[int]:
     parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):

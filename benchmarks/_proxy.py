@@ -1,10 +1,12 @@
-"""A tiny counting HTTP proxy, put in front of the GCS emulator to count a node's storage requests."""
+"""A tiny counting HTTP proxy, put in front of the GCS emulator (or luigid) to count the requests nodes make."""
 from __future__ import annotations
 
 import collections
 import http.client
+import sys
 import threading
 import urllib.parse
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
@@ -27,8 +29,27 @@ def kind(method: str, path: str) -> str:
     return f"{method.lower()} other"
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+    """Dozens of nodes may connect at once (the default backlog is 5)."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that hung up (a luigi worker stopped mid-request) is no error of the proxy's."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
+def luigid_call(method: str, path: str) -> str:
+    """The name of a luigid API call (`add_task`, `get_work`, `dep_graph`, ...); `page` for anything else."""
+    parsed = urllib.parse.urlsplit(path)
+    return parsed.path[len("/api/"):] if parsed.path.startswith("/api/") else "page"
+
+
 class CountingProxy:
-    def __init__(self, upstream: str) -> None:
+    """Forwards every request to `upstream`, counting them by `classify(method, path)`."""
+
+    def __init__(self, upstream: str, classify: Callable[[str, str], str] = kind) -> None:
         target = urllib.parse.urlsplit(upstream)
         self._host, self._port = target.hostname or "127.0.0.1", target.port or 80
         self._lock = threading.Lock()
@@ -44,7 +65,7 @@ class CountingProxy:
             def _forward(self) -> None:
                 body = self._body()
                 with proxy._lock:
-                    proxy._counts[kind(self.command, self.path)] += 1
+                    proxy._counts[classify(self.command, self.path)] += 1
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 if body or self.command in ("POST", "PUT", "PATCH"):
                     headers["Content-Length"] = str(len(body))
@@ -85,8 +106,7 @@ class CountingProxy:
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="counting proxy")
         self._thread.start()

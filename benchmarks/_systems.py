@@ -103,6 +103,13 @@ def clean_environ(**extra: str) -> dict[str, str]:
     return env
 
 
+def rescan_interval() -> float:
+    """A node's default --rescan-interval (seconds)."""
+    from poltergust.settings import build_parser
+
+    return float(build_parser().parse_args(["--path", "/tmp"]).rescan_interval)
+
+
 @dataclass
 class Trial:
     """Seconds from writing (or uploading) a config to each milestone of its run."""

@@ -18,7 +18,6 @@ import argparse
 import datetime as _dt
 import math
 import os
-import platform
 import random
 import shlex
 import signal
@@ -33,9 +32,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _procs import command_line, register, stop_all, tree_cpu, tree_rss
+from _procs import command_line, machine_cpu, register, stop_all, tree_cpu, tree_rss
 from _proxy import CountingProxy
-from _systems import ROOT, Original, Ours, Trial, Workspace, clean_environ, wait_trial
+from _report import fmt, machine, table, write_section
+from _systems import ROOT, Original, Ours, Trial, Workspace, clean_environ, rescan_interval, wait_trial
 
 README = HERE / "README.md"
 SECTION = "## Pipelines: Poltergust against the original and against the floor"
@@ -66,15 +66,6 @@ def p50(values: Sequence[float]) -> float:
 
 def p95(values: Sequence[float]) -> float:
     return percentile(values, 0.95)
-
-
-def fmt(value: float | None, digits: int | None = None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if digits is None:
-        magnitude = abs(value)
-        digits = 3 if magnitude < 10 else 1 if magnitude < 1000 else 0
-    return f"{value:.{digits}f}"
 
 
 # -- results -------------------------------------------------------------------
@@ -240,7 +231,7 @@ class Bench:
         nodes = system.start(n)
         cpu_before = sum(tree_cpu(node.pid) for node in nodes)
         own_before = sum(_own_cpu(node.pid) for node in nodes)
-        machine_before = _machine_cpu()
+        machine_before = machine_cpu()
         names = [self.ws.name(f"mk{k}x{n}") for _ in range(k)]
         wanted = set(names)
         started = time.time()
@@ -261,7 +252,7 @@ class Bench:
             time.sleep(0.02)
         cpu = sum(tree_cpu(node.pid) for node in nodes) - cpu_before
         own = sum(_own_cpu(node.pid) for node in nodes) - own_before
-        other = _machine_cpu() - machine_before - cpu
+        other = machine_cpu() - machine_before - cpu
         system.stop()
         self.ws.clear_configs()
         return Makespan(ended - started, cpu, own, errors, finished, timed_out, max(other, 0.0))
@@ -334,7 +325,7 @@ class Bench:
         self.ours.stop()
         self.original.stop()
 
-        rescan = _rescan_interval()
+        rescan = rescan_interval()
         hour = 3600 / window
         ours_hour = requests * hour + (startup_requests * 3600 / rescan if window < rescan else 0)
         orig_hour = listings * hour
@@ -602,46 +593,15 @@ def _own_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _machine_cpu() -> float:
-    """CPU seconds the whole machine has been busy since boot (all cores), from /proc/stat."""
-    with open("/proc/stat") as handle:
-        fields = [int(value) for value in handle.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _rescan_interval() -> float:
-    from poltergust.settings import build_parser
-
-    return float(build_parser().parse_args(["--path", "/tmp"]).rescan_interval)
-
-
 # -- the machine and the report ---------------------------------------------------
 
 def machine_facts(bench: Bench) -> dict[str, str]:
-    model = "unknown"
-    with open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as handle:
-        memory = next(int(line.split()[1]) for line in handle if line.startswith("MemTotal")) * 1024
     return {
         "nproc": str(bench.cores),
-        "CPU": model,
-        "memory": f"{memory / 1024 ** 3:.1f} GiB",
-        "Python": platform.python_version(),
-        "OS": f"{platform.system()} {platform.release()}",
+        **machine(),
         "luigi": f"{bench.env_luigi} in the pipelines' environment; {bench.original.luigi_version} running the original",
         "load average (1 min) at start / end": " / ".join(f"{load:.1f}" for load in bench.load),
     }
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def render(bench: Bench, command: str, duration: float) -> str:
@@ -724,17 +684,8 @@ def render(bench: Bench, command: str, duration: float) -> str:
 
 
 def write_markdown(path: Path, text: str) -> None:
-    """Replace the Pipelines section of a README that has one; otherwise write the text as the whole file."""
-    if path.exists():
-        current = path.read_text()
-        lines = current.splitlines(keepends=True)
-        start = next((i for i, line in enumerate(lines) if line.startswith("## Pipelines:")), None)
-        if start is not None:
-            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-            tail = "".join(lines[end:])
-            path.write_text("".join(lines[:start]) + text.rstrip("\n") + "\n" + ("\n" + tail if tail else ""))
-            return
-    path.write_text(text)
+    """Replace the Pipelines section of `path` (a new file gets the text alone)."""
+    write_section(path, "## Pipelines:", text)
 
 
 # -- command line --------------------------------------------------------------------

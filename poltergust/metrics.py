@@ -27,6 +27,12 @@ ENV_BUILD_SECONDS = Histogram(
     buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
 STORAGE_ERRORS = Counter("poltergust_storage_errors", "Failed storage requests, by kind", ["kind"])
+EVENTS_RECEIVED = Counter(
+    "poltergust_events_received",
+    "Messages delivered to this node's subscription, by kind (finalize, delete, help, other) and scope (watched: "
+    "under one of its prefixes, what its filter lets through; outside: only delivered where no filter applies)",
+    ["kind", "scope"],
+)
 EVENT_ERRORS = Counter("poltergust_event_errors", "Event stream failures, by kind", ["kind"])
 NOTIFY_ERRORS = Counter("poltergust_notify_errors", "Failed completion notifications (after retries)")
 ASYNCIO_TASKS = Gauge("poltergust_asyncio_tasks", "asyncio tasks alive in the node's event loop")

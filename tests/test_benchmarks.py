@@ -1,8 +1,11 @@
-"""The pipelines benchmark (benchmarks/run.py) keeps working: run it in quick mode and read its tables.
+"""The benchmarks keep working: run them in quick mode and read their tables.
 
-Quick mode installs luigi-poltergust 0.0.5 from the package index, starts
-luigid, the emulators and nodes of both systems, and measures every figure on
-tiny sizes. Only the shape of the result is checked here, never the timings.
+Quick mode of the pipelines benchmark (benchmarks/run.py) installs
+luigi-poltergust 0.0.5 from the package index, starts luigid, the emulators
+and nodes of both systems, and measures every figure on tiny sizes; the fleet
+benchmark (benchmarks/fleet.py) runs 1 and 3 nodes on the emulators. Only the
+shape of the results and what holds at any speed are checked here, never the
+timings.
 """
 from __future__ import annotations
 
@@ -140,3 +143,50 @@ def test_dashboard_benchmark_runs_and_counts_right(tmp_path: Path) -> None:
     assert {row[0] for row in rows} == {"local directory", "GCS emulator"}
     assert len(rows) == 14 and all(_number(row[2]) > 0 for row in rows)
     assert _leftovers(tmp_path) == []
+
+
+FLEET = "## Fleet scale"
+
+
+@pytest.mark.timeout(600)
+def test_quick_fleet_benchmark_measures_every_count(tmp_path: Path) -> None:
+    readme = ROOT / "benchmarks" / "README.md"
+    before = readme.read_text()
+    markdown = tmp_path / "fleet.md"
+    workdir = tmp_path / "work"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fleet.py"), "--quick", "--markdown", str(markdown),
+         "--workdir", str(workdir)],
+        capture_output=True, text=True, timeout=550, cwd=ROOT, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+
+    text = markdown.read_text()
+    assert text.startswith(FLEET) and "Command: `python benchmarks/fleet.py --quick" in text
+    tables = _tables(text)
+    single = tables["(a) a one-task pipeline"]
+    wide = tables["(b) a graph of 6 independent 1 s tasks"]
+    idle = tables["Idle nodes"]
+    assert [row[0] for row in single] == [row[0] for row in wide] == [row[0] for row in idle] == ["1", "3"]
+    for row in single + wide:
+        n, runs, starts, running = (int(cell) for cell in row[:4])
+        numbers = [_number(cell) for cell in row[4:]]
+        assert runs == 1 and starts >= running >= 1 and all(value >= 0 for value in numbers[1:]), row
+        watched, delivered = int(row[6]), int(row[7])
+        assert n <= watched <= delivered, "every node heard of the upload; the emulator delivers a superset"
+    assert all(int(row[2]) <= 2 for row in single), "a one-task pipeline starts luigi on at most two nodes"
+    for row in wide:
+        first, last_first, last_end, ideal = (_number(cell) for cell in row[12:16])
+        assert 0 < first <= last_first < last_end <= _number(row[10]) and ideal > 0, row
+    for row in idle:
+        assert _number(row[3]) == 0, "idle nodes make no luigid request"
+        assert row[5] == "0", "stopped nodes leave no subscription behind"
+
+    growth = {row[0]: row for row in tables["What grows how"]}
+    assert "(a) storage requests" in growth and "idle luigid requests per node-minute" in growth
+    targets = tables["Targets"]
+    assert len(targets) == 5 and all(row[3] in ("met", "**missed**") for row in targets), targets
+    assert ("Why targets are missed:" in text) == any(row[3] == "**missed**" for row in targets)
+
+    assert readme.read_text() == before
+    assert _leftovers(workdir) == []

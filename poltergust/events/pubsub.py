@@ -22,6 +22,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from google.api_core import exceptions as gexc  # noqa: E402
 from google.cloud import pubsub_v1  # noqa: E402
 
+from .. import metrics  # noqa: E402
 from ..layout import CONFIG_SUFFIX, Location, is_config_name  # noqa: E402
 from .base import ClosingSource, Event  # noqa: E402
 
@@ -57,6 +58,13 @@ def parse_notification(attributes: Mapping[str, str], locations: Iterable[Locati
     except (KeyError, ValueError):
         log.warning("ignoring malformed notification for %s: %r", name, dict(attributes))
         return None
+
+
+def delivery_labels(attributes: Mapping[str, str], locations: Iterable[Location]) -> tuple[str, str]:
+    """(kind, scope) of a delivered message, for counting what a node's subscription costs it."""
+    bucket, name = attributes.get("bucketId", ""), attributes.get("objectId", "")
+    watched = any(loc.bucket_name == bucket and name.startswith(loc.prefix) for loc in locations)
+    return EVENT_KINDS.get(attributes.get("eventType", ""), "other"), "watched" if watched else "outside"
 
 
 def subscription_filter(locations: Iterable[Location]) -> str:
@@ -98,6 +106,8 @@ class PubSubEvents(ClosingSource):
         self._publisher: pubsub_v1.PublisherClient | None = None
         self._future: pubsub_v1.subscriber.futures.StreamingPullFuture | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._ours = False
+        """Whether the subscription is this node's (created by it, or matching what it needs): only then delete it."""
 
     async def attach(self) -> None:
         """Create the subscription if needed and start receiving.
@@ -124,6 +134,7 @@ class PubSubEvents(ClosingSource):
         }
         try:
             self._subscriber.create_subscription(request=request)
+            self._ours = True
             log.info("created subscription %s on %s%s", self.subscription, self.topic,
                      f" filtered by {wanted}" if wanted else " (unfiltered: the paths make too long a filter)")
             return
@@ -136,10 +147,12 @@ class PubSubEvents(ClosingSource):
                 f"but this node needs {self.topic} with filter {wanted!r}: delete it, or pick another "
                 "--subscription"
             )
+        self._ours = True
         log.info("using existing subscription %s", self.subscription)
 
     def _on_message(self, message: pubsub_v1.subscriber.message.Message) -> None:
         # Runs on a client thread: hand over to the loop and return at once.
+        metrics.EVENTS_RECEIVED.labels(*delivery_labels(message.attributes, self._locations)).inc()
         event = parse_notification(message.attributes, self._locations)
         if event is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
@@ -172,7 +185,7 @@ class PubSubEvents(ClosingSource):
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self._future.result)
             self._future = None
-        if delete:
+        if delete and self._ours:
             await asyncio.to_thread(self._delete_subscription)
         if self._subscriber is not None:
             await asyncio.to_thread(self._subscriber.close)

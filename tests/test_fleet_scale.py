@@ -1,0 +1,239 @@
+"""What one pipeline costs a fleet, and the subscription each node keeps, on the real stack.
+
+A one-task pipeline runs luigi on one node (two at most), a wide graph spreads
+over nodes that joined through a call for help; every node process has a
+subscription of its own, made for its prefixes, refused when it belongs to
+something else, re-attached until that works, and deleted on a clean stop.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import yaml
+from google.api_core import exceptions as gexc
+from google.cloud import pubsub_v1
+
+from conftest import PROJECT, TOPIC
+from stack import Bucket, Luigid, Node, PubSubEmulator, free_port, wait_for
+from test_node import result, submit
+from test_outages import _node, stack  # noqa: F401 -- `stack`: a Pub/Sub emulator of the test's own
+
+GCS = pytest.mark.parametrize("backend", ["gcs"], indirect=True)
+
+TOUCH = {"name": "Touch", "module": "poltergust_testpipes"}
+LISTENING = re.compile(r"listening on (projects/\S+/subscriptions/\S+?)[\"\s]")
+
+
+def _subscriber(pubsub: PubSubEmulator) -> pubsub_v1.SubscriberClient:
+    os.environ["PUBSUB_EMULATOR_HOST"] = pubsub.host
+    return pubsub_v1.SubscriberClient()
+
+
+def _subscription(pubsub: PubSubEmulator, path: str) -> pubsub_v1.types.Subscription | None:
+    with _subscriber(pubsub) as client:
+        try:
+            return client.get_subscription(request={"subscription": path})
+        except gexc.NotFound:
+            return None
+
+
+def _listening_on(node: Node) -> str:
+    match = wait_for(lambda: LISTENING.search(node.output()), 30, f"{node.name} to name its subscription")
+    return match.group(1)  # type: ignore[union-attr]
+
+
+def _healthz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (urllib.error.URLError, OSError) as exc:  # not serving yet
+        return 0, str(exc)
+
+
+def _stop_cleanly(node: Node) -> None:
+    node.process.send_signal(signal.SIGTERM)
+    assert node.process.wait(timeout=30) == 0
+
+
+@pytest.fixture
+def plain_node(
+    tmp_path: Path, pubsub: PubSubEmulator, luigid: Luigid, bucket: Bucket, env_dir: Path,
+) -> Iterator[Callable[..., Node]]:
+    """Start a node as an operator would: no --subscription, no --data-dir (HOME is the test's own)."""
+    nodes: list[Node] = []
+    env = dict(os.environ, PUBSUB_EMULATOR_HOST=pubsub.host, STORAGE_EMULATOR_HOST=bucket.gcs.url,
+               HOME=str(tmp_path / "home"))
+
+    def start(name: str, *extra: str, wait: bool = True) -> Node:
+        node = Node(name, tmp_path, ["--path", bucket.url("pipeline"), "--scheduler-url", luigid.url,
+                                     "--project", PROJECT, "--topic", TOPIC, "--env-dir", str(env_dir), *extra], env)
+        nodes.append(node)
+        if wait:
+            node.wait_ready()
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+def _run_logs(bucket: Bucket, pipeline: str) -> dict[str, bytes]:
+    """Every node's log of the pipeline's runs: who took part, and what it did."""
+    return {name: bucket.read(name) or b"" for name in bucket.names(f"_poltergust/logs/pipeline/{pipeline}/")}
+
+
+def _three(start_node) -> list[Node]:
+    """Three nodes, started together; unique names, since the host may run other node processes."""
+    suffix = uuid.uuid4().hex[:6]
+    nodes = [start_node(f"{letter}-{suffix}", wait=False) for letter in "abc"]
+    for node in nodes:
+        node.wait_ready()
+    return nodes
+
+
+@GCS
+def test_a_one_task_pipeline_on_three_nodes_starts_luigi_on_at_most_two(
+    start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+) -> None:
+    nodes = _three(start_node)
+    submit(bucket, "single", {**TOUCH, "out-dir": str(tmp_path / "single")}, environment_yaml)
+    done = result(bucket, "single", "done")
+    wait_for(lambda: not bucket.exists("pipeline/single.config.yaml"), 30, "the config to be removed")
+
+    wait_for(lambda: all("this node starts generation" in n.output() or "standing by to help" in n.output()
+                         for n in nodes), 30, "every node to hear of the config")
+    assert sum("this node starts generation" in n.output() for n in nodes) == 1
+    logs = _run_logs(bucket, "single")
+    assert 1 <= len(logs) <= 2, sorted(logs)
+    assert any(name.endswith(f"/{done['poltergust']['node']}.log.txt") for name in logs), sorted(logs)
+    attempts = sum(log.count(b"luigi attempt") for log in logs.values())
+    assert 1 <= attempts <= 2, {name: log.decode()[-2000:] for name, log in logs.items()}
+
+
+@GCS
+def test_a_wide_graph_spreads_over_nodes_that_answer_a_call_for_help(
+    start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+) -> None:
+    nodes = _three(start_node)
+    out = tmp_path / "fan"
+    submit(bucket, "wide", {"name": "Fan", "module": "poltergust_testpipes", "out-dir": str(out), "parts": 6,
+                            "seconds": 2}, environment_yaml)
+    result(bucket, "wide", "done")
+    workers = {path.read_text() for path in out.glob("part-*.txt")}
+    assert len(workers) >= 2, f"the parts ran on {workers} only"
+    callers = [n.node_name for n in nodes if re.search(r"asked for \d+ more node\(s\)", n.output())]
+    helpers = [n.node_name for n in nodes if "joining the run (call for help" in n.output()]
+    assert len(callers) == 1 and helpers and callers[0] not in helpers, (callers, helpers)
+    assert workers <= {callers[0], *helpers}
+
+
+def test_a_failed_reattach_is_retried_until_it_works(
+    stack, tmp_path: Path, environment_yaml: str, env_dir: Path,  # noqa: F811 -- the fixture
+) -> None:
+    pubsub, gcs, _ = stack
+    bucket = Bucket(gcs, "reattach")
+    port = free_port()
+    node = _node("node-a", tmp_path, stack, bucket, env_dir, "--http-port", str(port))
+    try:
+        assert _healthz(port)[0] == 200
+        # Pub/Sub comes back empty and without the topic: the stream breaks, and re-attaching fails.
+        pubsub.stop()
+        pubsub.start()
+        pubsub.wait_ready()
+        wait_for(lambda: "cannot attach the event stream" in node.output(), 90, "a failed re-attach")
+        status, body = _healthz(port)
+        assert status == 503 and "not attached" in body, (status, body)
+        submit(bucket, "while-deaf", {**TOUCH, "out-dir": str(tmp_path / "deaf")}, environment_yaml)
+
+        pubsub.create_topic(TOPIC)
+        wait_for(lambda: _healthz(port)[0] == 200, 90, "the node to re-attach")
+        assert node.output().count("cannot attach the event stream") >= 1
+        result(bucket, "while-deaf", "done", timeout=60)  # found by the scan that follows the re-attach
+        submit(bucket, "after", {**TOUCH, "out-dir": str(tmp_path / "after")}, environment_yaml)
+        result(bucket, "after", "done", timeout=60)  # heard: the next rescan is minutes away
+        node.check_alive()
+    finally:
+        node.stop()
+
+
+@GCS
+def test_two_processes_with_one_name_get_subscriptions_of_their_own_and_delete_them_when_stopped(
+    plain_node, pubsub: PubSubEmulator, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+) -> None:
+    name = f"twin-{uuid.uuid4().hex[:6]}"
+    first, second = plain_node(name), plain_node(name)
+    assert f"this one is {name}-2" in second.output()
+    paths = [_listening_on(first), _listening_on(second)]
+    assert paths[0] != paths[1] and f"-{name}-2-" in paths[1], paths
+    assert all(_subscription(pubsub, path) is not None for path in paths)
+
+    submit(bucket, "both", {**TOUCH, "out-dir": str(tmp_path / "both")}, environment_yaml)
+    assert result(bucket, "both", "done")["poltergust"]["node"] in (name, f"{name}-2")
+    wait_for(lambda: all("both.config.yaml" in node.output() for node in (first, second)), 30,
+             "both processes to hear of the config")
+
+    for node, path in zip((first, second), paths):
+        _stop_cleanly(node)
+        assert f"deleted subscription {path}" in node.output()
+        assert _subscription(pubsub, path) is None
+
+
+@GCS
+def test_an_oversized_filter_falls_back_to_the_bucket_and_the_node_still_works(
+    start_node, pubsub: PubSubEmulator, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+) -> None:
+    prefixes = [f"team-{index}-{'x' * 40}" for index in range(4)]
+    extra = [arg for prefix in prefixes for arg in ("--path", bucket.url(prefix))]
+    node = start_node(f"filtered-{uuid.uuid4().hex[:6]}", *extra)
+    subscription = _subscription(pubsub, _listening_on(node))
+    assert subscription is not None
+    assert subscription.filter == f'attributes.bucketId = "{bucket.name}"', subscription.filter
+
+    bucket.upload("environment/test.yaml", environment_yaml)
+    bucket.upload(f"{prefixes[-1]}/team.config.yaml", yaml.safe_dump(
+        {"environment": bucket.url("environment/test.yaml"), "task": {**TOUCH, "out-dir": str(tmp_path / "team")}}))
+    wait_for(lambda: bucket.exists(f"{prefixes[-1]}/team.done.yaml"), 120, "the pipeline under a long prefix")
+
+
+@GCS
+def test_an_existing_subscription_for_another_topic_or_filter_is_refused_and_kept(
+    plain_node, pubsub: PubSubEmulator,
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    elsewhere = pubsub.create_topic(f"elsewhere-{suffix}")
+    ours = f"projects/{PROJECT}/topics/{TOPIC}"
+    clashes = {f"other-topic-{suffix}": elsewhere, f"other-filter-{suffix}": ours}
+    with _subscriber(pubsub) as client:
+        for name, topic in clashes.items():
+            client.create_subscription(request={"name": client.subscription_path(PROJECT, name), "topic": topic,
+                                                "filter": 'attributes.team = "other"'})
+    try:
+        ports = {name: free_port() for name in clashes}
+        nodes = {name: plain_node(f"refusing-{name}", "--subscription", name, "--http-port", str(ports[name]),
+                                  wait=False) for name in clashes}
+        for name, node in nodes.items():
+            wait_for(lambda: "delete it, or pick another --subscription" in node.output(), 60, "the refusal")
+            path = f"projects/{PROJECT}/subscriptions/{name}"
+            assert f"subscription {path} exists on {clashes[name]} with filter" in node.output()
+            status, body = wait_for(lambda: (reply := _healthz(ports[name]))[0] and reply, 30, "the health check")
+            assert status == 503 and "not attached" in body, (status, body)
+        for name, node in nodes.items():
+            _stop_cleanly(node)
+            kept = _subscription(pubsub, f"projects/{PROJECT}/subscriptions/{name}")
+            assert kept is not None and kept.topic == clashes[name], "a subscription it refused is not its to delete"
+    finally:
+        with _subscriber(pubsub) as client:
+            for name in clashes:
+                with contextlib.suppress(gexc.NotFound):
+                    client.delete_subscription(request={"subscription": client.subscription_path(PROJECT, name)})
