@@ -35,6 +35,10 @@ def _env(flag: str) -> str:
     return "POLTERGUST_" + flag.upper().replace("-", "_")
 
 
+def _flag(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m poltergust.async_worker",
@@ -73,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("share-environments", "upload each environment this node builds beside its environment file, and unpack "
                               "such an archive instead of building (true or false)", default="false",
         type=lambda value: value.strip().lower() in ("1", "true", "yes", "on"), nargs="?", const="true")
+    add("warm", "start luigi from a warm interpreter per environment, forked for each run, instead of a fresh "
+                "python every time (true or false)", default="true", type=_flag, nargs="?", const="true")
+    add("warm-idle-seconds", "stop an environment's warm interpreter after this many seconds without a run",
+        type=float, default=600.0)
+    add("warm-prestart", "start an environment's warm interpreter as soon as a run has the environment, rather "
+                         "than when luigi starts (true or false)", default="false", type=_flag, nargs="?",
+        const="true")
     add("max-concurrent", "pipelines this node runs at once", type=int, default=4)
     add("rescan-interval", "seconds between full rescans of the prefixes (the safety net for lost events)",
         type=float, default=300.0)
@@ -123,6 +134,9 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         claim_grace=args.claim_grace,
         notify=notify_target(args.notify_url, os.environ.get("DB_URL")),
         allowed_environment_prefixes=args.allowed_environment_prefix,
+        warm=args.warm,
+        warm_idle_seconds=args.warm_idle_seconds,
+        warm_prestart=args.warm_prestart,
     )
     topic = args.topic or f"poltergust-{locations[0].bucket.rsplit('/', 1)[-1]}"
     subscription = args.subscription or default_subscription(args.node_name)

@@ -70,7 +70,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import AsyncIterator, Mapping
+from typing import AsyncIterator, Callable, Mapping
 
 from uv import find_uv_bin
 
@@ -264,6 +264,8 @@ class Environments:
         self._held: dict[asyncio.Task, set[str]] = {}
         self._evicting: asyncio.Lock | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.on_evict: Callable[[str], None] | None = None
+        """Called with the key of each environment this process evicts (its warm interpreters stop)."""
 
     # -- the interface the node uses ----------------------------------------
 
@@ -670,6 +672,8 @@ class Environments:
                        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(used))}Z) to keep the cache within "
                        f"{self.cache_size / 1e6:.0f} MB")
             log.info("%s", message)
+            if self.on_evict is not None:
+                self.on_evict(key)
             if runlog is not None:
                 runlog.note(message)
         if over > 0:

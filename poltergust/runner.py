@@ -15,7 +15,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 from urllib.parse import urlparse
 
 from . import metrics
@@ -106,12 +106,13 @@ def luigi_environ(
 
 async def run_until_settled(
     command: list[str], *, env: Mapping[str, str], cwd: Path, runlog: RunLog, scheduler_url: str,
-    outage_limit: float, max_backoff: float = 30.0,
+    outage_limit: float, max_backoff: float = 30.0, run: Callable[..., Awaitable[int]] = run_streaming,
 ) -> Outcome:
     """Run luigi, again and again while other workers hold tasks, until it settles.
 
     A scheduler that cannot be reached is waited for (up to `outage_limit`
-    seconds) rather than counted as a failure of the pipeline.
+    seconds) rather than counted as a failure of the pipeline. `run` starts
+    luigi (`run_streaming`, or a warm pool's runner).
     """
     cwd.mkdir(parents=True, exist_ok=True)
     attempt = 0
@@ -122,7 +123,7 @@ async def run_until_settled(
             return Outcome(False, f"the luigi scheduler at {scheduler_url} was unreachable for {outage_limit:.0f}s")
         attempt += 1
         runlog.note(f"luigi attempt {attempt}: " + " ".join(command[1:]))
-        code = await run_streaming(command, env=env, cwd=cwd, sink=runlog.write)
+        code = await run(command, env=env, cwd=cwd, sink=runlog.write)
         runlog.note(f"luigi exited with code {code}")
         if code == 0:
             return Outcome(True)

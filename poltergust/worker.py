@@ -27,6 +27,8 @@ from .notify import NotifyTarget, notify
 from .runlog import RunLog
 from .runner import Outcome, luigi_command, luigi_environ, node_extra_environ, run_until_settled
 from .storage import Blob, Location, NotFound, ObjectStore, StorageError, split_url
+from .subprocesses import run_streaming
+from .warm import WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,10 @@ class Settings:
     notify: NotifyTarget | None = None
     allowed_environment_prefixes: list[str] = field(default_factory=list)
     """URL prefixes environment files may come from; empty means the pipelines' own buckets."""
+    warm: bool = True
+    """Start luigi from a warm interpreter per environment (see `warm`) rather than afresh each time."""
+    warm_idle_seconds: float = 600.0
+    warm_prestart: bool = False
 
 
 class RunKey(NamedTuple):
@@ -79,6 +85,10 @@ class Node:
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         """Set once the subscription is attached and the first scan is done."""
+        self.warm = WarmPool(settings.data_dir / "warm", environments.environ, idle_seconds=settings.warm_idle_seconds,
+                             prestart=settings.warm_prestart) if settings.warm else None
+        if self.warm is not None:
+            environments.on_evict = self.warm.evicted
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -105,6 +115,8 @@ class Node:
             if self._notifications:
                 await asyncio.wait(self._notifications, timeout=10)
         finally:
+            if self.warm is not None:
+                await self.warm.close()
             await self.events.close()
             for store in self._stores.values():
                 await store.close()
@@ -298,9 +310,10 @@ class Node:
                             node_extra_environ(self.settings.node_name, key.url(), key.generation))
         if uploaded is not None:
             metrics.PICKUP_SECONDS.observe(max(0.0, (_now() - uploaded).total_seconds()))
+        run = self.warm.runner(env_path, spec, config, runlog.note) if self.warm and config.warm else run_streaming
         return await run_until_settled(
             command, env=env, cwd=self.settings.data_dir / "work" / _safe(results.pipeline_name(key.name)),
-            runlog=runlog, scheduler_url=self.settings.scheduler_url, outage_limit=self.settings.outage_limit,
+            runlog=runlog, scheduler_url=self.settings.scheduler_url, outage_limit=self.settings.outage_limit, run=run,
         )
 
     def _environment_object(self, url: str, key: RunKey) -> tuple[str, str]:
