@@ -234,6 +234,8 @@ class Ours:
     ws: Workspace
     env_dir: Path
     label: str = "Poltergust"
+    extra: tuple[str, ...] = ()
+    """Flags every node of this system gets (`--warm false` for the spawn path)."""
     nodes: list[OurNode] = field(default_factory=list)
 
     def start(self, count: int, *extra: str, path: str | None = None, env: Mapping[str, str] | None = None,
@@ -242,7 +244,8 @@ class Ours:
         for _ in range(count):
             name = self.ws.name(tag)
             args = ["--path", path or str(self.ws.pipeline), "--scheduler-url", self.ws.scheduler_url,
-                    "--data-dir", str(self.ws.root / "nodes" / name), "--env-dir", str(self.env_dir), *extra]
+                    "--data-dir", str(self.ws.root / "nodes" / name), "--env-dir", str(self.env_dir), *self.extra,
+                    *extra]
             started.append(OurNode(name, args, self.ws.logs / f"{name}.log", env or clean_environ()))
         for node in started:
             wait_for(node.ready, 90, f"{node.name} to be ready")

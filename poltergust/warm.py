@@ -217,6 +217,8 @@ class WarmPool:
             zygote.socket.unlink()
 
     def _idle_later(self, zygote: _Zygote) -> None:
+        if zygote.idle is not None:
+            zygote.idle.cancel()
         if zygote.running == 0 and not zygote.stopping:
             zygote.idle = asyncio.get_running_loop().call_later(
                 self.idle_seconds, self._stop_later, zygote, f"idle for {self.idle_seconds:g}s")
