@@ -270,3 +270,17 @@ def test_zygote_uses_only_the_standard_library() -> None:
     found = subprocess.run([sys.executable, "-I", "-c", code % zygote.__file__], capture_output=True, text=True,
                            check=True).stdout
     assert found.strip() == "[]"
+
+
+def test_warm_and_preload_keys_are_validated() -> None:
+    from poltergust.config import ConfigError, parse_environment, parse_pipeline
+
+    config = b"environment: env.yaml\ntask: {name: T, module: m}\n"
+    assert parse_pipeline(config, "file:///b/p/x.config.yaml").warm is True
+    assert parse_pipeline(config + b"warm: false\n", "file:///b/p/x.config.yaml").warm is False
+    with pytest.raises(ConfigError, match=r"^file:///b/p/x.config.yaml: warm: must be true or false \(got 'no'\)$"):
+        parse_pipeline(config + b"warm: 'no'\n", "file:///b/p/x.config.yaml")
+    assert parse_environment(b"preload: [pandas, my.tasks]\n", "e.yaml").preload == ("pandas", "my.tasks")
+    for bad in (b"preload: pandas\n", b"preload: ['os; rm -rf /']\n", b"preload: [1]\n"):
+        with pytest.raises(ConfigError, match=r"^e.yaml: preload"):
+            parse_environment(bad, "e.yaml")
