@@ -231,7 +231,7 @@ def test_eviction_and_idleness_stop_the_warm_interpreter(
     assert "its environment was evicted" in node.output()
     node.stop()
 
-    idle = start_node("node-b", "--warm-idle-seconds", "1")
+    idle = start_node("node-b", "--warm-idle-seconds", "1", "--warm-prestart")
     submit(bucket, "idle", {**REPORT, "out-dir": str(out / "i")}, "test", environment_yaml)
     result(bucket, "idle")
     zygote = report(out / "i")["ppid"]
@@ -284,3 +284,16 @@ def test_warm_and_preload_keys_are_validated() -> None:
     for bad in (b"preload: pandas\n", b"preload: ['os; rm -rf /']\n", b"preload: [1]\n"):
         with pytest.raises(ConfigError, match=r"^e.yaml: preload"):
             parse_environment(bad, "e.yaml")
+
+
+def test_warm_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from poltergust.async_worker import build_parser
+
+    def parse(*flags: str):
+        return build_parser().parse_args(["--path", "/tmp/b/pipeline", *flags])
+
+    assert (parse().warm, parse().warm_prestart, parse().warm_idle_seconds) == (True, False, 600.0)
+    assert parse("--warm", "false").warm is False and parse("--warm-prestart").warm_prestart is True
+    monkeypatch.setenv("POLTERGUST_WARM", "no")
+    monkeypatch.setenv("POLTERGUST_WARM_IDLE_SECONDS", "5")
+    assert (parse().warm, parse().warm_idle_seconds) == (False, 5.0)
