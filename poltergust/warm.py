@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Awaitable, Callable, Mapping, Sequence
 
+from . import metrics
 from .config import EnvironmentSpec, PipelineConfig
 from .runner import luigi_environ
 from .subprocesses import GRACE_SECONDS, run_streaming
@@ -121,6 +122,7 @@ class WarmPool:
                 zygote.running -= 1
                 self._idle_later(zygote)
         except WarmUnavailable as exc:
+            metrics.WARM_STARTS.labels("fallback").inc()
             note(f"warm start unavailable: {exc}; starting luigi the usual way")
             return await run_streaming(command, env=env, cwd=cwd, sink=sink)
 
@@ -180,6 +182,7 @@ class WarmPool:
             raise WarmUnavailable(f"cannot start a warm interpreter: {exc}") from None
         zygote = _Zygote(key, env_path, inode, path, process, asyncio.get_running_loop().create_future())
         self._zygotes[key] = zygote
+        metrics.WARM_INTERPRETERS.inc()
         self._spawn_task(self._watch(zygote, time.monotonic()))
         self._idle_later(zygote)
         return zygote
@@ -207,6 +210,7 @@ class WarmPool:
         except asyncio.TimeoutError:
             zygote.process.kill()
         code = await zygote.process.wait()
+        metrics.WARM_INTERPRETERS.dec()
         if not zygote.ready.done():
             detail = f": {' / '.join(said)}" if said else ""
             zygote.ready.set_result(f"the warm interpreter exited with code {code} while starting{detail}")
@@ -299,6 +303,7 @@ async def _fork(zygote: _Zygote, argv: list[str], env: Mapping[str, str], cwd: P
                                                 os.fdopen(read_end, "rb", buffering=0))
     try:
         pid = await child.pid
+        metrics.WARM_STARTS.labels("forked").inc()
         note(f"luigi forked from the environment's warm interpreter as pid {pid}")
         await _stream(output, sink)
         code = await child.status

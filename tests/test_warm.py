@@ -11,13 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import WHEELHOUSE
-from stack import wait_for
+from stack import free_port, wait_for
 
 TIMEOUT = 120
 FORKED = "luigi forked from the environment's warm interpreter"
@@ -81,7 +82,8 @@ def started_sleep(out: Path) -> int:
 
 
 def test_warm_run_done(start_node, bucket, environment_yaml: str, tmp_path: Path) -> None:
-    node = start_node("node-a")
+    port = free_port()
+    node = start_node("node-a", "--http-port", str(port))
     out = tmp_path / "out"
     submit(bucket, "hello", {**REPORT, "out-dir": str(out / "1"), "variable": "GREETING"}, environment_yaml=
            environment_yaml, variables={"GREETING": "hi"})
@@ -101,6 +103,10 @@ def test_warm_run_done(start_node, bucket, environment_yaml: str, tmp_path: Path
     submit(bucket, "again", {**REPORT, "out-dir": str(out / "2")})
     result(bucket, "again")
     assert report(out / "2")["ppid"] == first["ppid"], "the same warm interpreter serves the next run"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        exposed = response.read().decode()
+    assert 'poltergust_warm_starts_total{result="forked"} 2.0' in exposed
+    assert "poltergust_warm_interpreters 1.0" in exposed
     node.check_alive()
 
 
