@@ -38,6 +38,7 @@ import socket
 import struct
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Awaitable, Callable, Mapping, Sequence
 
@@ -88,7 +89,7 @@ class WarmPool:
         directory.chmod(0o700)
         self.directory = directory
         self._temporary: Path | None = None
-        if len(str(directory / f"{'0' * 16}.sock")) > MAX_SOCKET_PATH:
+        if len(str(directory / f"{'0' * 16}-{'0' * 8}.sock")) > MAX_SOCKET_PATH:
             self._temporary = self.directory = Path(tempfile.mkdtemp(prefix="poltergust-warm-"))
         self.node_environ = dict(node_environ)
         self.idle_seconds = idle_seconds
@@ -160,7 +161,8 @@ class WarmPool:
                 zygote = await self._start(key, env_path, preload, boot)
         problem = await asyncio.shield(zygote.ready)
         if problem:
-            self._zygotes.pop(key, None)
+            if self._zygotes.get(key) is zygote:
+                del self._zygotes[key]
             self._failed[key] = (problem, time.monotonic() + RETRY_REFUSED_SECONDS)
             raise WarmUnavailable(problem)
         return zygote
@@ -170,7 +172,7 @@ class WarmPool:
             await self._zygote(env_path, preload, _boot_environ(base, base))
 
     async def _start(self, key: str, env_path: Path, preload: Sequence[str], boot: dict[str, str]) -> _Zygote:
-        path = self.directory / f"{key}.sock"
+        path = self.directory / f"{key}-{uuid.uuid4().hex[:8]}.sock"  # never the path of one still stopping
         try:
             inode = _inode(env_path)
             process = await asyncio.create_subprocess_exec(
