@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -170,6 +171,8 @@ class Bench:
         self.plain_emulator: list[dict[str, float]] = []
         """Plain luigi runs interleaved with measure 4: the floor at that time."""
         self.load = [os.getloadavg()[0]]
+        self.load_samples = _sample_load()
+        """The machine's 1-minute load average every 5 s while the benchmark runs (others may share it)."""
 
     # -- setup -----------------------------------------------------------------
 
@@ -554,6 +557,19 @@ def _parent_is_zygote(pid: int) -> bool:
     return "zygote.py" in command_line(parent)
 
 
+def _sample_load(interval: float = 5.0) -> list[float]:
+    """A list a daemon thread appends the 1-minute load average to every `interval` seconds."""
+    samples: list[float] = []
+
+    def sample() -> None:
+        while True:
+            samples.append(os.getloadavg()[0])
+            time.sleep(interval)
+
+    threading.Thread(target=sample, daemon=True, name="load sampler").start()
+    return samples
+
+
 def _own_cpu(pid: int) -> float:
     """CPU seconds of the process itself, without its children."""
     try:
@@ -597,6 +613,8 @@ def machine_facts(bench: Bench) -> dict[str, str]:
         "OS": f"{platform.system()} {platform.release()}",
         "luigi": f"{bench.env_luigi} in the pipelines' environment; {bench.original.luigi_version} running the original",
         "load average (1 min) at start / end": " / ".join(f"{load:.1f}" for load in bench.load),
+        "sampled every 5 s during the run: median / max": (f"{p50(bench.load_samples):.1f} / "
+                                                           f"{max(bench.load_samples, default=float('nan')):.1f}"),
     }
 
 
