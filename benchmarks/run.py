@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import math
 import os
 import platform
@@ -166,6 +167,8 @@ class Bench:
         # Raw samples, by measure.
         self.latency: dict[str, list[Trial]] = {"ours": [], "spawn": [], "orig": []}
         self.plain: list[dict[str, float]] = []
+        self.forked: list[dict[str, float]] = []
+        """Bare forks of a process with luigi imported: the floor of warm starts."""
         self.makespans: dict[tuple[str, int, int], list[Makespan]] = {}
         self.skipped: dict[tuple[int, int], str] = {}
         self.plain_emulator: list[dict[str, float]] = []
@@ -236,8 +239,25 @@ class Bench:
                 log(f"measure 1, round {index + 1}/{rounds}: {system.label}, {per_round} pickups")
                 self.latency_round(system, key, per_round)
             runs = floor_runs // rounds + (1 if index < floor_runs % rounds else 0)
-            log(f"measure 5, round {index + 1}/{rounds}: {runs} plain luigi runs")
+            log(f"measure 5, round {index + 1}/{rounds}: {runs} plain luigi runs, {runs} bare forks")
             self.plain += [self.plain_run() for _ in range(runs)]
+            self.forked += self.fork_runs(runs)
+
+    def fork_runs(self, count: int) -> list[dict[str, float]]:
+        """`count` runs of luigi forked by a process that imported it (fork_floor.py), one after another."""
+        if not count:
+            return []
+        with (self.ws.logs / "fork-floor.log").open("ab") as handle:
+            printed = subprocess.run(
+                [str(self.python), str(self.ws.fork_floor), str(self.ws.out), self.ws.scheduler_url, str(count)],
+                stdout=subprocess.PIPE, stderr=handle, env=clean_environ(PYTHONPATH=str(self.ws.modules)),
+                cwd=self.ws.root, check=True, text=True).stdout
+        runs = []
+        for line in printed.splitlines():
+            out, cpu = line.rsplit(" ", 1)
+            record = json.loads(Path(out).read_text())
+            runs.append({"run_start": record["run_start"] - record["process_start"], "cpu": float(cpu)})
+        return runs
 
     # -- measure 2: makespans ----------------------------------------------------------
 
@@ -528,6 +548,11 @@ class Bench:
             Row("5", "floor: CPU time of one plain luigi run (CPU-s)", plain_cpu, compare=False),
             Row("5", "floor: RSS of one plain luigi run (MB, max)", [p["maxrss"] / MB for p in self.plain],
                 compare=False, digits=0),
+            Row("5", "floor of warm starts: luigi forked by a process with luigi imported, fork → task run() (s)",
+                [f["run_start"] for f in self.forked], compare=False,
+                note="fork_floor.py: no node, no warm interpreter's set-up; fork time from /proc (10 ms resolution)"),
+            Row("5", "floor of warm starts: CPU time of one forked luigi run (CPU-s)",
+                [f["cpu"] for f in self.forked], compare=False),
         ]
         for k in self.args.sizes:
             r.rows.append(Row("5", f"CPU floor for K={k}: K × CPU of one plain run / {self.cores} cores (s)",
