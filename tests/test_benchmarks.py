@@ -112,6 +112,7 @@ def test_quick_benchmark_measures_everything(tmp_path: Path) -> None:
     assert rows(r"^idle CPU per node") and rows(r"^idle storage operations per node-hour")
     assert len(rows(r"^upload → ")) == 8, "warm and spawn on the emulators"
     assert rows(r"^floor: plain") and rows(r"^CPU floor for K=3") and rows(r"^overhead per pipeline")
+    assert len(rows(r"^floor of warm starts: ")) == 2
     assert rows(r"^RSS of an idle node") and rows(r"^PSS of the node and its luigi processes")
     in_flight = next(row for row in compare if row[1].startswith("luigi task processes running at once"))
     assert _number(in_flight[3]) == _number(in_flight[5]) == 3, "every run in flight at once, warm and spawn"
