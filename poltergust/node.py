@@ -31,6 +31,7 @@ from .scheduler import embedded_scheduler
 from .sandbox import lock_down
 from .secret_env import SecretEnv
 from .settings import Settings, default_data_dir
+from .warm import WarmPool
 from .storage import ObjectStore, StorageError, open_store
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class Node:
     def __init__(self, settings: Settings, events: EventSource, environments: Environments) -> None:
         self.settings = settings
         self.secrets = SecretEnv(environments.environ, settings.secret_env)
+        self.warm = WarmPool(settings.data_dir / "warm", self.secrets.without_secrets(),
+                             idle_seconds=settings.warm_idle_seconds,
+                             prestart=settings.warm_prestart) if settings.warm else None
         self.events = events
         self.environments = environments
         self._stores: dict[str, ObjectStore] = {}
@@ -80,6 +84,8 @@ class Node:
                 task.cancel()
             await asyncio.gather(*background, *self._runs.values(), return_exceptions=True)
             await self._notifier.wait(timeout=10)
+            if self.warm is not None:
+                await self.warm.close()
             await self.environments.wait_background(timeout=SHUTDOWN_UPLOADS_SECONDS)
         finally:
             await self.events.close(delete=True)
@@ -188,7 +194,7 @@ class Node:
         if key in self._runs or self._stopping.is_set():
             return False
         run = Run(key, self.settings, self.store, self.environments, self._notifier, self._finishing, self._slots,
-                  self, self.secrets)
+                  self, self.secrets, self.warm)
         run.found_at_start = found_at_start
         task = asyncio.create_task(run.execute(), name=f"run {key.url()}#{key.generation}")
         self._runs[key] = task
@@ -252,9 +258,9 @@ async def serve(settings: Settings) -> None:
         events = await stack.enter_async_context(
             open_events(settings.locations, settings.node_name, settings.project, settings.topic,
                         settings.subscription))
-        environments = Environments(settings.env_dir, cache_size=settings.env_cache_size,
-                                    share=settings.share_environments, share_key=settings.share_key)
-        node = Node(settings, events, environments)
+        node = Node(settings, events, Environments(settings.env_dir, cache_size=settings.env_cache_size,
+                                                   share=settings.share_environments, share_key=settings.share_key,
+                                                   on_evict=lambda key: node.warm and node.warm.evicted(key)))
         if settings.http_port:
             await stack.enter_async_context(health_server(node.problem, settings.http_host, settings.http_port))
         if settings.backlog_subscription:

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import re
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Awaitable, Callable, Mapping
 from urllib.parse import urlparse
 
 from . import metrics
@@ -40,6 +40,8 @@ EXIT_GRACE_SECONDS = 30.0
 MAX_NOT_RUN = 5
 """Consecutive runs with nothing to do and nothing running elsewhere before giving up."""
 
+Runner = Callable[..., Awaitable[int]]
+"""`run_streaming`'s contract: (command, *, env, cwd, sink) -> exit code."""
 Recruit = Callable[[int], None]
 """Asks that many more nodes to join the pipeline (the node that started it does)."""
 
@@ -47,7 +49,7 @@ Recruit = Callable[[int], None]
 class Participation:
     def __init__(self, command: list[str], *, env: Mapping[str, str], cwd: Path, runlog: RunLog,
                  scheduler_url: str, outage_limit: float, assistant: bool = False, recruit: Recruit | None = None,
-                 max_backoff: float = 30.0) -> None:
+                 start: Runner = run_streaming, max_backoff: float = 30.0) -> None:
         self.command = command
         self.env = env
         self.cwd = cwd
@@ -57,6 +59,8 @@ class Participation:
         self.assistant = assistant
         """luigi runs as an assistant: it never exits by itself, the pipeline's end stops it."""
         self.recruit = recruit
+        self.start = start
+        """Starts luigi: `run_streaming`, or a warm pool's runner (see `warm`)."""
         self.max_backoff = max_backoff
         self.luigid = Luigid(scheduler_url)
         self.root: str | None = None
@@ -128,7 +132,7 @@ class Participation:
                 failure.set()  # look now: the scheduler may queue it again within a second
 
         failure = asyncio.Event()
-        luigi = asyncio.create_task(run_streaming(self.command, env=self.env, cwd=self.cwd, sink=sink))
+        luigi = asyncio.create_task(self.start(self.command, env=self.env, cwd=self.cwd, sink=sink))
         over: Verdict | None = None
         stop_at = 0.0
         loop = asyncio.get_running_loop()

@@ -23,6 +23,8 @@ from .logs import CURRENT_RUN
 from .notify import Notifier
 from .runlog import RunLog
 from .sandbox import work_directory
+from .subprocesses import run_streaming
+from .warm import WarmPool
 from .secret_env import SecretEnv
 from .participate import Participation
 from .runner import Outcome, luigi_command, luigi_environ, node_extra_environ, worker_id
@@ -40,7 +42,8 @@ class HelpCaller(Protocol):
 class Run:
     def __init__(self, key: RunKey, settings: Settings, stores: Callable[[str], ObjectStore],
                  environments: Environments, notifier: Notifier, finishing: set[RunKey],
-                 slots: asyncio.Semaphore, helpers: HelpCaller, secrets: SecretEnv) -> None:
+                 slots: asyncio.Semaphore, helpers: HelpCaller, secrets: SecretEnv,
+                 warm: WarmPool | None = None) -> None:
         self.key = key
         self.settings = settings
         self.stores = stores
@@ -54,6 +57,7 @@ class Run:
         """The node's room for runs taking part; a run standing by holds none."""
         self.helpers = helpers
         self.secrets = secrets
+        self.warm = warm
         self.name = pipeline_name(key.name)
         self.log_object = log_name(key.name, key.generation, settings.node_name)
         self._calls: asyncio.Queue[Event] = asyncio.Queue()
@@ -281,9 +285,11 @@ class Run:
             if run_as is not None:
                 env["HOME"] = str(cwd)
                 command = run_as.command(command)
+            warm = self.warm is not None and config.warm
+            start = self.warm.runner(env_path, spec, config, runlog.note) if warm else run_streaming
             return await Participation(command, env=env, cwd=cwd, runlog=runlog, scheduler_url=scheduler,
                                        outage_limit=self.settings.outage_limit, assistant=assistant,
-                                       recruit=self._recruit).run()
+                                       recruit=self._recruit, start=start).run()
 
     def _environment_object(self, url: str) -> tuple[str, str]:
         allowed = self.settings.environment_prefixes

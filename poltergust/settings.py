@@ -65,6 +65,10 @@ class Settings:
     """URL prefixes environment files may come from; empty means the pipelines' own buckets."""
     run_as: RunAs | None = None
     """Run luigi as this unprivileged user (the node runs as root); None: as the node's own user."""
+    warm: bool = True
+    """Start luigi from a warm interpreter per environment (see `warm`) rather than afresh each time."""
+    warm_idle_seconds: float = 600.0
+    warm_prestart: bool = False
     min_free_disk: int | None = None
     """/healthz fails while the data or environment disk has less free space (None: no check)."""
     http_host: str = "127.0.0.1"
@@ -153,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
                   "run as root); without it pipelines share the node's user and trust domain", metavar="USER")
     add("allowed-environment-prefix", "URL prefix environment files may be read from; repeatable "
                                       "(default: the buckets of --path)", action="append", metavar="URL")
+    add("warm", "start luigi from a warm interpreter per environment, forked for each run, instead of a fresh "
+                "python every time (true or false)", default="true", type=_boolean, nargs="?", const="true")
+    add("warm-idle-seconds", "stop an environment's warm interpreter after this many seconds without a run",
+        type=float, default=600.0)
+    add("warm-prestart", "start an environment's warm interpreter as soon as a run has the environment, rather "
+                         "than when luigi starts (true or false)", default="false", type=_boolean, nargs="?",
+        const="true")
     add("min-free-disk", "/healthz fails while the data or environment directory's disk has less free space than "
                          "this, such as 2G (0: no check)", default="0", type=parse_size)
     add("http-port", "serve GET /healthz on this port (0: no health server)", type=int, default=0)
@@ -225,6 +236,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         secret_env=args.secret_env,
         run_as=run_as,
         allowed_environment_prefixes=allowed,
+        warm=args.warm,
+        warm_idle_seconds=args.warm_idle_seconds,
+        warm_prestart=args.warm_prestart,
         min_free_disk=args.min_free_disk,
         http_host=args.http_host,
         http_port=args.http_port,

@@ -48,6 +48,8 @@ python -m pip install --quiet -e '.[test]'
 bash tests/setup/example-tools.sh .wheelhouse
 python -m pip download --quiet --dest .wheelhouse luigi
 bash tests/setup/runtime-wheels.sh .wheelhouse  # Poltergust's own dependencies, for the release the boot test builds
+# luigi for Python 3.8 environments (the warm interpreter's oldest Python), used when python3.8 is installed.
+python -m pip download --quiet --python-version 3.8 --only-binary=:all: --dest .wheelhouse/py38 luigi
 # luigi's own examples ship only in its source distribution: tests/test_luigi_examples.py runs them on nodes.
 luigi_version=$(python -c 'import importlib.metadata as m; print(m.version("luigi"))')
 python -m pip download --quiet --no-binary :all: --no-deps --dest .sdists "luigi==$luigi_version"

@@ -3,10 +3,19 @@
 Each task writes the name of the node that ran it (POLTERGUST_NODE) into its
 output, so tests can tell which node did what.
 """
+import json
 import os
+import random
+import sys
+import threading
 import time
 
 import luigi
+
+AT_IMPORT = os.environ.get("TESTPIPES_AT_IMPORT", "")
+"""A variable read when the module is imported: preloading it in a warm interpreter fixes the value."""
+if os.environ.get("TESTPIPES_START_THREAD"):  # a module that starts a thread at import (warm interpreters refuse it)
+    threading.Thread(target=time.sleep, args=(3600,), name="testpipes-sleeper", daemon=True).start()
 
 
 def _node() -> str:
@@ -163,3 +172,20 @@ class Plant(_Output):
     def run(self):
         with open(self.target, "w") as handle:
             handle.write("planted")
+class Report(_Output):
+    """Writes what its process sees (ids, variables, luigi's configuration, a random number) as JSON."""
+
+    variable = luigi.Parameter(default="")
+    setting = luigi.Parameter(default="")
+    """Usually left to luigi's configuration ([Report] setting=...), to show which configuration was read."""
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "report.json"))
+
+    def run(self):
+        self._write(json.dumps({
+            "node": _node(), "pid": os.getpid(), "ppid": os.getppid(), "sid": os.getsid(0), "cwd": os.getcwd(),
+            "python": "%d.%d" % sys.version_info[:2], "random": random.random(), "setting": self.setting,
+            "value": os.environ.get(self.variable) if self.variable else None, "at_import": AT_IMPORT,
+            "threads": threading.active_count(),
+        }))
