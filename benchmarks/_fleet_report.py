@@ -312,13 +312,15 @@ def render(costs: list[PipelineCost], idles: list[Idle], args: argparse.Namespac
         f"{duration / 60:.1f} min{' (quick mode)' if args.quick else ''}.", "",
         "Machine: " + "; ".join(f"{k} {v}" for k, v in facts.items()) + ".", "",
         *_summary(costs, idles), "",
-        "### (a) a one-task pipeline", "", "Medians over the runs at each N.", "",
+        "### (a) a one-task pipeline", "", "Medians over the runs at each N (the breakdowns below the tables: the run "
+        "with the median CPU).", "",
         table(header, _rows(costs, "a", COLUMNS)), "",
         f"Storage requests at N={top}, by kind: {_kinds(worst['a'].storage)}; luigid calls: "
         f"{_kinds(worst['a'].luigid)}; messages: {_kinds(worst['a'].messages)}.", "",
         f"### (b) a graph of {args.parts} independent {args.seconds:g} s tasks", "",
         table(header + [name for name, _, _ in WIDE], _rows(costs, "b", COLUMNS + WIDE)), "",
-        "Times are from the upload; each task's end is its output file's modification time.", "",
+        "Medians over the runs at each N. Times are from the upload; each task's end is its output file's "
+        "modification time.", "",
         f"Storage requests at N={top}, by kind: {_kinds(worst['b'].storage)}; luigid calls: "
         f"{_kinds(worst['b'].luigid)}; messages: {_kinds(worst['b'].messages)}.", "",
         "### Idle nodes", "",
