@@ -287,22 +287,24 @@ async def _fork(zygote: _Zygote, argv: list[str], env: Mapping[str, str], cwd: P
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     connection.setblocking(False)
     try:
-        payload = json.dumps({"argv": argv, "env": dict(env), "cwd": str(cwd)}).encode()
-        message = struct.pack(">I", len(payload)) + payload
-        await loop.sock_connect(connection, str(zygote.socket))
-        sent = connection.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [write_end]))])
-        await loop.sock_sendall(connection, message[sent:])
-    except OSError as exc:
+        try:
+            payload = json.dumps({"argv": argv, "env": dict(env), "cwd": str(cwd)}).encode()
+            message = struct.pack(">I", len(payload)) + payload
+            await loop.sock_connect(connection, str(zygote.socket))
+            sent = connection.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   array.array("i", [write_end]))])
+            await loop.sock_sendall(connection, message[sent:])
+        except OSError as exc:
+            raise WarmUnavailable(f"the environment's warm interpreter cannot be reached ({exc})") from None
+        finally:
+            os.close(write_end)
+        reader, writer = await asyncio.open_unix_connection(sock=connection)
+    except BaseException:
         os.close(read_end)
         connection.close()
-        raise WarmUnavailable(f"the environment's warm interpreter cannot be reached ({exc})") from None
-    finally:
-        os.close(write_end)
-    reader, writer = await asyncio.open_unix_connection(sock=connection)
+        raise
     child = _Child(reader)
-    output = asyncio.StreamReader(limit=1 << 20)
-    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(output),
-                                                os.fdopen(read_end, "rb", buffering=0))
+    output = _read_pipe(read_end)
     try:
         pid = await child.pid
         metrics.WARM_STARTS.labels("forked").inc()
@@ -315,7 +317,8 @@ async def _fork(zygote: _Zygote, argv: list[str], env: Mapping[str, str], cwd: P
     finally:
         if not child.status.done() and child.pid.done() and not child.pid.exception():
             await asyncio.shield(_stop(child))
-        transport.close()
+        loop.remove_reader(read_end)
+        os.close(read_end)
         writer.close()
         child.listening.cancel()
 
@@ -350,6 +353,33 @@ class _Child:
             self.pid.set_exception(WarmUnavailable("the warm interpreter closed the connection before forking"))
         if not self.status.done():
             self.status.set_result(own_report)
+
+
+def _read_pipe(fd: int) -> asyncio.StreamReader:
+    """A stream of what arrives on the pipe `fd`, which stays ours to close.
+
+    (A file object handed to `connect_read_pipe` gets its descriptor closed
+    twice under uvloop: a race with any thread opening a file meanwhile.)
+    """
+    loop = asyncio.get_running_loop()
+    stream = asyncio.StreamReader(limit=1 << 20)
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            stream.feed_data(data)
+        else:
+            loop.remove_reader(fd)
+            stream.feed_eof()
+
+    loop.add_reader(fd, readable)
+    return stream
 
 
 async def _stream(output: asyncio.StreamReader, sink: Callable[[str], None]) -> None:
