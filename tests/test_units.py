@@ -151,3 +151,58 @@ async def test_a_storage_error_reading_the_environment_file_is_masked_in_the_rea
     assert not outcome.ok
     assert outcome.reason == "cannot read the environment file gs://b/environment/e.yaml: HTTP 403: credentials " \
                              "**** were refused"
+
+
+def test_an_archived_config_is_treated_as_deleted() -> None:
+    """In a versioned bucket an overwritten or deleted config is archived: the run of that generation stops."""
+    locations = [Location.parse("gs://b/pipeline")]
+    event = parse_notification({"eventType": "OBJECT_ARCHIVE", "bucketId": "b", "objectId": "pipeline/x.config.yaml",
+                                "objectGeneration": "7"}, locations)
+    assert event is not None and (event.kind, event.generation) == ("delete", 7)
+
+
+async def test_a_retried_claim_whose_first_try_went_through_is_won(tmp_path: Path) -> None:
+    """The storage client retries a claim whose answer was lost; the retry gets 412, yet the claim is ours."""
+    from poltergust import results
+
+    class AnswerLost(LocalStore):
+        async def write(self, name, data, **options):  # type: ignore[no-untyped-def]
+            await super().write(name, data, **options)
+            raise PreconditionFailed("generation changed (HTTP 412)")  # what the retried request would see
+
+    store = AnswerLost(tmp_path)
+    config = await LocalStore(tmp_path).write("pipeline/x.config.yaml", b"environment: e.yaml\n")
+    blob = await store.read("pipeline/x.config.yaml")
+    claimed = await results.claim(store, blob, b"claimed", "done", "node-a")
+    assert claimed is not None and claimed.generation != config.generation
+    other = await results.claim(LocalStore(tmp_path), blob, b"claimed", "done", "node-b")
+    assert other is None, "another node's claim of the same generation still loses"
+
+
+async def test_completing_a_stale_claim_notifies_once(tmp_path: Path) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from poltergust import results
+
+    sent: list[dict] = []
+
+    class Recorder(Notifier):
+        def send(self, payload) -> None:  # type: ignore[no-untyped-def]
+            sent.append(dict(payload))
+
+    store = LocalStore(tmp_path)
+    config = await store.write("pipeline/x.config.yaml", b"environment: e.yaml\n")
+    now = datetime.now(timezone.utc)
+    result = results.Result("done", "node-dead", now - timedelta(seconds=5), now, generation=config.generation)
+    await results.claim(store, await store.read("pipeline/x.config.yaml"),
+                        results.result_document(b"environment: e.yaml\n", result), "done", "node-dead")
+    settings = Settings(locations=[Location.parse(f"file://{tmp_path}/pipeline")], node_name="node-b",
+                        data_dir=tmp_path / "data", env_dir=tmp_path / "envs", claim_grace=0)
+    claimed = await store.read("pipeline/x.config.yaml")
+    for _ in range(2):  # a second look finds the run already completed
+        run = Run(RunKey(f"file://{tmp_path}", "pipeline/x.config.yaml", claimed.info.generation), settings,
+                  lambda bucket: store, Environments(tmp_path / "envs"), Recorder(None), set(),  # type: ignore
+                  asyncio.Semaphore(1), None, SecretEnv({}))  # type: ignore[arg-type]
+        await run.execute()
+    assert (tmp_path / "pipeline" / "x.done.yaml").exists() and not (tmp_path / "pipeline" / "x.config.yaml").exists()
+    assert [(p["outcome"], p["node"]) for p in sent] == [("done", "node-dead")]
