@@ -58,4 +58,5 @@ python -m pip download --quiet --no-binary :all: --no-deps --dest .sdists "luigi
 # shellcheck disable=SC1091
 source tests/setup/deploy-tools.sh
 
+# shellcheck disable=SC2317  # reached: deploy-tools.sh returns when sourced
 python -m pytest -q "$@"
