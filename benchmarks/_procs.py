@@ -140,6 +140,23 @@ def tree_rss(pid: int) -> tuple[int, int, list[int]]:
     return own, own + sum(rss(member) for member in members), members
 
 
+def pss(pid: int) -> int:
+    """Proportional set size: resident pages, each shared one divided among the processes sharing it."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return 0
+
+
+def tree_pss(pid: int) -> int:
+    """PSS summed over a process and its descendants: the memory they use together."""
+    return sum(pss(member) for member in [pid, *descendants(pid)])
+
+
 def command_line(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:

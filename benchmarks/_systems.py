@@ -62,6 +62,36 @@ class Noop(luigi.Task):
             json.dump({"process_start": _process_start(), "run_start": run_start}, handle)
 '''
 
+FORK_FLOOR = '''\
+"""The floor of warm starts: a process with luigi imported forks, and the child runs luigi (no node, no setup).
+
+Usage: python fork_floor.py OUT_DIR SCHEDULER_URL COUNT; prints each run's output file and CPU seconds.
+"""
+import os
+import sys
+
+import luigi.cmdline
+
+out_dir, scheduler_url, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for index in range(count):
+    out = os.path.join(out_dir, "fork-floor-%d-%d.json" % (os.getpid(), index))
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        code = 0
+        try:
+            luigi.cmdline.luigi_run(["--module", "bench_noop", "Noop", "--out", out, "--scheduler-url", scheduler_url,
+                                     "--no-lock"])
+        except SystemExit as exc:
+            code = exc.code or 0
+        sys.stdout.flush()
+        os._exit(code)
+    _, status, usage = os.wait4(pid, 0)
+    if status:
+        sys.exit("fork floor: luigi exited with status %d" % status)
+    print(out, usage.ru_utime + usage.ru_stime, flush=True)
+'''
+
 ADAPTER_MODULE = '''\
 """Lets luigi-poltergust 0.0.5 watch a local directory.
 
@@ -134,6 +164,8 @@ class Workspace:
         for directory in (self.pipeline, self.staging, self.env_file.parent, self.modules, self.out, self.logs):
             directory.mkdir(parents=True, exist_ok=True)
         (self.modules / "bench_noop.py").write_text(NOOP_MODULE)
+        self.fork_floor = root / "fork_floor.py"
+        self.fork_floor.write_text(FORK_FLOOR)
         requirements = root / "requirements.txt"
         requirements.write_text(f"--no-index\n--find-links {wheelhouse}\nluigi\n")
         # One environment file for both systems. 0.0.5 passes each dependency string to pip as one
@@ -241,6 +273,8 @@ class Ours:
     ws: Workspace
     env_dir: Path
     label: str = "Poltergust"
+    extra: tuple[str, ...] = ()
+    """Flags every node of this system gets (`--warm false` for the spawn path)."""
     nodes: list[OurNode] = field(default_factory=list)
 
     def start(self, count: int, *extra: str, path: str | None = None, env: Mapping[str, str] | None = None,
@@ -249,7 +283,8 @@ class Ours:
         for _ in range(count):
             name = self.ws.name(tag)
             args = ["--path", path or str(self.ws.pipeline), "--scheduler-url", self.ws.scheduler_url,
-                    "--data-dir", str(self.ws.root / "nodes" / name), "--env-dir", str(self.env_dir), *extra]
+                    "--data-dir", str(self.ws.root / "nodes" / name), "--env-dir", str(self.env_dir), *self.extra,
+                    *extra]
             started.append(OurNode(name, args, self.ws.logs / f"{name}.log", env or clean_environ()))
         for node in started:
             wait_for(node.ready, 90, f"{node.name} to be ready")

@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """Poltergust against the original (luigi-poltergust 0.0.5) and against the floor (a plain luigi run).
 
+Poltergust runs twice side by side: with warm starts (the default: luigi forked
+from a warm interpreter per environment) and with `--warm false` (spawn: a
+fresh `python -m luigi` per run, as before warm starts).
+
     python benchmarks/run.py                                # full run; writes the tables into benchmarks/README.md
     python benchmarks/run.py --quick --markdown /tmp/b.md   # a couple of minutes, tiny sizes
 
@@ -16,14 +20,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import math
 import os
+import platform
 import random
 import shlex
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,10 +39,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _procs import command_line, machine_cpu, register, stop_all, tree_cpu, tree_rss
+from _procs import command_line, register, stop_all, tree_cpu, tree_pss, tree_rss
 from _proxy import CountingProxy
-from _report import fmt, machine, table, write_section
-from _systems import ROOT, Original, Ours, Trial, Workspace, clean_environ, rescan_interval, wait_trial
+from _systems import ROOT, Original, Ours, Trial, Workspace, clean_environ, wait_trial
+from _targets import Target, targets
 
 README = HERE / "README.md"
 SECTION = "## Pipelines: Poltergust against the original and against the floor"
@@ -68,6 +75,15 @@ def p95(values: Sequence[float]) -> float:
     return percentile(values, 0.95)
 
 
+def fmt(value: float | None, digits: int | None = None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if digits is None:
+        magnitude = abs(value)
+        digits = 3 if magnitude < 10 else 1 if magnitude < 1000 else 0
+    return f"{value:.{digits}f}"
+
+
 # -- results -------------------------------------------------------------------
 
 @dataclass
@@ -79,28 +95,26 @@ class Row:
     note: str = ""
     digits: int | None = None
     compare: bool = True
-    """In the comparison table (both systems) rather than the Poltergust-alone table."""
+    """In the comparison table (all systems) rather than the Poltergust-alone table."""
+    spawn: list[float] | None = None
+    """Poltergust with --warm false, measured in the same run (`ours` is Poltergust with warm starts)."""
 
     def cells(self) -> list[str]:
         if not self.compare:
             values = self.ours or []
             return [self.measure, self.label, str(len(values)), fmt(p50(values), self.digits),
                     fmt(p95(values), self.digits) if len(values) > 1 else "—", self.note]
-        ours, orig = self.ours or [], self.orig or []
-        ratio = p50(ours) / p50(orig) if ours and orig and p50(orig) else float("nan")
-        return [self.measure, self.label, f"{len(ours)} / {len(orig)}",
-                fmt(p50(ours), self.digits), fmt(p95(ours), self.digits) if len(ours) > 1 else "—",
-                fmt(p50(orig), self.digits), fmt(p95(orig), self.digits) if len(orig) > 1 else "—",
-                fmt(ratio, 3), self.note]
+        ours, spawn, orig = self.ours or [], self.spawn or [], self.orig or []
 
+        def ratio(values: list[float]) -> str:
+            return fmt(p50(values) / p50(orig), 3) if values and orig and p50(orig) else "—"
 
-@dataclass
-class Target:
-    name: str
-    required: str
-    measured: str
-    met: bool | None
-    why: str = ""
+        def spread(values: list[float]) -> list[str]:
+            return [fmt(p50(values), self.digits) if values else "—",
+                    fmt(p95(values), self.digits) if len(values) > 1 else "—"]
+
+        return [self.measure, self.label, f"{len(ours)} / {len(spawn)} / {len(orig)}", *spread(ours), *spread(spawn),
+                *spread(orig), ratio(ours), ratio(spawn), self.note]
 
 
 @dataclass
@@ -145,18 +159,23 @@ class Bench:
         self.luigid = stack.Luigid(root / "luigid")
         register(self.luigid.stop)
         self.ws = Workspace(root, args.wheelhouse, self.luigid.url)
-        self.ours = Ours(self.ws, root / "environments")
+        self.ours = Ours(self.ws, root / "environments", label="Poltergust, warm")
+        self.spawn = Ours(self.ws, root / "environments", label="Poltergust, spawn", extra=("--warm", "false"))
         self.original = Original(self.ws)
         register(self.original.remove_environment)
         self.results = Results()
         # Raw samples, by measure.
-        self.latency: dict[str, list[Trial]] = {"ours": [], "orig": []}
+        self.latency: dict[str, list[Trial]] = {"ours": [], "spawn": [], "orig": []}
         self.plain: list[dict[str, float]] = []
+        self.forked: list[dict[str, float]] = []
+        """Bare forks of a process with luigi imported: the floor of warm starts."""
         self.makespans: dict[tuple[str, int, int], list[Makespan]] = {}
         self.skipped: dict[tuple[int, int], str] = {}
         self.plain_emulator: list[dict[str, float]] = []
         """Plain luigi runs interleaved with measure 4: the floor at that time."""
         self.load = [os.getloadavg()[0]]
+        self.load_samples = _sample_load()
+        """The machine's 1-minute load average every 5 s while the benchmark runs (others may share it)."""
 
     # -- setup -----------------------------------------------------------------
 
@@ -175,7 +194,7 @@ class Bench:
             [str(self.python), "-c", "import importlib.metadata as m; print(m.version('luigi'))"],
             capture_output=True, text=True, check=True).stdout.strip()
 
-    # -- measure 1 (and 5): warm pickup, alternating, with plain luigi runs in between ------------------
+    # -- measure 1 (and 5): pickup, alternating, with plain luigi runs in between ------------------
 
     def latency_round(self, system: Ours | Original, key: str, trials: int) -> None:
         node = system.start(1)[0]
@@ -215,15 +234,30 @@ class Bench:
         rounds, trials, floor_runs = self.args.rounds, self.args.latency_trials, self.args.floor_runs
         for index in range(rounds):
             per_round = trials // rounds + (1 if index < trials % rounds else 0)
-            order = [("ours", self.ours), ("orig", self.original)]
-            if index % 2:
-                order.reverse()
+            order = self._systems(index)
             for key, system in order:
                 log(f"measure 1, round {index + 1}/{rounds}: {system.label}, {per_round} pickups")
                 self.latency_round(system, key, per_round)
             runs = floor_runs // rounds + (1 if index < floor_runs % rounds else 0)
-            log(f"measure 5, round {index + 1}/{rounds}: {runs} plain luigi runs")
+            log(f"measure 5, round {index + 1}/{rounds}: {runs} plain luigi runs, {runs} bare forks")
             self.plain += [self.plain_run() for _ in range(runs)]
+            self.forked += self.fork_runs(runs)
+
+    def fork_runs(self, count: int) -> list[dict[str, float]]:
+        """`count` runs of luigi forked by a process that imported it (fork_floor.py), one after another."""
+        if not count:
+            return []
+        with (self.ws.logs / "fork-floor.log").open("ab") as handle:
+            printed = subprocess.run(
+                [str(self.python), str(self.ws.fork_floor), str(self.ws.out), self.ws.scheduler_url, str(count)],
+                stdout=subprocess.PIPE, stderr=handle, env=clean_environ(PYTHONPATH=str(self.ws.modules)),
+                cwd=self.ws.root, check=True, text=True).stdout
+        runs = []
+        for line in printed.splitlines():
+            out, cpu = line.rsplit(" ", 1)
+            record = json.loads(Path(out).read_text())
+            runs.append({"run_start": record["run_start"] - record["process_start"], "cpu": float(cpu)})
+        return runs
 
     # -- measure 2: makespans ----------------------------------------------------------
 
@@ -231,7 +265,7 @@ class Bench:
         nodes = system.start(n)
         cpu_before = sum(tree_cpu(node.pid) for node in nodes)
         own_before = sum(_own_cpu(node.pid) for node in nodes)
-        machine_before = machine_cpu()
+        machine_before = _machine_cpu()
         names = [self.ws.name(f"mk{k}x{n}") for _ in range(k)]
         wanted = set(names)
         started = time.time()
@@ -252,7 +286,7 @@ class Bench:
             time.sleep(0.02)
         cpu = sum(tree_cpu(node.pid) for node in nodes) - cpu_before
         own = sum(_own_cpu(node.pid) for node in nodes) - own_before
-        other = machine_cpu() - machine_before - cpu
+        other = _machine_cpu() - machine_before - cpu
         system.stop()
         self.ws.clear_configs()
         return Makespan(ended - started, cpu, own, errors, finished, timed_out, max(other, 0.0))
@@ -262,18 +296,23 @@ class Bench:
             for n in self.args.nodes:
                 reps = (self.args.reps if n == 1 else max(1, self.args.reps - 1)) if k <= 20 else 1
                 for rep in range(reps):
-                    order = [("ours", self.ours), ("orig", self.original)]
-                    if rep % 2:
-                        order.reverse()
-                    for key, system in order:
+                    for key, system in self._systems(rep):
                         if key == "orig" and (k, n) in self.args.original_skip:
                             self.skipped[(k, n)] = self._skip_reason(k, n)
+                            continue
+                        if key == "spawn" and n not in self.args.spawn_nodes:
                             continue
                         log(f"measure 2: {system.label}, K={k} pipelines on N={n} node(s), repetition {rep + 1}/{reps}")
                         result = self.makespan(system, k, n)
                         log(f"  {result.seconds:.1f}s, {result.finished}/{k} finished, {result.errors} error(s), "
                             f"{result.cpu:.1f} CPU-s" + (" (TIMED OUT)" if result.timed_out else ""))
                         self.makespans.setdefault((key, k, n), []).append(result)
+
+    def _systems(self, index: int) -> list[tuple[str, Ours | Original]]:
+        """The three systems, in an order that rotates with `index` so that none always goes first."""
+        order: list[tuple[str, Ours | Original]] = [("ours", self.ours), ("spawn", self.spawn),
+                                                    ("orig", self.original)]
+        return order[index % 3:] + order[:index % 3]
 
     def _skip_reason(self, k: int, n: int) -> str:
         smaller = [(kk, m) for (key, kk, nn), m in self.makespans.items() if key == "orig" and nn == n and kk < k]
@@ -297,10 +336,10 @@ class Bench:
         self.bucket = self.stack.Bucket(self.gcs, "bench")
         self.bucket.upload("environment/env.yaml", self.ws.environment_yaml)
 
-    def start_gcs_node(self, storage_url: str, *extra: str) -> list:
+    def start_gcs_node(self, storage_url: str, *extra: str, system: Ours | None = None) -> list:
         env = clean_environ(PUBSUB_EMULATOR_HOST=self.pubsub.host, STORAGE_EMULATOR_HOST=storage_url)
         name = self.ws.name("sub")
-        return self.ours.start(1, "--project", PROJECT, "--topic", TOPIC, "--subscription", name, *extra,
+        return (system or self.ours).start(1, "--project", PROJECT, "--topic", TOPIC, "--subscription", name, *extra,
                                path=self.bucket.url("pipeline"), env=env, tag="ours-gcs")
 
     def measure_idle(self) -> None:
@@ -325,7 +364,7 @@ class Bench:
         self.ours.stop()
         self.original.stop()
 
-        rescan = rescan_interval()
+        rescan = _rescan_interval()
         hour = 3600 / window
         ours_hour = requests * hour + (startup_requests * 3600 / rescan if window < rescan else 0)
         orig_hour = listings * hour
@@ -352,69 +391,81 @@ class Bench:
 
     def in_flight(self, system: Ours | Original, key: str) -> dict[str, float]:
         count, seconds = self.args.in_flight, self.args.in_flight_seconds
-        extra = ("--max-concurrent", str(count)) if key == "ours" else ()
+        extra = ("--max-concurrent", str(count)) if key != "orig" else ()
         node = system.start(1, *extra)[0]
         names = [self.ws.name(f"mem-{key}") for _ in range(count)]
         for name in names:
             self.ws.submit(name, seconds=seconds)
-        own = tree = luigis = 0
+        own = tree = luigis = pss = 0
         deadline = time.monotonic() + seconds + 8
         while time.monotonic() < deadline:
             node_rss, total, members = tree_rss(node.pid)
-            running = sum(1 for pid in members if "bench_noop" in command_line(pid) and "luigi" in command_line(pid))
+            running = sum(1 for pid in members if _is_run(pid))
             own, tree, luigis = max(own, node_rss), max(tree, total), max(luigis, running)
+            pss = max(pss, tree_pss(node.pid))
             if self.ws.finished(set(names))[0] == count:
                 break
             time.sleep(0.2)
         system.stop()
         self.ws.clear_configs()
-        return {"own": own / MB, "tree": tree / MB, "luigis": luigis}
+        return {"own": own / MB, "tree": tree / MB, "luigis": luigis, "pss": pss / MB}
 
     def measure_memory(self) -> None:
         count = self.args.in_flight
         samples = {}
-        for key, system in (("ours", self.ours), ("orig", self.original)):
+        for key, system in self._systems(0):
             log(f"measure 6: {system.label}, {count} runs submitted at once (each task sleeps "
                 f"{self.args.in_flight_seconds:.0f} s)")
             samples[key] = self.in_flight(system, key)
-        self.results.add("6", f"RSS of the node process, {count} runs in flight (MB, peak)",
-                         [samples["ours"]["own"]], [samples["orig"]["own"]], digits=0,
-                         note=f"ours with --max-concurrent {count}")
-        self.results.add("6", f"RSS of the node and its luigi processes, {count} runs in flight (MB, peak)",
-                         [samples["ours"]["tree"]], [samples["orig"]["tree"]], digits=0)
-        self.results.add("6", "luigi task processes running at once (peak)",
-                         [samples["ours"]["luigis"]], [samples["orig"]["luigis"]], digits=0,
-                         note="the original runs its configs one after another")
+        def add(label: str, field: str, note: str = "") -> None:
+            self.results.add("6", label, [samples["ours"][field]], [samples["orig"][field]], digits=0, note=note,
+                             spawn=[samples["spawn"][field]])
+
+        add(f"RSS of the node process, {count} runs in flight (MB, peak)", "own",
+            f"ours with --max-concurrent {count}")
+        add(f"RSS of the node and its luigi processes, {count} runs in flight (MB, peak, summed)", "tree",
+            "a page shared by forked children counts once per process")
+        add(f"PSS of the node and its luigi processes, {count} runs in flight (MB, peak)", "pss",
+            "proportional set size: each shared page split among its sharers; warm: with the warm interpreter")
+        add("luigi task processes running at once (peak)", "luigis", "the original runs its configs one after another")
+        self.in_flight_samples = samples
 
     # -- measure 4: the emulator stack ----------------------------------------------------------
 
     def measure_emulator(self) -> None:
         trials = self.args.emulator_trials
-        node = self.start_gcs_node(self.gcs.url)[0]
         environment = self.bucket.url("environment/env.yaml")
-        samples: list[Trial] = []
-        log(f"measure 4: Poltergust on the GCS + Pub/Sub emulators, {trials} pickups")
-        for index in range(trials + 1):
-            time.sleep(self.rng.uniform(0.3, 1.3))
-            name = self.ws.name("gcs")
-            text = self.ws.config_text(name, environment=environment)
-            submitted = time.time()
-            self.bucket.upload(f"pipeline/{name}.config.yaml", text)
-            trial = self._wait_gcs(name, submitted, node)
-            if index:  # the first after the start is not counted
-                samples.append(trial)
-                self.plain_emulator.append(self.plain_run())
-        self.ours.stop()
-        self.results.add("4", "upload → luigi process started (s)", [t.process_start for t in samples], compare=False,
-                         note="process start time from /proc (10 ms resolution)")
-        self.results.add("4", "upload → task run() started (s)", [t.run_start for t in samples], compare=False)
-        self.results.add("4", "upload → task output exists (s)", [t.output for t in samples], compare=False)
-        self.results.add("4", "upload → NAME.done.yaml exists (s)", [t.result for t in samples], compare=False,
-                         note="polled over HTTP every 10 ms")
+        self.emulator: dict[str, list[Trial]] = {"ours": [], "spawn": []}
+        for index in range(2 * self.args.rounds):  # warm and spawn take turns, round by round
+            key, system = (("ours", self.ours), ("spawn", self.spawn))[index % 2]
+            count = trials // self.args.rounds + (1 if index // 2 < trials % self.args.rounds else 0)
+            log(f"measure 4: {system.label} on the GCS + Pub/Sub emulators, {count} pickups")
+            node = self.start_gcs_node(self.gcs.url, system=system)[0]
+            for trial_index in range(count + 1):
+                time.sleep(self.rng.uniform(0.3, 1.3))
+                name = self.ws.name("gcs")
+                text = self.ws.config_text(name, environment=environment)
+                submitted = time.time()
+                self.bucket.upload(f"pipeline/{name}.config.yaml", text)
+                trial = self._wait_gcs(name, submitted, node)
+                if trial_index:  # the first after the start is not counted
+                    self.emulator[key].append(trial)
+                    if key == "ours":
+                        self.plain_emulator.append(self.plain_run())
+            system.stop()
+        for key, suffix in (("ours", ""), ("spawn", ", spawn")):
+            samples = self.emulator[key]
+            self.results.add("4", f"upload → luigi process started{suffix} (s)", [t.process_start for t in samples],
+                             compare=False, note="process start time from /proc (10 ms resolution); warm: the fork")
+            self.results.add("4", f"upload → task run() started{suffix} (s)", [t.run_start for t in samples],
+                             compare=False)
+            self.results.add("4", f"upload → task output exists{suffix} (s)", [t.output for t in samples],
+                             compare=False)
+            self.results.add("4", f"upload → NAME.done.yaml exists{suffix} (s)", [t.result for t in samples],
+                             compare=False, note="polled over HTTP every 10 ms")
         self.results.add("4", "plain luigi runs in between: spawn → task run() started (s)",
                          [p["run_start"] for p in self.plain_emulator], compare=False,
                          note="the floor while measure 4 ran")
-        self.emulator = samples
 
     def _wait_gcs(self, name: str, submitted: float, node) -> Trial:
         output = self.ws.output(name)
@@ -440,33 +491,38 @@ class Bench:
 
     def summarize(self) -> None:
         r = self.results
-        ours, orig = self.latency["ours"], self.latency["orig"]
+        ours, spawn, orig = self.latency["ours"], self.latency["spawn"], self.latency["orig"]
         for attribute, label, note in (
-            ("process_start", "luigi process started", "process start time from /proc (10 ms resolution)"),
+            ("process_start", "luigi process started", "process start time from /proc (10 ms resolution); warm: "
+                                                       "the fork"),
             ("run_start", "task run() started", ""),
             ("output", "task output exists", ""),
             ("result", "result file exists", "NAME.done.yaml; polled every 5 ms"),
         ):
-            r.add("1", f"warm pickup: config written → {label} (s)",
-                  [getattr(t, attribute) for t in ours], [getattr(t, attribute) for t in orig], note=note)
+            r.add("1", f"pickup: config written → {label} (s)", [getattr(t, attribute) for t in ours],
+                  [getattr(t, attribute) for t in orig], note=note, spawn=[getattr(t, attribute) for t in spawn])
+        r.add("1", "luigi's own start: luigi process started → task run() (s)",
+              [t.run_start - t.process_start for t in ours], [t.run_start - t.process_start for t in orig],
+              spawn=[t.run_start - t.process_start for t in spawn],
+              note="warm: fork → run(); spawn and original: a fresh interpreter importing luigi")
 
         plain_wall = [p["wall"] for p in self.plain]
         plain_cpu = [p["cpu"] for p in self.plain]
         floor_wall = p50(plain_wall)
         r.add("5", "overhead per pipeline above a plain luigi run: config → result minus plain spawn → exit (s)",
               [t.result - floor_wall for t in ours], [t.result - floor_wall for t in orig],
-              note=f"plain run p50 {floor_wall:.3f} s")
+              spawn=[t.result - floor_wall for t in spawn], note=f"plain run p50 {floor_wall:.3f} s")
 
         for k in self.args.sizes:
             for n in self.args.nodes:
-                runs = {key: self.makespans.get((key, k, n), []) for key in ("ours", "orig")}
+                runs = {key: self.makespans.get((key, k, n), []) for key in ("ours", "spawn", "orig")}
                 notes = []
                 if (k, n) in self.skipped:
                     notes.append(f"original {self.skipped[(k, n)]}")
-                others = [f"{label} {p50([m.other_cpu for m in runs[key]]):.1f}"
-                          for key, label in (("ours", "ours"), ("orig", "original")) if runs[key]]
+                labels = (("ours", "warm"), ("spawn", "spawn"), ("orig", "original"))
+                others = [f"{label} {p50([m.other_cpu for m in runs[key]]):.1f}" for key, label in labels if runs[key]]
                 notes.append("CPU-s used meanwhile by the rest of the machine: " + " / ".join(others))
-                for key, label in (("ours", "ours"), ("orig", "original")):
+                for key, label in labels:
                     bad = [m for m in runs[key] if m.timed_out or m.errors]
                     if bad:
                         notes.append(f"{label}: " + "; ".join(
@@ -474,10 +530,12 @@ class Bench:
                             + (f", {m.errors} error(s)" if m.errors else "") for m in bad))
                 r.add("2", f"makespan, K={k} no-op pipelines on N={n} node{'s' if n > 1 else ''} (s)",
                       [m.seconds for m in runs["ours"]], [m.seconds for m in runs["orig"]] or None,
-                      note="; ".join(notes))
+                      spawn=[m.seconds for m in runs["spawn"]] or None, note="; ".join(notes))
                 r.add("2", f"CPU per pipeline, K={k} on N={n}: all processes of all nodes (CPU-s)",
                       [m.cpu / k for m in runs["ours"]], [m.cpu / k for m in runs["orig"]] or None,
-                      note=f"plain luigi run: {p50(plain_cpu):.3f} CPU-s")
+                      spawn=[m.cpu / k for m in runs["spawn"]] or None,
+                      note=f"plain luigi run: {p50(plain_cpu):.3f} CPU-s; node processes alone (warm): "
+                           f"{p50([m.own_cpu / k for m in runs['ours']]):.3f}")
 
         floor = {k: k * p50(plain_cpu) / self.cores for k in self.args.sizes}
         r.rows += [
@@ -490,97 +548,51 @@ class Bench:
             Row("5", "floor: CPU time of one plain luigi run (CPU-s)", plain_cpu, compare=False),
             Row("5", "floor: RSS of one plain luigi run (MB, max)", [p["maxrss"] / MB for p in self.plain],
                 compare=False, digits=0),
+            Row("5", "floor of warm starts: luigi forked by a process with luigi imported, fork → task run() (s)",
+                [f["run_start"] for f in self.forked], compare=False,
+                note="fork_floor.py: no node, no warm interpreter's set-up; fork time from /proc (10 ms resolution)"),
+            Row("5", "floor of warm starts: CPU time of one forked luigi run (CPU-s)",
+                [f["cpu"] for f in self.forked], compare=False),
         ]
         for k in self.args.sizes:
             r.rows.append(Row("5", f"CPU floor for K={k}: K × CPU of one plain run / {self.cores} cores (s)",
                               [floor[k]], compare=False))
-            ours_runs = self.makespans.get(("ours", k, 1), [])
-            if ours_runs:
-                r.rows.append(Row("5", f"ours: makespan of K={k} on one node / CPU floor (×)",
-                                  [m.seconds / floor[k] for m in ours_runs], compare=False))
+            for key, label in (("ours", "warm"), ("spawn", "spawn")):
+                runs = self.makespans.get((key, k, 1), [])
+                if runs:
+                    r.rows.append(Row("5", f"ours ({label}): makespan of K={k} on one node / CPU floor (×)",
+                                      [m.seconds / floor[k] for m in runs], compare=False))
         self.floor = floor
-        self._targets(plain_wall, plain_cpu)
+        r.targets += targets(self, plain_wall, plain_cpu)
         r.rows.sort(key=lambda row: row.measure)  # stable: keeps the order within a measure
 
-    def _targets(self, plain_wall: list[float], plain_cpu: list[float]) -> None:
-        r = self.results
-        ours, orig = self.latency["ours"], self.latency["orig"]
-        floor_run = p50([p["run_start"] for p in self.plain])
-        floors = {"output": (p50([p["output"] for p in self.plain]), "spawn → output written"),
-                  "result": (p50(plain_wall), "spawn → exit")}
-        for attribute, what in (("output", "task output"), ("result", "result file")):
-            o, g = p50([getattr(t, attribute) for t in ours]), p50([getattr(t, attribute) for t in orig])
-            floor, floor_what = floors[attribute]
-            met = g / o >= 10
-            why = ""
-            if not met:
-                why = (f"A plain luigi run of the same no-op task takes {floor:.2f} s ({floor_what}, p50) on this "
-                       f"machine, {floor_run:.2f} s of it before the task's run() starts (interpreter start, "
-                       f"importing luigi, scheduler round trips). Both systems start a fresh luigi process for "
-                       f"every pipeline; ten times below the original's {g:.2f} s is {g / 10:.2f} s"
-                       + (", below that floor: no runner that starts luigi per pipeline can reach it here. "
-                          if g / 10 < floor else ". ")
-                       + f"Poltergust takes {o - floor:.2f} s more than the plain run "
-                         f"(the original: {g - floor:.2f} s more).")
-            r.targets.append(Target(f"warm pickup, config → {what} (p50)", "≥ 10× lower than the original",
-                                    f"{g / o:.1f}× lower ({o:.3f} s vs {g:.3f} s)", met, why))
 
-        k, one = 20, 1
-        ours_runs, orig_runs = self.makespans.get(("ours", k, one)), self.makespans.get(("orig", k, one))
-        if ours_runs and orig_runs:
-            o, g = p50([m.seconds for m in ours_runs]), p50([m.seconds for m in orig_runs])
-            floor = k * p50(plain_cpu) / self.cores
-            met = g / o >= 3.5
-            cpu = p50([m.cpu / k for m in ours_runs])
-            own = p50([m.own_cpu / k for m in ours_runs])
-            cpu_orig = p50([m.cpu / k for m in orig_runs])
-            other, other_orig = p50([m.other_cpu for m in ours_runs]), p50([m.other_cpu for m in orig_runs])
-            why = ""
-            if not met:
-                why = (f"3.5× lower than the original's {g:.1f} s is {g / 3.5:.1f} s; the CPU floor of {k} luigi "
-                       f"runs on {self.cores} cores is {floor:.1f} s"
-                       + (": below the floor, out of reach for any runner that starts luigi per pipeline. "
-                          if g / 3.5 < floor else ". ")
-                       + f"The original runs one pipeline at a time ({g / k:.2f} s and {cpu_orig:.2f} CPU-s each); "
-                         f"ours took {o:.1f} s ({o / floor:.2f}× the floor). Meanwhile the rest of the machine "
-                         f"used {other:.1f} CPU-s during ours' runs and {other_orig:.1f} during the original's (p50).")
-            r.targets.append(Target(f"makespan, K={k} on one node (p50)", "≥ 3.5× lower than the original",
-                                    f"{g / o:.2f}× lower ({o:.2f} s vs {g:.2f} s)", met, why))
-            met = o / floor <= 1.3
-            why = "" if met else (
-                f"Per pipeline the node and its luigi processes used {cpu:.2f} CPU-s against {p50(plain_cpu):.2f} "
-                f"for a plain luigi run: {own:.2f} CPU-s in the node process itself, {cpu - own:.2f} in each of its "
-                f"luigi processes (up to --max-concurrent of them at once). The nodes' CPU time "
-                f"alone fills {cpu * k / self.cores:.1f} s of {self.cores} cores "
-                f"({cpu * k / self.cores / floor:.2f}× the floor). The rest of the machine (other processes, the "
-                f"benchmark's polling) used {other:.1f} CPU-s meanwhile, of the {o * self.cores:.1f} CPU-s the "
-                f"{self.cores} cores had during the {o:.1f} s (p50).")
-            r.targets.append(Target(f"makespan, K={k} on one node (p50)", "≤ 1.3× the CPU floor",
-                                    f"{o / floor:.2f}× ({o:.2f} s vs {floor:.2f} s)", met, why))
-        else:
-            r.targets.append(Target("makespan, K=20 on one node", "≥ 3.5× lower than the original; ≤ 1.3× the "
-                                    "CPU floor", "not measured in this run (see --sizes, --nodes)", None))
+def _is_run(pid: int) -> bool:
+    """A luigi process of a benchmark pipeline: spawned (`-m luigi`), or forked by a warm interpreter."""
+    command = command_line(pid)
+    return ("bench_noop" in command and "luigi" in command) or ("zygote.py" in command and _parent_is_zygote(pid))
 
-        idle = self.idle
-        share = idle["ours_hour"] / idle["orig_hour"] if idle["orig_hour"] else float("nan")
-        met = share <= 0.01
-        r.targets.append(Target(
-            "idle storage operations per node-hour", "≤ 1 % of the original's",
-            f"{share * 100:.2f} % ({idle['ours_hour']:.0f} vs {idle['orig_hour']:.0f})", met,
-            "" if met else "Ours listed the bucket more often than its rescan interval implies; see the "
-                           "requests counted in measure 3."))
 
-        process = p50([t.process_start for t in self.emulator])
-        run = p50([t.run_start for t in self.emulator])
-        floor_run = p50([p["run_start"] for p in self.plain_emulator])
-        met = process < 0.25
-        why = ("" if met else
-               "This span holds everything before luigi starts: the notification's way from fake-gcs-server "
-               "through the Pub/Sub emulator to the node's subscription, reading the config and the environment "
-               "file, and starting the process; compare the plain luigi runs measured in between.")
-        r.targets.append(Target("emulator stack: pickup, upload → luigi process started (p50)", "< 0.25 s",
-                                f"{process:.3f} s (→ task run() started: {run:.3f} s, of which luigi's own start-up "
-                                f"is ≈ {floor_run:.3f} s)", met, why))
+def _parent_is_zygote(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return "zygote.py" in command_line(parent)
+
+
+def _sample_load(interval: float = 5.0) -> list[float]:
+    """A list a daemon thread appends the 1-minute load average to every `interval` seconds."""
+    samples: list[float] = []
+
+    def sample() -> None:
+        while True:
+            samples.append(os.getloadavg()[0])
+            time.sleep(interval)
+
+    threading.Thread(target=sample, daemon=True, name="load sampler").start()
+    return samples
 
 
 def _own_cpu(pid: int) -> float:
@@ -593,15 +605,48 @@ def _own_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_cpu() -> float:
+    """CPU seconds the whole machine has been busy since boot (all cores), from /proc/stat."""
+    with open("/proc/stat") as handle:
+        fields = [int(value) for value in handle.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _rescan_interval() -> float:
+    from poltergust.settings import build_parser
+
+    return float(build_parser().parse_args(["--path", "/tmp"]).rescan_interval)
+
+
 # -- the machine and the report ---------------------------------------------------
 
 def machine_facts(bench: Bench) -> dict[str, str]:
+    model = "unknown"
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as handle:
+        memory = next(int(line.split()[1]) for line in handle if line.startswith("MemTotal")) * 1024
     return {
         "nproc": str(bench.cores),
-        **machine(),
+        "CPU": model,
+        "memory": f"{memory / 1024 ** 3:.1f} GiB",
+        "Python": platform.python_version(),
+        "OS": f"{platform.system()} {platform.release()}",
         "luigi": f"{bench.env_luigi} in the pipelines' environment; {bench.original.luigi_version} running the original",
         "load average (1 min) at start / end": " / ".join(f"{load:.1f}" for load in bench.load),
+        "sampled every 5 s during the run: median / max": (f"{p50(bench.load_samples):.1f} / "
+                                                           f"{max(bench.load_samples, default=float('nan')):.1f}"),
     }
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def render(bench: Bench, command: str, duration: float) -> str:
@@ -619,7 +664,9 @@ def render(bench: Bench, command: str, duration: float) -> str:
         ("Written by `python benchmarks/run.py`; numbers from one run on one machine. "
         "Poltergust (this repository) against `luigi-poltergust==0.0.5` (the original, installed by the "
         "benchmark from the package index into a virtualenv of its own) and against the floor (a plain `luigi` "
-        "run of the same task)."),
+        "run of the same task). Poltergust runs two ways side by side: *warm*, the default, forks luigi from a "
+        "warm interpreter per environment; *spawn* (`--warm false`) starts a fresh `python -m luigi` per run, as "
+        "before warm starts."),
         "",
         (f"Command: `{command}` — {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, took "  # noqa: UP017
         f"{duration / 60:.1f} min{' (quick mode: tiny sizes)' if args.quick else ''}."),
@@ -628,12 +675,12 @@ def render(bench: Bench, command: str, duration: float) -> str:
         "",
         "### Poltergust against the original",
         "",
-        ("Both on the same local pipeline directory and the same luigid, one after the other, alternating round by "
-        "round. p50 and p95 over n samples (p95 interpolated between ranks, so with few samples it is close to "
-        "the maximum); the ratio is of the p50s, ours / original (below 1: ours is lower)."),
+        ("All on the same local pipeline directory and the same luigid, one after the other, taking turns round "
+        "by round. p50 and p95 over n samples (p95 interpolated between ranks, so with few samples it is close to "
+        "the maximum); the ratios are of the p50s, Poltergust / original (below 1: Poltergust is lower)."),
         "",
-        table(["#", "measure", "n (ours / orig.)", "Poltergust p50", "p95", "original p50", "p95",
-               "ours / original", "note"], compare),
+        table(["#", "measure", "n (warm / spawn / orig.)", "warm p50", "p95", "spawn p50", "p95", "original p50",
+               "p95", "warm / original", "spawn / original", "note"], compare),
         "",
         "### Poltergust alone, and the floor",
         "",
@@ -655,7 +702,9 @@ def render(bench: Bench, command: str, duration: float) -> str:
         "its process and its `run()` started and writes a small output file. Its environment (luigi from the "
         "local wheelhouse) is built once by each system before anything is measured."),
         ("- Poltergust nodes: `python -m poltergust.async_worker --path DIR/pipeline --scheduler-url URL ...` with "
-        "their default settings, sharing one environment cache; ready when `/healthz` answers 200."),
+        "their default settings (warm) or `--warm false` (spawn), sharing one environment cache; ready when "
+        "`/healthz` answers 200. Every measure starts its nodes afresh, so a warm node's first run includes "
+        "starting its warm interpreter (not counted in 1 and 4, counted in 2)."),
         ("- The original: `luigi RunTasks --module bench_original_adapter --path DIR/pipeline --hostname NAME` in "
         "its own virtualenv. The adapter module (written by the benchmark) gives luigi's LocalFileSystem the "
         "`list_wildcard` that 0.0.5 calls, with `glob`, and counts the calls. Its output goes through a pipe; "
@@ -667,25 +716,36 @@ def render(bench: Bench, command: str, duration: float) -> str:
         "output and the result file. Submissions are 0.3–1.3 s apart (random, seeded), so they fall anywhere in "
         "the original's 1 s poll; the first pipeline after each node start is not counted."),
         ("- 2: K configs are written at once; the makespan ends when the last result file exists. CPU is that of "
-        "the nodes and every process they started (/proc, children included); what the rest of the machine used "
-        "meanwhile (from /proc/stat) is in the note, since the machine may be shared. K ≤ 20 is repeated "
-        f"{args.reps} times on one node and {max(1, args.reps - 1)} on several; larger K runs once."),
+        "the nodes and every process they started (/proc, children included, warm interpreters too); what the "
+        "rest of the machine used meanwhile (from /proc/stat) is in the note, since the machine may be shared. "
+        f"K ≤ 20 is repeated {args.reps} times on one node and {max(1, args.reps - 1)} on several; larger K runs "
+        f"once. Spawn runs on N = {', '.join(map(str, args.spawn_nodes))} only."),
         ("- 3: Poltergust on the local directory, Poltergust on the emulators (its storage requests go through a "
         "counting proxy) and the original run idle side by side in the same window after start-up."),
         ("- 4: configs are uploaded to fake-gcs-server, which publishes OBJECT_FINALIZE into the Pub/Sub emulator; "
-        "the node hears it on its own subscription."),
+        "the node hears it on its own subscription. Warm and spawn nodes take turns, round by round."),
         ("- 5: plain `luigi` runs are interleaved with the rounds of measure 1. Overhead = a pipeline's "
         "config → result time minus the plain run's p50 spawn → exit."),
         (f"- 6: {args.in_flight} configs whose task sleeps {args.in_flight_seconds:.0f} s are submitted at once; "
-        "RSS is sampled every 0.2 s."),
+        "RSS and PSS (from /proc/PID/smaps_rollup) are sampled every 0.2 s. Summed RSS counts a page shared by "
+        "forked children once per process; PSS splits it among them, so its sum is the memory actually used."),
         "",
     ]
     return "\n".join(parts)
 
 
 def write_markdown(path: Path, text: str) -> None:
-    """Replace the Pipelines section of `path` (a new file gets the text alone)."""
-    write_section(path, "## Pipelines:", text)
+    """Replace the Pipelines section of a README that has one; otherwise write the text as the whole file."""
+    if path.exists():
+        current = path.read_text()
+        lines = current.splitlines(keepends=True)
+        start = next((i for i, line in enumerate(lines) if line.startswith("## Pipelines:")), None)
+        if start is not None:
+            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+            tail = "".join(lines[end:])
+            path.write_text("".join(lines[:start]) + text.rstrip("\n") + "\n" + ("\n" + tail if tail else ""))
+            return
+    path.write_text(text)
 
 
 # -- command line --------------------------------------------------------------------
@@ -715,6 +775,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--floor-runs", type=int, help="plain luigi runs (default 12; quick 4)")
     parser.add_argument("--sizes", type=_int_list, help="K, pipelines per makespan (default 20,200; quick 3)")
     parser.add_argument("--nodes", type=_int_list, help="N, nodes per makespan (default 1,3; quick 1,2)")
+    parser.add_argument("--spawn-nodes", type=_int_list, default=[1],
+                        help="N at which makespans also run Poltergust with --warm false (default 1)")
     parser.add_argument("--reps", type=int, help="repetitions of each makespan with K ≤ 20 on one node (default 3; "
                                                  "quick 1); one less on several nodes; larger K run once")
     parser.add_argument("--original-skip", type=_pairs, default=None,

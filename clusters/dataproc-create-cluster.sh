@@ -4,23 +4,40 @@
 #
 #   cd clusters && ./dataproc-create-cluster.sh mycluster 2
 #
-# makes, if missing: the bucket gs://mycluster, its notification topic
-# poltergust-mycluster, the notification (OBJECT_FINALIZE and OBJECT_DELETE
-# under pipeline/), and a DataProc cluster "mycluster" with 2 workers whose
-# initialisation action (dataproc-init.sh) runs luigid on the master and a
-# Poltergust node on each worker. Then it opens an ssh tunnel to the master,
-# so luigid's web page is at http://localhost:8082 until you press Ctrl-C.
-# Running it again creates nothing new and just opens the tunnel.
+# makes, if missing:
+#   - the bucket gs://mycluster (or checks that an existing one is this
+#     project's, with uniform access and public access prevention), its
+#     notification topic poltergust-mycluster and the notification
+#     (OBJECT_FINALIZE and OBJECT_DELETE under pipeline/);
+#   - the release built from this checkout (deploy/build-release.sh) and the
+#     init scripts, uploaded below gs://mycluster/_poltergust/dist/, where
+#     the cluster (and so every pipeline) can read but not write;
+#   - a service account poltergust-mycluster for the cluster's VMs with only
+#     the node grants: roles/dataproc.worker (which DataProc needs; its object
+#     access is confined by a condition to gs://mycluster outside
+#     _poltergust/dist/), read and write on the bucket except the release,
+#     subscriber on the topic, and the custom project role
+#     poltergust_dataproc_node (create, read and delete its own subscription);
+#   - a network mycluster-net (subnet with Private Google Access, Cloud Router
+#     and Cloud NAT for the package installs, no external addresses) whose
+#     firewall admits traffic, luigid's port included, only between the
+#     cluster's VMs, plus ssh through Identity-Aware Proxy;
+#   - the DataProc cluster "mycluster" with 2 workers whose initialisation
+#     action (dataproc-init.sh) runs luigid on the master and a Poltergust
+#     node on each worker.
+# Then it opens an ssh tunnel to the master through IAP, so luigid's web page
+# is at http://localhost:8082 until you press Ctrl-C. Running it again
+# creates nothing new and just opens the tunnel.
 #
 # Settings (environment variables):
 #   POLTERGUST_PROJECT       project (default: gcloud config get-value project)
 #   POLTERGUST_REGION        region (default: europe-north1)
 #   POLTERGUST_ZONE          zone (default: chosen by DataProc)
-#   POLTERGUST_PACKAGE       pip install spec of Poltergust (default: poltergust)
+#   POLTERGUST_RELEASE       release.json of a release built by
+#                            deploy/build-release.sh (default: build one now)
 #   DATAPROC_IMAGE_VERSION   (default: 2.2-debian12)
 #   DATAPROC_MASTER_MACHINE_TYPE, DATAPROC_WORKER_MACHINE_TYPE (default: n2-standard-4)
-#   DATAPROC_SERVICE_ACCOUNT service account of the cluster VMs (default: the
-#                            project's Compute Engine default service account)
+#   DATAPROC_SUBNET_CIDR     the cluster's subnet (default: 10.43.0.0/24)
 #   POLTERGUST_NO_TUNNEL=1   do not open the tunnel at the end
 set -euo pipefail
 
@@ -28,6 +45,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # The helpers (gc, have, binding_exists, ...) of the gcloud deploy scripts.
 # shellcheck source=../deploy/gcloud/lib.sh
 source "$HERE/../deploy/gcloud/lib.sh"
+# shellcheck source=dataproc-names.sh
+source "$HERE/dataproc-names.sh"
 
 usage() {
     sed -n '3,/^set -euo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -37,36 +56,27 @@ case "${1:-}" in
     -h|--help) usage; exit 0 ;;
     "") usage >&2; die "missing cluster name" ;;
 esac
-CLUSTER=$1
+dataproc_names "$1"
 WORKERS=${2:-2}
-[[ "$CLUSTER" =~ ^[a-z][a-z0-9-]{0,49}[a-z0-9]$ ]] ||
-    die "cluster name '$CLUSTER': lower-case letters, digits and dashes, starting with a letter"
 # DataProc's standard clusters have at least 2 workers.
 if ! [[ "$WORKERS" =~ ^[0-9]+$ ]] || ((WORKERS < 2)); then
     die "number of workers must be 2 or more"
 fi
-
-if [[ -z "$PROJECT" ]]; then
-    PROJECT=$(gcloud config get-value project 2>/dev/null || true)
-    [[ -n "$PROJECT" ]] || die "no project: set POLTERGUST_PROJECT or gcloud config set project"
-fi
-PACKAGE=${POLTERGUST_PACKAGE:-poltergust}
-[[ "$PACKAGE" != *"|"* ]] || die "POLTERGUST_PACKAGE must not contain '|'"
 IMAGE_VERSION=${DATAPROC_IMAGE_VERSION:-2.2-debian12}
 MASTER_MACHINE_TYPE=${DATAPROC_MASTER_MACHINE_TYPE:-n2-standard-4}
 WORKER_MACHINE_TYPE=${DATAPROC_WORKER_MACHINE_TYPE:-n2-standard-4}
+SUBNET_CIDR=${DATAPROC_SUBNET_CIDR:-10.43.0.0/24}
 
-BUCKET_URL="gs://$CLUSTER"
-TOPIC="poltergust-$CLUSTER" # what the node assumes for gs://$CLUSTER
-TOPIC_PATH="projects/$PROJECT/topics/$TOPIC"
-SCRIPTS_URL="$BUCKET_URL/dataproc"
-LUIGID_PORT=8082
+prepare_release "${POLTERGUST_RELEASE:-}"
+log "project $PROJECT, region $REGION, cluster $CLUSTER with $WORKERS workers, release $RELEASE_VERSION"
 
-log "project $PROJECT, region $REGION, cluster $CLUSTER with $WORKERS workers"
-
-have "bucket $BUCKET_URL" storage buckets describe "$BUCKET_URL" ||
+# --- bucket, topic, notification ---------------------------------------------
+if have "bucket $BUCKET_URL" storage buckets describe "$BUCKET_URL"; then
+    check_bucket "$BUCKET_URL"
+else
     gc storage buckets create "$BUCKET_URL" --location="$REGION" \
         --uniform-bucket-level-access --public-access-prevention
+fi
 
 have "topic $TOPIC" pubsub topics describe "$TOPIC" ||
     gc pubsub topics create "$TOPIC"
@@ -92,25 +102,82 @@ else
         --payload-format=json --skip-topic-setup
 fi
 
-# The init action and the script it hands over to; uploaded on every run so
-# that a new cluster always gets the current version.
-log "uploading: init scripts to $SCRIPTS_URL/"
-gc storage cp "$HERE/dataproc-init.sh" "$HERE/../deploy/node-init.sh" "$SCRIPTS_URL/"
+# --- the release and the init scripts, where the cluster cannot write --------
+upload_release "$BUCKET_URL"
+INIT_SHA=$(sha256 "$HERE/../deploy/node-init.sh")
+INIT_URL="$BUCKET_URL/$DIST_ROOT$RELEASE_VERSION/init-$(sha256 "$HERE/dataproc-init.sh" | cut -c1-6)${INIT_SHA:0:6}"
+for script in "$HERE/dataproc-init.sh" "$HERE/../deploy/node-init.sh"; do
+    have "init script $INIT_URL/${script##*/}" storage objects describe "$INIT_URL/${script##*/}" ||
+        gc storage cp "$script" "$INIT_URL/${script##*/}"
+done
 
+# --- the cluster's own service account and its grants ------------------------
+have "service account $SA" iam service-accounts describe "$SA" ||
+    gc iam service-accounts create "$SA_ID" --display-name="Poltergust on DataProc $CLUSTER" \
+        --description="VMs of the DataProc cluster $CLUSTER: Poltergust nodes and luigid"
+ensure_subscription_role "$ROLE_ID" "Poltergust nodes on DataProc"
+grant_on_bucket "$BUCKET_URL" roles/storage.objectViewer "$MEMBER"
+grant_on_bucket "$BUCKET_URL" roles/storage.objectUser "$MEMBER" "$(not_the_release "$CLUSTER")" not-the-release
+if binding_exists roles/pubsub.subscriber "$MEMBER" "$TOPIC" pubsub topics; then
+    log "exists:   subscriber grant on $TOPIC"
+else
+    log "creating: subscriber grant on $TOPIC"
+    retry gc pubsub topics add-iam-policy-binding "$TOPIC" --member="$MEMBER" --role=roles/pubsub.subscriber >/dev/null
+fi
+# DataProc's agent needs roles/dataproc.worker on the project; the condition
+# keeps the object access that role brings to this bucket, outside the release.
+WORKER_CONDITION="resource.type != \"storage.googleapis.com/Object\" || (resource.name.startsWith(\"projects/_/buckets/$CLUSTER/objects/\") && $(not_the_release "$CLUSTER"))"
+for role in roles/dataproc.worker "$ROLE"; do
+    if binding_exists "$role" "$MEMBER" "$PROJECT" projects; then
+        log "exists:   $role grant on project $PROJECT"
+        continue
+    fi
+    log "creating: $role grant on project $PROJECT"
+    condition=None
+    [[ "$role" != roles/dataproc.worker ]] ||
+        condition="expression=$WORKER_CONDITION,title=dataproc-objects-of-$CLUSTER"
+    retry gc projects add-iam-policy-binding "$PROJECT" --member="$MEMBER" --role="$role" \
+        --condition="$condition" >/dev/null
+done
+
+# --- network: the cluster talks to itself, installs go through NAT -----------
+have "network $NETWORK" compute networks describe "$NETWORK" ||
+    gc compute networks create "$NETWORK" --subnet-mode=custom
+have "subnet $SUBNET" compute networks subnets describe "$SUBNET" --region="$REGION" ||
+    gc compute networks subnets create "$SUBNET" --network="$NETWORK" --region="$REGION" \
+        --range="$SUBNET_CIDR" --enable-private-ip-google-access --enable-flow-logs
+have "router $ROUTER" compute routers describe "$ROUTER" --region="$REGION" ||
+    gc compute routers create "$ROUTER" --network="$NETWORK" --region="$REGION"
+have "Cloud NAT $NAT" compute routers nats describe "$NAT" --router="$ROUTER" --region="$REGION" ||
+    gc compute routers nats create "$NAT" --router="$ROUTER" --region="$REGION" \
+        --auto-allocate-nat-external-ips --nat-all-subnet-ip-ranges --enable-logging --log-filter=ERRORS_ONLY
+# DataProc's VMs talk to each other on many ports; nothing else gets in,
+# so luigid (port 8082 on the master) answers only the cluster.
+have "firewall rule $FW_INTERNAL" compute firewall-rules describe "$FW_INTERNAL" ||
+    gc compute firewall-rules create "$FW_INTERNAL" --network="$NETWORK" --direction=INGRESS \
+        --action=ALLOW --rules=tcp,udp,icmp --source-service-accounts="$SA" --target-service-accounts="$SA" \
+        --description="VMs of the DataProc cluster $CLUSTER reach each other (luigid included)"
+have "firewall rule $FW_IAP" compute firewall-rules describe "$FW_IAP" ||
+    gc compute firewall-rules create "$FW_IAP" --network="$NETWORK" --direction=INGRESS \
+        --action=ALLOW --rules=tcp:22 --source-ranges="$IAP_RANGE" --target-service-accounts="$SA" \
+        --description="ssh through Identity-Aware Proxy only"
+
+# --- the cluster --------------------------------------------------------------
 if have "DataProc cluster $CLUSTER" dataproc clusters describe "$CLUSTER" --region="$REGION"; then
-    :
+    log "note:     its VMs keep the release they were created with; delete and create the cluster for a new one"
 else
     create=(dataproc clusters create "$CLUSTER" --region="$REGION"
         --num-workers="$WORKERS"
         --master-machine-type="$MASTER_MACHINE_TYPE" --worker-machine-type="$WORKER_MACHINE_TYPE"
         --master-boot-disk-size=50GB --worker-boot-disk-size=50GB
         --image-version="$IMAGE_VERSION" --scopes=cloud-platform
-        --initialization-actions="$SCRIPTS_URL/dataproc-init.sh"
+        --service-account="$SA" --subnet="$SUBNET" --no-address
+        --bucket="$CLUSTER" --temp-bucket="$CLUSTER"
+        --initialization-actions="$INIT_URL/dataproc-init.sh"
         --initialization-action-timeout=20m
         # Read by dataproc-init.sh on every VM of the cluster.
-        --metadata="^|^poltergust-path=$BUCKET_URL/pipeline|poltergust-topic=$TOPIC|poltergust-project=$PROJECT|poltergust-package=$PACKAGE|poltergust-init-url=$SCRIPTS_URL/node-init.sh")
+        --metadata="^|^poltergust-path=$BUCKET_URL/pipeline|poltergust-topic=$TOPIC|poltergust-project=$PROJECT|$(release_metadata)|poltergust-init-url=$INIT_URL/node-init.sh|poltergust-init-sha256=$INIT_SHA")
     [[ -z "$ZONE" ]] || create+=(--zone="$ZONE")
-    [[ -z "${DATAPROC_SERVICE_ACCOUNT:-}" ]] || create+=(--service-account="$DATAPROC_SERVICE_ACCOUNT")
     gc "${create[@]}"
 fi
 
@@ -126,5 +193,5 @@ fi
 ZONE=$(gc dataproc clusters describe "$CLUSTER" --region="$REGION" \
     --format='value(config.gceClusterConfig.zoneUri.basename())')
 log "tunnel open: luigid's web page is at http://localhost:$LUIGID_PORT (Ctrl-C closes it)"
-exec gcloud --project="$PROJECT" compute ssh "$CLUSTER-m" --zone="$ZONE" -- \
+exec gcloud --project="$PROJECT" compute ssh "$CLUSTER-m" --zone="$ZONE" --tunnel-through-iap -- \
     -L "$LUIGID_PORT:localhost:$LUIGID_PORT" -N

@@ -9,8 +9,11 @@
 # Compute Engine VMs are set up by the same code. Cluster metadata it reads
 # (set by dataproc-create-cluster.sh):
 #   dataproc-role, dataproc-master        (set by DataProc itself)
-#   poltergust-path, poltergust-topic, poltergust-project, poltergust-package
-#   poltergust-init-url                   gs:// URL of node-init.sh
+#   poltergust-path, poltergust-topic, poltergust-project,
+#   poltergust-wheel-url, poltergust-wheel-sha256, poltergust-lock-url,
+#   poltergust-lock-sha256                (the release, see node-init.sh)
+#   poltergust-init-url, poltergust-init-sha256
+#                                         gs:// URL of node-init.sh and its digest
 #
 # For tests: POLTERGUST_GET_METADATA replaces DataProc's get_metadata_value
 # command, POLTERGUST_NODE_INIT names a local node-init.sh to use instead of
@@ -45,7 +48,8 @@ mkdir -p "$metadata_dir/instance/attributes"
 put() { printf '%s' "$2" >"$metadata_dir/instance/attributes/$1"; }
 put poltergust-role "$poltergust_role"
 put poltergust-scheduler-url "http://$master:$LUIGID_PORT"
-for name in poltergust-path poltergust-topic poltergust-project poltergust-package; do
+for name in poltergust-path poltergust-topic poltergust-project poltergust-wheel-url \
+    poltergust-wheel-sha256 poltergust-lock-url poltergust-lock-sha256; do
     value=$(attribute "$name")
     # Left out when empty, so that node-init.sh applies its own default or
     # names the missing attribute.
@@ -58,6 +62,10 @@ if [[ -z "$node_init" ]]; then
     [[ "$url" == gs://* ]] || die "metadata attribute poltergust-init-url: expected a gs:// URL, got '$url'"
     node_init="$metadata_dir/node-init.sh"
     gcloud storage cp "$url" "$node_init"
+    expected=$(attribute poltergust-init-sha256)
+    actual=$(sha256sum "$node_init" | cut -d' ' -f1)
+    [[ "$actual" == "$expected" ]] ||
+        die "$url has sha256 $actual, but metadata attribute poltergust-init-sha256 says '$expected'"
 fi
 
 POLTERGUST_METADATA_DIR=$metadata_dir bash "$node_init" "$@"

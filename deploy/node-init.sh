@@ -5,19 +5,31 @@
 # It is the startup script of the Terraform instance template and of the VMs
 # made by deploy/gcloud/create.sh, and clusters/dataproc-init.sh runs it on
 # DataProc. GCE runs startup scripts on every boot, so every step is
-# idempotent: a reboot re-reads the metadata, rewrites the unit and restarts it.
+# idempotent: a reboot re-reads the metadata, finds the release installed,
+# rewrites the unit and restarts it. A reboot never changes the version: that
+# takes new metadata (a new instance template).
 #
 # Usage:
 #   node-init.sh                       configure this VM (as root)
-#   node-init.sh --dry-run --root DIR  write the files under DIR only: installs
-#                                      nothing and never calls systemctl
+#   node-init.sh --root DIR            the same, but every file it writes is
+#                                      under DIR; creates no system user and
+#                                      installs no Debian package (systemctl is
+#                                      still called: put a stand-in first on PATH)
+#   node-init.sh --dry-run [--root DIR]  write the unit files only: downloads and
+#                                      installs nothing, never calls systemctl
 #   node-init.sh --help
 #
 # Settings come from GCE instance metadata (attributes), read from the
-# metadata server at http://metadata.google.internal/computeMetadata/v1/:
+# metadata server (GCE_METADATA_HOST, default metadata.google.internal):
 #   poltergust-role           required: "node" or "scheduler"
-#   poltergust-package        pip install spec of Poltergust (default: poltergust);
-#                             e.g. poltergust==1.2.0, a git+https URL or a wheel URL
+#   poltergust-wheel-url      required: the Poltergust wheel, gs://BUCKET/OBJECT
+#                             (read with the VM's service account) or https://
+#   poltergust-wheel-sha256   required: its sha256; any other file is refused
+#   poltergust-lock-url       required: requirements.lock of that release (the
+#                             runtime dependencies, each pinned with its hashes)
+#   poltergust-lock-sha256    required: its sha256
+#   (deploy/build-release.sh makes both files; the deploy uploads them to
+#   gs://BUCKET/_poltergust/dist/VERSION/ and sets these four attributes.)
 #   node role only:
 #   poltergust-path           required: gs://BUCKET/PREFIX to watch; several may be
 #                             given separated by spaces (each becomes a --path)
@@ -27,36 +39,55 @@
 #   poltergust-project        project of the topic and subscriptions
 #                             (default: the project/project-id metadata value)
 #   poltergust-max-concurrent optional: pipelines one node runs at once
+#   poltergust-backlog-subscription
+#                             optional: the backlog subscription all nodes share
+#                             (its undelivered count drives the autoscaler)
 #   poltergust-allowed-environment-prefix
 #                             optional: gs:// prefixes environment files may come
 #                             from (default, decided by the node: the path's buckets)
+#   poltergust-secrets        optional: NAME=SECRET ..., Secret Manager secrets
+#                             (SECRET is an id in poltergust-project, or
+#                             projects/P/secrets/S[/versions/V]) written to
+#                             /etc/poltergust/node.env (mode 0600) as NAME=value
+#                             for {{NAME}} in environment files. Secret values
+#                             never go into metadata.
+#   poltergust-env-cache-size, poltergust-min-free-disk
+#                             optional: override what is derived from the disk
+#                             size (half of it; 5% of it, 1G to 5G)
 #
 # Metadata from a directory instead of the server: if POLTERGUST_METADATA_DIR
 # is set, the value of metadata key K is the content of the file
 # "$POLTERGUST_METADATA_DIR/K", e.g. .../instance/attributes/poltergust-path and
-# .../project/project-id (a missing file is a missing key). The tests use this
-# with --dry-run, and clusters/dataproc-init.sh uses it to hand over settings
-# computed from DataProc's own metadata.
+# .../project/project-id (a missing file is a missing key); the access token
+# still comes from the metadata server. clusters/dataproc-init.sh uses this to
+# hand over settings computed from DataProc's own metadata. STORAGE_EMULATOR_HOST
+# and POLTERGUST_SECRET_MANAGER_URL replace the Cloud Storage and Secret Manager
+# endpoints (for tests against emulators).
 #
 # What it makes:
+#   /opt/poltergust/releases/ID/  the verified wheel and lock file and a venv
+#              with exactly them installed (ID: digest of both hashes)
 #   node:      /etc/systemd/system/poltergust-node.service, running
-#              /opt/poltergust/venv/bin/python -m poltergust.async_worker
-#              as the unprivileged user "poltergust" (state in /var/lib/poltergust)
-#   scheduler: /etc/systemd/system/poltergust-luigid.service and
-#              /etc/poltergust/luigi.cfg; no node unit (the scheduler VM runs no
-#              pipelines, which keeps it small and its service account role-less)
+#              venv/bin/python -P -m poltergust.async_worker as the user
+#              "poltergust" (state in /var/lib/poltergust)
+#   scheduler: /etc/systemd/system/poltergust-luigid.service (a dynamic user,
+#              state in /var/lib/poltergust-luigid) and /etc/poltergust/luigi.cfg;
+#              no node unit
 #
 # Exit status: 0 on success, 2 for bad or missing metadata (the message names
-# the attribute), 1 for any other failure.
+# the attribute), 1 for any other failure (a download, a hash mismatch, pip).
 set -euo pipefail
 # Make failures inside $(...) stop the script too (a failed metadata read).
 shopt -s inherit_errexit
+umask 022
 
-readonly METADATA_URL="http://metadata.google.internal/computeMetadata/v1"
-readonly INSTALL_DIR="/opt/poltergust"
-readonly VENV="$INSTALL_DIR/venv"
+readonly METADATA_URL="http://${GCE_METADATA_HOST:-metadata.google.internal}/computeMetadata/v1"
+readonly STORAGE_URL=${STORAGE_EMULATOR_HOST:-https://storage.googleapis.com}
+readonly SECRETS_URL=${POLTERGUST_SECRET_MANAGER_URL:-https://secretmanager.googleapis.com}
+readonly RELEASES="/opt/poltergust/releases"
 readonly SERVICE_USER="poltergust"
 readonly STATE_DIR="/var/lib/poltergust"
+readonly NODE_ENV="/etc/poltergust/node.env"
 readonly NODE_UNIT="poltergust-node.service"
 readonly LUIGID_UNIT="poltergust-luigid.service"
 readonly LUIGID_PORT=8082
@@ -64,9 +95,12 @@ readonly LUIGID_PORT=8082
 # it must listen on all interfaces; the firewall only lets the checkers in.
 readonly HEALTH_HOST="0.0.0.0"
 readonly HEALTH_PORT=8080
+readonly SHA256='^[0-9a-f]{64}$'
 
 DRY_RUN=0
 ROOT=""
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
 
 usage() {
     sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -75,7 +109,7 @@ usage() {
 log() { printf 'poltergust-init: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 # Bad metadata is the operator's to fix, so say exactly which attribute.
-bad_metadata() { log "error: metadata attribute $1: $2"; exit 2; }
+bad_metadata() { log "error: metadata attribute $1: ${*:2}"; exit 2; }
 
 # Run a command, or in dry-run only say what would run.
 run() {
@@ -90,7 +124,7 @@ run() {
 # key does not exist; exits when the metadata cannot be read at all.
 metadata_get() {
     local key=$1
-    if [[ -n "${POLTERGUST_METADATA_DIR:-}" ]]; then
+    if [[ -n "${POLTERGUST_METADATA_DIR:-}" && "$key" != instance/service-accounts/* ]]; then
         [[ -f "$POLTERGUST_METADATA_DIR/$key" ]] || return 1
         # Values set through files often end with a newline: drop trailing ones.
         local value
@@ -98,17 +132,15 @@ metadata_get() {
         printf '%s' "$value"
         return 0
     fi
-    local body status
-    body=$(mktemp)
+    local status
     # Retries cover the first seconds of boot when the network is not up yet.
     status=$(curl --silent --show-error --retry 5 --retry-connrefused --max-time 10 \
-        -H "Metadata-Flavor: Google" -o "$body" -w '%{http_code}' \
+        -H "Metadata-Flavor: Google" -o "$TMP/metadata" -w '%{http_code}' \
         "$METADATA_URL/$key") || status="000"
     case "$status" in
-        200) cat "$body"; rm -f "$body"; return 0 ;;
-        404) rm -f "$body"; return 1 ;;
-        *) rm -f "$body"
-           die "cannot read $key from the metadata server $METADATA_URL (HTTP status $status);" \
+        200) cat "$TMP/metadata"; return 0 ;;
+        404) return 1 ;;
+        *) die "cannot read $key from the metadata server $METADATA_URL (HTTP status $status);" \
                "outside GCE set POLTERGUST_METADATA_DIR" ;;
     esac
 }
@@ -123,6 +155,7 @@ required_attribute() {
     local value
     value=$(attribute "$1")
     [[ -n "$value" ]] || bad_metadata "$1" "is missing or empty (it is required for poltergust-role=$ROLE)"
+    reject_control_chars "$1" "$value"
     printf '%s' "$value"
 }
 
@@ -155,8 +188,9 @@ systemd_quote() {
 write_file() {
     local target="$ROOT$1" mode=$2
     mkdir -p "$(dirname "$target")"
-    cat >"$target"
-    chmod "$mode" "$target"
+    cat >"$target.new"
+    chmod "$mode" "$target.new"
+    mv -f "$target.new" "$target"
     log "wrote $target"
 }
 
@@ -174,9 +208,6 @@ parse_args() {
         esac
         shift
     done
-    if [[ -n "$ROOT" ]] && ! ((DRY_RUN)); then
-        die "--root is only for --dry-run: a real run configures this machine"
-    fi
     if ((DRY_RUN)) && [[ -z "$ROOT" ]]; then
         ROOT=$(mktemp -d)
         log "dry-run: writing files under $ROOT"
@@ -184,9 +215,8 @@ parse_args() {
     if [[ -n "$ROOT" ]]; then
         mkdir -p "$ROOT"
         ROOT=$(cd "$ROOT" && pwd)
-    fi
-    if ! ((DRY_RUN)) && [[ $EUID -ne 0 ]]; then
-        die "must run as root (or use --dry-run --root DIR)"
+    elif [[ $EUID -ne 0 ]]; then
+        die "must run as root (or use --root DIR)"
     fi
 }
 
@@ -194,26 +224,32 @@ parse_args() {
 # Settings: read and validate everything before touching the machine, so bad
 # metadata never leaves a half-configured VM behind.
 
-read_settings() {
-    ROLE=$(attribute poltergust-role)
-    case "$ROLE" in
-        node|scheduler) ;;
-        "") bad_metadata poltergust-role "is missing; set it to 'node' or 'scheduler'" ;;
-        *) bad_metadata poltergust-role "must be 'node' or 'scheduler', got '$ROLE'" ;;
-    esac
-
-    PACKAGE=$(attribute poltergust-package)
-    PACKAGE=${PACKAGE:-poltergust}
-    reject_control_chars poltergust-package "$PACKAGE"
-    if [[ "$PACKAGE" == -* ]]; then
-        bad_metadata poltergust-package "must be a package spec, not a pip option: '$PACKAGE'"
+read_release() {
+    local name
+    for name in wheel lock; do
+        local url sha
+        url=$(required_attribute "poltergust-$name-url")
+        [[ "$url" =~ ^(gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]/|https://)[A-Za-z0-9._~/+%=-]+$ ]] ||
+            bad_metadata "poltergust-$name-url" "'$url' is not a gs://BUCKET/OBJECT or https:// URL"
+        sha=$(required_attribute "poltergust-$name-sha256")
+        [[ "$sha" =~ $SHA256 ]] || bad_metadata "poltergust-$name-sha256" "must be 64 lower-case hex digits"
+        printf -v "${name^^}_URL" '%s' "$url"
+        printf -v "${name^^}_SHA" '%s' "$sha"
+    done
+    WHEEL_FILE=${WHEEL_URL##*/}
+    [[ "$WHEEL_FILE" =~ ^poltergust-[A-Za-z0-9_.+]+-[A-Za-z0-9_.]+-[A-Za-z0-9_.]+-[A-Za-z0-9_.]+\.whl$ ]] ||
+        bad_metadata poltergust-wheel-url "must end in a wheel file name (poltergust-VERSION-py3-none-any.whl)"
+    RELEASE_ID=$(printf '%s %s' "$WHEEL_SHA" "$LOCK_SHA" | sha256sum | cut -c1-16)
+    RELEASE="$RELEASES/$RELEASE_ID"
+    if [[ -n $(attribute poltergust-package) ]]; then
+        bad_metadata poltergust-package "is no longer read: VMs install only a verified release" \
+            "(poltergust-wheel-url/-sha256 and poltergust-lock-url/-sha256, made by deploy/build-release.sh)"
     fi
+}
 
-    [[ "$ROLE" == node ]] || return 0
-
+read_node_settings() {
     local raw path
     raw=$(required_attribute poltergust-path)
-    reject_control_chars poltergust-path "$raw"
     # Bucket names: 3-222 characters of lower-case letters, digits, - _ and dots.
     local gs_url='^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?$'
     read -r -a PATHS <<<"$raw"
@@ -224,7 +260,6 @@ read_settings() {
     done
 
     SCHEDULER_URL=$(required_attribute poltergust-scheduler-url)
-    reject_control_chars poltergust-scheduler-url "$SCHEDULER_URL"
     [[ "$SCHEDULER_URL" =~ ^https?://[^[:space:]/]+(/[^[:space:]]*)?$ ]] ||
         bad_metadata poltergust-scheduler-url "'$SCHEDULER_URL' is not an http(s)://HOST:PORT URL"
 
@@ -252,6 +287,10 @@ read_settings() {
     [[ -z "$MAX_CONCURRENT" || "$MAX_CONCURRENT" =~ ^[1-9][0-9]{0,3}$ ]] ||
         bad_metadata poltergust-max-concurrent "must be a positive integer, got '$MAX_CONCURRENT'"
 
+    BACKLOG=$(attribute poltergust-backlog-subscription)
+    [[ -z "$BACKLOG" || "$BACKLOG" =~ ^[A-Za-z][A-Za-z0-9._~+%-]{2,254}$ ]] ||
+        bad_metadata poltergust-backlog-subscription "'$BACKLOG' is not a valid Pub/Sub subscription id"
+
     ALLOWED_ENV_PREFIXES=$(attribute poltergust-allowed-environment-prefix)
     reject_control_chars poltergust-allowed-environment-prefix "$ALLOWED_ENV_PREFIXES"
     local prefixes prefix
@@ -261,65 +300,246 @@ read_settings() {
             bad_metadata poltergust-allowed-environment-prefix "'$prefix' is not a gs://BUCKET/PREFIX URL"
     done
     ALLOWED_ENV_PREFIXES="${prefixes[*]}"
+
+    local entry entries
+    SECRETS=()
+    read -r -a entries <<<"$(attribute poltergust-secrets)"
+    for entry in "${entries[@]}"; do
+        [[ "$entry" =~ ^[A-Za-z_][A-Za-z0-9_]*=([A-Za-z0-9_-]+|projects/[a-z0-9.:-]+/secrets/[A-Za-z0-9_-]+(/versions/(latest|[0-9]+))?)$ ]] ||
+            bad_metadata poltergust-secrets "'$entry' is not NAME=SECRET_ID or NAME=projects/P/secrets/S[/versions/V]"
+        SECRETS+=("$entry")
+    done
+
+    ENV_CACHE_SIZE=$(attribute poltergust-env-cache-size)
+    MIN_FREE_DISK=$(attribute poltergust-min-free-disk)
+    for entry in env-cache-size:"$ENV_CACHE_SIZE" min-free-disk:"$MIN_FREE_DISK"; do
+        [[ "${entry#*:}" =~ ^([0-9]+[KMGT]?)?$ ]] ||
+            bad_metadata "poltergust-${entry%%:*}" "must be a size such as 20G, got '${entry#*:}'"
+    done
+}
+
+read_settings() {
+    ROLE=$(attribute poltergust-role)
+    case "$ROLE" in
+        node|scheduler) ;;
+        "") bad_metadata poltergust-role "is missing; set it to 'node' or 'scheduler'" ;;
+        *) bad_metadata poltergust-role "must be 'node' or 'scheduler', got '$ROLE'" ;;
+    esac
+    read_release
+    [[ "$ROLE" != node ]] || read_node_settings
+}
+
+# Limits from the machine: the service may use all memory but a reserve for
+# the system, and a task count that grows with the cores; the node's disk
+# budget for environments is half the disk that holds its state, and below 5%
+# free (1G to 5G) its health check fails so that autohealing replaces it.
+size_from_machine() {
+    local mem_mib cores disk_mib
+    mem_mib=$(($(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024))
+    MEMORY_MAX="$((mem_mib - (mem_mib / 10 > 512 ? mem_mib / 10 : 512)))M"
+    cores=$(nproc)
+    TASKS_MAX=$((cores * 1024 > 2048 ? cores * 1024 : 2048))
+    mkdir -p "$ROOT/var/lib"
+    disk_mib=$(($(df -Pk "$ROOT/var/lib" | awk 'NR == 2 {print $2}') / 1024))
+    local five_percent=$((disk_mib / 20))
+    ENV_CACHE_SIZE=${ENV_CACHE_SIZE:-$((disk_mib / 2))M}
+    MIN_FREE_DISK=${MIN_FREE_DISK:-$((five_percent < 1024 ? 1024 : five_percent > 5120 ? 5120 : five_percent))M}
 }
 
 # ---------------------------------------------------------------------------
-# Installation (in dry-run the commands are only printed).
+# Installation of the release: verified files, a venv, pip with hashes.
 
-install_python() {
+install_system_packages() {
     # Debian's python3 lacks venv/ensurepip until python3-venv is installed;
-    # git lets poltergust-package be a git+https URL, and build tools let
-    # pipelines' environments install packages that ship only as sources.
-    if ! ((DRY_RUN)) && command -v git >/dev/null && python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    # git and the build tools are for the pipelines' environments.
+    local ok='import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 11))'
+    if command -v git >/dev/null && python3 -c "$ok" 2>/dev/null; then
         return
     fi
+    [[ -z "$ROOT" ]] || die "python3 (3.11 or newer, with venv) and git are needed; --root installs no packages"
     export DEBIAN_FRONTEND=noninteractive
-    run apt-get update
-    run apt-get install -y --no-install-recommends \
-        python3 python3-venv python3-pip python3-dev build-essential git ca-certificates curl
+    apt-get update
+    apt-get install -y --no-install-recommends \
+        python3 python3-venv python3-dev build-essential git ca-certificates curl
+    python3 -c "$ok" || die "python3 is older than 3.11: the units run python -P (use Debian 12 or newer)"
 }
 
-# pip against the package index right after boot can fail transiently.
-pip_install() {
-    local attempt
-    for attempt in 1 2 3 4 5; do
-        if run "$VENV/bin/pip" install --disable-pip-version-check --upgrade "$@"; then
-            return 0
-        fi
-        log "pip install failed (attempt $attempt), retrying"
-        sleep $((attempt * 10))
-    done
-    die "pip install $* failed"
-}
-
-install_poltergust() {
-    install_python
-    if [[ ! -x "$VENV/bin/python" ]] || ((DRY_RUN)); then
-        run mkdir -p "$INSTALL_DIR"
-        run python3 -m venv "$VENV"
+# A header file with the VM's OAuth token, for Cloud Storage and Secret Manager.
+auth_header() {
+    if [[ ! -f "$TMP/auth" ]]; then
+        metadata_get instance/service-accounts/default/token >"$TMP/token.json" ||
+            die "the metadata server has no token for the VM's service account"
+        python3 -c 'import json, sys; print("Authorization: Bearer " + json.load(sys.stdin)["access_token"])' \
+            <"$TMP/token.json" >"$TMP/auth" || die "the metadata server's token answer is not valid JSON"
     fi
-    pip_install pip
-    # --upgrade: a reboot picks up a new release when the spec is not pinned.
-    pip_install "$PACKAGE"
+    printf '%s' "$TMP/auth"
+}
+
+# Download URL $1 (gs:// or https://) to $2.
+download() {
+    local url=$1 dest=$2 bucket object status header
+    if [[ "$url" == gs://* ]]; then
+        bucket=${url#gs://}
+        object=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "${bucket#*/}")
+        bucket=${bucket%%/*}
+        header=$(auth_header)
+        status=$(curl --silent --show-error --retry 5 --retry-connrefused --max-time 300 -H @"$header" \
+            -o "$dest" -w '%{http_code}' "$STORAGE_URL/storage/v1/b/$bucket/o/$object?alt=media") || status=000
+    else
+        status=$(curl --silent --show-error --retry 5 --proto '=https' --max-time 300 \
+            -o "$dest" -w '%{http_code}' "$url") || status=000
+    fi
+    [[ "$status" == 200 ]] || die "cannot download $url (HTTP status $status)"
+}
+
+# Download URL $1 to file $2, refusing it unless its sha256 is $3.
+fetch_verified() {
+    local url=$1 dest=$2 expected=$3 actual
+    download "$url" "$TMP/download"
+    actual=$(sha256sum "$TMP/download" | cut -d' ' -f1)
+    if [[ "$actual" != "$expected" ]]; then
+        die "$url has sha256 $actual, but the metadata says $expected: it is not the file" \
+            "the release was built with; nothing was installed"
+    fi
+    mv "$TMP/download" "$dest"
+}
+
+install_release() {
+    local dir="$ROOT$RELEASE"
+    if ((DRY_RUN)); then
+        log "dry-run, would install $WHEEL_URL (sha256 $WHEEL_SHA) with $LOCK_URL into $RELEASE/venv"
+        return
+    fi
+    if [[ -f "$dir/.installed" ]]; then
+        log "release $RELEASE_ID is installed already"
+        return
+    fi
+    install_system_packages
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    fetch_verified "$WHEEL_URL" "$dir/$WHEEL_FILE" "$WHEEL_SHA"
+    fetch_verified "$LOCK_URL" "$dir/requirements.lock" "$LOCK_SHA"
+    # The wheel itself with its hash, so that pip checks every single file.
+    printf '%s --hash=sha256:%s\n' "$dir/$WHEEL_FILE" "$WHEEL_SHA" >"$dir/poltergust.txt"
+    python3 -m venv "$dir/venv"
+    log "installing release $RELEASE_ID: $WHEEL_FILE and its locked dependencies"
+    "$dir/venv/bin/python" -m pip install --disable-pip-version-check --no-input --no-cache-dir --retries 10 \
+        --require-hashes --only-binary :all: -r "$dir/requirements.lock" -r "$dir/poltergust.txt" ||
+        die "pip could not install release $RELEASE_ID (see above); nothing was started"
+    touch "$dir/.installed"
+}
+
+# Remove the releases other than the current one (after it started).
+prune_releases() {
+    local dir
+    for dir in "$ROOT$RELEASES"/*; do
+        [[ "$dir" == "$ROOT$RELEASE" || ! -d "$dir" ]] || run rm -rf "$dir"
+    done
 }
 
 create_user() {
-    if ((DRY_RUN)) || ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
-        run useradd --system --home-dir "$STATE_DIR" --create-home \
-            --shell /usr/sbin/nologin "$SERVICE_USER"
+    if [[ -n "$ROOT" ]]; then
+        log "--root: not creating the system user $SERVICE_USER"
+    elif ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
+        useradd --system --home-dir "$STATE_DIR" --no-create-home --shell /usr/sbin/nologin "$SERVICE_USER"
     fi
+}
+
+# Secrets named in metadata, from Secret Manager into the node's environment
+# file (read by systemd as root, never by the node's user).
+write_secrets() {
+    if ((!${#SECRETS[@]})); then
+        rm -f "$ROOT$NODE_ENV"
+        return
+    fi
+    local entry name secret status header
+    : >"$TMP/node.env"
+    for entry in "${SECRETS[@]}"; do
+        name=${entry%%=*}
+        secret=${entry#*=}
+        [[ "$secret" == projects/* ]] || secret="projects/$PROJECT/secrets/$secret"
+        [[ "$secret" == */versions/* ]] || secret+="/versions/latest"
+        if ((DRY_RUN)); then
+            log "dry-run, would read $secret into $NODE_ENV as $name"
+            continue
+        fi
+        header=$(auth_header)
+        status=$(curl --silent --show-error --retry 5 --max-time 30 -H @"$header" \
+            -o "$TMP/secret.json" -w '%{http_code}' "$SECRETS_URL/v1/$secret:access") || status=000
+        [[ "$status" == 200 ]] || die "cannot read $secret for $name (HTTP status $status): the node's" \
+            "service account needs roles/secretmanager.secretAccessor on it"
+        python3 - "$TMP/secret.json" "$name" >>"$TMP/node.env" <<'EOF' || die "secret for $name is unusable"
+import base64, json, sys
+value = base64.b64decode(json.load(open(sys.argv[1]))["payload"]["data"]).decode()
+if any(c in value for c in "\n\r\0"):
+    sys.exit(f"the value of {sys.argv[2]} has a line break or NUL byte, which an environment file cannot hold")
+for char in '\\"`$':
+    value = value.replace(char, "\\" + char)
+print(f'{sys.argv[2]}="{value}"')
+EOF
+    done
+    rm -f "$TMP/secret.json"
+    ((DRY_RUN)) || write_file "$NODE_ENV" 0600 <"$TMP/node.env"
 }
 
 # ---------------------------------------------------------------------------
 # Unit files.
 
+# What both services may not do: no privileges, a read-only system, no
+# devices, kernel or namespaces, only the system calls of ordinary services.
+# The node runs arbitrary pipeline tools, so it keeps chown and friends (which
+# fail without capabilities anyway); luigid gets stricter filters.
+# Scored with `systemd-analyze security --offline=true` (deploy/README.md).
+hardening() {
+    cat <<EOF
+UMask=0027
+StateDirectoryMode=0750
+MemoryMax=$MEMORY_MAX
+TasksMax=$TASKS_MAX
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateUsers=yes
+ProtectProc=invisible
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+RemoveIPC=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+SystemCallArchitectures=native
+PrivateMounts=yes
+SystemCallFilter=@system-service
+SystemCallErrorNumber=EPERM
+EOF
+}
+
+luigid_hardening() {
+    hardening
+    cat <<EOF
+SystemCallFilter=~@privileged @resources
+MemoryDenyWriteExecute=yes
+EOF
+}
+
 node_exec_start() {
-    local words=("$VENV/bin/python" -m poltergust.async_worker) path
+    local words=("$RELEASE/venv/bin/python" -P -m poltergust.async_worker) path
     for path in "${PATHS[@]}"; do
         words+=(--path "$path")
     done
     words+=(--scheduler-url "$SCHEDULER_URL" --topic "$TOPIC" --project "$PROJECT"
-        --http-host "$HEALTH_HOST" --http-port "$HEALTH_PORT")
+        --http-host "$HEALTH_HOST" --http-port "$HEALTH_PORT"
+        --env-cache-size "$ENV_CACHE_SIZE" --min-free-disk "$MIN_FREE_DISK")
     local out="" word
     for word in "${words[@]}"; do
         out+="${out:+ }$(systemd_quote "$word")"
@@ -331,6 +551,9 @@ write_node_unit() {
     local optional=""
     if [[ -n "$MAX_CONCURRENT" ]]; then
         optional+="Environment=POLTERGUST_MAX_CONCURRENT=$MAX_CONCURRENT"$'\n'
+    fi
+    if [[ -n "$BACKLOG" ]]; then
+        optional+="Environment=POLTERGUST_BACKLOG_SUBSCRIPTION=$BACKLOG"$'\n'
     fi
     if [[ -n "$ALLOWED_ENV_PREFIXES" ]]; then
         optional+="Environment=\"POLTERGUST_ALLOWED_ENVIRONMENT_PREFIX=$ALLOWED_ENV_PREFIXES\""$'\n'
@@ -348,12 +571,16 @@ Type=simple
 User=$SERVICE_USER
 Group=$SERVICE_USER
 StateDirectory=poltergust poltergust/data poltergust/environments
-WorkingDirectory=$STATE_DIR
+# The release's directory belongs to root: nothing the node or a pipeline
+# writes can end up on the node's import path (python -P ignores it anyway).
+WorkingDirectory=$RELEASE
 Environment=HOME=$STATE_DIR
 Environment=PYTHONUNBUFFERED=1
 Environment=POLTERGUST_DATA_DIR=$STATE_DIR/data
 Environment=POLTERGUST_ENV_DIR=$STATE_DIR/environments
-${optional}ExecStart=$(node_exec_start)
+${optional}# Secrets for {{NAME}} in environment files, from Secret Manager (mode 0600).
+EnvironmentFile=-$NODE_ENV
+ExecStart=$(node_exec_start)
 # SIGTERM goes to the node only (KillMode=mixed): it stops taking work, stops
 # its luigi children and exits 0 within seconds. Whatever is left when it has
 # exited, or when TimeoutStopSec runs out, gets SIGKILL.
@@ -362,9 +589,7 @@ KillMode=mixed
 TimeoutStopSec=60
 Restart=on-failure
 RestartSec=10
-NoNewPrivileges=true
-PrivateTmp=true
-ProtectSystem=full
+$(hardening)
 
 [Install]
 WantedBy=multi-user.target
@@ -380,7 +605,6 @@ write_scheduler_files() {
 # request rather than once a minute.
 worker_disconnect_delay = 30
 prune_on_get_work = true
-state_path = $STATE_DIR/luigid/state.pickle
 record_task_history = false
 EOF
     write_file "/etc/systemd/system/$LUIGID_UNIT" 0644 <<EOF
@@ -392,22 +616,18 @@ After=network-online.target
 
 [Service]
 Type=simple
-User=$SERVICE_USER
-Group=$SERVICE_USER
-StateDirectory=poltergust poltergust/luigid
-LogsDirectory=poltergust
-WorkingDirectory=$STATE_DIR
-Environment=HOME=$STATE_DIR
+DynamicUser=yes
+StateDirectory=poltergust-luigid
+WorkingDirectory=$RELEASE
+Environment=HOME=/var/lib/poltergust-luigid
 Environment=LUIGI_CONFIG_PATH=/etc/poltergust/luigi.cfg
 # Listens on all interfaces: the firewall admits only the nodes.
-ExecStart=$VENV/bin/luigid --port $LUIGID_PORT --address 0.0.0.0 --state-path $STATE_DIR/luigid/state.pickle --logdir /var/log/poltergust
+ExecStart=$RELEASE/venv/bin/python -P -m poltergust.luigid --port $LUIGID_PORT --address 0.0.0.0 --state-path /var/lib/poltergust-luigid/state.pickle
 KillSignal=SIGTERM
 TimeoutStopSec=60
 Restart=on-failure
 RestartSec=5
-NoNewPrivileges=true
-PrivateTmp=true
-ProtectSystem=full
+$(luigid_hardening)
 
 [Install]
 WantedBy=multi-user.target
@@ -424,20 +644,21 @@ start_unit() {
 main() {
     parse_args "$@"
     read_settings
-    log "role=$ROLE package=$PACKAGE"
+    size_from_machine
+    log "role=$ROLE release=$RELEASE_ID wheel=$WHEEL_URL"
 
-    # In dry-run these only print what they would do (see run()).
-    install_poltergust
-    create_user
-
+    install_release
     if [[ "$ROLE" == scheduler ]]; then
         write_scheduler_files
         start_unit "$LUIGID_UNIT"
     else
+        create_user
+        write_secrets
         write_node_unit
         start_unit "$NODE_UNIT"
     fi
-    log "done: $ROLE configured"
+    prune_releases
+    log "done: $ROLE configured with release $RELEASE_ID"
 }
 
 main "$@"

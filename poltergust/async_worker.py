@@ -4,6 +4,7 @@ The entry point only: flags are `settings`' business, the node's life is `node`'
 """
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Sequence
 
@@ -15,8 +16,10 @@ from .settings import parse_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = take_node_name(parse_settings(argv))
+    settings, renamed = take_node_name(parse_settings(argv))
     logs.configure(settings.log_level, settings.node_name, settings.log_format)
+    if renamed:
+        logging.getLogger("poltergust").warning("%s", renamed)
     uvloop.run(serve(settings))
     return 0
 

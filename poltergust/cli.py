@@ -1,4 +1,4 @@
-"""The `poltergust` command: submit, status, logs, validate, demo.
+"""The `poltergust` command: submit, status, logs, validate, demo, dashboard.
 
 Argument parsing and printing only; the work is `client`'s, so the CLI shows
 exactly what the nodes see.
@@ -17,6 +17,7 @@ from . import client
 from .client import CLI_RETRY_SECONDS, Pipeline, UsageError
 from .config import ConfigError
 from .layout import Location
+from .runlogs import latest, node_logs
 from .storage import ObjectStore, StorageError, open_store
 
 
@@ -90,9 +91,8 @@ async def logs(target: Location, name: str, node: str | None, follow: bool) -> i
     config_name = target.config(name)
     async with open_store(target.bucket, CLI_RETRY_SECONDS) as store:
         while True:
-            runs = await client.run_logs(store, config_name)
-            latest = runs[max(runs)] if runs else {}
-            wanted = {label: info for label, info in latest.items() if node in (None, label)}
+            found = latest(await node_logs(store, config_name))
+            wanted = {log.node: log.info for log in found if node in (None, log.node)}
             for label, info in wanted.items():
                 data = (await store.read(info.name)).data
                 offset = offsets.get(info.name, 0)
@@ -139,7 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     command = commands.add_parser("validate", help="check pipeline configs and environment files")
     command.add_argument("files", nargs="+", type=Path)
 
-    commands.add_parser("demo", help="run the Top Artists example on two local nodes and a local luigid")
+    command = commands.add_parser("demo", help="run the Top Artists example on two local nodes and a local luigid")
+    command.add_argument("--keep", action="store_true", help="keep nodes, luigid and dashboard up until Ctrl-C")
+
+    command = commands.add_parser("dashboard", help="serve a read-only web view of pipelines, runs, logs and nodes")
+    command.add_argument("--path", action="append", required=True, metavar="URL",
+                         help="pipeline prefix the nodes watch: gs://BUCKET/PREFIX or a local directory; repeatable")
+    command.add_argument("--scheduler-url", default="", metavar="URL", help="luigid, to link each pipeline's task graph")
+    command.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    command.add_argument("--port", type=int, default=8090, help="port to listen on (default: %(default)s)")
     return parser
 
 
@@ -157,7 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            return run_demo()
+            return run_demo(args.keep)
+        if args.command == "dashboard":
+            from .dashboard import serve
+
+            return asyncio.run(serve(args.path, args.scheduler_url, args.host, args.port)) or 0
         target = Location.parse(args.path)
         if args.command == "submit":
             return asyncio.run(submit(args.config, target, args.name, args.wait))

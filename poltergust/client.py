@@ -14,7 +14,8 @@ from typing import Any, Callable
 import yaml
 
 from .config import ConfigError, PipelineConfig, load_yaml, parse_environment, parse_pipeline
-from .layout import CONFIG_SUFFIX, Location, log_prefix, split_pipeline_object, split_url
+from .layout import CONFIG_SUFFIX, Location, split_pipeline_object, split_url
+from .runlogs import node_logs
 from .storage import NotFound, ObjectInfo, ObjectStore, StorageError, open_store
 
 CLI_RETRY_SECONDS = 5.0
@@ -160,19 +161,6 @@ async def result_section(store: ObjectStore, info: ObjectInfo) -> dict[str, Any]
     return section if isinstance(section, dict) else {}
 
 
-async def run_logs(store: ObjectStore, config_name: str, generation: int | None = None) -> dict[int, dict[str, ObjectInfo]]:
-    """The log objects of a pipeline's runs: {generation: {node: info}}, oldest generation first."""
-    runs: dict[int, dict[str, ObjectInfo]] = {}
-    base = log_prefix(config_name)
-    prefix = log_prefix(config_name, generation) if generation is not None else base
-    for info in await store.list(prefix, recursive=True):
-        rest = info.name[len(base):]
-        run, _, node = rest.partition("/")
-        if run.isdigit() and node.endswith(".log.txt") and "/" not in node:
-            runs.setdefault(int(run), {})[node[: -len(".log.txt")]] = info
-    return dict(sorted(runs.items()))
-
-
 async def running_nodes(store: ObjectStore, config_name: str, generation: int) -> list[str]:
     """Nodes that have started a log for this generation of the config."""
-    return sorted((await run_logs(store, config_name, generation)).get(generation, {}))
+    return [log.node for log in await node_logs(store, config_name, generation)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import shlex
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -16,6 +17,8 @@ import yaml
 
 MAX_FILE_SIZE = 256 * 1024
 """Configs and environment files are hand-written; anything larger is a mistake or an attack."""
+
+MODULE_NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
 MAX_NODES = 10_000
 """Bound on YAML nodes after alias expansion, so a 'billion laughs' file is refused cheaply."""
@@ -59,6 +62,8 @@ class PipelineConfig:
     """At most this many nodes take part; None: as many as the graph has tasks for. See `all_nodes`."""
     all_nodes: bool = False
     """`nodes: all`: every node runs the pipeline from the start, as the original Poltergust did."""
+    warm: bool = True
+    """Start luigi from the environment's warm interpreter (false: a fresh interpreter every time)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class EnvironmentSpec:
     virtualenv: Mapping[str, Any]
     dependencies: tuple[str, ...]
     variables: Mapping[str, str]
+    preload: tuple[str, ...] = ()
+    """Modules the environment's warm interpreter imports besides luigi."""
 
 
 class _BoundedLoader(yaml.SafeLoader):
@@ -163,6 +170,9 @@ def parse_pipeline(data: bytes, source: str) -> PipelineConfig:
     nodes = document.get("nodes")
     if not (nodes is None or nodes == "all" or (isinstance(nodes, int) and not isinstance(nodes, bool) and nodes >= 1)):
         raise ConfigError(source, f"must be a whole number of nodes (1 or more) or all (got {nodes!r})", "nodes")
+    warm = document.get("warm", True)
+    if not isinstance(warm, bool):
+        raise ConfigError(source, f"must be true or false (got {warm!r})", "warm")
     return PipelineConfig(
         source=source,
         environment=resolve_reference(environment, source),
@@ -173,15 +183,16 @@ def parse_pipeline(data: bytes, source: str) -> PipelineConfig:
         retries=retries,
         nodes=nodes if isinstance(nodes, int) else None,
         all_nodes=nodes == "all",
+        warm=warm,
     )
 
 
 def parse_environment(data: bytes, source: str) -> EnvironmentSpec:
     """Parse an environment file (`virtualenv`, `dependencies`, `variables`)."""
     document = load_yaml(data, source)
-    unknown = sorted(set(map(str, document)) - {"virtualenv", "dependencies", "variables"})
+    unknown = sorted(set(map(str, document)) - {"virtualenv", "dependencies", "variables", "preload"})
     if unknown:
-        raise ConfigError(source, "unknown key (expected virtualenv, dependencies, variables)", unknown[0])
+        raise ConfigError(source, "unknown key (expected virtualenv, dependencies, variables, preload)", unknown[0])
     options = document.get("virtualenv") or {}
     if not isinstance(options, dict):
         raise ConfigError(source, f"must be a mapping of options (got {_kind(options)})", "virtualenv")
@@ -203,7 +214,19 @@ def parse_environment(data: bytes, source: str) -> EnvironmentSpec:
         virtualenv={k: options[k] for k in options},
         dependencies=tuple(dependencies),
         variables=_variables(document, source),
+        preload=_preload(document, source),
     )
+
+
+def _preload(document: Mapping[str, Any], source: str) -> tuple[str, ...]:
+    modules = document.get("preload") or []
+    if not isinstance(modules, list):
+        raise ConfigError(source, f"must be a list of module names (got {_kind(modules)})", "preload")
+    for index, module in enumerate(modules):
+        if not isinstance(module, str) or not MODULE_NAME.fullmatch(module):
+            raise ConfigError(source, f"must be a module name such as pandas or my_package.tasks (got {module!r})",
+                              f"preload[{index}]")
+    return tuple(modules)
 
 
 def resolve_reference(reference: str, source: str) -> str:

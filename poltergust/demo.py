@@ -2,7 +2,8 @@
 
 Everything lives in a fresh temporary directory: the "bucket" (a local
 directory), the nodes' data, the environments and the results, which stay
-there afterwards for you to look at.
+there afterwards for you to look at. The dashboard serves it all while the
+demo runs (and after, with `--keep`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from . import client
+from .dashboard import dashboard_server
 from .layout import Location, log_prefix
 from .scheduler import embedded_scheduler
 from .storage import open_store
@@ -24,20 +26,20 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "top_artists"
 NODES = ("demo-node-1", "demo-node-2")
 
 
-def run_demo() -> int:
+def run_demo(keep: bool = False) -> int:
     if not (EXAMPLE / "top_artists.py").exists():
         print(f"poltergust demo: the example is missing ({EXAMPLE}); run it from a source checkout "
               "installed with `pip install -e .`", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix="poltergust-demo-"))
     try:
-        return asyncio.run(_demo(root))
+        return asyncio.run(_demo(root, keep))
     except KeyboardInterrupt:
         print("\ninterrupted; everything is stopped")
         return 130
 
 
-async def _demo(root: Path) -> int:
+async def _demo(root: Path, keep: bool) -> int:
     bucket = root / "bucket"
     (bucket / "environment").mkdir(parents=True)
     (bucket / "environment" / "top_artists.yaml").write_text(
@@ -49,8 +51,10 @@ async def _demo(root: Path) -> int:
         f"variables:\n  TOP_ARTISTS_DATA: {root / 'data'}\n"
     )
     print(f"demo directory: {root}")
-    async with embedded_scheduler(root, _free_port()) as url:
+    async with embedded_scheduler(root, _free_port()) as url, \
+            dashboard_server([str(bucket / "pipeline")], url, port=_free_port()) as dashboard:
         print(f"luigi scheduler: {url}  (open it in a browser to watch the task graph)")
+        print(f"dashboard: {dashboard}  (open it in a browser to watch the pipeline, its logs and the nodes)")
         nodes = [_start_node(root, name, url, bucket) for name in NODES]
         try:
             await _wait_ready(root, nodes)
@@ -61,6 +65,9 @@ async def _demo(root: Path) -> int:
                 print(f"top 10 artists: {results[0]}")
                 print(results[0].read_text(), end="")
             print(f"node logs: {bucket / log_prefix('pipeline/top_artists.config.yaml')}")
+            if keep:
+                print(f"still serving the dashboard at {dashboard}; press Ctrl-C to stop", flush=True)
+                await asyncio.Event().wait()
             return code
         finally:
             for node in nodes:
@@ -87,7 +94,7 @@ def _start_node(root: Path, name: str, url: str, bucket: Path) -> subprocess.Pop
     return subprocess.Popen(
         [sys.executable, "-m", "poltergust.async_worker", "--path", str(bucket / "pipeline"),
          "--scheduler-url", url, "--node-name", name, "--data-dir", str(root / name),
-         "--env-dir", str(root / "environments")],
+         "--env-dir", str(root / "environments"), "--heartbeat-interval", "5"],
         stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=dict(os.environ),
     )
 

@@ -3,14 +3,16 @@
 When several workers share a graph, a luigi process's exit code says what
 that one process saw; the root task's state in luigid says how the pipeline
 stands. `verdict` reads it the way a plain single-process luigi run would end:
-done when the root task is DONE, failed once a task FAILED or is DISABLED
-and nothing runs any more, busy while anything runs or could be taken.
+done when the root task is DONE; failed once a task FAILED or is DISABLED
+and nothing else runs or could be taken (a single process goes on with every
+other task it can run after one fails); busy while anything runs or could be
+taken.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 from urllib.parse import quote
 
 import aiohttp
@@ -30,27 +32,44 @@ class Verdict:
     takeable: int = 0
     """Pending tasks a worker of the pipeline could start right now."""
     failed: list[tuple[str, str]] = field(default_factory=list)
-    """(task id, display name) of the FAILED and DISABLED tasks."""
+    """(task id, display name) of the FAILED and DISABLED tasks, and of those that failed on this node."""
 
 
-def verdict(graph: Mapping[str, Mapping[str, Any]], root: str) -> Verdict:
+def verdict(graph: Mapping[str, Mapping[str, Any]], root: str, failed_here: Collection[str] = ()) -> Verdict:
+    """The pipeline's state; `failed_here`: tasks this node saw fail, still failed once luigid queues them again.
+
+    luigid puts a FAILED task back to PENDING after its retry delay; a single
+    luigi process would not run it again, so neither does the verdict.
+    """
     if root not in graph:
         return Verdict("unknown")
     if graph[root].get("status") == "DONE":
         return Verdict("done")
     running = sum(1 for task in graph.values() if task.get("status") == "RUNNING")
-    failed = sorted((task_id, task.get("display_name") or task_id) for task_id, task in graph.items()
-                    if task.get("status") in ("FAILED", "DISABLED"))
+    failed = sorted((task_id, display_name(task_id, task)) for task_id, task in graph.items()
+                    if task.get("status") in ("FAILED", "DISABLED")
+                    or (task.get("status") == "PENDING" and task_id in failed_here))
+    failed_ids = {task_id for task_id, _ in failed}
     takeable = sum(
-        1 for task in graph.values()
-        if task.get("status") == "PENDING" and task.get("runnable", True)
+        1 for task_id, task in graph.items()
+        if task.get("status") == "PENDING" and task_id not in failed_ids and task.get("runnable", True)
         and all(graph.get(dep, {}).get("status") == "DONE" for dep in task.get("deps", ()))
     )
-    if failed and not running:
+    if failed and not running and not takeable:
         return Verdict("failed", failed=failed)
     if running or takeable:
         return Verdict("busy", running=running, takeable=takeable, failed=failed)
     return Verdict("stuck")
+
+
+def display_name(task_id: str, task: Mapping[str, Any]) -> str:
+    """`Family(param=value, ...)`, as luigi shows a task (dep_graph gives `display_name` for its root only)."""
+    if task.get("display_name"):
+        return str(task["display_name"])
+    if not task.get("name"):
+        return task_id
+    params = task.get("params") or {}
+    return f"{task['name']}({', '.join(f'{key}={value}' for key, value in sorted(params.items()))})"
 
 
 class Luigid:
@@ -75,8 +94,8 @@ class Luigid:
     async def graph(self, root: str) -> dict[str, dict[str, Any]]:
         return await self.call("dep_graph", task_id=root, include_done=True)
 
-    async def verdict(self, root: str) -> Verdict:
-        return verdict(await self.graph(root), root)
+    async def verdict(self, root: str, failed_here: Collection[str] = ()) -> Verdict:
+        return verdict(await self.graph(root), root, failed_here)
 
     async def error(self, task_id: str) -> str:
         """The last line of a failed task's error (its exception), or empty."""

@@ -1,7 +1,8 @@
 """The node's small HTTP server: `/healthz` for load balancers and managed instance groups, `/metrics`.
 
-Ready (200) while the node can take work (its event stream attached and not
-broken); 503 with the reason otherwise. The handler runs on the node's
+Ready (200) while the node can take work: its event stream attached and not
+broken, and room on the data and environment disks (`--min-free-disk`);
+503 with the reason otherwise. The handler runs on the node's
 own event loop, so a stalled loop does not answer at all, which a health
 check counts as a failure too.
 """
@@ -9,12 +10,32 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import AsyncIterator, Callable
+import shutil
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger(__name__)
+
+
+def disk_shortage(paths: Iterable[Path], min_free: int | None) -> str | None:
+    """Which of `paths` sits on a disk with less than `min_free` bytes free, if any.
+
+    A node that cannot build environments or write logs fails every run it
+    takes; reporting it unhealthy lets autohealing replace it instead.
+    """
+    if not min_free:
+        return None
+    for path in paths:
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is None:
+            continue
+        free = shutil.disk_usage(existing).free
+        if free < min_free:
+            return f"disk nearly full: {free // 2**20} MiB free for {path}, below --min-free-disk"
+    return None
 
 
 @contextlib.asynccontextmanager

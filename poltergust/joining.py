@@ -14,6 +14,7 @@ node is taken over (a conditional rewrite) by whichever node notices first.
 from __future__ import annotations
 
 import random
+import time
 from datetime import datetime, timezone
 
 from .layout import RunKey, run_marker
@@ -86,3 +87,29 @@ async def take_helper_place(store: ObjectStore, key: RunKey, node: str, wave: in
         return True
     except PreconditionFailed:
         return False
+
+
+class Recruiting:
+    """A starter's calls for help: each has its own places, and they grow rarer (every one reaches every node)."""
+
+    FIRST_GAP = 2.0
+    MAX_GAP = 60.0
+
+    def __init__(self, limit: int | None) -> None:
+        self.left = None if limit is None else limit - 1
+        """Helper places still to offer (None: as many as the graph has tasks for)."""
+        self.wave = 0
+        self._gap = self.FIRST_GAP
+        self._next = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._next and self.left != 0
+
+    def places(self, takeable: int) -> int:
+        wanted = takeable if self.left is None else min(takeable, self.left)
+        if self.left is not None:
+            self.left -= wanted
+        self.wave += 1
+        self._next = time.monotonic() + self._gap
+        self._gap = min(self._gap * 2, self.MAX_GAP)
+        return wanted

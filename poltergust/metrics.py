@@ -35,6 +35,9 @@ EVENTS_RECEIVED = Counter(
 )
 EVENT_ERRORS = Counter("poltergust_event_errors", "Event stream failures, by kind", ["kind"])
 NOTIFY_ERRORS = Counter("poltergust_notify_errors", "Failed completion notifications (after retries)")
+WARM_STARTS = Counter("poltergust_warm_starts", "luigi starts meant for a warm interpreter, by result: forked, "
+                      "or fallback (started afresh)", ["result"])
+WARM_INTERPRETERS = Gauge("poltergust_warm_interpreters", "Warm interpreters this node runs")
 ASYNCIO_TASKS = Gauge("poltergust_asyncio_tasks", "asyncio tasks alive in the node's event loop")
 
 

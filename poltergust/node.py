@@ -11,22 +11,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import signal
 import tempfile
 from pathlib import Path
 
-from . import metrics
+from . import heartbeat, metrics
+from .backlog import Backlog
 from .backoff import Backoff
 from .environments import Environments
 from .events import Event, EventSource, open_events
-from .health import health_server
+from .health import disk_shortage, health_server
 from .layout import RunKey, is_config_name, safe_name
 from .locks import try_lock
 from .notify import Notifier
 from .run import Run
 from .scheduler import embedded_scheduler
+from .sandbox import lock_down
+from .secret_env import SecretEnv
 from .settings import Settings, default_data_dir
+from .warm import WarmPool
 from .storage import ObjectStore, StorageError, open_store
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,10 @@ SHUTDOWN_UPLOADS_SECONDS = 60.0
 class Node:
     def __init__(self, settings: Settings, events: EventSource, environments: Environments) -> None:
         self.settings = settings
+        self.secrets = SecretEnv(environments.environ, settings.secret_env)
+        self.warm = WarmPool(settings.data_dir / "warm", self.secrets.without_secrets(),
+                             idle_seconds=settings.warm_idle_seconds,
+                             prestart=settings.warm_prestart) if settings.warm else None
         self.events = events
         self.environments = environments
         self._stores: dict[str, ObjectStore] = {}
@@ -65,7 +74,8 @@ class Node:
         log.info("node %s starting: %s, scheduler %s", self.settings.node_name,
                  ", ".join(loc.url() for loc in self.settings.locations), self.settings.scheduler_url)
         background = [asyncio.create_task(self._scan_periodically()), asyncio.create_task(self._serve_events()),
-                      asyncio.create_task(self._keep_events_attached())]
+                      asyncio.create_task(self._keep_events_attached()),
+                      asyncio.create_task(heartbeat.beat(self.settings, self.store, self._taking_part, self.attached))]
         try:
             await self._stopping.wait()
             log.info("stopping: taking no new work, stopping %d run(s); their configs stay for the next scan",
@@ -74,6 +84,8 @@ class Node:
                 task.cancel()
             await asyncio.gather(*background, *self._runs.values(), return_exceptions=True)
             await self._notifier.wait(timeout=10)
+            if self.warm is not None:
+                await self.warm.close()
             await self.environments.wait_background(timeout=SHUTDOWN_UPLOADS_SECONDS)
         finally:
             await self.events.close(delete=True)
@@ -84,10 +96,17 @@ class Node:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _taking_part(self) -> list[RunKey]:
+        """Runs this node takes part in (not those it stands by for), for its heartbeat."""
+        return [key for key, run in self._run_objects.items() if run.taking_part]
+
     def problem(self) -> str | None:
         """Why this node cannot take work right now (for /healthz), or None when it can."""
         if not self.attached.is_set():
             return "event stream not attached (yet)"
+        shortage = disk_shortage((self.settings.data_dir, self.settings.env_dir), self.settings.min_free_disk)
+        if shortage is not None:
+            return shortage
         broken = self.events.broken
         return f"event stream broken: {broken}" if broken is not None else None
 
@@ -175,7 +194,7 @@ class Node:
         if key in self._runs or self._stopping.is_set():
             return False
         run = Run(key, self.settings, self.store, self.environments, self._notifier, self._finishing, self._slots,
-                  self)
+                  self, self.secrets, self.warm)
         run.found_at_start = found_at_start
         task = asyncio.create_task(run.execute(), name=f"run {key.url()}#{key.generation}")
         self._runs[key] = task
@@ -198,25 +217,29 @@ class Node:
         task.add_done_callback(self._background.discard)
 
 
-def take_node_name(settings: Settings) -> Settings:
-    """Make the node's name unique among node processes on this host, for as long as this process lives.
+def take_node_name(settings: Settings) -> tuple[Settings, str]:
+    """Make the node's name unique among node processes on this host watching the same paths and topic.
 
-    Two processes started with the same name (the host name, by default)
+    Two such processes started with the same name (the host name, by default)
     would share a subscription, each hearing half the events, and write each
-    other's log objects. The second one becomes NAME-2, and so on.
+    other's log objects. The second one becomes NAME-2, and so on. Returns the
+    settings and, when renamed, a line to log saying so.
     """
+    watched = "\n".join([settings.topic, *sorted(loc.url() for loc in settings.locations)])
+    scope = hashlib.sha256(watched.encode()).hexdigest()[:12]
     for index in range(1, 1000):
         name = settings.node_name if index == 1 else f"{settings.node_name}-{index}"
-        fd = try_lock(Path(tempfile.gettempdir()) / f"poltergust-node-{safe_name(name)}.lock")
+        fd = try_lock(Path(tempfile.gettempdir()) / f"poltergust-node-{safe_name(name)}-{scope}.lock")
         if fd is not None:
             _NAME_LOCKS.append(fd)
             if index == 1:
-                return settings
-            log.warning("another node process on this host is named %s: this one is %s", settings.node_name, name)
+                return settings, ""
             data_dir = settings.data_dir
             if data_dir == default_data_dir(settings.node_name):
                 data_dir = default_data_dir(name)
-            return dataclasses.replace(settings, node_name=name, data_dir=data_dir)
+            return (dataclasses.replace(settings, node_name=name, data_dir=data_dir),
+                    f"another node process on this host watching the same paths is named {settings.node_name}: "
+                    f"this one is {name}")
     raise RuntimeError(f"too many node processes named {settings.node_name} on this host")
 
 
@@ -226,6 +249,8 @@ _NAME_LOCKS: list[int] = []
 
 async def serve(settings: Settings) -> None:
     """Run a node with everything it needs (scheduler, events, environments, health server) until stopped."""
+    if settings.run_as is not None:
+        lock_down(settings.data_dir)
     async with contextlib.AsyncExitStack() as stack:
         if not settings.scheduler_url:
             url = await stack.enter_async_context(
@@ -234,9 +259,11 @@ async def serve(settings: Settings) -> None:
         events = await stack.enter_async_context(
             open_events(settings.locations, settings.node_name, settings.project, settings.topic,
                         settings.subscription))
-        environments = Environments(settings.env_dir, cache_size=settings.env_cache_size,
-                                    share=settings.share_environments, share_key=settings.share_key)
-        node = Node(settings, events, environments)
+        node = Node(settings, events, Environments(settings.env_dir, cache_size=settings.env_cache_size,
+                                                   share=settings.share_environments, share_key=settings.share_key,
+                                                   on_evict=lambda key: node.warm and node.warm.evicted(key)))
         if settings.http_port:
             await stack.enter_async_context(health_server(node.problem, settings.http_host, settings.http_port))
+        if settings.backlog_subscription:
+            await stack.enter_async_context(Backlog(settings, node))
         await node.run()

@@ -3,9 +3,10 @@
 Several nodes' luigi workers share one graph through luigid. A worker exits
 when it has nothing left to do, which says little about the pipeline, so
 the outcome is read from luigid (see `graph`): done when the root task is
-DONE; an error, naming the failed task, once a task FAILED or is DISABLED and
-nothing runs; while others still run tasks this node waits (asking luigid,
-not starting luigi again) and takes part again when a task is free for it.
+DONE; an error, naming the failed tasks, once a task FAILED or is DISABLED and
+nothing else runs or could be taken; while others still run tasks this node
+waits (asking luigid, not starting luigi again) and takes part again when a
+task is free for it.
 Without a graph (a plain luigid that pruned it, a root that never reached the
 scheduler), luigi's exit codes decide, as they would for a single process.
 A scheduler that cannot be reached is waited for (up to `outage_limit`)
@@ -17,7 +18,7 @@ import asyncio
 import logging
 import re
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Awaitable, Callable, Mapping
 from urllib.parse import urlparse
 
 from . import metrics
@@ -34,11 +35,13 @@ ROOT_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status")
 FAILED_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status\s+FAILED")
 WATCH_SECONDS = 1.0
 """How often a node asks luigid about its pipeline while it takes part (one request each time)."""
-EXIT_GRACE_SECONDS = 5.0
+EXIT_GRACE_SECONDS = 30.0
 """How long a worker that is not an assistant gets to exit by itself once the pipeline is over."""
 MAX_NOT_RUN = 5
 """Consecutive runs with nothing to do and nothing running elsewhere before giving up."""
 
+Runner = Callable[..., Awaitable[int]]
+"""`run_streaming`'s contract: (command, *, env, cwd, sink) -> exit code."""
 Recruit = Callable[[int], None]
 """Asks that many more nodes to join the pipeline (the node that started it does)."""
 
@@ -46,7 +49,7 @@ Recruit = Callable[[int], None]
 class Participation:
     def __init__(self, command: list[str], *, env: Mapping[str, str], cwd: Path, runlog: RunLog,
                  scheduler_url: str, outage_limit: float, assistant: bool = False, recruit: Recruit | None = None,
-                 max_backoff: float = 30.0) -> None:
+                 start: Runner = run_streaming, max_backoff: float = 30.0) -> None:
         self.command = command
         self.env = env
         self.cwd = cwd
@@ -56,6 +59,8 @@ class Participation:
         self.assistant = assistant
         """luigi runs as an assistant: it never exits by itself, the pipeline's end stops it."""
         self.recruit = recruit
+        self.start = start
+        """Starts luigi: `run_streaming`, or a warm pool's runner (see `warm`)."""
         self.max_backoff = max_backoff
         self.luigid = Luigid(scheduler_url)
         self.root: str | None = None
@@ -63,7 +68,6 @@ class Participation:
         """Tasks this node's luigi reported FAILED (luigid may already have queued them again)."""
 
     async def run(self) -> Outcome:
-        self.cwd.mkdir(parents=True, exist_ok=True)
         try:
             return await self._run()
         finally:
@@ -128,7 +132,7 @@ class Participation:
                 failure.set()  # look now: the scheduler may queue it again within a second
 
         failure = asyncio.Event()
-        luigi = asyncio.create_task(run_streaming(self.command, env=self.env, cwd=self.cwd, sink=sink))
+        luigi = asyncio.create_task(self.start(self.command, env=self.env, cwd=self.cwd, sink=sink))
         over: Verdict | None = None
         stop_at = 0.0
         loop = asyncio.get_running_loop()
@@ -147,9 +151,8 @@ class Participation:
                         return None, over
                     continue
                 current = await self._verdict()
-                if self.failed_here and current.state in ("busy", "stuck", "unknown") and not current.running:
-                    # As a single luigi process would: a failed task ends the run once nothing else runs,
-                    # even if the scheduler would try it again later.
+                if self.failed_here and current.state == "unknown":
+                    # Without a graph, as a single luigi process would: a failed task ends the run.
                     current = Verdict("failed", failed=[(task, task) for task in sorted(self.failed_here)])
                 if current.state in ("done", "failed"):
                     over = current
@@ -166,7 +169,7 @@ class Participation:
         if self.root is None:
             return Verdict("unknown")
         try:
-            return await self.luigid.verdict(self.root)
+            return await self.luigid.verdict(self.root, self.failed_here)
         except SchedulerError as exc:
             log.debug("cannot read the task graph: %s", exc)
             return Verdict("unknown")

@@ -38,6 +38,8 @@ class Result:
     log_tail: str = ""
     generation: int = 0
     """The config generation this is the result of."""
+    submitted: datetime | None = None
+    """When the config was uploaded (its object's time), for pickup latency."""
     logs: str = ""
     """URL of the folder holding every node's log of this run."""
 
@@ -67,6 +69,7 @@ def result_document(original: bytes, result: Result) -> bytes:
         "outcome": result.outcome,
         "generation": result.generation,
         "node": result.node,
+        **({"submitted": result.submitted.isoformat()} if result.submitted else {}),
         "started": result.started.isoformat(),
         "finished": result.finished.isoformat(),
         "duration_seconds": round((result.finished - result.started).total_seconds(), 3),
@@ -86,8 +89,7 @@ async def finish(store: ObjectStore, config: Blob, result: Result) -> bool:
     claimed = await claim(store, config, body, result.outcome, result.node)
     if claimed is None:
         return False
-    await complete(store, claimed, body)
-    return True
+    return await complete(store, claimed, body)
 
 
 async def claim(store: ObjectStore, config: Blob, body: bytes, outcome: str, node: str) -> ObjectInfo | None:
@@ -107,18 +109,24 @@ async def claim(store: ObjectStore, config: Blob, body: bytes, outcome: str, nod
         return current if current.metadata.get(TOKEN_KEY) == token else None
 
 
-async def complete(store: ObjectStore, claimed: ObjectInfo, body: bytes) -> None:
-    """Write the result file of a claimed config, then remove the config."""
+async def complete(store: ObjectStore, claimed: ObjectInfo, body: bytes) -> bool:
+    """Write the result file of a claimed config, then remove the config.
+
+    True when this call removed it: a slow claimer and a node completing its
+    claim on its behalf may both write the (same) result, but only one of them
+    reports the run as finished.
+    """
     outcome = claimed.metadata[OUTCOME_KEY]
     await store.write(result_name(claimed.name, outcome), body, content_type=YAML_TYPE)
     # GCS enforces ifGenerationMatch on delete; its emulator does not, so look
     # first: a config re-uploaded meanwhile is a new submission and must stay.
     try:
         if (await store.stat(claimed.name)).generation != claimed.generation:
-            return
+            return False
         await store.delete(claimed.name, if_generation_match=claimed.generation)
+        return True
     except (NotFound, PreconditionFailed):
-        pass
+        return False
 
 
 def claimed_outcome(metadata: Mapping[str, str]) -> str | None:

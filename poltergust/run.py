@@ -8,8 +8,8 @@ shutdown leaves the config in place, for the next scan.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
 from datetime import datetime, timezone
 from typing import Callable, Protocol
 
@@ -22,6 +22,10 @@ from .layout import RunKey, log_name, pipeline_name, run_tag, safe_name, split_u
 from .logs import CURRENT_RUN
 from .notify import Notifier
 from .runlog import RunLog
+from .sandbox import work_directory
+from .subprocesses import run_streaming
+from .warm import WarmPool
+from .secret_env import SecretEnv
 from .participate import Participation
 from .runner import Outcome, luigi_command, luigi_environ, node_extra_environ, worker_id
 from .settings import Settings
@@ -38,7 +42,8 @@ class HelpCaller(Protocol):
 class Run:
     def __init__(self, key: RunKey, settings: Settings, stores: Callable[[str], ObjectStore],
                  environments: Environments, notifier: Notifier, finishing: set[RunKey],
-                 slots: asyncio.Semaphore, helpers: HelpCaller) -> None:
+                 slots: asyncio.Semaphore, helpers: HelpCaller, secrets: SecretEnv,
+                 warm: WarmPool | None = None) -> None:
         self.key = key
         self.settings = settings
         self.stores = stores
@@ -52,12 +57,15 @@ class Run:
         self.slots = slots
         """The node's room for runs taking part; a run standing by holds none."""
         self.helpers = helpers
+        self.secrets = secrets
+        self.warm = warm
         self.name = pipeline_name(key.name)
         self.log_object = log_name(key.name, key.generation, settings.node_name)
         self._calls: asyncio.Queue[Event] = asyncio.Queue()
+        self.taking_part = False
         self.found_at_start = False
         """Found by the node's first scan: this node may have started it before a crash."""
-        self._recruiting: _Recruiting | None = None
+        self._recruiting: joining.Recruiting | None = None
 
     async def execute(self) -> None:
         key = self.key
@@ -68,8 +76,11 @@ class Run:
             log.debug("%s#%d is gone (finished, replaced or deleted): nothing to do", key.url(), key.generation)
             return
         except TooLarge as exc:
-            config = Blob((await self.store.stat(key.name)), b"")
-            await self._refuse(config, f"{key.url()}: {exc}: a pipeline config is at most {MAX_FILE_SIZE} bytes")
+            with contextlib.suppress(StorageError):  # gone meanwhile: nothing to refuse
+                info = await self.store.stat(key.name)
+                if info.generation == key.generation:
+                    await self._refuse(Blob(info, b""), f"{key.url()}: {exc}: a pipeline config is at most "
+                                                        f"{MAX_FILE_SIZE} bytes")
             return
         except StorageError as exc:
             log.error("%s: cannot read the config, leaving it for the next scan: %s", key.url(), exc)
@@ -134,8 +145,9 @@ class Run:
 
     async def _take_part(self, config: Blob, marker: ObjectInfo | None = None, limit: int | None = None) -> None:
         """This node's part: environment, luigi, and the race to finish; the starter also keeps its marker."""
+        self.taking_part = True
         refresher = asyncio.create_task(self._keep_marker(marker)) if marker is not None else None
-        self._recruiting = _Recruiting(limit) if marker is not None else None
+        self._recruiting = joining.Recruiting(limit) if marker is not None else None
         try:
             await self._run(config)
         except asyncio.CancelledError:
@@ -182,6 +194,8 @@ class Run:
         metrics.RUNS_STARTED.inc()
         metrics.RUNS_ACTIVE.inc()
         log.info("%s: run of generation %d started", key.url(), key.generation)
+        for secret in self.secrets.values():
+            runlog.add_secret(secret)
         runlog.note(f"node {node} starts {key.url()} generation {key.generation}")
         try:
             try:
@@ -191,6 +205,7 @@ class Run:
             result = results.Result(
                 outcome="done" if outcome.ok else "error", node=node, started=started, finished=_now(),
                 reason=outcome.reason, log_tail=runlog.tail(), generation=key.generation,
+                submitted=config.info.updated,
                 logs=f"{key.bucket}/{self.log_object.rsplit('/', 1)[0]}/",
             )
             metrics.RUNS_FINISHED.labels(result.outcome).inc()
@@ -250,6 +265,9 @@ class Run:
         except StorageError as exc:
             return Outcome(False, runlog.mask(f"cannot read the environment file {config.environment}: {exc}"))
         spec = parse_environment(env_blob.data, config.environment)
+        self.secrets.add(self.environments.referenced(spec))
+        for secret in self.secrets.values():
+            runlog.add_secret(secret)
         try:
             env_path = await self.environments.get(spec, runlog)
         except EnvironmentBuildError as exc:
@@ -259,14 +277,20 @@ class Run:
         assistant = self._recruiting is None and await pipeline_assistants(scheduler)
         command = luigi_command(env_path / "bin" / "python", config, scheduler,
                                 worker_id(run_tag(key), self.settings.node_name), assistant=assistant)
-        env = luigi_environ(self.environments.environ, spec, config,
+        env = luigi_environ(self.secrets.without_secrets(), spec, config,
                             node_extra_environ(self.settings.node_name, key.url(), key.generation))
         if uploaded is not None:
             metrics.PICKUP_SECONDS.observe(max(0.0, (_now() - uploaded).total_seconds()))
-        cwd = self.settings.data_dir / "work" / safe_name(self.name)
-        return await Participation(command, env=env, cwd=cwd, runlog=runlog, scheduler_url=scheduler,
-                                   outage_limit=self.settings.outage_limit, assistant=assistant,
-                                   recruit=self._recruit).run()
+        run_as = self.settings.run_as
+        async with work_directory(self.settings.data_dir / "work", safe_name(self.name), run_as) as cwd:
+            if run_as is not None:
+                env["HOME"] = str(cwd)
+                command = run_as.command(command)
+            warm = self.warm is not None and config.warm
+            start = self.warm.runner(env_path, spec, config, runlog.note) if warm else run_streaming
+            return await Participation(command, env=env, cwd=cwd, runlog=runlog, scheduler_url=scheduler,
+                                       outage_limit=self.settings.outage_limit, assistant=assistant,
+                                       recruit=self._recruit, start=start).run()
 
     def _environment_object(self, url: str) -> tuple[str, str]:
         allowed = self.settings.environment_prefixes
@@ -327,7 +351,8 @@ class Run:
             return  # the claimer is most likely writing the result right now
         log.info("%s: completing the run claimed by %s %.0fs ago", key.url(), claimer, age)
         try:
-            await results.complete(self.store, info, config.data)
+            if not await results.complete(self.store, info, config.data):
+                return  # the claimer (or another node) completed it meanwhile
         except StorageError as exc:
             log.error("%s: could not complete the claimed run: %s", key.url(), exc)
             return
@@ -351,32 +376,6 @@ class Run:
             await self.store.write(self.log_object, runlog.read())
         except (StorageError, OSError) as exc:
             log.warning("could not upload the log %s: %s", self.log_object, exc)
-
-
-class _Recruiting:
-    """A starter's calls for help: each has its own places, and they grow rarer (every one reaches every node)."""
-
-    FIRST_GAP = 2.0
-    MAX_GAP = 60.0
-
-    def __init__(self, limit: int | None) -> None:
-        self.left = None if limit is None else limit - 1
-        """Helper places still to offer (None: as many as the graph has tasks for)."""
-        self.wave = 0
-        self._gap = self.FIRST_GAP
-        self._next = 0.0
-
-    def due(self) -> bool:
-        return time.monotonic() >= self._next and self.left != 0
-
-    def places(self, takeable: int) -> int:
-        wanted = takeable if self.left is None else min(takeable, self.left)
-        if self.left is not None:
-            self.left -= wanted
-        self.wave += 1
-        self._next = time.monotonic() + self._gap
-        self._gap = min(self._gap * 2, self.MAX_GAP)
-        return wanted
 
 
 def _now() -> datetime:

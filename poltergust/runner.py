@@ -86,6 +86,7 @@ def luigi_command(python: Path, config: PipelineConfig, scheduler_url: str, work
         *task_arguments(config.task.arguments),
         "--scheduler-url", scheduler_url,
         "--no-lock",
+        "--log-level", "INFO",  # a kept-alive worker says at DEBUG, several times a second, that it waits
         "--worker-id", worker,
         "--worker-keep-alive", "--worker-wait-interval", "0.2", "--worker-wait-jitter", "0.3",
         *(["--assistant"] if assistant else []),

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from .layout import Location, safe_name
 from .notify import NotifyTarget, notify_target
+from .sandbox import RunAs, RunAsError
 from .environments import parse_size
 
 DEFAULT_SCHEDULER_PORT = 8082
@@ -40,6 +41,10 @@ class Settings:
     topic: str = ""
     subscription: str = ""
     """Empty: derived from the node name, the topic and the prefixes (see `events.pubsub`)."""
+    backlog_subscription: str = ""
+    """The subscription all nodes share and the autoscaler reads (see `backlog`); empty: none."""
+    backlog_ack_deadline: int = 60
+    backlog_max_lease: float = 86400.0
     env_cache_size: int | None = None
     share_environments: bool = False
     share_key: bytes | None = field(default=None, repr=False)
@@ -52,9 +57,20 @@ class Settings:
     """How long a claim by another node is left to that node before anyone else completes it."""
     log_upload_interval: float = 30.0
     """A run's log is refreshed in the bucket this often while it runs (and always at its end)."""
+    heartbeat_interval: float = 60.0
     notify: NotifyTarget | None = None
+    secret_env: list[str] = field(default_factory=list)
+    """Node variables that are secrets beyond those found by name (see `secret_env`)."""
     allowed_environment_prefixes: list[str] = field(default_factory=list)
     """URL prefixes environment files may come from; empty means the pipelines' own buckets."""
+    run_as: RunAs | None = None
+    """Run luigi as this unprivileged user (the node runs as root); None: as the node's own user."""
+    warm: bool = True
+    """Start luigi from a warm interpreter per environment (see `warm`) rather than afresh each time."""
+    warm_idle_seconds: float = 600.0
+    warm_prestart: bool = False
+    min_free_disk: int | None = None
+    """/healthz fails while the data or environment disk has less free space (None: no check)."""
     http_host: str = "127.0.0.1"
     http_port: int = 0
     log_level: str = "INFO"
@@ -104,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
                  "for the first --path)")
     add("subscription", "this node's subscription on the topic, created if missing (default: derived from the "
                         "node name, the topic and the paths)")
+    add("backlog-subscription", "the backlog subscription all nodes share on the topic, created if missing: a "
+                                "config's message stays in it until the config is finished, and the fleet's "
+                                "autoscaler counts its undelivered messages (default: none)", metavar="NAME")
+    add("backlog-ack-deadline", "seconds a held backlog message is leased at a time (10 to 600): a killed node's "
+                                "configs return to the backlog within about this long", type=int, default=60)
+    add("backlog-max-lease", "seconds a node holds a backlog message at most, the longest a pipeline may run "
+                             "before another node is offered it", type=float, default=86400.0)
     add("data-dir", f"directory for run logs and luigi working directories (default: {DEFAULT_ROOT}/nodes/NODE)")
     add("env-dir", "directory where environments are built and cached, shareable by the host's nodes "
                    f"(default: DATA_DIR/environments, or {DEFAULT_ROOT}/environments without --data-dir)")
@@ -125,8 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=float, default=60.0)
     add("log-upload-interval", "seconds between refreshes of a running pipeline's log in the bucket",
         type=float, default=30.0)
+    add("heartbeat-interval", "seconds between this node's heartbeats (_poltergust/nodes/NODE.json in each bucket), "
+                              "which the dashboard shows", type=float, default=60.0)
+    add("secret-env", "a node variable that is a secret: never passed to pipelines, masked in every log and result "
+                      "(besides {{NAME}} references and names with TOKEN, SECRET, PASSWORD...); repeatable",
+        action="append", metavar="NAME")
+    add("run-as", "run pipelines as this unprivileged user, each in a private working directory (the node must "
+                  "run as root); without it pipelines share the node's user and trust domain", metavar="USER")
     add("allowed-environment-prefix", "URL prefix environment files may be read from; repeatable "
                                       "(default: the buckets of --path)", action="append", metavar="URL")
+    add("warm", "start luigi from a warm interpreter per environment, forked for each run, instead of a fresh "
+                "python every time (true or false)", default="true", type=_boolean, nargs="?", const="true")
+    add("warm-idle-seconds", "stop an environment's warm interpreter after this many seconds without a run",
+        type=float, default=600.0)
+    add("warm-prestart", "start an environment's warm interpreter as soon as a run has the environment, rather "
+                         "than when luigi starts (true or false)", default="false", type=_boolean, nargs="?",
+        const="true")
+    add("min-free-disk", "/healthz fails while the data or environment directory's disk has less free space than "
+                         "this, such as 2G (0: no check)", default="0", type=parse_size)
     add("http-port", "serve GET /healthz on this port (0: no health server)", type=int, default=0)
     add("http-host", "address of the health server; 0.0.0.0 lets a load balancer reach it", default="127.0.0.1")
     add("log-level", "logging level of the node's own log", default="INFO",
@@ -142,7 +181,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     """Settings from the command line and the environment; exits with a usage error for bad values."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("path", "allowed-environment-prefix"):
+    for flag in ("path", "allowed-environment-prefix", "secret-env"):
         attribute = flag.replace("-", "_")
         if getattr(args, attribute) is None:
             setattr(args, attribute, os.environ.get(_variable(flag), "").split())
@@ -157,7 +196,15 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         parser.error("--path: one node watches either buckets or local directories, not both")
     if locations[0].is_gcs and not args.project:
         parser.error("--project is required for gs:// paths (or set POLTERGUST_PROJECT or GOOGLE_CLOUD_PROJECT)")
+    if args.backlog_subscription and not locations[0].is_gcs:
+        parser.error("--backlog-subscription: only for gs:// paths (a local directory has no backlog)")
+    if not 10 <= args.backlog_ack_deadline <= 600:
+        parser.error(f"--backlog-ack-deadline: must be 10 to 600 seconds (got {args.backlog_ack_deadline})")
     share_key = _share_key(args, parser)
+    try:
+        run_as = RunAs.lookup(args.run_as) if args.run_as else None
+    except RunAsError as exc:
+        parser.error(str(exc))
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir(args.node_name)
     if args.env_dir:
         env_dir = Path(args.env_dir).expanduser()
@@ -173,6 +220,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         project=args.project or "",
         topic=args.topic or f"poltergust-{locations[0].bucket.rsplit('/', 1)[-1]}",
         subscription=args.subscription or "",
+        backlog_subscription=args.backlog_subscription or "",
+        backlog_ack_deadline=args.backlog_ack_deadline,
+        backlog_max_lease=args.backlog_max_lease,
         env_cache_size=args.env_cache_size,
         share_environments=args.share_environments,
         share_key=share_key,
@@ -181,8 +231,15 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         outage_limit=args.outage_limit,
         claim_grace=args.claim_grace,
         log_upload_interval=args.log_upload_interval,
+        heartbeat_interval=args.heartbeat_interval,
         notify=notify_target(args.notify_url, os.environ.get("DB_URL")),
+        secret_env=args.secret_env,
+        run_as=run_as,
         allowed_environment_prefixes=allowed,
+        warm=args.warm,
+        warm_idle_seconds=args.warm_idle_seconds,
+        warm_prestart=args.warm_prestart,
+        min_free_disk=args.min_free_disk,
         http_host=args.http_host,
         http_port=args.http_port,
         log_level=args.log_level,

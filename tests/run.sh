@@ -6,7 +6,8 @@
 # example), shellcheck and checkov (the deploy checks). Not as root, it says
 # exactly which Debian packages to install and stops. The project and its test
 # extra go into ./.venv; test environments install from ./.wheelhouse, filled
-# here, so no test needs the package index.
+# here, and luigi's source distribution goes into ./.sdists, so no test needs
+# the package index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,10 @@ command -v java >/dev/null || missing+=(default-jre-headless)
 gcloud beta emulators pubsub --help >/dev/null 2>&1 || missing+=(google-cloud-cli-pubsub-emulator)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
+command -v chromedriver >/dev/null || missing+=(chromium chromium-driver)  # the dashboard's browser tests
+command -v curl >/dev/null || missing+=(curl)                    # the boot test runs deploy/node-init.sh
+command -v systemd-analyze >/dev/null || missing+=(systemd)      # ... and scores its units
+command -v setpriv >/dev/null || missing+=(util-linux)           # --run-as
 if ((${#missing[@]})); then
     if [ "$(id -u)" -ne 0 ]; then
         echo "tests/run.sh: missing Debian packages; install them as root, then run this again:" >&2
@@ -27,6 +32,11 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The unprivileged user that --run-as tests start pipelines as.
+if [ "$(id -u)" -eq 0 ] && ! id poltergust-run >/dev/null 2>&1; then
+    useradd --system --no-create-home --shell /usr/sbin/nologin poltergust-run
+fi
+
 # The project and its test dependencies, in a virtualenv of their own.
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # shellcheck disable=SC1091
@@ -37,6 +47,12 @@ python -m pip install --quiet -e '.[test]'
 # Wheels the test environments install from, so no test needs the package index.
 bash tests/setup/example-tools.sh .wheelhouse
 python -m pip download --quiet --dest .wheelhouse luigi
+bash tests/setup/runtime-wheels.sh .wheelhouse  # Poltergust's own dependencies, for the release the boot test builds
+# luigi for Python 3.8 environments (the warm interpreter's oldest Python), used when python3.8 is installed.
+python -m pip download --quiet --python-version 3.8 --only-binary=:all: --dest .wheelhouse/py38 luigi
+# luigi's own examples ship only in its source distribution: tests/test_luigi_examples.py runs them on nodes.
+luigi_version=$(python -c 'import importlib.metadata as m; print(m.version("luigi"))')
+python -m pip download --quiet --no-binary :all: --no-deps --dest .sdists "luigi==$luigi_version"
 
 # checkov, in a virtualenv of its own; exports CHECKOV.
 # shellcheck disable=SC1091

@@ -6,6 +6,9 @@ and nodes of both systems, and measures every figure on tiny sizes; the fleet
 benchmark (benchmarks/fleet.py) runs 1 and 3 nodes on the emulators. Only the
 shape of the results and what holds at any speed are checked here, never the
 timings.
+Quick mode installs luigi-poltergust 0.0.5 from the package index, starts
+luigid, the emulators and nodes of every system (Poltergust warm and spawn, the
+original), and measures every figure on tiny sizes. Only the shape of the result is checked here, never the timings.
 """
 from __future__ import annotations
 
@@ -89,16 +92,18 @@ def test_quick_benchmark_measures_everything(tmp_path: Path) -> None:
 
     # Every measure has rows, with numbers where numbers belong.
     assert {row[0] for row in compare + alone} == {"1", "2", "3", "4", "5", "6"}
-    for row in compare:
-        assert len(row) == 9, row
-        if row[5] == "—":  # the original can be left out of the slowest makespans, saying so
-            assert "not run" in row[8], row
+    for row in compare:  # measure, label, n, warm p50, p95, spawn p50, p95, original p50, p95, ratios, note
+        assert len(row) == 12, row
+        if row[7] == "—":  # the original can be left out of the slowest makespans, saying so
+            assert "not run" in row[11], row
             continue
-        ours, original = _number(row[3]), _number(row[5])
+        ours, original = _number(row[3]), _number(row[7])
         if not row[1].startswith("overhead"):  # a difference, which noise can make negative
             assert ours >= 0 and original >= 0, row
         if original > 0:
-            assert _number(row[7]) == pytest.approx(ours / original, rel=0.1, abs=0.01), row
+            assert _number(row[9]) == pytest.approx(ours / original, rel=0.1, abs=0.01), row
+            if row[5] != "—":  # spawn runs beside warm except on several nodes
+                assert _number(row[10]) == pytest.approx(_number(row[5]) / original, rel=0.1, abs=0.01), row
     for row in alone:
         assert len(row) == 6, row
         assert _number(row[3]) >= 0, row
@@ -108,29 +113,44 @@ def test_quick_benchmark_measures_everything(tmp_path: Path) -> None:
     def rows(pattern: str) -> list[str]:
         return [m for m in measures if re.search(pattern, m)]
 
-    assert len(rows(r"^warm pickup: config written → ")) == 4
+    assert len(rows(r"^pickup: config written → ")) == 4 and rows(r"^luigi's own start")
     assert rows(r"^makespan, K=3 no-op pipelines on N=1 node ") and rows(r"^makespan, K=3 no-op pipelines on N=2 nodes")
     assert rows(r"^idle CPU per node") and rows(r"^idle storage operations per node-hour")
-    assert len(rows(r"^upload → ")) == 4
+    assert len(rows(r"^upload → ")) == 8, "warm and spawn on the emulators"
     assert rows(r"^floor: plain") and rows(r"^CPU floor for K=3") and rows(r"^overhead per pipeline")
-    assert rows(r"^RSS of an idle node") and rows(r"runs in flight")
+    assert len(rows(r"^floor of warm starts: ")) == 2
+    assert rows(r"^RSS of an idle node") and rows(r"^PSS of the node and its luigi processes")
+    in_flight = next(row for row in compare if row[1].startswith("luigi task processes running at once"))
+    assert _number(in_flight[3]) == _number(in_flight[5]) == 3, "every run in flight at once, warm and spawn"
 
     # The latencies are positive and ordered as the milestones happen.
-    pickup = {row[1]: _number(row[3]) for row in compare if row[1].startswith("warm pickup")}
+    pickup = {row[1]: _number(row[3]) for row in compare if row[1].startswith("pickup")}
     values = list(pickup.values())
     assert 0 < values[0] <= values[1] <= values[2] <= values[3], pickup
 
     # The original really ran: it listed the directory while idle, and finished its pipelines.
     listings = next(row for row in compare if row[1].startswith("idle storage operations per node in"))
-    assert _number(listings[5]) > 0
+    assert _number(listings[7]) > 0
 
-    assert len(targets) == 5
+    assert len(targets) == 8  # quick mode has no K=20 makespan: its targets are one "not measured" row
     assert all(row[3] in ("met", "**missed**", "—") for row in targets), targets
 
     # Quick mode with --markdown leaves the README alone; nothing is left running or installed.
     assert _pipelines_section(readme) == section_before
     assert _leftovers(workdir) == []
     assert not (Path("/tmp/environments") / str(workdir).lstrip("/")).exists()
+
+
+def test_dashboard_benchmark_runs_and_counts_right(tmp_path: Path) -> None:
+    """Quick mode: 500 finished pipelines on a local directory and on the emulator; the benchmark itself
+    checks the counts the overview shows, and prints (never asserts) how long each page took."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dashboard.py"), "--quick", "--workdir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = _tables(result.stdout)["Dashboard with 500 finished pipelines and 5 waiting"]
+    assert {row[0] for row in rows} == {"local directory", "GCS emulator"}
+    assert len(rows) == 14 and all(_number(row[2]) > 0 for row in rows)
+    assert _leftovers(tmp_path) == []
 
 
 FLEET = "## Fleet scale"

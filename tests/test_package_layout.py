@@ -90,3 +90,14 @@ def test_the_cycle_check_sees_a_cycle(tmp_path: Path) -> None:
     modules = {"p.a": tmp_path / "a.py", "p.b": tmp_path / "b.py"}
     assert _imports("p.a", modules["p.a"], modules) == {"p.b"}
     assert _imports("p.b", modules["p.b"], modules) == {"p.a"}
+
+
+def test_declared_dependencies_cover_what_the_code_uses() -> None:
+    """`uvloop.run`, which the entry point uses, exists from uvloop 0.18 on."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(PACKAGE.parent / "setup.cfg")
+    requirements = config["options"]["install_requires"].split()
+    assert "uvloop>=0.18" in requirements
+    assert "uvloop.run(" in (PACKAGE / "async_worker.py").read_text()

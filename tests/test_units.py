@@ -16,6 +16,7 @@ from poltergust.notify import Notifier
 from poltergust.run import Run
 from poltergust.runlog import RunLog
 from poltergust.runner import task_arguments
+from poltergust.secret_env import SecretEnv
 from poltergust.settings import Settings
 from poltergust.storage import PreconditionFailed, StorageError
 from poltergust.storage.local import LocalStore
@@ -142,7 +143,8 @@ async def test_a_storage_error_reading_the_environment_file_is_masked_in_the_rea
     settings = Settings(locations=[Location.parse("gs://b/pipeline")], scheduler_url="http://127.0.0.1:1",
                         node_name="n", data_dir=tmp_path, env_dir=tmp_path / "envs")
     run = Run(RunKey("gs://b", "pipeline/x.config.yaml", 1), settings, lambda bucket: Unreadable(),  # type: ignore
-              Environments(tmp_path / "envs"), Notifier(None), set(), asyncio.Semaphore(1), None)  # type: ignore
+              Environments(tmp_path / "envs"), Notifier(None), set(), asyncio.Semaphore(1), None,  # type: ignore
+              SecretEnv({}))
     config = parse_pipeline(b"environment: gs://b/environment/e.yaml\ntask: {name: T, module: m}\n", SOURCE)
     runlog = RunLog(tmp_path / "run.log", [secret])
     outcome = await run._run_luigi(config, runlog, None)

@@ -3,11 +3,17 @@
 # Create a Poltergust deployment with gcloud: the same resources as the
 # Terraform module in deploy/terraform (see deploy/README.md for the picture).
 #
+# The VMs install the release built from this checkout (deploy/build-release.sh,
+# run by this script unless --release names one): its wheel and lock file go
+# to gs://BUCKET/_poltergust/dist/VERSION/, and the VMs' metadata pins both by
+# sha256.
+#
 # Idempotent: every resource is looked up (describe) before it is created, so
 # running the script again creates nothing and can finish a run that stopped
-# half-way. Existing resources are not changed, with one exception: when the
-# node settings (machine type, package, init script, ...) changed, a new
-# instance template is made and the nodes are rolled over to it.
+# half-way. Existing resources are not changed, with two exceptions: when the
+# node settings (release, machine type, init script, ...) changed, a new
+# instance template is made and the nodes are rolled over to it; and the
+# scheduler VM's metadata is pointed at a new release (applied at its next boot).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -15,7 +21,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/lib.sh"
 
 INIT_SCRIPT="$(cd "$HERE/.." && pwd)/node-init.sh"
-MIN_NODES=${POLTERGUST_MIN_NODES:-1}
+MIN_NODES=${POLTERGUST_MIN_NODES:-0}
 MAX_NODES=${POLTERGUST_MAX_NODES:-4}
 NODE_MACHINE_TYPE=${POLTERGUST_NODE_MACHINE_TYPE:-e2-standard-4}
 SCHEDULER_MACHINE_TYPE=${POLTERGUST_SCHEDULER_MACHINE_TYPE:-e2-medium}
@@ -24,9 +30,9 @@ SCHEDULER_DISK_SIZE=${POLTERGUST_SCHEDULER_DISK_SIZE:-20GB}
 IMAGE_FAMILY=${POLTERGUST_IMAGE_FAMILY:-debian-12}
 IMAGE_PROJECT=${POLTERGUST_IMAGE_PROJECT:-debian-cloud}
 SUBNET_CIDR=${POLTERGUST_SUBNET_CIDR:-10.42.0.0/24}
-CPU_TARGET=${POLTERGUST_CPU_TARGET:-0.6}
-PACKAGE=${POLTERGUST_PACKAGE:-poltergust}
-VERSION=${POLTERGUST_VERSION:-}
+MAX_CONCURRENT=${POLTERGUST_MAX_CONCURRENT:-4}
+RELEASE=${POLTERGUST_RELEASE:-}
+read -r -a SECRETS <<<"${POLTERGUST_SECRETS:-}"
 IAP_SSH=${POLTERGUST_IAP_SSH:-1}
 
 usage() {
@@ -35,21 +41,28 @@ Usage: ${0##*/} [options]
 
 Creates (or completes) a Poltergust deployment in one project: bucket,
 notification topic, service accounts and IAM grants, a VPC with Cloud NAT,
-firewall rules, the luigid VM and an autoscaled regional group of nodes.
-Requires: gcloud, logged in as someone who may create all that.
+firewall rules, the luigid VM and an autoscaled regional group of nodes, all
+installing the release built from this checkout.
+Requires: gcloud, logged in as someone who may create all that; python3, and
+uv (pip install uv) to build the release.
 
 $COMMON_HELP
 
 Settings of this script:
-  --min-nodes N             POLTERGUST_MIN_NODES  (default: 1)
+  --min-nodes N             POLTERGUST_MIN_NODES  (default: 0: no node runs while
+                            no config waits; more keeps nodes warm)
   --max-nodes N             POLTERGUST_MAX_NODES  (default: 4)
   --nodes N                 shorthand for --min-nodes N --max-nodes N
   --node-machine-type T     POLTERGUST_NODE_MACHINE_TYPE  (default: e2-standard-4)
   --scheduler-machine-type T POLTERGUST_SCHEDULER_MACHINE_TYPE  (default: e2-medium)
-  --cpu-target F            POLTERGUST_CPU_TARGET  autoscaler CPU target 0-1 (default: 0.6)
-  --package SPEC            POLTERGUST_PACKAGE  pip install spec (default: poltergust);
-                            a git+https URL or a wheel URL work too
-  --version V               POLTERGUST_VERSION  pins SPEC==V (plain names only)
+  --max-concurrent N        POLTERGUST_MAX_CONCURRENT  pipelines one node runs at once;
+                            the autoscaler runs one node per N configs waiting or
+                            running in the backlog subscription (default: 4)
+  --release FILE            POLTERGUST_RELEASE  release.json of a release made by
+                            deploy/build-release.sh (default: build one now)
+  --secret NAME=SECRET      POLTERGUST_SECRETS (space-separated)  a Secret Manager
+                            secret of this project the nodes put into their
+                            environment as NAME (for {{NAME}}); repeatable
   --subnet-cidr CIDR        POLTERGUST_SUBNET_CIDR  (default: 10.42.0.0/24)
   --no-iap-ssh              POLTERGUST_IAP_SSH=0  no firewall rule for ssh through IAP
   -h, --help                this text
@@ -67,7 +80,8 @@ parse_args() {
             -h|--help) usage; exit 0 ;;
             --no-iap-ssh) IAP_SSH=0; shift; continue ;;
             --min-nodes|--max-nodes|--nodes|--node-machine-type|--scheduler-machine-type|\
-            --cpu-target|--package|--version|--subnet-cidr) flag_arg "$@" ;;
+            --max-concurrent|--release|--secret|--subnet-cidr) flag_arg "$@" ;;
+            --package|--version) die "${1%%=*} is gone: the VMs install the release built from this checkout (see --release)" ;;
             *) die "unknown argument: $1 (see --help)" ;;
         esac
         case "${1%%=*}" in
@@ -76,9 +90,9 @@ parse_args() {
             --nodes) MIN_NODES=$VALUE; MAX_NODES=$VALUE ;;
             --node-machine-type) NODE_MACHINE_TYPE=$VALUE ;;
             --scheduler-machine-type) SCHEDULER_MACHINE_TYPE=$VALUE ;;
-            --cpu-target) CPU_TARGET=$VALUE ;;
-            --package) PACKAGE=$VALUE ;;
-            --version) VERSION=$VALUE ;;
+            --max-concurrent) MAX_CONCURRENT=$VALUE ;;
+            --release) RELEASE=$VALUE ;;
+            --secret) SECRETS+=("$VALUE") ;;
             --subnet-cidr) SUBNET_CIDR=$VALUE ;;
         esac
         shift "$SHIFT"
@@ -86,23 +100,22 @@ parse_args() {
 }
 
 check_settings() {
-    # At least one node: CPU-based autoscaling cannot start from zero.
-    [[ "$MIN_NODES" =~ ^[1-9][0-9]*$ && "$MAX_NODES" =~ ^[1-9][0-9]*$ ]] ||
-        die "--min-nodes and --max-nodes must be 1 or more"
+    [[ "$MIN_NODES" =~ ^[0-9]+$ ]] || die "--min-nodes must be 0 or more"
+    [[ "$MAX_NODES" =~ ^[1-9][0-9]*$ ]] || die "--max-nodes must be 1 or more"
+    [[ "$MAX_CONCURRENT" =~ ^[1-9][0-9]{0,3}$ ]] || die "--max-concurrent must be 1 to 9999"
     ((MIN_NODES <= MAX_NODES)) || die "--min-nodes ($MIN_NODES) is larger than --max-nodes ($MAX_NODES)"
     [[ -f "$INIT_SCRIPT" ]] || die "node init script not found: $INIT_SCRIPT"
-    if [[ -n "$VERSION" ]]; then
-        [[ "$PACKAGE" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?$ ]] ||
-            die "--version pins only a plain package name; put the version into --package for URLs"
-        PACKAGE="$PACKAGE==$VERSION"
-    fi
-    # "|" separates metadata entries below (gcloud's ^|^ escape), commas do not.
-    [[ "$PACKAGE" != *"|"* ]] || die "--package must not contain '|'"
+    local secret
+    for secret in "${SECRETS[@]}"; do
+        [[ "$secret" =~ ^[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_-]+$ ]] ||
+            die "--secret $secret: expected NAME=SECRET_ID (a secret of project $PROJECT)"
+    done
 }
 
 enable_apis() {
     local apis=(cloudresourcemanager.googleapis.com compute.googleapis.com iam.googleapis.com
         pubsub.googleapis.com storage.googleapis.com)
+    ((${#SECRETS[@]} == 0)) || apis+=(secretmanager.googleapis.com)
     local enabled missing=() api
     enabled=$(gc services list --enabled --format='value(config.name)')
     for api in "${apis[@]}"; do
@@ -117,9 +130,13 @@ enable_apis() {
 }
 
 create_bucket_and_topic() {
-    have "bucket $BUCKET_URL" storage buckets describe "$BUCKET_URL" ||
+    if have "bucket $BUCKET_URL" storage buckets describe "$BUCKET_URL"; then
+        check_bucket "$BUCKET_URL"
+    else
         gc storage buckets create "$BUCKET_URL" --location="$REGION" \
             --uniform-bucket-level-access --public-access-prevention
+    fi
+    upload_release "$BUCKET_URL"
     # No versioning: on a versioned bucket a deleted config produces
     # OBJECT_ARCHIVE instead of the OBJECT_DELETE the nodes cancel runs on.
 
@@ -150,6 +167,14 @@ create_bucket_and_topic() {
             --event-types=OBJECT_FINALIZE,OBJECT_DELETE --object-prefix="$PIPELINE_PREFIX/" \
             --payload-format=json --skip-topic-setup
     fi
+
+    # The backlog: one message per config until a node finished it; filtered
+    # like the nodes' own subscriptions, never expiring (with zero nodes it is
+    # the autoscaler's only signal).
+    have "subscription $BACKLOG" pubsub subscriptions describe "$BACKLOG" ||
+        gc pubsub subscriptions create "$BACKLOG" --topic="$TOPIC" \
+            --message-filter="(attributes.bucketId = \"$BUCKET\" AND hasPrefix(attributes.objectId, \"$PIPELINE_PREFIX/\"))" \
+            --ack-deadline=60 --message-retention-duration=7d --expiration-period=never
 }
 
 create_service_accounts() {
@@ -158,41 +183,27 @@ create_service_accounts() {
             --description="Runs Luigi pipelines from $BUCKET_URL"
     have "service account $SCHEDULER_SA" iam service-accounts describe "$SCHEDULER_SA" ||
         gc iam service-accounts create "$SCHEDULER_SA_ID" --display-name="Poltergust luigid scheduler" \
-            --description="Identity of the luigid VM; needs no permissions"
+            --description="Identity of the luigid VM; reads only the release it installs"
 }
 
 # What a node may do, and why (deploy/README.md has the long version):
-# - objects of this bucket: roles/storage.objectUser on the bucket only;
+# - objects of this bucket: roles/storage.objectViewer, and
+#   roles/storage.objectUser on everything but _poltergust/dist/ (pipelines
+#   run as the node and must not replace the release the next VM installs);
 # - attach subscriptions to this topic: roles/pubsub.subscriber on the topic;
-# - create its own subscription and read from it: a custom project role with
-#   only pubsub.subscriptions.create/.consume/.get. Subscriptions belong to
-#   the project, not the topic, and Pub/Sub IAM conditions cannot match names,
-#   so this is as narrow as Pub/Sub allows.
-grant_node_permissions() {
-    local deleted
-    if deleted=$(gc iam roles describe "$ROLE_ID" --format='value(deleted)' 2>/dev/null); then
-        if [[ "$deleted" == [Tt]rue ]]; then
-            # A role deleted by teardown.sh lingers for 7 days; its id cannot be reused.
-            log "creating: custom role $ROLE (undeleting it)"
-            gc iam roles undelete "$ROLE_ID" >/dev/null
-        else
-            log "exists:   custom role $ROLE"
-        fi
-    else
-        log "creating: custom role $ROLE"
-        gc iam roles create "$ROLE_ID" --title="Poltergust node subscriptions" \
-            --description="Create a Pub/Sub subscription and read from it" \
-            --permissions=pubsub.subscriptions.consume,pubsub.subscriptions.create,pubsub.subscriptions.get \
-            --stage=GA >/dev/null
-    fi
-
-    if binding_exists roles/storage.objectUser "$NODE_MEMBER" "$BUCKET_URL" storage buckets; then
-        log "exists:   objectUser grant on $BUCKET_URL"
-    else
-        log "creating: objectUser grant on $BUCKET_URL"
-        retry gc storage buckets add-iam-policy-binding "$BUCKET_URL" \
-            --member="$NODE_MEMBER" --role=roles/storage.objectUser >/dev/null
-    fi
+# - its own subscription, from creation to deletion: a custom project role
+#   with only pubsub.subscriptions.create/.consume/.get/.delete. Subscriptions
+#   belong to the project, not the topic, and Pub/Sub IAM conditions cannot
+#   match names, so this is as narrow as Pub/Sub allows;
+# - the secrets named with --secret: roles/secretmanager.secretAccessor on each.
+# The scheduler may only read _poltergust/dist/.
+grant_permissions() {
+    ensure_subscription_role "$ROLE_ID" "Poltergust node subscriptions"
+    grant_on_bucket "$BUCKET_URL" roles/storage.objectViewer "$NODE_MEMBER"
+    grant_on_bucket "$BUCKET_URL" roles/storage.objectUser "$NODE_MEMBER" "$(not_the_release "$BUCKET")" \
+        not-the-release
+    grant_on_bucket "$BUCKET_URL" roles/storage.objectViewer "serviceAccount:$SCHEDULER_SA" \
+        "$(only_the_release "$BUCKET")" only-the-release
     if binding_exists roles/pubsub.subscriber "$NODE_MEMBER" "$TOPIC" pubsub topics; then
         log "exists:   subscriber grant on $TOPIC"
     else
@@ -207,10 +218,22 @@ grant_node_permissions() {
         retry gc projects add-iam-policy-binding "$PROJECT" \
             --member="$NODE_MEMBER" --role="$ROLE" --condition=None >/dev/null
     fi
+    local secret
+    for secret in "${SECRETS[@]}"; do
+        secret=${secret#*=}
+        if binding_exists roles/secretmanager.secretAccessor "$NODE_MEMBER" "$secret" secrets; then
+            log "exists:   accessor grant on secret $secret"
+        else
+            log "creating: accessor grant on secret $secret"
+            retry gc secrets add-iam-policy-binding "$secret" \
+                --member="$NODE_MEMBER" --role=roles/secretmanager.secretAccessor >/dev/null
+        fi
+    done
 }
 
 # A VPC of its own: nothing but the rules below lets traffic in, so luigid is
-# reachable from the nodes only. No external addresses; Cloud NAT for pip.
+# reachable from the nodes only. No external addresses: Private Google Access
+# for the bucket and Pub/Sub, Cloud NAT for the package installs.
 create_network() {
     have "network $NETWORK" compute networks describe "$NETWORK" ||
         gc compute networks create "$NETWORK" --subnet-mode=custom
@@ -255,16 +278,30 @@ create_scheduler() {
     [[ -n "$SCHEDULER_IP" ]] || die "address $SCHEDULER_ADDRESS has no IP"
     SCHEDULER_URL="http://$SCHEDULER_IP:$LUIGID_PORT"
 
-    have "luigid VM $SCHEDULER_VM" compute instances describe "$SCHEDULER_VM" --zone="$ZONE" ||
-        gc compute instances create "$SCHEDULER_VM" --zone="$ZONE" \
-            --machine-type="$SCHEDULER_MACHINE_TYPE" \
-            --subnet="$SUBNET" --no-address --private-network-ip="$SCHEDULER_IP" \
-            --service-account="$SCHEDULER_SA" --scopes=cloud-platform \
-            --image-family="$IMAGE_FAMILY" --image-project="$IMAGE_PROJECT" \
-            --boot-disk-size="$SCHEDULER_DISK_SIZE" \
-            --shielded-secure-boot --shielded-vtpm --shielded-integrity-monitoring \
-            --metadata-from-file="startup-script=$INIT_SCRIPT" \
-            --metadata="^|^poltergust-role=scheduler|poltergust-package=$PACKAGE|enable-oslogin=TRUE|block-project-ssh-keys=TRUE"
+    local metadata
+    metadata="^|^poltergust-role=scheduler|$(release_metadata)|enable-oslogin=TRUE|block-project-ssh-keys=TRUE"
+    if have "luigid VM $SCHEDULER_VM" compute instances describe "$SCHEDULER_VM" --zone="$ZONE"; then
+        local installs
+        installs=$(gc compute instances describe "$SCHEDULER_VM" --zone="$ZONE" --format=json |
+            python3 -c 'import json, sys
+items = {i["key"]: i["value"] for i in json.load(sys.stdin).get("metadata", {}).get("items", [])}
+print(items.get("poltergust-wheel-sha256"), items.get("poltergust-lock-sha256"))')
+        if [[ "$installs" != "$WHEEL_SHA $LOCK_SHA" ]]; then
+            log "updating: $SCHEDULER_VM to release $RELEASE_VERSION, installed at its next boot:" \
+                "gcloud compute instances reset $SCHEDULER_VM --zone=$ZONE --project=$PROJECT"
+            gc compute instances add-metadata "$SCHEDULER_VM" --zone="$ZONE" --metadata="^|^$(release_metadata)"
+        fi
+        return
+    fi
+    gc compute instances create "$SCHEDULER_VM" --zone="$ZONE" \
+        --machine-type="$SCHEDULER_MACHINE_TYPE" \
+        --subnet="$SUBNET" --no-address --private-network-ip="$SCHEDULER_IP" \
+        --service-account="$SCHEDULER_SA" --scopes=cloud-platform \
+        --image-family="$IMAGE_FAMILY" --image-project="$IMAGE_PROJECT" \
+        --boot-disk-size="$SCHEDULER_DISK_SIZE" \
+        --shielded-secure-boot --shielded-vtpm --shielded-integrity-monitoring \
+        --metadata-from-file="startup-script=$INIT_SCRIPT" \
+        --metadata="$metadata"
 }
 
 create_nodes() {
@@ -277,8 +314,10 @@ create_nodes() {
     # everything in it: changed settings give a new template, the same
     # settings find the existing one.
     local metadata checksum template
-    metadata="^|^poltergust-role=node|poltergust-package=$PACKAGE|poltergust-path=$PIPELINE_URL"
+    metadata="^|^poltergust-role=node|$(release_metadata)|poltergust-path=$PIPELINE_URL"
     metadata+="|poltergust-scheduler-url=$SCHEDULER_URL|poltergust-topic=$TOPIC|poltergust-project=$PROJECT"
+    metadata+="|poltergust-backlog-subscription=$BACKLOG|poltergust-max-concurrent=$MAX_CONCURRENT"
+    ((${#SECRETS[@]} == 0)) || metadata+="|poltergust-secrets=${SECRETS[*]}"
     metadata+="|enable-oslogin=TRUE|block-project-ssh-keys=TRUE"
     checksum=$( { printf '%s\n' "$metadata" "$NODE_MACHINE_TYPE" "$NODE_DISK_SIZE" "$IMAGE_FAMILY" \
         "$IMAGE_PROJECT" "$SUBNET" "$NODE_SA"; cat "$INIT_SCRIPT"; } | cksum | cut -d' ' -f1)
@@ -305,7 +344,7 @@ create_nodes() {
                 --version="template=$template" --max-surge=3 --max-unavailable=0
         fi
     else
-        # First boot installs Python and Poltergust: give it 10 minutes
+        # First boot installs the release: give it 10 minutes
         # before autohealing judges /healthz.
         gc compute instance-groups managed create "$MIG" --region="$REGION" \
             --template="$template" --size="$MIN_NODES" --base-instance-name="$NAME-node" \
@@ -318,10 +357,15 @@ create_nodes() {
     if [[ -n "$autoscaler" ]]; then
         log "exists:   autoscaling of $MIG"
     else
-        log "creating: autoscaling of $MIG ($MIN_NODES-$MAX_NODES nodes)"
+        log "creating: autoscaling of $MIG ($MIN_NODES-$MAX_NODES nodes, one per $MAX_CONCURRENT configs in $BACKLOG)"
+        # A per-group metric: the backlog's undelivered messages exist while no
+        # node runs, so the group scales from and to zero. A node scaled in gets
+        # SIGTERM and hands its configs back; at most one node goes per 10 minutes.
         gc compute instance-groups managed set-autoscaling "$MIG" --region="$REGION" \
             --min-num-replicas="$MIN_NODES" --max-num-replicas="$MAX_NODES" \
-            --target-cpu-utilization="$CPU_TARGET" --cool-down-period=300 \
+            --update-stackdriver-metric=pubsub.googleapis.com/subscription/num_undelivered_messages \
+            --stackdriver-metric-filter="resource.type = pubsub_subscription AND resource.label.subscription_id = $BACKLOG" \
+            --stackdriver-metric-single-instance-assignment="$MAX_CONCURRENT" --cool-down-period=300 \
             --scale-in-control=max-scaled-in-replicas=1,time-window=600
     fi
 }
@@ -329,13 +373,16 @@ create_nodes() {
 main() {
     parse_args "$@"
     derive_names
+    BACKLOG="$NAME-backlog"
     check_settings
-    log "project $PROJECT, region $REGION, bucket $BUCKET_URL, topic $TOPIC, nodes $MIN_NODES-$MAX_NODES"
+    prepare_release "$RELEASE"
+    log "project $PROJECT, region $REGION, bucket $BUCKET_URL, topic $TOPIC, nodes $MIN_NODES-$MAX_NODES," \
+        "release $RELEASE_VERSION"
 
     enable_apis
     create_bucket_and_topic
     create_service_accounts
-    grant_node_permissions
+    grant_permissions
     create_network
     create_scheduler
     create_nodes

@@ -153,3 +153,127 @@ retry() {
     done
     die "failed 5 times: $*"
 }
+
+# --- the release (deploy/build-release.sh) ----------------------------------
+# sha256 of file $1 (python3: sha256sum is not everywhere an operator works).
+sha256() { python3 -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$1"; }
+
+# Everything below this prefix is what VMs install: only the operator writes
+# it (the nodes' object grant excludes it).
+readonly DIST_ROOT="_poltergust/dist/"
+
+# Read release.json $1 and check its files: sets RELEASE_VERSION, WHEEL_FILE,
+# WHEEL_SHA, LOCK_FILE, LOCK_SHA (paths) and their sha256 digests.
+load_release() {
+    local manifest=$1 fields
+    [[ -f "$manifest" ]] || die "no release at $manifest: run deploy/build-release.sh, or pass --release"
+    fields=$(python3 -c 'import json, sys; r = json.load(open(sys.argv[1]))
+print(r["version"], r["wheel"], r["wheel_sha256"], r["lock"], r["lock_sha256"])' "$manifest") ||
+        die "$manifest is not a release.json written by deploy/build-release.sh"
+    local wheel lock wheel_sha lock_sha
+    read -r RELEASE_VERSION wheel wheel_sha lock lock_sha <<<"$fields"
+    [[ "$RELEASE_VERSION" =~ ^[A-Za-z0-9._+-]+$ && "$wheel" =~ ^poltergust-[A-Za-z0-9._+-]+\.whl$ &&
+        "$lock" =~ ^[A-Za-z0-9._-]+$ ]] || die "$manifest: unexpected version or file names"
+    WHEEL_FILE="$(dirname "$manifest")/$RELEASE_VERSION/$wheel"
+    LOCK_FILE="$(dirname "$manifest")/$RELEASE_VERSION/$lock"
+    WHEEL_SHA=$(sha256 "$WHEEL_FILE")
+    LOCK_SHA=$(sha256 "$LOCK_FILE")
+    [[ "$WHEEL_SHA" == "$wheel_sha" && "$LOCK_SHA" == "$lock_sha" ]] ||
+        die "the files of release $RELEASE_VERSION do not match $manifest: build the release again"
+}
+
+# The release given (release.json), or one built from this checkout now.
+prepare_release() {
+    local manifest=$1
+    if [[ -z "$manifest" ]]; then
+        log "building the release from this checkout (deploy/build-release.sh)"
+        "$(dirname "${BASH_SOURCE[0]}")/../build-release.sh" >/dev/null
+        manifest="$(dirname "${BASH_SOURCE[0]}")/../dist/release.json"
+    elif [[ -d "$manifest" ]]; then
+        manifest="$manifest/release.json"
+    fi
+    load_release "$manifest"
+}
+
+# Upload the release's files below gs://BUCKET/_poltergust/dist/VERSION/
+# (once: an existing file is never replaced; the VMs check every digest).
+# Sets WHEEL_URL and LOCK_URL.
+upload_release() {
+    local bucket_url=$1 file url
+    WHEEL_URL="$bucket_url/$DIST_ROOT$RELEASE_VERSION/${WHEEL_FILE##*/}"
+    LOCK_URL="$bucket_url/$DIST_ROOT$RELEASE_VERSION/${LOCK_FILE##*/}"
+    for file in "$WHEEL_FILE" "$LOCK_FILE"; do
+        url="$bucket_url/$DIST_ROOT$RELEASE_VERSION/${file##*/}"
+        have "release file $url" storage objects describe "$url" ||
+            gc storage cp "$file" "$url"
+    done
+}
+
+# The metadata entries that make a VM install this release ("|"-separated).
+release_metadata() {
+    printf 'poltergust-wheel-url=%s|poltergust-wheel-sha256=%s|poltergust-lock-url=%s|poltergust-lock-sha256=%s' \
+        "$WHEEL_URL" "$WHEEL_SHA" "$LOCK_URL" "$LOCK_SHA"
+}
+
+# An existing bucket must be this project's, with uniform bucket-level access
+# (object-name IAM conditions need it) and public access prevention.
+check_bucket() {
+    local bucket_url=$1 info number uniform prevention ours
+    info=$(gc storage buckets describe "$bucket_url" --raw \
+        --format='value(projectNumber,iamConfiguration.uniformBucketLevelAccess.enabled,iamConfiguration.publicAccessPrevention)')
+    read -r number uniform prevention <<<"$info"
+    ours=$(gc projects describe "$PROJECT" --format='value(projectNumber)')
+    [[ "$number" == "$ours" ]] ||
+        die "bucket $bucket_url belongs to project number $number, not to $PROJECT ($ours): choose another bucket name"
+    [[ "$uniform" == [Tt]rue ]] || die "bucket $bucket_url has no uniform bucket-level access;" \
+        "turn it on: gcloud storage buckets update $bucket_url --uniform-bucket-level-access"
+    [[ "$prevention" == enforced ]] || die "bucket $bucket_url does not enforce public access prevention;" \
+        "turn it on: gcloud storage buckets update $bucket_url --public-access-prevention"
+}
+
+# Grant ROLE on the bucket to MEMBER, once; with CONDITION (an IAM condition
+# expression without commas) and its TITLE when given.
+grant_on_bucket() {
+    local bucket_url=$1 role=$2 member=$3 condition=${4:-} title=${5:-}
+    if binding_exists "$role" "$member" "$bucket_url" storage buckets; then
+        log "exists:   $role grant for ${member#*:} on $bucket_url"
+        return
+    fi
+    log "creating: $role grant for ${member#*:} on $bucket_url${condition:+ (only: $title)}"
+    local args=(storage buckets add-iam-policy-binding "$bucket_url" --member="$member" --role="$role")
+    [[ -z "$condition" ]] || args+=("--condition=expression=$condition,title=$title")
+    retry gc "${args[@]}" >/dev/null
+}
+
+# IAM condition expressions on the objects of bucket $1 (by name).
+not_the_release() { printf '!resource.name.startsWith("projects/_/buckets/%s/objects/%s")' "$1" "$DIST_ROOT"; }
+only_the_release() { printf 'resource.name.startsWith("projects/_/buckets/%s/objects/%s")' "$1" "$DIST_ROOT"; }
+
+# The permissions of the node's custom role: its own subscription, from
+# creation to deletion at a clean shutdown.
+readonly SUBSCRIPTION_PERMISSIONS="pubsub.subscriptions.consume,pubsub.subscriptions.create,pubsub.subscriptions.delete,pubsub.subscriptions.get"
+
+# Create custom role $1 (an id in PROJECT) with SUBSCRIPTION_PERMISSIONS, or
+# bring an existing one (or one deleted by a teardown) up to them.
+ensure_subscription_role() {
+    local id=$1 title=$2 deleted permissions
+    if deleted=$(gc iam roles describe "$id" --format='value(deleted)' 2>/dev/null); then
+        if [[ "$deleted" == [Tt]rue ]]; then
+            # A deleted role lingers for 7 days; its id cannot be reused.
+            log "creating: custom role $id (undeleting it)"
+            gc iam roles undelete "$id" >/dev/null
+        fi
+        permissions=$(gc iam roles describe "$id" --format='value(includedPermissions)')
+        if [[ "${permissions//;/,}" == "$SUBSCRIPTION_PERMISSIONS" ]]; then
+            log "exists:   custom role $id"
+        else
+            log "updating: custom role $id to $SUBSCRIPTION_PERMISSIONS"
+            gc iam roles update "$id" --permissions="$SUBSCRIPTION_PERMISSIONS" >/dev/null
+        fi
+    else
+        log "creating: custom role $id"
+        gc iam roles create "$id" --title="$title" \
+            --description="Create a Pub/Sub subscription, read from it and delete it" \
+            --permissions="$SUBSCRIPTION_PERMISSIONS" --stage=GA >/dev/null
+    fi
+}

@@ -21,7 +21,8 @@ Usage: ${0##*/} [options]
 Deletes what create.sh made: the nodes, their template and health check, the
 luigid VM, the network, firewall rules and Cloud NAT, the topic with its
 notification and subscriptions, the IAM grants, custom role and service
-accounts. Pass the same settings as to create.sh.
+accounts. The bucket keeps the uploaded releases (_poltergust/dist/) unless
+--delete-bucket. Pass the same settings as to create.sh.
 
 $COMMON_HELP
 
@@ -148,11 +149,17 @@ delete_iam() {
         gc projects remove-iam-policy-binding "$PROJECT" --member="$NODE_MEMBER" \
             --role="$ROLE" --condition=None >/dev/null
     fi
-    if ! ((DELETE_BUCKET)) && binding_exists roles/storage.objectUser "$NODE_MEMBER" "$BUCKET_URL" storage buckets; then
-        log "deleting: objectUser grant on $BUCKET_URL (the bucket stays)"
-        gc storage buckets remove-iam-policy-binding "$BUCKET_URL" --member="$NODE_MEMBER" \
-            --role=roles/storage.objectUser >/dev/null
-    fi
+    local grant role member
+    for grant in "roles/storage.objectUser $NODE_MEMBER" "roles/storage.objectViewer $NODE_MEMBER" \
+        "roles/storage.objectViewer serviceAccount:$SCHEDULER_SA"; do
+        read -r role member <<<"$grant"
+        if ! ((DELETE_BUCKET)) && binding_exists "$role" "$member" "$BUCKET_URL" storage buckets; then
+            log "deleting: $role grant for ${member#*:} on $BUCKET_URL (the bucket stays)"
+            # --all: also the grants with a condition.
+            gc storage buckets remove-iam-policy-binding "$BUCKET_URL" --member="$member" --role="$role" \
+                --all >/dev/null
+        fi
+    done
 
     local deleted
     if deleted=$(gc iam roles describe "$ROLE_ID" --format='value(deleted)' 2>/dev/null) &&

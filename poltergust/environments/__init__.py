@@ -62,6 +62,11 @@ class Environments:
     def cache_size(self, size: int | None) -> None:
         self.cache.cache_size = size
 
+    @staticmethod
+    def referenced(spec: EnvironmentSpec) -> set[str]:
+        """Names of the node variables the dependencies reference as `{{NAME}}`: secrets."""
+        return {name for dependency in spec.dependencies for name in plan.SECRET_REFERENCE.findall(dependency)}
+
     def secrets(self, spec: EnvironmentSpec) -> list[str]:
         """Values of the node variables the dependencies reference, to be masked in logs."""
         return plan.secrets(spec, self.environ)

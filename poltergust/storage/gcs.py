@@ -26,6 +26,8 @@ T = TypeVar("T")
 LIST_FIELDS = "items(name,generation,updated,timeCreated,metadata,size),nextPageToken"
 """Only what the node reads: listing a busy prefix moves a fraction of the full resources."""
 PAGE_SIZE = 1000
+GLOB_SPECIALS = set("*?[]{}\\!")
+"""A prefix holding these would change the meaning of a `matchGlob` built from it."""
 
 
 class GcsStore(ClosingStore):
@@ -50,7 +52,7 @@ class GcsStore(ClosingStore):
         params: dict[str, str] = {"prefix": prefix, "fields": LIST_FIELDS, "maxResults": str(PAGE_SIZE)}
         if not recursive:
             params["delimiter"] = "/"
-        if glob:
+        if glob and not GLOB_SPECIALS & set(prefix):  # else only the filter below applies
             params["matchGlob"] = prefix + glob
         while True:
             page = await self._call(lambda: self._client.list_objects(self.bucket, params=dict(params)))

@@ -25,9 +25,11 @@ DB = STATE_DIR / "state.json"
 VERBS = {
     "create", "describe", "delete", "list", "enable", "add-iam-policy-binding",
     "remove-iam-policy-binding", "get-iam-policy", "set-autoscaling", "undelete",
-    "list-subscriptions", "rolling-action", "ssh", "cp", "rm", "service-agent", "get-value",
+    "list-subscriptions", "rolling-action", "ssh", "cp", "rm", "service-agent", "get-value", "update",
+    "add-metadata",
 }
 SCHEDULER_IP = "10.42.0.2"
+PROJECT_NUMBER = "123456789"
 SERVICE_AGENT = "service-123456@gs-project-accounts.iam.gserviceaccount.com"
 
 
@@ -88,8 +90,16 @@ def run(db: dict, group: str, verb: str, rest: list[str], flags: dict, project: 
             db["services"] += [api for api in rest if api not in db["services"]]
             return ""
         return "\n".join(db["services"])
-    if verb in ("ssh", "cp"):
+    if verb == "ssh":
         return ""
+    if verb == "cp":  # storage cp SOURCE... DESTINATION: remember the objects made
+        *sources, destination = rest
+        for source in sources:
+            url = destination + Path(source).name if destination.endswith("/") else destination
+            resources[f"storage/objects:{url}"] = {"source": source}
+        return ""
+    if group == "projects" and verb == "describe":
+        return PROJECT_NUMBER
 
     if group == "storage/buckets/notifications":
         notifications = db["notifications"]
@@ -150,6 +160,14 @@ def run(db: dict, group: str, verb: str, rest: list[str], flags: dict, project: 
     if verb == "undelete":
         resources[key]["deleted"] = False
         return ""
+    if verb == "update":
+        resources[key].update({k: v for k, v in flags.items() if k not in ("quiet", "project")})
+        return ""
+    if verb == "add-metadata":
+        items = metadata_items(str(resources[key].get("metadata", "")))
+        items.update(metadata_items(str(flags["metadata"])))
+        resources[key]["metadata"] = "^|^" + "|".join(f"{k}={v}" for k, v in items.items())
+        return ""
     if verb == "set-autoscaling":
         resources[key + ":autoscaler"] = {k: v for k, v in flags.items() if k not in ("quiet", "project")}
         return ""
@@ -157,7 +175,8 @@ def run(db: dict, group: str, verb: str, rest: list[str], flags: dict, project: 
         resources[key]["template"] = str(flags["version"]).split("=", 1)[1]
         return ""
     if verb in ("add-iam-policy-binding", "remove-iam-policy-binding", "get-iam-policy"):
-        if group != "projects" and key not in resources:
+        # Secrets are made by the operator, outside the scripts.
+        if group not in ("projects", "secrets") and key not in resources:
             fail(f"NOT_FOUND: {key}")
         binding = [key, flags.get("role"), flags.get("member")]
         if verb == "add-iam-policy-binding":
@@ -178,8 +197,25 @@ def run(db: dict, group: str, verb: str, rest: list[str], flags: dict, project: 
     return ""
 
 
+def metadata_items(flag: str) -> dict[str, str]:
+    """--metadata=^|^K=V|K=V... as a dict."""
+    if not flag:
+        return {}
+    separator = "|" if flag.startswith("^|^") else ","
+    return dict(entry.split("=", 1) for entry in flag.removeprefix("^|^").split(separator))
+
+
 def describe(db: dict, key: str, fmt: str) -> str:
     resource = db["resources"][key]
+    if fmt == "json":
+        items = metadata_items(str(resource.get("metadata", "")))
+        return json.dumps({"metadata": {"items": [{"key": k, "value": v} for k, v in items.items()]}})
+    if fmt.startswith("value(projectNumber,"):  # storage buckets describe --raw
+        uniform = "True" if resource.get("uniform-bucket-level-access") else "False"
+        prevention = "enforced" if resource.get("public-access-prevention") else "inherited"
+        return "\t".join((str(resource.get("project-number", PROJECT_NUMBER)), uniform, prevention))
+    if fmt == "value(includedPermissions)":
+        return str(resource.get("permissions", "")).replace(",", ";")
     if fmt == "value(address)":
         return SCHEDULER_IP
     if fmt == "value(instanceTemplate.basename())":

@@ -3,10 +3,19 @@
 Each task writes the name of the node that ran it (POLTERGUST_NODE) into its
 output, so tests can tell which node did what.
 """
+import json
 import os
+import random
+import sys
+import threading
 import time
 
 import luigi
+
+AT_IMPORT = os.environ.get("TESTPIPES_AT_IMPORT", "")
+"""A variable read when the module is imported: preloading it in a warm interpreter fixes the value."""
+if os.environ.get("TESTPIPES_START_THREAD"):  # a module that starts a thread at import (warm interpreters refuse it)
+    threading.Thread(target=time.sleep, args=(3600,), name="testpipes-sleeper", daemon=True).start()
 
 
 def _node() -> str:
@@ -63,6 +72,20 @@ class Fan(_Output):
         self._write(" ".join(nodes))
 
 
+class Dynamic(_Output):
+    """Yields its parts from run(), as luigi's dynamic_requirements example does: only its worker scheduled them."""
+
+    parts = luigi.IntParameter(default=20)
+    seconds = luigi.FloatParameter(default=1.0)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "dynamic.txt"))
+
+    def run(self):
+        parts = yield [Part(out_dir=self.out_dir, index=i, seconds=self.seconds) for i in range(self.parts)]
+        self._write(" ".join(sorted({target.open().read() for target in parts})))
+
+
 class Fail(_Output):
     def output(self):
         return luigi.LocalTarget(os.path.join(self.out_dir, "never.txt"))
@@ -100,3 +123,69 @@ class Flaky(_Output):
             open(marker, "w").close()
             raise RuntimeError("failing the first time on purpose")
         self._write(_node())
+
+
+class Chatty(_Output):
+    """Prints a numbered line every `interval` seconds for `seconds`: a log that grows while it runs."""
+
+    seconds = luigi.FloatParameter(default=60.0)
+    interval = luigi.FloatParameter(default=0.5)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "chatty.txt"))
+
+    def run(self):
+        for line in range(int(self.seconds / self.interval)):
+            print(f"chatty line {line}", flush=True)
+            time.sleep(self.interval)
+        self._write(_node())
+
+
+class Dump(_Output):
+    """Prints its whole environment and a file's content (as if fetched from elsewhere), then fails."""
+
+    leak = luigi.Parameter(default="")
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "never.txt"))
+
+    def run(self):
+        for name, value in sorted(os.environ.items()):
+            print(f"env {name}={value}", flush=True)
+        if self.leak:
+            with open(self.leak) as handle:
+                secret = handle.read().strip()
+            from urllib.parse import quote
+
+            print(f"leaked {secret} and {quote(secret, safe='')}", flush=True)
+        raise RuntimeError("dumped the environment")
+
+
+class Plant(_Output):
+    """Tries to write a file where it should not be able to (under --run-as)."""
+
+    target = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(self.target)
+
+    def run(self):
+        with open(self.target, "w") as handle:
+            handle.write("planted")
+class Report(_Output):
+    """Writes what its process sees (ids, variables, luigi's configuration, a random number) as JSON."""
+
+    variable = luigi.Parameter(default="")
+    setting = luigi.Parameter(default="")
+    """Usually left to luigi's configuration ([Report] setting=...), to show which configuration was read."""
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "report.json"))
+
+    def run(self):
+        self._write(json.dumps({
+            "node": _node(), "pid": os.getpid(), "ppid": os.getppid(), "sid": os.getsid(0), "cwd": os.getcwd(),
+            "python": "%d.%d" % sys.version_info[:2], "random": random.random(), "setting": self.setting,
+            "value": os.environ.get(self.variable) if self.variable else None, "at_import": AT_IMPORT,
+            "threads": threading.active_count(),
+        }))

@@ -17,3 +17,7 @@ output "scheduler_url" {
 output "tunnel_command" {
   value = module.poltergust.tunnel_command
 }
+
+output "release_version" {
+  value = module.poltergust.release_version
+}

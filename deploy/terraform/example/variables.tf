@@ -22,9 +22,9 @@ variable "node_machine_type" {
 }
 
 variable "node_min_count" {
-  description = "Fewest nodes."
+  description = "Fewest nodes (0: none while no config waits)."
   type        = number
-  default     = 1
+  default     = 0
 }
 
 variable "node_max_count" {
@@ -33,14 +33,14 @@ variable "node_max_count" {
   default     = 4
 }
 
-variable "poltergust_package" {
-  description = "pip install spec of Poltergust: a name, a git+https URL or a wheel URL."
+variable "release_manifest" {
+  description = "release.json of the release to install, written by deploy/build-release.sh. Default: deploy/dist/release.json of this checkout."
   type        = string
-  default     = "poltergust"
+  default     = null
 }
 
-variable "poltergust_version" {
-  description = "Version to pin when poltergust_package is a plain name; empty for the newest."
-  type        = string
-  default     = ""
+variable "node_secrets" {
+  description = "Secret Manager secrets for {{NAME}} in environment files: NAME => secret id."
+  type        = map(string)
+  default     = {}
 }

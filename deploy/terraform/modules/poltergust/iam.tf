@@ -1,6 +1,6 @@
 # Service accounts and what they may do. The nodes get exactly what a node
-# does and nothing project-wide beyond creating and reading Pub/Sub
-# subscriptions; the scheduler gets nothing at all.
+# does and nothing project-wide beyond creating, reading and deleting Pub/Sub
+# subscriptions; the scheduler may only read the release it installs.
 
 resource "google_service_account" "node" {
   project      = var.project_id
@@ -13,17 +13,54 @@ resource "google_service_account" "scheduler" {
   project      = var.project_id
   account_id   = "${var.name}-scheduler"
   display_name = "Poltergust luigid scheduler"
-  description  = "Identity of the luigid VM; it needs no Google Cloud permissions."
+  description  = "Identity of the luigid VM; it only reads the release it installs."
 }
 
 # Objects: read configs and environments, write results and logs, and the
 # conditional rewrite/delete of configs that decides which node finishes a run.
 # roles/storage.objectUser is object get/list/create/update/delete without the
-# right to change IAM, granted on this bucket only.
+# right to change IAM, granted on this bucket only, and (by the condition) not
+# below _poltergust/dist/: pipelines run as this account, and must not be able
+# to replace the release the next VM installs. Reading the release is granted
+# by roles/storage.objectViewer on the bucket. IAM conditions on object names
+# need uniform bucket-level access, which the bucket has.
 resource "google_storage_bucket_iam_member" "node_objects" {
   bucket = google_storage_bucket.poltergust.name
   role   = "roles/storage.objectUser"
   member = local.node_member
+
+  condition {
+    title       = "not-the-release"
+    description = "Everything but the release files under _poltergust/dist/."
+    expression  = "!resource.name.startsWith(\"projects/_/buckets/${local.bucket_name}/objects/${local.dist_root}\")"
+  }
+}
+
+resource "google_storage_bucket_iam_member" "node_reads" {
+  bucket = google_storage_bucket.poltergust.name
+  role   = "roles/storage.objectViewer"
+  member = local.node_member
+}
+
+resource "google_storage_bucket_iam_member" "scheduler_reads_releases" {
+  bucket = google_storage_bucket.poltergust.name
+  role   = "roles/storage.objectViewer"
+  member = "serviceAccount:${google_service_account.scheduler.email}"
+
+  condition {
+    title       = "only-the-release"
+    description = "The release files under _poltergust/dist/, nothing else."
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${local.bucket_name}/objects/${local.dist_root}\")"
+  }
+}
+
+# Secrets for {{NAME}} in environment files: exactly the ones named.
+resource "google_secret_manager_secret_iam_member" "node_reads_secrets" {
+  for_each  = var.node_secrets
+  project   = var.project_id
+  secret_id = each.value
+  role      = "roles/secretmanager.secretAccessor"
+  member    = local.node_member
 }
 
 # Pub/Sub: each node creates its own subscription on the topic when it starts
@@ -39,18 +76,19 @@ resource "google_storage_bucket_iam_member" "node_objects" {
 # permissions cannot be narrowed to "subscriptions named poltergust-*". They
 # are granted through a custom role holding only them, rather than
 # roles/pubsub.editor (which could also delete or change anything in Pub/Sub).
-# Residual reach: a node could pull from other subscriptions of this project,
-# so give Poltergust its own project if that matters.
-# Nodes never delete subscriptions: each sets an expiration policy on its own
-# subscription, and Pub/Sub deletes it after that long without a subscriber.
+# A node deletes its own subscription when it shuts down cleanly (others
+# expire by their expiration policy), hence pubsub.subscriptions.delete.
+# Residual reach: a node could pull from or delete other subscriptions of this
+# project, so give Poltergust its own project if that matters.
 resource "google_project_iam_custom_role" "node_subscriptions" {
   project     = var.project_id
   role_id     = "${replace(var.name, "-", "_")}_node_subscriptions"
   title       = "Poltergust node subscriptions"
-  description = "Create a Pub/Sub subscription and read from it; the topic itself is granted separately."
+  description = "Create a Pub/Sub subscription, read from it and delete it; the topic itself is granted separately."
   permissions = [
     "pubsub.subscriptions.consume",
     "pubsub.subscriptions.create",
+    "pubsub.subscriptions.delete",
     "pubsub.subscriptions.get",
   ]
 }
@@ -70,4 +108,5 @@ resource "google_pubsub_topic_iam_member" "node_attaches" {
 
 locals {
   node_member = "serviceAccount:${google_service_account.node.email}"
+  dist_root   = "_poltergust/dist/"
 }

@@ -10,8 +10,6 @@ locals {
   zone          = coalesce(var.zone, data.google_compute_zones.up.names[0])
   scheduler_url = "http://${google_compute_address.scheduler.address}:${local.luigid_port}"
 
-  package_spec = var.poltergust_version == "" ? var.poltergust_package : "${var.poltergust_package}==${var.poltergust_version}"
-
   # Both roles boot the same script; the poltergust-role attribute picks one.
   init_script = file("${path.module}/../../../node-init.sh")
 
@@ -45,6 +43,29 @@ resource "google_storage_bucket" "poltergust" {
   versioning {
     enabled = false
   }
+
+  # Run logs and run markers are the nodes' own bookkeeping: kept for a while, then deleted.
+  lifecycle_rule {
+    condition {
+      age            = var.run_record_days
+      matches_prefix = ["_poltergust/logs/", "_poltergust/runs/"]
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
+  # Result files accumulate under the pipeline prefix; listings only ever read configs.
+  lifecycle_rule {
+    condition {
+      age            = var.result_days
+      matches_prefix = ["${var.pipeline_prefix}/"]
+      matches_suffix = [".done.yaml", ".error.yaml"]
+    }
+    action {
+      type = "Delete"
+    }
+  }
 }
 
 # ---------------------------------------------------------------------------
@@ -67,6 +88,23 @@ resource "google_pubsub_topic_iam_member" "gcs_publishes_events" {
   topic   = google_pubsub_topic.bucket_events.name
   role    = "roles/pubsub.publisher"
   member  = "serviceAccount:${data.google_storage_project_service_account.gcs.email_address}"
+}
+
+# The backlog: one message per config until a node finished it, shared by
+# all nodes; its undelivered count drives the autoscaler (see nodes.tf).
+# Filtered like the nodes' own subscriptions (poltergust.events.pubsub).
+resource "google_pubsub_subscription" "backlog" {
+  project                    = var.project_id
+  name                       = "${var.name}-backlog"
+  topic                      = google_pubsub_topic.bucket_events.id
+  filter                     = "(attributes.bucketId = \"${local.bucket_name}\" AND hasPrefix(attributes.objectId, \"${var.pipeline_prefix}/\"))"
+  ack_deadline_seconds       = 60
+  message_retention_duration = "604800s"
+
+  # Never removed for want of a subscriber: with zero nodes it is the only signal.
+  expiration_policy {
+    ttl = ""
+  }
 }
 
 resource "google_storage_notification" "pipeline" {

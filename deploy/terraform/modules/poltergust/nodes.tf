@@ -33,14 +33,21 @@ resource "google_compute_instance_template" "node" {
     enable_integrity_monitoring = true
   }
 
-  # Read by node-init.sh, which passes them to the node's command line.
+  # Read by node-init.sh: the release to install, and the node's settings.
+  # Secrets are named here, never their values (node-init.sh reads those).
   metadata = {
-    poltergust-role          = "node"
-    poltergust-package       = local.package_spec
-    poltergust-path          = local.pipeline_url
-    poltergust-scheduler-url = local.scheduler_url
-    poltergust-topic         = google_pubsub_topic.bucket_events.name
-    poltergust-project       = var.project_id
+    poltergust-role           = "node"
+    poltergust-path           = local.pipeline_url
+    poltergust-scheduler-url  = local.scheduler_url
+    poltergust-topic          = google_pubsub_topic.bucket_events.name
+    poltergust-project        = var.project_id
+    poltergust-backlog        = google_pubsub_subscription.backlog.name
+    poltergust-max-concurrent = tostring(var.node_max_concurrent)
+    poltergust-secrets        = join(" ", [for name, id in var.node_secrets : "${name}=${id}"])
+    poltergust-wheel-url      = local.release_metadata.wheel_url
+    poltergust-wheel-sha256   = local.release_metadata.wheel_sha256
+    poltergust-lock-url       = local.release_metadata.lock_url
+    poltergust-lock-sha256    = local.release_metadata.lock_sha256
     # ssh only with OS Login (IAM-controlled), never with keys in metadata.
     enable-oslogin         = "TRUE"
     block-project-ssh-keys = "TRUE"
@@ -50,11 +57,6 @@ resource "google_compute_instance_template" "node" {
   lifecycle {
     # Templates are immutable: make the new one before the group lets go of the old.
     create_before_destroy = true
-
-    precondition {
-      condition     = var.poltergust_version == "" || can(regex("^[A-Za-z0-9][A-Za-z0-9._-]*(\\[[A-Za-z0-9,._-]+\\])?$", var.poltergust_package))
-      error_message = "poltergust_version can only pin a plain distribution name; put the version into poltergust_package for URLs."
-    }
   }
 }
 
@@ -86,7 +88,7 @@ resource "google_compute_region_instance_group_manager" "nodes" {
 
   auto_healing_policies {
     health_check = google_compute_health_check.node.id
-    # First boot installs Python and Poltergust before /healthz can answer.
+    # First boot installs the release before /healthz can answer.
     initial_delay_sec = 600
   }
 
@@ -107,15 +109,21 @@ resource "google_compute_region_autoscaler" "nodes" {
   autoscaling_policy {
     min_replicas = var.node_min_count
     max_replicas = var.node_max_count
-    # Covers a new node's first boot (installs) before its CPU means anything.
+    # Covers a new node's first boot (installs) before it pulls from the backlog.
     cooldown_period = 300
 
-    cpu_utilization {
-      target = var.node_cpu_target
+    # One node per node_max_concurrent configs waiting or running: the backlog
+    # subscription's undelivered messages, a per-group metric that exists while
+    # no node runs, so the group scales from and to zero.
+    metric {
+      name                       = "pubsub.googleapis.com/subscription/num_undelivered_messages"
+      filter                     = "resource.type = pubsub_subscription AND resource.label.subscription_id = ${google_pubsub_subscription.backlog.name}"
+      single_instance_assignment = var.node_max_concurrent
     }
 
-    # A node being scaled in stops its luigi work and the scheduler hands the
-    # tasks to others; still, remove at most one node per 10 minutes.
+    # A node being scaled in gets SIGTERM: it stops its runs and hands their
+    # backlog messages back, so another node takes them over at once. Still,
+    # remove at most one node per 10 minutes.
     scale_in_control {
       time_window_sec = 600
       max_scaled_in_replicas {

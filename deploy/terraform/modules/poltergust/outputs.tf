@@ -52,3 +52,8 @@ output "tunnel_command" {
   description = "Opens luigid's web page at http://localhost:8082."
   value       = "gcloud compute ssh ${google_compute_instance.scheduler.name} --project ${var.project_id} --zone ${google_compute_instance.scheduler.zone} --tunnel-through-iap -- -L 8082:localhost:8082 -N"
 }
+
+output "release_version" {
+  description = "The release the VMs install (gs://BUCKET/_poltergust/dist/VERSION/)."
+  value       = local.release.version
+}

@@ -45,8 +45,11 @@ resource "google_compute_instance" "scheduler" {
   }
 
   metadata = {
-    poltergust-role    = "scheduler"
-    poltergust-package = local.package_spec
+    poltergust-role         = "scheduler"
+    poltergust-wheel-url    = local.release_metadata.wheel_url
+    poltergust-wheel-sha256 = local.release_metadata.wheel_sha256
+    poltergust-lock-url     = local.release_metadata.lock_url
+    poltergust-lock-sha256  = local.release_metadata.lock_sha256
     # ssh only with OS Login (IAM-controlled), never with keys in metadata.
     enable-oslogin         = "TRUE"
     block-project-ssh-keys = "TRUE"

@@ -80,14 +80,13 @@ variable "node_machine_type" {
 }
 
 variable "node_min_count" {
-  description = "Fewest nodes the autoscaler keeps running."
+  description = "Fewest nodes the autoscaler keeps running: 0 pays for no node while no config waits; more keeps nodes warm."
   type        = number
-  default     = 1
+  default     = 0
 
   validation {
-    # CPU-based autoscaling cannot start from zero nodes: no CPU to measure.
-    condition     = var.node_min_count >= 1
-    error_message = "node_min_count must be at least 1."
+    condition     = var.node_min_count >= 0
+    error_message = "node_min_count must be 0 or more."
   }
 }
 
@@ -102,10 +101,15 @@ variable "node_max_count" {
   }
 }
 
-variable "node_cpu_target" {
-  description = "Average CPU utilisation (0-1) the autoscaler aims for."
+variable "node_max_concurrent" {
+  description = "Pipelines one node runs at once; the autoscaler runs one node per this many configs waiting or running."
   type        = number
-  default     = 0.6
+  default     = 4
+
+  validation {
+    condition     = var.node_max_concurrent >= 1 && var.node_max_concurrent <= 9999
+    error_message = "node_max_concurrent must be 1 to 9999."
+  }
 }
 
 variable "node_disk_size_gb" {
@@ -126,16 +130,21 @@ variable "image" {
   default     = "debian-cloud/debian-12"
 }
 
-variable "poltergust_package" {
-  description = "What the VMs pip install: a distribution name (default), a git+https URL or a wheel URL."
+variable "release_manifest" {
+  description = "Path of release.json written by deploy/build-release.sh. Its wheel and lock file (in VERSION/ beside it) are uploaded to gs://BUCKET/_poltergust/dist/VERSION/, and every VM installs exactly them, checked by sha256."
   type        = string
-  default     = "poltergust"
 }
 
-variable "poltergust_version" {
-  description = "Pin the version (poltergust_package==VERSION); only when poltergust_package is a plain name. Empty: newest release."
-  type        = string
-  default     = ""
+variable "node_secrets" {
+  description = "Secret Manager secrets the nodes put into their environment for {{NAME}} in environment files: NAME => secret id in project_id. The nodes' service account may read exactly these."
+  type        = map(string)
+  default     = {}
+
+  validation {
+    condition = alltrue([for name, id in var.node_secrets :
+    can(regex("^[A-Za-z_][A-Za-z0-9_]*$", name)) && can(regex("^[A-Za-z0-9_-]+$", id))])
+    error_message = "node_secrets maps environment variable names to secret ids (letters, digits, - and _)."
+  }
 }
 
 variable "enable_iap_ssh" {
@@ -148,4 +157,16 @@ variable "labels" {
   description = "Labels put on the bucket, the topic and the VMs."
   type        = map(string)
   default     = {}
+}
+
+variable "run_record_days" {
+  description = "Days after which run logs and run markers (_poltergust/logs/, _poltergust/runs/) are deleted."
+  type        = number
+  default     = 30
+}
+
+variable "result_days" {
+  description = "Days after which result files (NAME.done.yaml, NAME.error.yaml) are deleted."
+  type        = number
+  default     = 365
 }

@@ -1,0 +1,78 @@
+"""Running pipelines as another, unprivileged user (`--run-as`), each in a private working directory.
+
+Without it, pipelines run as the node's own user and share one trust
+domain with the node and with each other. With it, luigi runs as that user:
+the environment cache and the node's files are read-only (or invisible) to
+it, and each run gets a working directory of its own (mode 0700, owned by
+that user), removed when the run ends. The node must run as root to switch.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+
+class RunAsError(Exception):
+    """`--run-as` cannot be honoured; the message says why."""
+
+
+@dataclass(frozen=True)
+class RunAs:
+    user: str
+    uid: int
+    gid: int
+
+    @classmethod
+    def lookup(cls, user: str) -> "RunAs":
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise RunAsError(f"--run-as {user}: no such user on this machine") from None
+        if os.geteuid() != 0:
+            raise RunAsError(f"--run-as {user}: the node must run as root to start pipelines as another user")
+        if shutil.which("setpriv") is None:
+            raise RunAsError(f"--run-as {user}: setpriv (util-linux) is not installed")
+        if entry.pw_uid == 0:
+            raise RunAsError(f"--run-as {user}: that user is root; pick an unprivileged one")
+        return cls(user, entry.pw_uid, entry.pw_gid)
+
+    def command(self, command: list[str]) -> list[str]:
+        """`command`, started as this user: no supplementary groups of the node, no way to regain privileges.
+
+        (util-linux's `setpriv`: the event loop's subprocess support cannot switch users itself.)
+        """
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--no-new-privs",
+                "--", *command]
+
+
+def lock_down(data_dir: Path) -> None:
+    """The node's data directory: traversable (to reach the runs' directories) but not readable by pipelines."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o711)
+    (data_dir / "logs").mkdir(exist_ok=True)
+    os.chmod(data_dir / "logs", 0o700)
+
+
+@contextlib.asynccontextmanager
+async def work_directory(base: Path, name: str, run_as: RunAs | None) -> AsyncIterator[Path]:
+    """Where luigi runs: `base/name` (kept, as its outputs may be wanted) or, with `run_as`, a private one."""
+    if run_as is None:
+        directory = base / name
+        directory.mkdir(parents=True, exist_ok=True)
+        yield directory
+        return
+    base.mkdir(parents=True, exist_ok=True)
+    os.chmod(base, 0o711)
+    directory = base / f"{name}.{uuid.uuid4().hex[:8]}"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, run_as.uid, run_as.gid)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,376 @@
+"""Warm starts: per environment, a warm interpreter that forks each luigi run.
+
+`python -m luigi` spends most of its start importing luigi. A `WarmPool` keeps,
+per environment (and per set of variables that change how Python starts, and
+per `preload:` list), one fresh `ENV/bin/python` running `zygote.py` with
+luigi already imported; a run asks it over a private Unix socket to fork a
+child that runs luigi with the run's argv, environment, working directory and
+output pipe. The node itself is never forked: it has threads (gRPC, asyncio's
+executor), and a forked copy of them can deadlock.
+
+`WarmPool.runner()` gives a drop-in for `subprocesses.run_streaming`: same
+arguments, output line by line to the sink, luigi's exit code returned, and
+cancellation stopping the child's process group (SIGTERM, then SIGKILL). A
+warm interpreter that cannot start, refuses (a preloaded module started a
+thread), or died falls back to `run_streaming`, said in the run log; one that
+died is started again for the next run.
+
+Warm interpreters start on first use (with `prestart`, as soon as a run has
+its environment), and stop when idle for `idle_seconds`, when their
+environment is evicted or rebuilt, and when the pool closes. Each exits by
+itself, stopping its runs, once the node is gone (its standard input, a pipe
+from the node, closes), so none outlives a killed node.
+"""
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Awaitable, Callable, Mapping, Sequence
+
+from . import metrics
+from .config import EnvironmentSpec, PipelineConfig
+from .runner import luigi_environ
+from .subprocesses import GRACE_SECONDS, run_streaming
+
+log = logging.getLogger(__name__)
+
+ZYGOTE = Path(__file__).with_name("zygote.py")
+READY, REFUSED = "poltergust-zygote-ready", "poltergust-zygote-refused"
+BOOT_TIMEOUT = 120.0
+RETRY_REFUSED_SECONDS = 600.0
+"""A warm interpreter that failed to start is not tried again for this long (the run falls back meanwhile)."""
+MAX_SOCKET_PATH = 100
+"""A Unix socket's path must fit in 108 bytes; longer data directories get a private temporary one."""
+STARTUP_VARIABLES = ("PYTHON", "LD_", "LC_", "LANG", "HOME")
+"""Prefixes of variables read when an interpreter starts: a run setting them gets a warm interpreter of its own."""
+
+Runner = Callable[..., Awaitable[int]]
+Note = Callable[[str], None]
+
+
+class WarmUnavailable(Exception):
+    """This run cannot use a warm interpreter; the message says why (for the run log)."""
+
+
+@dataclasses.dataclass
+class _Zygote:
+    key: str
+    env_path: Path
+    env_inode: int
+    socket: Path
+    process: asyncio.subprocess.Process
+    ready: asyncio.Future[str]
+    """'' once serving; otherwise why it is not."""
+    running: int = 0
+    idle: asyncio.TimerHandle | None = None
+    died: str = ""
+    stopping: bool = False
+
+
+class WarmPool:
+    def __init__(self, directory: Path, node_environ: Mapping[str, str], *, idle_seconds: float = 600.0,
+                 prestart: bool = False) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o700)
+        self.directory = directory
+        self._temporary: Path | None = None
+        if len(str(directory / f"{'0' * 16}-{'0' * 8}.sock")) > MAX_SOCKET_PATH:
+            self._temporary = self.directory = Path(tempfile.mkdtemp(prefix="poltergust-warm-"))
+        self.node_environ = dict(node_environ)
+        self.idle_seconds = idle_seconds
+        self.prestart = prestart
+        self._zygotes: dict[str, _Zygote] = {}
+        self._failed: dict[str, tuple[str, float]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._starting = asyncio.Lock()
+
+    # -- the interface the node uses ----------------------------------------
+
+    def runner(self, env_path: Path, spec: EnvironmentSpec, config: PipelineConfig, note: Note) -> Runner:
+        """A `run_streaming` for luigi commands of this environment and config; other commands just spawn."""
+        base = luigi_environ(self.node_environ, spec, dataclasses.replace(config, variables={}), {})
+        if self.prestart:
+            self._spawn_task(self._prestart(env_path, spec.preload, base))
+        return functools.partial(self.run, env_path, spec.preload, base, note)
+
+    async def run(self, env_path: Path, preload: Sequence[str], base: Mapping[str, str], note: Note,
+                  command: Sequence[str], *, env: Mapping[str, str], cwd: Path, sink: Callable[[str], None]) -> int:
+        if list(command[:3]) != [str(env_path / "bin" / "python"), "-m", "luigi"]:
+            return await run_streaming(command, env=env, cwd=cwd, sink=sink)
+        try:
+            zygote = await self._zygote(env_path, preload, _boot_environ(base, env))
+            zygote.running += 1
+            if zygote.idle is not None:
+                zygote.idle.cancel()
+            try:
+                return await _fork(zygote, list(command[3:]), env, cwd, sink, note)
+            finally:
+                zygote.running -= 1
+                self._idle_later(zygote)
+        except WarmUnavailable as exc:
+            metrics.WARM_STARTS.labels("fallback").inc()
+            note(f"warm start unavailable: {exc}; starting luigi the usual way")
+            return await run_streaming(command, env=env, cwd=cwd, sink=sink)
+
+    def evicted(self, env_key: str) -> None:
+        """The environment cache removed `env_key`: its warm interpreters go too."""
+        for zygote in list(self._zygotes.values()):
+            if zygote.env_path.name == env_key:
+                self._stop_later(zygote, "its environment was evicted")
+
+    async def close(self) -> None:
+        """Stop every warm interpreter (the node is stopping)."""
+        await asyncio.gather(*(self._stop(z, "the node is stopping") for z in list(self._zygotes.values())))
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._temporary is not None:
+            shutil.rmtree(self._temporary, ignore_errors=True)
+
+    # -- starting and stopping ------------------------------------------------
+
+    async def _zygote(self, env_path: Path, preload: Sequence[str], boot: dict[str, str]) -> _Zygote:
+        key = _key(env_path, preload, boot)
+        async with self._starting:  # one start per key, however many runs ask at once
+            zygote = self._zygotes.get(key)
+            if zygote is not None and zygote.died:
+                del self._zygotes[key]  # this run falls back; the next one starts it again
+                raise WarmUnavailable(f"the environment's warm interpreter died ({zygote.died}); it starts again "
+                                      "for the next run")
+            if zygote is not None and _inode(env_path) != zygote.env_inode:
+                self._stop_later(zygote, "its environment was rebuilt")
+                zygote = None
+            if zygote is None:
+                failed = self._failed.get(key)
+                if failed is not None and time.monotonic() < failed[1]:
+                    raise WarmUnavailable(failed[0])
+                zygote = await self._start(key, env_path, preload, boot)
+        problem = await asyncio.shield(zygote.ready)
+        if problem:
+            if self._zygotes.get(key) is zygote:
+                del self._zygotes[key]
+            self._failed[key] = (problem, time.monotonic() + RETRY_REFUSED_SECONDS)
+            raise WarmUnavailable(problem)
+        return zygote
+
+    async def _prestart(self, env_path: Path, preload: Sequence[str], base: dict[str, str]) -> None:
+        with contextlib.suppress(WarmUnavailable):
+            await self._zygote(env_path, preload, _boot_environ(base, base))
+
+    async def _start(self, key: str, env_path: Path, preload: Sequence[str], boot: dict[str, str]) -> _Zygote:
+        path = self.directory / f"{key}-{uuid.uuid4().hex[:8]}.sock"  # never the path of one still stopping
+        try:
+            inode = _inode(env_path)
+            process = await asyncio.create_subprocess_exec(
+                str(env_path / "bin" / "python"), str(ZYGOTE), str(path), *preload,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                env=boot, cwd=str(self.directory), start_new_session=True, limit=1 << 20,
+            )
+        except OSError as exc:
+            raise WarmUnavailable(f"cannot start a warm interpreter: {exc}") from None
+        zygote = _Zygote(key, env_path, inode, path, process, asyncio.get_running_loop().create_future())
+        self._zygotes[key] = zygote
+        metrics.WARM_INTERPRETERS.inc()
+        self._spawn_task(self._watch(zygote, time.monotonic()))
+        self._idle_later(zygote)
+        return zygote
+
+    async def _watch(self, zygote: _Zygote, started: float) -> None:
+        """Follow a warm interpreter's output and exit; its first words say whether it serves."""
+        assert zygote.process.stdout is not None
+        said: list[str] = []
+        try:
+            while not zygote.ready.done():
+                line = (await asyncio.wait_for(zygote.process.stdout.readline(), BOOT_TIMEOUT)).decode(errors="replace")
+                if not line:
+                    break
+                if line.startswith(READY):
+                    info = json.loads(line.split(" ", 1)[1])
+                    log.info("warm interpreter for environment %s started: pid %d, Python %s, %.2fs",
+                             zygote.env_path.name, info["pid"], info["python"], time.monotonic() - started)
+                    zygote.ready.set_result("")
+                elif line.startswith(REFUSED):
+                    zygote.ready.set_result(f"the warm interpreter refused to serve: {json.loads(line.split(' ', 1)[1])}")
+                else:
+                    said = [*said[-9:], line.rstrip()]
+            while line := (await zygote.process.stdout.readline()).decode(errors="replace"):
+                log.info("warm interpreter for environment %s: %s", zygote.env_path.name, line.rstrip())
+        except asyncio.TimeoutError:
+            zygote.process.kill()
+        code = await zygote.process.wait()
+        metrics.WARM_INTERPRETERS.dec()
+        if not zygote.ready.done():
+            detail = f": {' / '.join(said)}" if said else ""
+            zygote.ready.set_result(f"the warm interpreter exited with code {code} while starting{detail}")
+        elif not zygote.stopping and not zygote.ready.result():
+            zygote.died = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+            log.warning("warm interpreter for environment %s died (%s)", zygote.env_path.name, zygote.died)
+        with contextlib.suppress(FileNotFoundError):
+            zygote.socket.unlink()
+
+    def _idle_later(self, zygote: _Zygote) -> None:
+        if zygote.idle is not None:
+            zygote.idle.cancel()
+        if zygote.running == 0 and not zygote.stopping:
+            zygote.idle = asyncio.get_running_loop().call_later(
+                self.idle_seconds, self._stop_later, zygote, f"idle for {self.idle_seconds:g}s")
+
+    def _stop_later(self, zygote: _Zygote, why: str) -> None:
+        self._spawn_task(self._stop(zygote, why))
+
+    async def _stop(self, zygote: _Zygote, why: str) -> None:
+        """Close its standard input: it stops its runs' process groups and exits; kill it if it lingers."""
+        if self._zygotes.get(zygote.key) is zygote:
+            del self._zygotes[zygote.key]
+        if zygote.idle is not None:
+            zygote.idle.cancel()
+        if zygote.stopping or zygote.process.returncode is not None:
+            return
+        zygote.stopping = True
+        log.info("stopping the warm interpreter for environment %s: %s", zygote.env_path.name, why)
+        assert zygote.process.stdin is not None
+        zygote.process.stdin.close()
+        try:
+            await asyncio.wait_for(zygote.process.wait(), 2 * GRACE_SECONDS + 1)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                zygote.process.kill()
+            await zygote.process.wait()
+
+    def _spawn_task(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _key(env_path: Path, preload: Sequence[str], boot: Mapping[str, str]) -> str:
+    identity = json.dumps([str(env_path), list(preload), sorted(boot.items())])
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def _boot_environ(base: Mapping[str, str], run: Mapping[str, str]) -> dict[str, str]:
+    """The warm interpreter's environment: the run's base one, with the run's own start-up variables."""
+    boot = {k: v for k, v in base.items() if not k.startswith(STARTUP_VARIABLES)}
+    boot.update((k, v) for k, v in run.items() if k.startswith(STARTUP_VARIABLES))
+    return boot
+
+
+def _inode(path: Path) -> int:
+    try:
+        return os.stat(path).st_ino
+    except OSError as exc:
+        raise WarmUnavailable(f"the environment is gone ({exc})") from None
+
+
+# -- one forked run ----------------------------------------------------------
+
+
+async def _fork(zygote: _Zygote, argv: list[str], env: Mapping[str, str], cwd: Path, sink: Callable[[str], None],
+                note: Note) -> int:
+    """Have `zygote` fork luigi with `argv`; stream its output to `sink`; return its exit code."""
+    loop = asyncio.get_running_loop()
+    read_end, write_end = os.pipe()
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.setblocking(False)
+    try:
+        payload = json.dumps({"argv": argv, "env": dict(env), "cwd": str(cwd)}).encode()
+        message = struct.pack(">I", len(payload)) + payload
+        await loop.sock_connect(connection, str(zygote.socket))
+        sent = connection.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [write_end]))])
+        await loop.sock_sendall(connection, message[sent:])
+    except OSError as exc:
+        os.close(read_end)
+        connection.close()
+        raise WarmUnavailable(f"the environment's warm interpreter cannot be reached ({exc})") from None
+    finally:
+        os.close(write_end)
+    reader, writer = await asyncio.open_unix_connection(sock=connection)
+    child = _Child(reader)
+    output = asyncio.StreamReader(limit=1 << 20)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(output),
+                                                os.fdopen(read_end, "rb", buffering=0))
+    try:
+        pid = await child.pid
+        metrics.WARM_STARTS.labels("forked").inc()
+        note(f"luigi forked from the environment's warm interpreter as pid {pid}")
+        await _stream(output, sink)
+        code = await child.status
+        if code is None:
+            raise WarmUnavailable("the warm interpreter died during the run and luigi's exit status was lost")
+        return code
+    finally:
+        if not child.status.done() and child.pid.done() and not child.pid.exception():
+            await asyncio.shield(_stop(child))
+        transport.close()
+        writer.close()
+        child.listening.cancel()
+
+
+class _Child:
+    """What a zygote and its child say about one run: the child's pid, then its exit status."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        loop = asyncio.get_running_loop()
+        self.pid: asyncio.Future[int] = loop.create_future()
+        self.status: asyncio.Future[int | None] = loop.create_future()
+        self.pid.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception never retrieved"
+        self.listening = asyncio.ensure_future(self._listen(reader))
+
+    async def _listen(self, reader: asyncio.StreamReader) -> None:
+        own_report = None
+        try:
+            while line := await reader.readline():
+                message = json.loads(line)
+                if "pid" in message and not self.pid.done():
+                    self.pid.set_result(int(message["pid"]))
+                elif "exit" in message:
+                    own_report = int(message["exit"])  # the child's word: used only if the zygote's is lost
+                elif "status" in message:
+                    self.status.set_result(int(message["status"]))
+                    return
+                elif "error" in message and not self.pid.done():
+                    self.pid.set_exception(WarmUnavailable(f"the warm interpreter could not fork: {message['error']}"))
+        except (OSError, ValueError):
+            pass
+        if not self.pid.done():
+            self.pid.set_exception(WarmUnavailable("the warm interpreter closed the connection before forking"))
+        if not self.status.done():
+            self.status.set_result(own_report)
+
+
+async def _stream(output: asyncio.StreamReader, sink: Callable[[str], None]) -> None:
+    while True:
+        try:
+            line = await output.readline()
+        except ValueError:  # a single line over the limit: keep what fits
+            line = (await output.read(1 << 16)) + b" [line truncated]\n"
+        if not line:
+            return
+        sink(line.decode("utf-8", errors="replace"))
+
+
+async def _stop(child: _Child) -> None:
+    """SIGTERM the child's process group, then SIGKILL it if it lingers (as `run_streaming` does)."""
+    pid = child.pid.result()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        try:
+            await asyncio.wait_for(asyncio.shield(child.status), GRACE_SECONDS)
+            return
+        except asyncio.TimeoutError:
+            continue

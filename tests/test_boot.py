@@ -1,0 +1,336 @@
+"""The VM boot path for real: build a release, boot both roles with deploy/node-init.sh, run what the units run.
+
+Each boot runs node-init.sh (not a dry run) under a throwaway root (`--root`),
+against a loopback metadata server (tests/deploy_fixtures/fake_metadata.py),
+with the release's wheel and lock file in the GCS emulator and `systemctl`
+replaced by a recorder. The script creates the venv, installs the wheel with
+`pip --require-hashes` from a local wheelhouse (no package index), writes the
+unit. The test then starts the unit's ExecStart with the unit's environment,
+as systemd would (only the listen addresses become loopback ports), and runs
+a pipeline through the booted luigid and node.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+
+from conftest import PROJECT, TOPIC, WHEELHOUSE
+from deploy_fixtures.fake_metadata import FakeMetadata
+from stack import ROOT, Bucket, FakeGcs, PubSubEmulator, Server, free_port, wait_for
+
+NODE_INIT = ROOT / "deploy" / "node-init.sh"
+BUILD_RELEASE = ROOT / "deploy" / "build-release.sh"
+UV = os.environ.get("UV") or next((str(p) for p in [Path(sys.executable).parent / "uv"] if p.exists()),
+                                  shutil.which("uv") or "uv")
+SYSTEM_PREFIXES = ("/opt/poltergust", "/var/lib/poltergust", "/etc/poltergust")
+SECRET = 'pa$$ "w\\ord" `x`'
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A release built by deploy/build-release.sh from this checkout, from the local wheelhouse only."""
+    subprocess.run(["bash", str(ROOT / "tests" / "setup" / "runtime-wheels.sh"), str(WHEELHOUSE)], check=True,
+                   env={**os.environ, "PYTHON": sys.executable}, timeout=600)
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "UV": str(UV), "UV_NO_INDEX": "1", "UV_FIND_LINKS": str(WHEELHOUSE)}
+    built = subprocess.run(["bash", str(BUILD_RELEASE), "--out-dir", str(out),
+                            "--python-version", platform.python_version()],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert built.returncode == 0, built.stderr
+    manifest = json.loads((out / "release.json").read_text())
+    manifest["dir"] = out / manifest["version"]
+    assert built.stdout.strip() == manifest["version"]
+    return manifest
+
+
+@pytest.fixture
+def dist(gcs: FakeGcs, release: dict) -> Iterator[tuple[Bucket, dict[str, str]]]:
+    """The release uploaded as the deploy does, and the metadata attributes that point at it."""
+    bucket = Bucket(gcs, f"boot-{uuid.uuid4().hex[:12]}")
+    prefix = f"_poltergust/dist/{release['version']}/"
+    for name in (release["wheel"], release["lock"]):
+        bucket.upload(prefix + name, (release["dir"] / name).read_bytes())
+    yield bucket, {
+        "poltergust-wheel-url": bucket.url(prefix + release["wheel"]),
+        "poltergust-wheel-sha256": release["wheel_sha256"],
+        "poltergust-lock-url": bucket.url(prefix + release["lock"]),
+        "poltergust-lock-sha256": release["lock_sha256"],
+    }
+
+
+class Boot:
+    """One run of node-init.sh on a throwaway root."""
+
+    def __init__(self, tmp_path: Path, name: str, metadata: FakeMetadata, gcs: FakeGcs,
+                 wheelhouse: Path = WHEELHOUSE) -> None:
+        self.root = tmp_path / name
+        bin_dir = tmp_path / f"{name}-bin"
+        bin_dir.mkdir()
+        self.calls = tmp_path / f"{name}-systemctl.log"
+        (bin_dir / "systemctl").write_text(f'#!/bin/sh\necho "$*" >>"{self.calls}"\n')
+        (bin_dir / "systemctl").chmod(0o755)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("POLTERGUST_", "PIP_", "UV_"))}
+        self.env.update(PATH=f"{bin_dir}{os.pathsep}{self.env['PATH']}", GCE_METADATA_HOST=metadata.host,
+                        STORAGE_EMULATOR_HOST=gcs.url, POLTERGUST_SECRET_MANAGER_URL=metadata.url,
+                        PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheelhouse))
+        self.run()
+
+    def run(self) -> None:
+        """Run node-init.sh (again: a reboot)."""
+        self.calls.unlink(missing_ok=True)
+        self.result = subprocess.run(["bash", str(NODE_INIT), "--root", str(self.root)],
+                                     capture_output=True, text=True, env=self.env, timeout=300)
+
+    def systemctl(self) -> list[str]:
+        return self.calls.read_text().splitlines() if self.calls.exists() else []
+
+    def unit(self, name: str) -> str:
+        return (self.root / "etc/systemd/system" / name).read_text()
+
+    def here(self, path: str) -> str:
+        """A system path as it lies under the throwaway root."""
+        return f"{self.root}{path}" if path.startswith(SYSTEM_PREFIXES) else path
+
+    def start(self, unit_name: str, log: Path, extra_env: dict[str, str], listen: dict[str, str]) -> Server:
+        """Start the unit's ExecStart as systemd would: its Environment=, EnvironmentFile=, WorkingDirectory=."""
+        unit = self.unit(unit_name)
+        env = {"PATH": os.environ["PATH"], **extra_env}
+        for value in directives(unit, "Environment"):
+            for assignment in shlex.split(value):
+                key, _, val = assignment.partition("=")
+                env[key] = self.here(val)
+        for value in directives(unit, "EnvironmentFile"):
+            path = Path(self.here(value.lstrip("-")))
+            if path.exists() or not value.startswith("-"):
+                env.update(parse_environment_file(path.read_text()))
+        for state in " ".join(directives(unit, "StateDirectory")).split():
+            Path(self.here(f"/var/lib/{state}")).mkdir(parents=True, exist_ok=True)
+        words = [w.replace("$$", "$").replace("%%", "%") for w in shlex.split(directives(unit, "ExecStart")[0])]
+        words = [self.here(w) for w in words]
+        for flag, value in listen.items():
+            words[words.index(flag) + 1] = value
+        cwd = Path(self.here(directives(unit, "WorkingDirectory")[0]))
+        return Server(unit_name, words, log, env=env, cwd=cwd)
+
+
+def directives(unit: str, key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith(key + "=")]
+
+
+def parse_environment_file(text: str) -> dict[str, str]:
+    """KEY=VALUE and KEY="VALUE" lines as systemd reads them (double quotes: backslash escapes \\ \" ` $)."""
+    env = {}
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if not value.startswith('"'):
+            env[key] = value
+            continue
+        out, chars = [], iter(value[1:])
+        for char in chars:
+            if char == '"':
+                break
+            if char == "\\":
+                char = next(chars)
+                out.append(char if char in '"\\`$' else "\\" + char)
+            else:
+                out.append(char)
+        env[key] = "".join(out)
+    return env
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def installed(boot: Boot, release_dir: Path) -> dict[str, str]:
+    python = release_dir / "venv" / "bin" / "python"
+    listing = subprocess.run([str(python), "-m", "pip", "list", "--format=json", "--disable-pip-version-check"],
+                             capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]})
+    return {p["name"].lower().replace("_", "-"): p["version"] for p in json.loads(listing.stdout)
+            if p["name"] not in ("pip", "setuptools")}
+
+
+def locked(lock: str) -> dict[str, str]:
+    pins = [line.split()[0] for line in lock.splitlines() if "==" in line and not line.startswith(" ")]
+    return {name.lower().replace("_", "-"): version for name, version in (p.split("==") for p in pins)}
+
+
+def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
+    tmp_path: Path, gcs: FakeGcs, pubsub: PubSubEmulator, dist, release: dict, environment_yaml: str,
+) -> None:
+    bucket, release_attributes = dist
+    servers: list[Server] = []
+    metadata = FakeMetadata({"poltergust-role": "scheduler", **release_attributes}, PROJECT)
+    try:
+        # The scheduler VM.
+        scheduler = Boot(tmp_path, "scheduler", metadata, gcs)
+        assert scheduler.result.returncode == 0, scheduler.result.stderr
+        assert scheduler.systemctl() == ["daemon-reload", "enable poltergust-luigid.service",
+                                         "restart poltergust-luigid.service"]
+        luigid_port = free_port()
+        luigid = scheduler.start("poltergust-luigid.service", tmp_path / "luigid.log", {},
+                                 {"--port": str(luigid_port), "--address": "127.0.0.1"})
+        servers.append(luigid)
+        luigid_url = f"http://127.0.0.1:{luigid_port}"
+        wait_for(lambda: luigid.check_alive() or http_status(f"{luigid_url}/api/task_list?data=%7B%7D") == 200,
+                 60, "the booted luigid to answer")
+
+        # A node VM, pointed at that luigid, with a secret for its pipelines.
+        metadata.attributes = {
+            "poltergust-role": "node", **release_attributes, "poltergust-path": bucket.url("pipeline"),
+            "poltergust-scheduler-url": luigid_url, "poltergust-topic": TOPIC,
+            "poltergust-secrets": "BOOT_SECRET=boot-secret",
+        }
+        metadata.secrets = {f"projects/{PROJECT}/secrets/boot-secret/versions/latest": SECRET}
+        node = Boot(tmp_path, "node", metadata, gcs)
+        assert node.result.returncode == 0, node.result.stderr
+        assert node.systemctl() == ["daemon-reload", "enable poltergust-node.service",
+                                    "restart poltergust-node.service"]
+        assert metadata.refused == [], "every request carried Metadata-Flavor: Google (and the token)"
+        assert SECRET not in node.result.stderr
+
+        # Exactly the release: the verified wheel and the locked dependencies, nothing else.
+        release_dirs = list((node.root / "opt/poltergust/releases").iterdir())
+        assert len(release_dirs) == 1 and (release_dirs[0] / ".installed").exists()
+        assert installed(node, release_dirs[0]) == {**locked((release["dir"] / "requirements.lock").read_text()),
+                                                    "poltergust": release["wheel"].split("-")[1]}
+        env_file = node.root / "etc/poltergust/node.env"
+        assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+        assert parse_environment_file(env_file.read_text()) == {"BOOT_SECRET": SECRET}
+
+        health_port = free_port()
+        service = node.start("poltergust-node.service", tmp_path / "node.log",
+                             {"PUBSUB_EMULATOR_HOST": pubsub.host, "STORAGE_EMULATOR_HOST": gcs.url,
+                              "POLTERGUST_NODE_NAME": f"boot-{uuid.uuid4().hex[:6]}"},
+                             {"--http-host": "127.0.0.1", "--http-port": str(health_port)})
+        servers.append(service)
+        wait_for(lambda: service.check_alive() or http_status(f"http://127.0.0.1:{health_port}/healthz") == 200,
+                 90, "the booted node's /healthz to answer 200")
+
+        out = tmp_path / "out"
+        bucket.upload("environment/test.yaml", environment_yaml)
+        bucket.upload("pipeline/booted.config.yaml", yaml.safe_dump({
+            "environment": bucket.url("environment/test.yaml"),
+            "task": {"name": "Touch", "module": "poltergust_testpipes", "out-dir": str(out),
+                     "variable": "BOOT_SECRET"}}))
+        done = wait_for(lambda: service.check_alive() or bucket.read("pipeline/booted.done.yaml"), 120,
+                        "booted.done.yaml")
+        assert yaml.safe_load(done)["poltergust"]["outcome"] == "done"
+        assert (out / "touch.txt").read_text().splitlines()[1:] in ([], [""]), \
+            "the node's secrets are for {{NAME}} in dependencies: pipelines never see them"
+        assert luigid.check_alive() is None and json.loads(urllib.request.urlopen(
+            f"{luigid_url}/api/task_list?data=%7B%22status%22%3A%22DONE%22%7D", timeout=5).read())["response"]
+
+        # A reboot finds the release installed and changes nothing.
+        unit = node.unit("poltergust-node.service")
+        node.run()
+        assert node.result.returncode == 0, node.result.stderr
+        assert "is installed already" in node.result.stderr and "installing release" not in node.result.stderr
+        assert node.unit("poltergust-node.service") == unit
+        assert node.systemctl()[-1] == "restart poltergust-node.service"
+    finally:
+        for server in servers:
+            server.stop()
+        metadata.stop()
+
+
+def test_the_metadata_server_fake_refuses_requests_without_the_flavor_header() -> None:
+    metadata = FakeMetadata({"poltergust-role": "node"}, PROJECT)
+    try:
+        url = f"{metadata.url}/computeMetadata/v1/instance/attributes/poltergust-role"
+        assert http_status(url) == 403
+        request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+        assert urllib.request.urlopen(request, timeout=5).read() == b"node"
+    finally:
+        metadata.stop()
+
+
+def test_a_tampered_wheel_in_the_bucket_is_refused(tmp_path: Path, gcs: FakeGcs, dist, release: dict) -> None:
+    bucket, attributes = dist
+    wheel = (release["dir"] / release["wheel"]).read_bytes()
+    bucket.upload(attributes["poltergust-wheel-url"].split("/", 3)[3], wheel + b"\0planted")
+    metadata = FakeMetadata({"poltergust-role": "node", **attributes, "poltergust-path": bucket.url("pipeline"),
+                             "poltergust-scheduler-url": "http://127.0.0.1:1"}, PROJECT)
+    try:
+        boot = Boot(tmp_path, "tampered", metadata, gcs)
+    finally:
+        metadata.stop()
+    assert boot.result.returncode == 1
+    assert f"but the metadata says {release['wheel_sha256']}" in boot.result.stderr
+    assert "nothing was installed" in boot.result.stderr
+    assert boot.systemctl() == []
+    assert not (boot.root / "etc/systemd/system/poltergust-node.service").exists()
+    assert not list((boot.root / "opt/poltergust/releases").glob("*/.installed"))
+
+
+def test_a_tampered_dependency_is_refused_by_pip(tmp_path: Path, gcs: FakeGcs, dist, release: dict) -> None:
+    _, attributes = dist
+    wheelhouse = tmp_path / "wheelhouse"
+    shutil.copytree(WHEELHOUSE, wheelhouse)
+    pins = locked((release["dir"] / "requirements.lock").read_text())
+    victim = min((wheel for wheel in wheelhouse.glob("*.whl")
+                  if pins.get(wheel.name.split("-")[0].lower().replace("_", "-")) == wheel.name.split("-")[1]),
+                 key=lambda wheel: wheel.stat().st_size)
+    with victim.open("ab") as handle:
+        handle.write(b"planted")
+    name = victim.name.split("-")[0]
+    metadata = FakeMetadata({"poltergust-role": "scheduler", **attributes}, PROJECT)
+    try:
+        boot = Boot(tmp_path, "tampered-dep", metadata, gcs, wheelhouse=wheelhouse)
+    finally:
+        metadata.stop()
+    assert boot.result.returncode == 1
+    assert "DO NOT MATCH THE HASHES" in boot.result.stderr
+    assert {name, name.replace("_", "-")} & set(re.findall(r"[\w.-]+", boot.result.stderr))
+    assert "nothing was started" in boot.result.stderr
+    assert boot.systemctl() == []
+    assert not list((boot.root / "opt/poltergust/releases").glob("*/.installed"))
+
+
+# ---------------------------------------------------------------------------
+# What autohealing sees when a node's disk fills up
+
+
+def test_disk_shortage_names_the_directory_below_the_limit(tmp_path: Path) -> None:
+    from poltergust.health import disk_shortage
+
+    missing = tmp_path / "not" / "made" / "yet"
+    assert disk_shortage([tmp_path, missing], None) is None
+    assert disk_shortage([tmp_path, missing], 1) is None
+    free = shutil.disk_usage(tmp_path).free
+    reason = disk_shortage([missing], free * 2)
+    assert reason is not None and reason.startswith("disk nearly full") and str(missing) in reason
+
+
+@pytest.mark.parametrize("backend", ["local"])
+def test_healthz_fails_while_the_disk_is_nearly_full(start_node) -> None:
+    full_port, roomy_port = free_port(), free_port()
+    start_node("node-full", "--http-port", str(full_port), "--min-free-disk", "1000000T")
+    start_node("node-roomy", "--http-port", str(roomy_port), "--min-free-disk", "1M")
+    assert http_status(f"http://127.0.0.1:{roomy_port}/healthz") == 200
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{full_port}/healthz", timeout=5)
+        raise AssertionError("a node without disk space must fail its health check")
+    except urllib.error.HTTPError as error:
+        assert error.code == 503 and error.read().decode().startswith("disk nearly full")

@@ -1,0 +1,275 @@
+"""deploy/node-init.sh without a VM: its units (from --dry-run, metadata from a directory) and their hardening.
+
+The real boot (install, units, start) is tests/test_boot.py; these check what
+the script writes for each setting, that bad metadata is named before anything
+is written, that `systemd-analyze security --offline` scores both units 5.0 or
+better, and how clusters/dataproc-init.sh hands DataProc's metadata over.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_INIT = ROOT / "deploy" / "node-init.sh"
+CLUSTERS = ROOT / "clusters"
+
+RELEASE_METADATA = {
+    "poltergust-wheel-url": "gs://my-bucket/_poltergust/dist/0.1.0-abc/poltergust-0.1.0-py3-none-any.whl",
+    "poltergust-wheel-sha256": "a" * 64,
+    "poltergust-lock-url": "gs://my-bucket/_poltergust/dist/0.1.0-abc/requirements.lock",
+    "poltergust-lock-sha256": "b" * 64,
+}
+RELEASE = "/opt/poltergust/releases/" + hashlib.sha256(f"{'a' * 64} {'b' * 64}".encode()).hexdigest()[:16]
+NODE_METADATA = {
+    "poltergust-role": "node",
+    **RELEASE_METADATA,
+    "poltergust-path": "gs://my-bucket/pipeline",
+    "poltergust-scheduler-url": "http://10.42.0.2:8082",
+    "poltergust-topic": "poltergust-my-bucket",
+    "poltergust-project": "my-project",
+}
+NODE_UNIT = "etc/systemd/system/poltergust-node.service"
+LUIGID_UNIT = "etc/systemd/system/poltergust-luigid.service"
+
+
+def run_init(tmp_path: Path, attributes: dict[str, str], project_id: str | None = "metadata-project",
+             script: Path = NODE_INIT) -> tuple[subprocess.CompletedProcess[str], Path]:
+    metadata = tmp_path / "metadata"
+    shutil.rmtree(metadata, ignore_errors=True)
+    (metadata / "instance" / "attributes").mkdir(parents=True)
+    for name, value in attributes.items():
+        (metadata / "instance" / "attributes" / name).write_text(value + "\n")
+    if project_id is not None:
+        (metadata / "project").mkdir()
+        (metadata / "project" / "project-id").write_text(project_id)
+    root = tmp_path / "root"
+    shutil.rmtree(root, ignore_errors=True)
+    env = {**os.environ, "POLTERGUST_METADATA_DIR": str(metadata)}
+    result = subprocess.run(["bash", str(script), "--dry-run", "--root", str(root)],
+                            capture_output=True, text=True, timeout=60, env=env)
+    return result, root
+
+
+def unit_value(unit: str, key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith(key + "=")]
+
+
+def test_node_unit_runs_the_release_with_the_metadata_values(tmp_path: Path) -> None:
+    result, root = run_init(tmp_path, NODE_METADATA)
+    assert result.returncode == 0, result.stderr
+    unit = (root / NODE_UNIT).read_text()
+    exec_start = unit_value(unit, "ExecStart")
+    assert len(exec_start) == 1
+    assert exec_start[0].startswith(
+        f"{RELEASE}/venv/bin/python -P -m poltergust.async_worker --path gs://my-bucket/pipeline "
+        "--scheduler-url http://10.42.0.2:8082 --topic poltergust-my-bucket --project my-project "
+        "--http-host 0.0.0.0 --http-port 8080 --env-cache-size ")
+    # Both sizes come from the disk under the state directory.
+    cache, free = re.search(r"--env-cache-size (\d+)M --min-free-disk (\d+)M$", exec_start[0]).groups()
+    disk_mib = shutil.disk_usage(root).total // 2**20
+    assert abs(int(cache) - disk_mib // 2) <= 1 and 1024 <= int(free) <= 5120
+    assert unit_value(unit, "WorkingDirectory") == [RELEASE]
+    assert unit_value(unit, "EnvironmentFile") == ["-/etc/poltergust/node.env"]
+    assert unit_value(unit, "Restart") == ["on-failure"]
+    assert unit_value(unit, "KillSignal") == ["SIGTERM"]
+    # Longer than the node's graceful shutdown (~10 s).
+    assert int(unit_value(unit, "TimeoutStopSec")[0]) >= 30
+    assert unit_value(unit, "User") == ["poltergust"]
+    assert "WantedBy=multi-user.target" in unit
+    assert not (root / LUIGID_UNIT).exists()
+    # Dry-run: nothing installed, systemctl only announced.
+    assert "would run: systemctl enable poltergust-node.service" in result.stderr
+    assert f"would install {RELEASE_METADATA['poltergust-wheel-url']} (sha256 {'a' * 64})" in result.stderr
+
+
+def test_node_defaults_come_from_the_path_and_the_project_metadata(tmp_path: Path) -> None:
+    attributes = {k: v for k, v in NODE_METADATA.items() if k not in ("poltergust-topic", "poltergust-project")}
+    result, root = run_init(tmp_path, attributes, project_id="metadata-project")
+    assert result.returncode == 0, result.stderr
+    exec_start = unit_value((root / NODE_UNIT).read_text(), "ExecStart")[0]
+    assert "--topic poltergust-my-bucket --project metadata-project " in exec_start
+
+
+def test_node_takes_several_paths_and_optional_settings(tmp_path: Path) -> None:
+    attributes = {**NODE_METADATA, "poltergust-path": "gs://my-bucket/pipeline gs://other-bucket/jobs",
+                  "poltergust-max-concurrent": "2", "poltergust-env-cache-size": "20G",
+                  "poltergust-backlog-subscription": "poltergust-backlog",
+                  "poltergust-min-free-disk": "3G", "poltergust-secrets": "TOKEN=gh-token DB=projects/p-1/secrets/db"}
+    result, root = run_init(tmp_path, attributes)
+    assert result.returncode == 0, result.stderr
+    unit = (root / NODE_UNIT).read_text()
+    assert "--path gs://my-bucket/pipeline --path gs://other-bucket/jobs --scheduler-url" in unit
+    assert unit_value(unit, "ExecStart")[0].endswith(" --env-cache-size 20G --min-free-disk 3G")
+    assert "Environment=POLTERGUST_MAX_CONCURRENT=2" in unit
+    assert "Environment=POLTERGUST_BACKLOG_SUBSCRIPTION=poltergust-backlog" in unit
+    assert "would read projects/my-project/secrets/gh-token/versions/latest into /etc/poltergust/node.env as TOKEN" \
+        in result.stderr
+    assert "would read projects/p-1/secrets/db/versions/latest" in result.stderr
+
+
+def test_exec_start_quotes_unusual_values_for_systemd(tmp_path: Path) -> None:
+    attributes = {**NODE_METADATA, "poltergust-path": 'gs://my-bucket/pipe$HOME%n"x\\y'}
+    result, root = run_init(tmp_path, attributes)
+    assert result.returncode == 0, result.stderr
+    exec_start = unit_value((root / NODE_UNIT).read_text(), "ExecStart")[0]
+    # Double quotes; $ and % doubled so systemd expands neither; \ and " escaped.
+    assert ' --path "gs://my-bucket/pipe$$HOME%%n\\"x\\\\y" --scheduler-url ' in exec_start
+
+
+def test_scheduler_role_gets_luigid_and_no_node(tmp_path: Path) -> None:
+    result, root = run_init(tmp_path, {"poltergust-role": "scheduler", **RELEASE_METADATA})
+    assert result.returncode == 0, result.stderr
+    assert not (root / NODE_UNIT).exists()
+    unit = (root / LUIGID_UNIT).read_text()
+    assert unit_value(unit, "ExecStart") == [
+        f"{RELEASE}/venv/bin/python -P -m poltergust.luigid --port 8082 --address 0.0.0.0 "
+        "--state-path /var/lib/poltergust-luigid/state.pickle"]
+    assert unit_value(unit, "DynamicUser") == ["yes"]
+    assert unit_value(unit, "Environment").count("LUIGI_CONFIG_PATH=/etc/poltergust/luigi.cfg") == 1
+    cfg = (root / "etc/poltergust/luigi.cfg").read_text()
+    assert "[scheduler]" in cfg
+    assert re.search(r"^worker_disconnect_delay = 30$", cfg, re.M)
+    assert "would run: systemctl enable poltergust-luigid.service" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "attribute"),
+    [
+        ({"poltergust-path": None}, "poltergust-path"),
+        ({"poltergust-path": "s3://my-bucket/pipeline"}, "poltergust-path"),
+        ({"poltergust-path": "/data/pipeline"}, "poltergust-path"),
+        ({"poltergust-scheduler-url": None}, "poltergust-scheduler-url"),
+        ({"poltergust-scheduler-url": "localhost:8082"}, "poltergust-scheduler-url"),
+        ({"poltergust-role": None}, "poltergust-role"),
+        ({"poltergust-role": "worker"}, "poltergust-role"),
+        ({"poltergust-topic": "bad topic!"}, "poltergust-topic"),
+        ({"poltergust-project": None, "project-id": None}, "poltergust-project"),
+        ({"poltergust-package": "poltergust==1.2.3"}, "poltergust-package"),
+        ({"poltergust-max-concurrent": "many"}, "poltergust-max-concurrent"),
+        ({"poltergust-backlog-subscription": "bad name; rm"}, "poltergust-backlog-subscription"),
+        ({"poltergust-wheel-url": None}, "poltergust-wheel-url"),
+        ({"poltergust-wheel-url": "http://example.invalid/poltergust-0.1.0-py3-none-any.whl"},
+         "poltergust-wheel-url"),
+        ({"poltergust-wheel-url": "gs://my-bucket/dist/poltergust.tar.gz"}, "poltergust-wheel-url"),
+        ({"poltergust-wheel-sha256": "abc"}, "poltergust-wheel-sha256"),
+        ({"poltergust-lock-url": None}, "poltergust-lock-url"),
+        ({"poltergust-lock-sha256": None}, "poltergust-lock-sha256"),
+        ({"poltergust-secrets": "TOKEN"}, "poltergust-secrets"),
+        ({"poltergust-secrets": "TOKEN=a/b"}, "poltergust-secrets"),
+        ({"poltergust-env-cache-size": "lots"}, "poltergust-env-cache-size"),
+    ],
+)
+def test_bad_or_missing_metadata_is_named(tmp_path: Path, change: dict, attribute: str) -> None:
+    attributes = dict(NODE_METADATA)
+    project_id: str | None = "metadata-project"
+    for name, value in change.items():
+        if name == "project-id":
+            project_id = None
+        elif value is None:
+            attributes.pop(name, None)
+        else:
+            attributes[name] = value
+    result, root = run_init(tmp_path, attributes, project_id=project_id)
+    assert result.returncode == 2, result.stderr
+    assert f"metadata attribute {attribute}" in result.stderr
+    # Nothing half-done: settings are checked before anything is written.
+    assert not (root / NODE_UNIT).exists() and not (root / LUIGID_UNIT).exists()
+    assert "would" not in result.stderr
+
+
+def test_init_script_help_and_bad_arguments() -> None:
+    result = subprocess.run(["bash", str(NODE_INIT), "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "poltergust-wheel-sha256" in result.stdout
+    result = subprocess.run(["bash", str(NODE_INIT), "--bogus"], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "--bogus" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Hardening of the units
+
+HARDENING = {
+    "UMask": "0027", "StateDirectoryMode": "0750", "ProtectSystem": "strict", "ProtectHome": "yes",
+    "PrivateTmp": "yes", "ProtectProc": "invisible", "NoNewPrivileges": "yes", "CapabilityBoundingSet": "",
+}
+
+
+def security_score(unit: Path) -> float:
+    analyze = shutil.which("systemd-analyze")
+    if not analyze:
+        pytest.fail("systemd-analyze is missing: install the Debian package systemd (tests/run.sh does)")
+    result = subprocess.run([analyze, "security", "--offline=true", str(unit)], capture_output=True, text=True,
+                            timeout=60)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout + result.stderr)
+    assert match, result.stdout + result.stderr
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize(("attributes", "unit_path"), [(NODE_METADATA, NODE_UNIT),
+                                                     ({"poltergust-role": "scheduler", **RELEASE_METADATA},
+                                                      LUIGID_UNIT)])
+def test_units_are_locked_down_and_score_5_or_better(tmp_path: Path, attributes: dict, unit_path: str) -> None:
+    result, root = run_init(tmp_path, attributes)
+    assert result.returncode == 0, result.stderr
+    unit = (root / unit_path).read_text()
+    for key, value in HARDENING.items():
+        assert unit_value(unit, key) == [value], key
+    memory_max, tasks_max = unit_value(unit, "MemoryMax")[0], unit_value(unit, "TasksMax")[0]
+    total_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    assert memory_max.endswith("M") and total_mib * 0.8 <= int(memory_max[:-1]) < total_mib
+    assert int(tasks_max) >= 1024 * (os.cpu_count() or 1)
+    assert unit_value(unit, "WorkingDirectory") == [RELEASE]
+    score = security_score(root / unit_path)
+    assert score <= 5.0, f"{unit_path}: systemd-analyze security scores {score}"
+    # Every directive is one this systemd knows (only the release's python is missing here).
+    verify = subprocess.run(["systemd-analyze", "verify", str(root / unit_path)], capture_output=True, text=True,
+                            timeout=60)
+    problems = [line for line in (verify.stdout + verify.stderr).splitlines()
+                if "is not executable" not in line and "sysinit.target" not in line]
+    assert problems == []
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    recorded = re.search(rf"`{Path(unit_path).name}` \| (\d+\.\d+)", readme)
+    assert recorded and float(recorded.group(1)) == score, "deploy/README.md records the score measured here"
+
+
+# ---------------------------------------------------------------------------
+# DataProc: clusters/dataproc-init.sh hands its metadata to node-init.sh
+
+
+def fake_get_metadata(tmp_path: Path, values: dict[str, str]) -> Path:
+    """A stand-in for DataProc's get_metadata_value: `attributes/NAME` -> value."""
+    directory = tmp_path / "dataproc-metadata"
+    directory.mkdir()
+    for name, value in values.items():
+        (directory / name).write_text(value)
+    script = tmp_path / "get_metadata_value"
+    script.write_text(f'#!/bin/sh\ncat "{directory}/${{1#attributes/}}"\n')
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize(("dataproc_role", "unit"), [("Master", LUIGID_UNIT), ("Worker", NODE_UNIT)])
+def test_dataproc_init_maps_roles_onto_node_init(tmp_path: Path, dataproc_role: str, unit: str) -> None:
+    get_metadata = fake_get_metadata(tmp_path, {
+        "dataproc-role": dataproc_role, "dataproc-master": "mycluster-m", **RELEASE_METADATA,
+        "poltergust-path": "gs://mycluster/pipeline", "poltergust-topic": "poltergust-mycluster",
+        "poltergust-project": "my-proj",
+    })
+    root = tmp_path / "root"
+    env = {**os.environ, "POLTERGUST_GET_METADATA": str(get_metadata), "POLTERGUST_NODE_INIT": str(NODE_INIT)}
+    result = subprocess.run(["bash", str(CLUSTERS / "dataproc-init.sh"), "--dry-run", "--root", str(root)],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    units = sorted(p.name for p in (root / "etc/systemd/system").iterdir())
+    assert units == [Path(unit).name]
+    assert f"would install {RELEASE_METADATA['poltergust-wheel-url']}" in result.stderr
+    if dataproc_role == "Worker":
+        assert unit_value((root / NODE_UNIT).read_text(), "ExecStart")[0].startswith(
+            f"{RELEASE}/venv/bin/python -P -m poltergust.async_worker --path gs://mycluster/pipeline "
+            "--scheduler-url http://mycluster-m:8082 --topic poltergust-mycluster --project my-proj ")

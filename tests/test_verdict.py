@@ -1,0 +1,56 @@
+"""`graph.verdict`: a pipeline's outcome read from luigid's task graph, as a single luigi process would end."""
+from __future__ import annotations
+
+from typing import Any
+
+from poltergust.graph import Verdict, display_name, verdict
+
+ROOT = "Root__0"
+
+
+def task(status: str, *deps: str, name: str = "", params: dict[str, Any] | None = None,
+         runnable: bool = True) -> dict[str, Any]:
+    return {"status": status, "deps": list(deps), "name": name, "params": params or {}, "runnable": runnable}
+
+
+def test_done_when_the_root_is_done() -> None:
+    assert verdict({ROOT: task("DONE")}, ROOT).state == "done"
+
+
+def test_unknown_without_the_root_in_the_graph() -> None:
+    assert verdict({}, ROOT).state == "unknown"
+
+
+def test_a_failure_waits_while_other_tasks_could_still_run() -> None:
+    """A single luigi process goes on with every other task it can run after one failed."""
+    graph = {ROOT: task("PENDING", "A", "B"), "A": task("FAILED", name="A"), "B": task("PENDING", name="B")}
+    assert verdict(graph, ROOT) == Verdict("busy", takeable=1, failed=[("A", "A()")])
+
+
+def test_a_failure_waits_while_a_task_runs() -> None:
+    graph = {ROOT: task("PENDING", "A", "B"), "A": task("FAILED", name="A"), "B": task("RUNNING", name="B")}
+    assert verdict(graph, ROOT).state == "busy"
+
+
+def test_failed_once_nothing_else_runs_or_could_be_taken() -> None:
+    graph = {ROOT: task("PENDING", "A", "B", "C"), "A": task("FAILED", name="A", params={"n": "1"}),
+             "B": task("DONE"), "C": task("DISABLED", name="C")}
+    assert verdict(graph, ROOT) == Verdict("failed", failed=[("A", "A(n=1)"), ("C", "C()")])
+
+
+def test_a_task_that_failed_here_stays_failed_once_luigid_queues_it_again() -> None:
+    """luigid puts a FAILED task back to PENDING after its retry delay; a plain run would not retry it."""
+    graph = {ROOT: task("PENDING", "A", "B"), "A": task("PENDING", name="A"), "B": task("DONE")}
+    assert verdict(graph, ROOT).state == "busy"
+    assert verdict(graph, ROOT, failed_here={"A"}) == Verdict("failed", failed=[("A", "A()")])
+
+
+def test_a_pending_task_nobody_may_run_is_not_takeable() -> None:
+    graph = {ROOT: task("PENDING", "E"), "E": task("PENDING", runnable=False)}
+    assert verdict(graph, ROOT).state == "stuck"
+
+
+def test_display_names_as_luigi_shows_them() -> None:
+    assert display_name("X__1", {"display_name": "examples.X()", "name": "examples.X"}) == "examples.X()"
+    assert display_name("Data__2", {"name": "Data", "params": {"b": "2", "a": "1"}}) == "Data(a=1, b=2)"
+    assert display_name("Gone__3", {"status": "UNKNOWN"}) == "Gone__3"
