@@ -77,6 +77,8 @@ class Idle:
     rescan: float
     heartbeat: float
     subscriptions_left: int = -1
+    first_run_cpu: float = float("nan")
+    """CPU-s per node of the pipeline every node ran first (`nodes: all`): a luigi start and a warm interpreter's."""
     """Subscriptions on the topic after the nodes were stopped (SIGTERM)."""
 
     @property
@@ -342,6 +344,13 @@ def render(costs: list[PipelineCost], idles: list[Idle], args: argparse.Namespac
         parts += ["Why targets are missed:", "", *why, ""]
     parts += [
         "### How it is measured", "",
+        "- Before the idle window every node runs one pipeline (a one-task pipeline with `nodes: all`, its task "
+        "lasting long enough for every node's luigi to start), as in a fleet that has been at work: each node "
+        "then has its environment's warm interpreter, so a measured pipeline costs the same whichever node "
+        "starts it. That first pipeline cost each node "
+        + ", ".join(f"{fmt(i.first_run_cpu, 2)} (N={i.n})" for i in idles)
+        + " CPU-s (its reads and writes, a luigi start and the warm interpreter's): what the starting node spends "
+        "on a pipeline that is the first it runs, where (a) at N=1 shows what it spends once it has run one.",
         "- Nodes: `python -m poltergust.async_worker --path gs://fleet/pipeline --project P --topic T "
         "--scheduler-url URL --data-dir DIR --env-dir SHARED --node-name NAME --http-port PORT`, every other "
         "setting at its default (subscription name derived, rescan every 300 s), all started at once; ready "
