@@ -12,6 +12,8 @@ from typing import Callable
 from _report import fmt, machine, table
 
 HEADING = "## Fleet scale: what one pipeline costs N nodes"
+PERIODIC = {"list", "upload heartbeat"}
+"""Storage requests idle nodes make on their own (rescans, heartbeats): not a pipeline's."""
 
 
 @dataclass
@@ -42,8 +44,8 @@ class PipelineCost:
 
     @property
     def storage_requests(self) -> int:
-        """Requests made for the pipeline: everything but listings (those are the nodes' periodic rescans)."""
-        return sum(count for kind, count in self.storage.items() if kind != "list")
+        """Requests made for the pipeline: all but the nodes' periodic ones (rescans' listings, heartbeats)."""
+        return sum(count for kind, count in self.storage.items() if kind not in PERIODIC)
 
     @property
     def luigid_requests(self) -> int:
@@ -73,7 +75,10 @@ class Idle:
     lists_per_scan: float
     """Listing requests of one node's scan, measured at start-up."""
     rescan: float
+    heartbeat: float
     subscriptions_left: int = -1
+    first_run_cpu: float = float("nan")
+    """CPU-s per node of the pipeline every node ran first (`nodes: all`): a luigi start and a warm interpreter's."""
     """Subscriptions on the topic after the nodes were stopped (SIGTERM)."""
 
     @property
@@ -82,7 +87,7 @@ class Idle:
 
     @property
     def storage_per_node_minute(self) -> float:
-        """Requests in the window (listings aside), plus the rescans' listings spread over their interval."""
+        """Requests in the window (heartbeats among them), plus the rescans' listings spread over their interval."""
         other = sum(count for kind, count in self.storage.items() if kind != "list")
         return other / self.node_minutes + self.lists_per_scan * 60 / self.rescan
 
@@ -277,8 +282,9 @@ def _summary(costs: list[PipelineCost], idles: list[Idle]) -> list[str]:
         f"task) and {fmt(cpu_per_joiner, 2)} CPU-s. Its makespan was shortest at N={fastest} "
         f"({fmt(makespans[fastest], 1)} s): every node of this benchmark shares the same 2 cores, so beyond a few "
         "nodes more luigi processes cost more CPU than they save; on separate machines each brings its own.",
-        f"- Idle nodes: {fmt(max(i.storage_per_node_minute for i in idles), 2)} storage requests per node-minute "
-        f"(one listing per rescan), {fmt(max(i.luigid_per_node_minute for i in idles), 2)} luigid requests, "
+        f"- Idle nodes: {fmt(max(i.storage_per_node_minute for i in idles), 2)} storage requests per node-minute at "
+        f"most (a heartbeat every {fmt(idles[0].heartbeat, 0)} s, a listing every {fmt(idles[0].rescan, 0)} s), "
+        f"{fmt(max(i.luigid_per_node_minute for i in idles), 2)} luigid requests, "
         f"≈ {fmt(statistics.median(i.cpu_per_node_second * 60 for i in idles), 2)} CPU-s per node-minute (the "
         "open Pub/Sub stream), at every N.",
     ]
@@ -338,14 +344,23 @@ def render(costs: list[PipelineCost], idles: list[Idle], args: argparse.Namespac
         parts += ["Why targets are missed:", "", *why, ""]
     parts += [
         "### How it is measured", "",
+        "- Before the idle window every node runs one pipeline (a one-task pipeline with `nodes: all`, its task "
+        "lasting long enough for every node's luigi to start), as in a fleet that has been at work: each node "
+        "then has its environment's warm interpreter, so a measured pipeline costs the same whichever node "
+        "starts it. That first pipeline cost each node "
+        + ", ".join(f"{fmt(i.first_run_cpu, 2)} (N={i.n})" for i in idles)
+        + " CPU-s (its reads and writes, a luigi start and the warm interpreter's): what the starting node spends "
+        "on a pipeline that is the first it runs, where (a) at N=1 shows what it spends once it has run one.",
         "- Nodes: `python -m poltergust.async_worker --path gs://fleet/pipeline --project P --topic T "
         "--scheduler-url URL --data-dir DIR --env-dir SHARED --node-name NAME --http-port PORT`, every other "
         "setting at its default (subscription name derived, rescan every 300 s), all started at once; ready "
         "when `/healthz` answers 200. The environment (luigi from the local wheelhouse) is built once before "
         "measuring, so no node builds one.",
         "- Storage: the nodes reach fake-gcs-server through a counting proxy (`STORAGE_EMULATOR_HOST`); the "
-        "benchmark's own uploads and polls go around it. A pipeline's storage requests leave out listings "
-        "(the nodes' periodic rescans, which can fall into any window).",
+        "benchmark's own uploads and polls go around it. A pipeline's storage requests leave out what nodes do "
+        "on their own schedule whatever the pipelines (the rescans' listings, the heartbeats), which can fall into "
+        "any window; uploads are told apart by what they write (heartbeat, log, marker: the nodes' own objects "
+        "under `_poltergust/`).",
         "- luigid: `python -m poltergust.luigid` behind a counting proxy that every node and every luigi worker "
         "uses as `--scheduler-url`.",
         "- Messages: each node counts what its subscription delivers (`poltergust_events_received_total`, read "
@@ -362,8 +377,9 @@ def render(costs: list[PipelineCost], idles: list[Idle], args: argparse.Namespac
         "- Makespan: from the upload until `NAME.done.yaml` exists (polled every 50 ms). The ideal of (b) is "
         "⌈tasks / N⌉ × task duration: each node runs one task at a time. The machine may be shared: \"rest of the "
         "machine\" is its busy CPU time (/proc/stat) over the same span, minus the nodes'.",
-        f"- Idle: a {args.idle_seconds:g} s window after start-up has settled, before the pipelines; the rescan's "
-        "listings (counted at start-up) are spread over the rescan interval. After the pipelines every node gets "
+        f"- Idle: a {args.idle_seconds:g} s window after start-up has settled, before the pipelines (the "
+        "heartbeats in it are counted as they come); the rescan's listings (counted at start-up) are spread over "
+        "the rescan interval. After the pipelines every node gets "
         "SIGTERM, and the topic's subscriptions are counted.",
         "",
     ]

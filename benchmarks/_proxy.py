@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 
 
-def kind(method: str, path: str) -> str:
+def kind(method: str, path: str, body: bytes = b"") -> str:
     """A name for the JSON API operation: list, get, download, upload, delete, ..."""
     parsed = urllib.parse.urlsplit(path)
     query = urllib.parse.parse_qs(parsed.query)
@@ -40,16 +40,16 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
-def luigid_call(method: str, path: str) -> str:
+def luigid_call(method: str, path: str, body: bytes = b"") -> str:
     """The name of a luigid API call (`add_task`, `get_work`, `dep_graph`, ...); `page` for anything else."""
     parsed = urllib.parse.urlsplit(path)
     return parsed.path[len("/api/"):] if parsed.path.startswith("/api/") else "page"
 
 
 class CountingProxy:
-    """Forwards every request to `upstream`, counting them by `classify(method, path)`."""
+    """Forwards every request to `upstream`, counting them by `classify(method, path, body)`."""
 
-    def __init__(self, upstream: str, classify: Callable[[str, str], str] = kind) -> None:
+    def __init__(self, upstream: str, classify: Callable[[str, str, bytes], str] = kind) -> None:
         target = urllib.parse.urlsplit(upstream)
         self._host, self._port = target.hostname or "127.0.0.1", target.port or 80
         self._lock = threading.Lock()
@@ -65,7 +65,7 @@ class CountingProxy:
             def _forward(self) -> None:
                 body = self._body()
                 with proxy._lock:
-                    proxy._counts[classify(self.command, self.path)] += 1
+                    proxy._counts[classify(self.command, self.path, body)] += 1
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 if body or self.command in ("POST", "PUT", "PATCH"):
                     headers["Content-Length"] = str(len(body))

@@ -133,11 +133,11 @@ def clean_environ(**extra: str) -> dict[str, str]:
     return env
 
 
-def rescan_interval() -> float:
-    """A node's default --rescan-interval (seconds)."""
+def node_default(setting: str) -> float:
+    """A node's default for a numeric flag, such as `rescan_interval` or `heartbeat_interval` (seconds)."""
     from poltergust.settings import build_parser
 
-    return float(build_parser().parse_args(["--path", "/tmp"]).rescan_interval)
+    return float(getattr(build_parser().parse_args(["--path", "/tmp"]), setting))
 
 
 @dataclass

@@ -55,7 +55,7 @@ class Node:
         self._runs: dict[RunKey, asyncio.Task[None]] = {}
         self._run_objects: dict[RunKey, Run] = {}
         self._finishing: set[RunKey] = set()
-        """Runs past luigi, claiming and writing their result: no event may interrupt that."""
+        """Runs past luigi, claiming and writing their result, until their task ends: no event may interrupt that."""
         self._slots = asyncio.Semaphore(settings.max_concurrent)
         self._notifier = Notifier(settings.notify)
         self._background: set[asyncio.Task[None]] = set()
@@ -199,7 +199,8 @@ class Node:
         task = asyncio.create_task(run.execute(), name=f"run {key.url()}#{key.generation}")
         self._runs[key] = task
         self._run_objects[key] = run
-        task.add_done_callback(lambda _: (self._runs.pop(key, None), self._run_objects.pop(key, None)))
+        task.add_done_callback(lambda _: (self._runs.pop(key, None), self._run_objects.pop(key, None),
+                                          self._finishing.discard(key)))
         return True
 
     def call_for_help(self, key: RunKey, wanted: int, wave: int) -> None:

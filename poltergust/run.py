@@ -52,7 +52,8 @@ class Run:
         self.environments = environments
         self.notifier = notifier
         self.finishing = finishing
-        """Runs of this node past luigi, claiming and writing their result (shared with the node)."""
+        """Runs of this node past luigi, claiming and writing their result (shared with the node, which forgets a
+        run there when its task ends: the claim's own notifications may arrive while it writes its last log)."""
         self.slots = slots
         """The node's room for runs taking part; a run standing by holds none."""
         self.helpers = helpers
@@ -317,8 +318,6 @@ class Run:
         except StorageError as exc:
             runlog.note(f"could not write the result: {exc}; the config stays for the next scan")
             log.error("%s: could not finish: %s", key.url(), exc)
-        finally:
-            self.finishing.discard(key)
 
     async def _refuse(self, config: Blob, reason: str) -> None:
         """End a run that cannot even start (its config cannot be read) as an error, without running anything."""

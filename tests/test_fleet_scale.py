@@ -23,7 +23,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
 from conftest import PROJECT, TOPIC
-from stack import Bucket, Luigid, Node, PubSubEmulator, free_port, wait_for
+from stack import Bucket, GatedProxy, Luigid, Node, PubSubEmulator, free_port, wait_for
 from test_node import result, submit
 from test_outages import _node, stack  # noqa: F401 -- `stack`: a Pub/Sub emulator of the test's own
 
@@ -165,6 +165,36 @@ def test_a_failed_reattach_is_retried_until_it_works(
         node.check_alive()
     finally:
         node.stop()
+
+
+@GCS
+def test_a_late_notification_of_its_own_claim_does_not_stop_a_finished_run(
+    start_node, pubsub: PubSubEmulator, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+) -> None:
+    """The claim rewrites the config, so the run's own generation is announced as replaced; a late or repeated
+    delivery of that while the run writes its last log must not stop it, nor end the user's log with a stop."""
+    proxy = GatedProxy(bucket.gcs.url, lambda method, path, body: method == "POST" and b"claimed the run" in body)
+    try:
+        node = start_node(f"claimer-{uuid.uuid4().hex[:6]}", "--log-level", "DEBUG",
+                          env_overrides={"STORAGE_EMULATOR_HOST": proxy.url})
+        generation = submit(bucket, "late", {**TOUCH, "out-dir": str(tmp_path / "late")}, environment_yaml)
+        wait_for(proxy.held.is_set, 120, "the run's last log upload, after its claim")
+        heard = f"event delete {bucket.url('pipeline/late.config.yaml')}#{generation} (already in progress)"
+        before = node.output().count(heard)
+        os.environ["PUBSUB_EMULATOR_HOST"] = pubsub.host
+        publisher = pubsub_v1.PublisherClient()
+        publisher.publish(publisher.topic_path(PROJECT, TOPIC), b"{}", eventType="OBJECT_DELETE",
+                          bucketId=bucket.name, objectId="pipeline/late.config.yaml",
+                          objectGeneration=str(generation), overwrittenByGeneration=str(generation + 1)).result()
+        wait_for(lambda: node.output().count(heard) > before, 30, "the notification to be heard during the upload")
+        proxy.release()
+        log_name = bucket.log_name("late", node.node_name)
+        log = wait_for(lambda: b"claimed the run" in (bucket.read(log_name) or b"") and bucket.read(log_name), 60,
+                       "the run's last log")
+    finally:
+        proxy.close()
+    assert "stopping its run" not in node.output()
+    assert b"run stopped on this node" not in log, log.decode()[-1500:]
 
 
 @GCS
