@@ -8,18 +8,11 @@ child that runs luigi with the run's argv, environment, working directory and
 output pipe. The node itself is never forked: it has threads (gRPC, asyncio's
 executor), and a forked copy of them can deadlock.
 
-`WarmPool.runner()` gives a drop-in for `subprocesses.run_streaming`: same
-arguments, output line by line to the sink, luigi's exit code returned, and
-cancellation stopping the child's process group (SIGTERM, then SIGKILL). A
-warm interpreter that cannot start, refuses (a preloaded module started a
-thread), or died falls back to `run_streaming`, said in the run log; one that
-died is started again for the next run.
-
-Warm interpreters start on first use (with `prestart`, as soon as a run has
-its environment), and stop when idle for `idle_seconds`, when their
-environment is evicted or rebuilt, and when the pool closes. Each exits by
-itself, stopping its runs, once the node is gone (its standard input, a pipe
-from the node, closes), so none outlives a killed node.
+`WarmPool.runner()` is a drop-in for `subprocesses.run_streaming`. A warm
+interpreter that cannot start, refuses (a preloaded module started a thread)
+or died falls back to it, said in the run log. Warm interpreters start on first
+use (or with `prestart`), stop when idle, evicted or the pool closes, and exit
+by themselves once the node is gone (their stdin pipe closes).
 """
 from __future__ import annotations
 
