@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 
 from _procs import command_line, register, stop_all, tree_cpu, tree_pss, tree_rss
 from _proxy import CountingProxy
-from _systems import ROOT, Original, Ours, Trial, Workspace, clean_environ, wait_trial
+from _systems import ROOT, Original, Ours, Trial, Workspace, clean_environ, node_default, wait_trial
 from _targets import Target, targets
 
 README = HERE / "README.md"
@@ -364,7 +364,7 @@ class Bench:
         self.ours.stop()
         self.original.stop()
 
-        rescan = _rescan_interval()
+        rescan, heartbeat = node_default("rescan_interval"), node_default("heartbeat_interval")
         hour = 3600 / window
         ours_hour = requests * hour + (startup_requests * 3600 / rescan if window < rescan else 0)
         orig_hour = listings * hour
@@ -387,7 +387,8 @@ class Bench:
         self.results.add("6", "RSS of an idle node on the GCS + Pub/Sub emulators (MB)", [memory["ours_gcs"] / MB],
                          compare=False, digits=0)
         self.idle = {"requests": requests, "listings": listings, "ours_hour": ours_hour, "orig_hour": orig_hour,
-                     "window": window, "startup_requests": startup_requests, "rescan": rescan}
+                     "window": window, "startup_requests": startup_requests, "rescan": rescan,
+                     "heartbeat": heartbeat}
 
     def in_flight(self, system: Ours | Original, key: str) -> dict[str, float]:
         count, seconds = self.args.in_flight, self.args.in_flight_seconds
@@ -611,12 +612,6 @@ def _machine_cpu() -> float:
         fields = [int(value) for value in handle.readline().split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _rescan_interval() -> float:
-    from poltergust.settings import build_parser
-
-    return float(build_parser().parse_args(["--path", "/tmp"]).rescan_interval)
 
 
 # -- the machine and the report ---------------------------------------------------
