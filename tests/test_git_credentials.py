@@ -285,7 +285,8 @@ async def test_the_virtualenv_fallback_gives_pip_the_token_the_same_way(
     server = GitServer(repository, basic(TOKEN))
     node = {**os.environ, "PATH": path, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(WHEELHOUSE), "GIT_TEST_TOKEN": TOKEN}
     runlog = RunLog(tmp_path / "run.log")
-    text = f"virtualenv: {{copies: true}}\ndependencies: ['git+http://{{{{GIT_TEST_TOKEN}}}}@{server.url}/private.git@v1']\n"
+    text = ("virtualenv: {copies: true}\n"
+            f"dependencies: ['git+http://{{{{GIT_TEST_TOKEN}}}}@{server.url}/private.git@v1']\n")
     try:
         environment = await get_in_task(Environments(tmp_path / "envs", node),
                                         parse_environment(text.encode(), "file:///b/environment/pip.yaml"), runlog)
