@@ -20,7 +20,7 @@ import shlex
 from typing import Mapping
 
 from ..config import EnvironmentSpec
-from ..masking import mask
+from ..masking import MIN_LENGTH, mask
 from . import git_credentials
 from .interpreters import Interpreter, InterpreterNotFound, cached, find
 
@@ -158,7 +158,8 @@ class Plan:
                 values.append(environ[name])
             substituted = SECRET_REFERENCE.sub(lambda m: environ[m.group(1)], dependency)
             tokens = self._without_credentials(shlex.split(substituted), index)
-            if any("git+" in token.lower() and any(value and value in token for value in values) for token in tokens):
+            if any("git+" in token.lower() and any(len(value) >= MIN_LENGTH and value in token for value in values)
+                   for token in tokens):
                 raise EnvironmentBuildError(
                     f"{spec.source}: dependencies[{index}]: a secret in a git URL must be its user:password@ part "
                     "(anywhere else git would get it on its command line)")
