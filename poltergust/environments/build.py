@@ -21,12 +21,12 @@ import socket
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping
 
 from uv import find_uv_bin
 
 from .. import metrics
 from ..runlog import RunLog
+from ..secret_env import SecretEnv
 from ..subprocesses import run_streaming
 from . import git_credentials
 from .cache import Cache, disk_usage
@@ -34,9 +34,9 @@ from .plan import UV_IRRELEVANT, UV_OPTIONS, EnvironmentBuildError, Plan, instal
 
 
 class Builder:
-    def __init__(self, cache: Cache, environ: Mapping[str, str]) -> None:
+    def __init__(self, cache: Cache, secret_env: SecretEnv) -> None:
         self.cache = cache
-        self.environ = environ
+        self.secret_env = secret_env
 
     async def build(self, plan: Plan, key: str, path: Path, runlog: RunLog) -> None:
         """Build `plan` into the cache as `path` (a staging directory renamed into place when complete)."""
@@ -47,7 +47,7 @@ class Builder:
         runlog.note(f"building environment {key} from {spec.source} with {interpreter.describe()}")
         if plan.fallback:
             runlog.note(f"{plan.fallback}; building with virtualenv and pip instead of uv")
-        env, flags = installer_settings(self.environ)
+        env, flags = installer_settings(self.secret_env.for_installers())
         if plan.git_credentials:
             await self._give_git_credentials(plan, runlog)
         requirements: Path | None = None
