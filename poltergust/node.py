@@ -29,7 +29,6 @@ from .notify import Notifier
 from .run import Run
 from .scheduler import embedded_scheduler
 from .sandbox import lock_down
-from .secret_env import SecretEnv
 from .settings import Settings, default_data_dir
 from .warm import WarmPool
 from .storage import ObjectStore, StorageError, open_store
@@ -45,7 +44,7 @@ SHUTDOWN_UPLOADS_SECONDS = 60.0
 class Node:
     def __init__(self, settings: Settings, events: EventSource, environments: Environments) -> None:
         self.settings = settings
-        self.secrets = SecretEnv(environments.environ, settings.secret_env)
+        self.secrets = environments.secret_env
         self.warm = WarmPool(settings.data_dir / "warm", self.secrets.without_secrets(),
                              idle_seconds=settings.warm_idle_seconds,
                              prestart=settings.warm_prestart) if settings.warm else None
@@ -261,6 +260,7 @@ async def serve(settings: Settings) -> None:
                         settings.subscription))
         node = Node(settings, events, Environments(settings.env_dir, cache_size=settings.env_cache_size,
                                                    share=settings.share_environments, share_key=settings.share_key,
+                                                   secret_names=settings.secret_env,
                                                    on_evict=lambda key: node.warm and node.warm.evicted(key)))
         if settings.http_port:
             await stack.enter_async_context(health_server(node.problem, settings.http_host, settings.http_port))

@@ -4,7 +4,9 @@ A pipeline runs with the node's environment (so `PATH`, proxies and cloud
 settings reach it), minus its secrets: every variable named by
 `--secret-env`, every variable an environment file references as
 `{{NAME}}`, the node's own settings (`POLTERGUST_*`, `DB_URL`), and any name
-that says it is a credential (TOKEN, SECRET, PASSWORD, ...). The values of
+that says it is a credential (TOKEN, SECRET, PASSWORD, ...). Installers
+building environments see the same, plus their own `PIP_*`/`UV_*` settings.
+The values of
 all of them are masked in every run log and result file, in every form a
 program is likely to print them (see `masking`).
 """
@@ -19,6 +21,7 @@ CREDENTIAL_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_K
                              re.IGNORECASE)
 NODE_SETTINGS = re.compile(r"POLTERGUST_.*|DB_URL")
 """The node's own configuration (a notification URL may carry a password): never a pipeline's business."""
+INSTALLER_SETTINGS = re.compile(r"PIP_|UV_")
 
 
 class SecretEnv:
@@ -37,5 +40,15 @@ class SecretEnv:
                 if len(self.environ.get(name, "")) >= MIN_LENGTH]
 
     def without_secrets(self) -> dict[str, str]:
-        """The node's environment as a pipeline (or an installer) may see it."""
+        """The node's environment as a pipeline may see it."""
         return {name: value for name, value in self.environ.items() if name not in self.names}
+
+    def for_installers(self) -> dict[str, str]:
+        """What uv or pip (and every build script they run) may see: no secrets but the installers' own settings.
+
+        `PIP_*` and `UV_*` variables (an index password, say) are what installers
+        are configured with, so they stay; `{{NAME}}` values reach the installer
+        in its private requirements file instead.
+        """
+        return {name: value for name, value in self.environ.items()
+                if name not in self.names or INSTALLER_SETTINGS.match(name)}

@@ -20,6 +20,7 @@ command -v chromedriver >/dev/null || missing+=(chromium chromium-driver)  # the
 command -v curl >/dev/null || missing+=(curl)                    # the boot test runs deploy/node-init.sh
 command -v systemd-analyze >/dev/null || missing+=(systemd)      # ... and scores its units
 command -v setpriv >/dev/null || missing+=(util-linux)           # --run-as
+command -v git >/dev/null || missing+=(git)                      # git dependencies (tests/test_git_credentials.py)
 if ((${#missing[@]})); then
     if [ "$(id -u)" -ne 0 ]; then
         echo "tests/run.sh: missing Debian packages; install them as root, then run this again:" >&2

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from stack import free_port, wait_for
+from test_environments import offline, submit as submit_env
 from test_node import result, submit
 
 TOKEN = "ghp_SuperSecret/Token+42"
@@ -36,6 +37,31 @@ def test_a_pipeline_sees_no_secret_and_what_it_prints_is_masked(
     for text in (log, document):
         for value in (TOKEN, quote(TOKEN, safe=""), NAMED):
             assert value not in text
+
+
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_installers_and_build_scripts_see_no_secret(start_node, bucket, wheelhouse: Path, tmp_path: Path) -> None:
+    """A dependency's build script runs during the install: it sees what a pipeline sees, plus pip's settings."""
+    seen = tmp_path / "seen-by-setup.txt"
+    project = tmp_path / "spy"
+    project.mkdir()
+    (project / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools"]\n'
+                                            'build-backend = "setuptools.build_meta"\n')
+    (project / "setup.py").write_text(
+        "import os, setuptools\n"
+        f"open({str(seen)!r}, 'a').write(''.join(f'{{k}}={{v}}\\n' for k, v in sorted(os.environ.items())))\n"
+        "setuptools.setup(name='spy', version='1', py_modules=[])\n")
+    start_node("node-a", "--secret-env", "COMPANY_VALUE", env_overrides={
+        "GITHUB_TOKEN": TOKEN, "COMPANY_VALUE": NAMED, "PLAIN_SETTING": "visible",
+        "UV_INDEX_PRIVATE_PASSWORD": "installer-setting"})
+    submit_env(bucket, "spied", tmp_path / "out", "spied",
+               offline(wheelhouse, "luigi", "poltergust-testpipes", str(project)))
+    result(bucket, "spied", "done")
+    environ = seen.read_text()
+    assert "PLAIN_SETTING=visible\n" in environ, "the build script ran with the node's ordinary variables"
+    assert "UV_INDEX_PRIVATE_PASSWORD=installer-setting\n" in environ, "installers keep their own settings"
+    for name, value in (("GITHUB_TOKEN", TOKEN), ("COMPANY_VALUE", NAMED)):
+        assert f"{name}=" not in environ and value not in environ
 
 
 def test_nested_and_oversized_configs_end_as_errors_once(start_node, bucket, tmp_path: Path) -> None:

@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from .. import metrics
 from ..config import EnvironmentSpec
 from ..runlog import RunLog
+from ..secret_env import SecretEnv
 from ..storage import StorageError
 from . import plan
 from .build import Builder
@@ -40,15 +41,20 @@ class Environments:
     def __init__(
         self, root: Path, node_environ: Mapping[str, str] | None = None, *,
         cache_size: int | str | None = None, share: bool = False, share_key: bytes | None = None,
-        on_evict: Callable[[str], None] | None = None,
+        on_evict: Callable[[str], None] | None = None, secret_names: Iterable[str] = (),
     ) -> None:
-        """`share_key` signs the archives this node shares and proves the ones it uses; `share` needs it."""
+        """`share_key` signs the archives this node shares and proves the ones it uses; `share` needs it.
+
+        `secret_names` (`--secret-env`) join the secrets found by name and by
+        `{{NAME}}` reference in `secret_env`, which the node shares for its runs.
+        """
         if share and not share_key:
             raise ValueError("sharing environments needs a signing key that only the nodes hold")
         self.environ = dict(os.environ if node_environ is None else node_environ)
+        self.secret_env = SecretEnv(self.environ, secret_names)
         self.cache = Cache(root, cache_size, on_evict)
         self.root = self.cache.root
-        self._builder = Builder(self.cache, self.environ)
+        self._builder = Builder(self.cache, self.secret_env)
         self._sharing = Sharing(self.cache, self.secrets, share_key) if share and share_key else None
         """Downloads and uploads environment archives beside the environment files (None: not sharing)."""
         self._builds: dict[str, asyncio.Future[Path]] = {}
@@ -86,6 +92,7 @@ class Environments:
         The environment counts as in use (never evicted) until the asyncio task
         that asked for it ends.
         """
+        self.secret_env.add(self.referenced(spec))
         for secret in self.secrets(spec):
             runlog.add_secret(secret)
         try:

@@ -7,7 +7,8 @@ shell-split and passed as written: specifiers, URLs, paths, `-e`,
 node build with `virtualenv` and pip instead; such an environment is not
 relocatable, so the staging path is rewritten to the final one in the files
 that hold it before it is moved into place. Secret-bearing dependencies reach
-the installer through a private requirements file, never its command line.
+the installer through a private requirements file, never its command line;
+credentials in git URLs reach git through the install step's environment.
 The installers' output goes to the run's log; a failure becomes one line.
 """
 from __future__ import annotations
@@ -20,21 +21,22 @@ import socket
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping
 
 from uv import find_uv_bin
 
 from .. import metrics
 from ..runlog import RunLog
+from ..secret_env import SecretEnv
 from ..subprocesses import run_streaming
+from . import git_credentials
 from .cache import Cache, disk_usage
 from .plan import UV_IRRELEVANT, UV_OPTIONS, EnvironmentBuildError, Plan, installer_settings, normalised
 
 
 class Builder:
-    def __init__(self, cache: Cache, environ: Mapping[str, str]) -> None:
+    def __init__(self, cache: Cache, secret_env: SecretEnv) -> None:
         self.cache = cache
-        self.environ = environ
+        self.secret_env = secret_env
 
     async def build(self, plan: Plan, key: str, path: Path, runlog: RunLog) -> None:
         """Build `plan` into the cache as `path` (a staging directory renamed into place when complete)."""
@@ -45,7 +47,9 @@ class Builder:
         runlog.note(f"building environment {key} from {spec.source} with {interpreter.describe()}")
         if plan.fallback:
             runlog.note(f"{plan.fallback}; building with virtualenv and pip instead of uv")
-        env, flags = installer_settings(self.environ)
+        env, flags = installer_settings(self.secret_env.for_installers())
+        if plan.git_credentials:
+            await self._give_git_credentials(plan, runlog)
         requirements: Path | None = None
         try:
             if plan.private:
@@ -81,8 +85,8 @@ class Builder:
         command = [uv, *head, *flags, *plan.public]
         if requirements is not None:
             command += ["--requirement", str(requirements)]
-        await self._step(command, ["uv", *head, *flags, *plan.display], env, runlog,
-                         f"{plan.spec.source}: installing the dependencies")
+        await self._step(command, ["uv", *head, *flags, *plan.display], install_environment(plan, env), runlog,
+                         f"{plan.spec.source}: installing the dependencies", plan.git_credentials)
 
     async def _with_virtualenv(self, plan: Plan, staging: Path, path: Path, env: dict[str, str],
                                flags: list[str], requirements: Path | None, runlog: RunLog) -> None:
@@ -113,13 +117,26 @@ class Builder:
             command = [*head, *plan.public]
             if requirements is not None:
                 command += ["--requirement", str(requirements)]
-            await self._step(command, [*shown, *plan.display], pip_env, runlog,
-                             f"{plan.spec.source}: installing the dependencies")
+            await self._step(command, [*shown, *plan.display], install_environment(plan, pip_env), runlog,
+                             f"{plan.spec.source}: installing the dependencies", plan.git_credentials)
         changed = await asyncio.to_thread(relocate, staging, path)
         runlog.note(f"rewrote the staging path in {changed} file(s) of the virtualenv for its final place")
 
+    async def _give_git_credentials(self, plan: Plan, runlog: RunLog) -> None:
+        """Check that git can take credentials from its environment; mask them (encoded) in the log too."""
+        version = await git_credentials.git_version()
+        if version is not None and version < git_credentials.MINIMUM_GIT:
+            raise EnvironmentBuildError(
+                f"{plan.spec.source}: credentials in git URLs need git "
+                f"{'.'.join(map(str, git_credentials.MINIMUM_GIT))} or later; this node has git "
+                f"{'.'.join(map(str, version))}")
+        for credential in plan.git_credentials:
+            runlog.add_secret(credential.encoded)
+        repositories = ", ".join(credential.repository for credential in plan.git_credentials)
+        runlog.note(f"credentials for {repositories} go to git in its environment, not in the URL")
+
     async def _step(self, command: list[str], display: list[str], env: dict[str, str], runlog: RunLog,
-                    what: str) -> None:
+                    what: str, credentials: list[git_credentials.GitCredential] | None = None) -> None:
         runlog.note("$ " + shlex.join(display))
         output: list[str] = []
 
@@ -130,7 +147,14 @@ class Builder:
 
         code = await run_streaming(command, env=env, cwd=self.cache.root, sink=sink)
         if code != 0:
-            raise EnvironmentBuildError(f"{what} failed ({display[0]} exit {code}): {error_summary(output)}")
+            refused = git_credentials.refused(output, credentials or [])
+            cause = f"the git server refused the credentials for {', '.join(refused)}: " if refused else ""
+            raise EnvironmentBuildError(f"{what} failed ({display[0]} exit {code}): {cause}{error_summary(output)}")
+
+
+def install_environment(plan: Plan, env: dict[str, str]) -> dict[str, str]:
+    """The install step's environment: `env`, plus the git credentials of `plan` (no other step gets them)."""
+    return {**env, **git_credentials.environment(plan.git_credentials, env)} if plan.git_credentials else env
 
 
 def manifest_of(plan: Plan, key: str) -> dict[str, object]:

@@ -8,7 +8,8 @@ editing the file gives a new environment, identical files share one.
 The plan says which installer builds it (uv, or virtualenv and pip for
 options uv has no equivalent for) and how the dependencies reach the
 installer: secret-free ones on its command line, secret-bearing ones as lines
-of a private requirements file, and all of them masked for the log.
+of a private requirements file, and all of them masked for the log. Credentials
+in git URLs go to git in its environment instead (see `git_credentials`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import shlex
 from typing import Mapping
 
 from ..config import EnvironmentSpec
-from ..masking import mask
+from ..masking import MIN_LENGTH, mask
+from . import git_credentials
 from .interpreters import Interpreter, InterpreterNotFound, cached, find
 
 FORMAT = 2
@@ -137,10 +139,12 @@ class Plan:
         """Requirement lines holding secrets, for the private requirements file."""
         self.display: list[str] = []
         """The dependency arguments as logged: secrets masked."""
+        self.git_credentials: list[git_credentials.GitCredential] = []
+        """Credentials taken out of git URLs, for git's environment."""
         for index, dependency in enumerate(spec.dependencies):
             references = SECRET_REFERENCE.findall(dependency)
             if not references:
-                tokens = shlex.split(dependency)
+                tokens = self._without_credentials(shlex.split(dependency), index)
                 self.public += tokens
                 self.display += tokens
                 continue
@@ -153,9 +157,30 @@ class Plan:
                     )
                 values.append(environ[name])
             substituted = SECRET_REFERENCE.sub(lambda m: environ[m.group(1)], dependency)
-            tokens = shlex.split(substituted)
+            tokens = self._without_credentials(shlex.split(substituted), index)
+            if any("git+" in token.lower() and any(len(value) >= MIN_LENGTH and value in token for value in values)
+                   for token in tokens):
+                raise EnvironmentBuildError(
+                    f"{spec.source}: dependencies[{index}]: a secret in a git URL must be its user:password@ part "
+                    "(anywhere else git would get it on its command line)")
             self.private += requirement_lines(tokens)
             self.display += [mask(token, values) for token in tokens]
+
+    def _without_credentials(self, tokens: list[str], index: int) -> list[str]:
+        """`tokens` with their git URLs' credentials moved to `git_credentials` (one per repository)."""
+        stripped = []
+        for token in tokens:
+            token, found = git_credentials.strip(token)
+            for credential in found:
+                known = next((c for c in self.git_credentials if c.repository == credential.repository), None)
+                if known is None:
+                    self.git_credentials.append(credential)
+                elif known != credential:
+                    raise EnvironmentBuildError(
+                        f"{self.spec.source}: dependencies[{index}]: {credential.repository} is given other "
+                        "credentials than in an earlier dependency; git can use only one")
+            stripped.append(token)
+        return stripped
 
     @property
     def installer(self) -> str:
