@@ -98,7 +98,10 @@ def test_a_config_waits_in_the_backlog_until_a_node_finishes_it(
 def test_a_killed_nodes_config_is_redelivered_and_completed(
     start_node, bucket, backlog, environment_yaml: str, tmp_path: Path,
 ) -> None:
-    node = start_node("node-a", *_flags(backlog))
+    # A short staleness window (the same on both nodes, as the flag requires) and frequent checks, so that the
+    # other node takes the dead starter's run over within seconds rather than minutes.
+    stale = ["--start-stale-after", "6", "--rescan-interval", "2"]
+    node = start_node("node-a", *_flags(backlog), *stale)
     out = tmp_path / "killed"
     submit(bucket, "killed", {**SLEEP, "out-dir": str(out), "seconds": 3}, environment_yaml)
     luigi_pid = int(wait_for(lambda: list(out.glob("started-*")), 60, "the task to start")[0].name.rsplit("-", 1)[1])
@@ -108,14 +111,17 @@ def test_a_killed_nodes_config_is_redelivered_and_completed(
     node.process.wait(10)
     assert bucket.exists("pipeline/killed.config.yaml")
 
-    # Another node is offered the message once the dead node's lease runs out. (It then stands by until the
-    # dead starter's marker is stale, and takes the run over: see `joining`.)
-    other = start_node("node-b", *_flags(backlog))
+    # Another node is offered the message once the dead node's lease runs out, takes the run over once the dead
+    # starter's marker is stale, and acknowledges the message only after writing the result.
+    other = start_node("node-b", *_flags(backlog), *stale)
     generation = re.search(r"pipeline/killed\.config\.yaml#(\d+)", node.output()).group(1)
     wait_for(lambda: f"backlog: holding {bucket.url('pipeline/killed.config.yaml')}#{generation}"
              in other.output(), 6 * ACK_DEADLINE, "the message to be redelivered")
-    assert bucket.exists("pipeline/killed.config.yaml")
-    assert _acknowledged(other, "killed") == 0
+    assert result(bucket, "killed", "done")["poltergust"]["node"] == "node-b"
+    assert "taking the run over" in other.output()
+    wait_for(lambda: _acknowledged(other, "killed") == 2, 30, "the message to be acknowledged")
+    assert _results(bucket, "killed") == ["pipeline/killed.done.yaml"]
+    _stop_and_check_empty(other, backlog)
 
 
 def test_a_stopping_node_hands_its_configs_back(
@@ -195,6 +201,7 @@ def test_a_burst_of_fifty_configs_leaves_one_result_each_and_an_empty_backlog(
 @pytest.mark.parametrize("argv, problem", [
     (["--path", "/tmp/bucket/pipeline", "--backlog-subscription", "bl"], "only for gs:// paths"),
     (["--path", "gs://b/pipeline", "--project", "p", "--backlog-ack-deadline", "5"], "10 to 600 seconds"),
+    (["--path", "/tmp/bucket/pipeline", "--start-stale-after", "1"], "at least 3 seconds"),
 ])
 def test_backlog_flags_are_checked(argv: list[str], problem: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
