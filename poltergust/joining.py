@@ -72,7 +72,7 @@ async def refresh_start(store: ObjectStore, key: RunKey, node: str, marker: Obje
 
 async def take_over_if_stale(store: ObjectStore, key: RunKey, node: str,
                              stale_after: float = STALE_SECONDS) -> ObjectInfo | None:
-    """Take over a run whose starter has not refreshed its marker for `stale_after` seconds; None if alive (or taken)."""
+    """Take over a run whose starter left its marker unrefreshed for `stale_after` s; None if alive (or taken)."""
     name = run_marker(key.name, key.generation, "start")
     try:
         marker = await store.stat(name)
