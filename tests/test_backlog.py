@@ -219,7 +219,7 @@ def test_a_burst_of_fifty_configs_leaves_one_result_each_and_an_empty_backlog(
     def sample() -> bool:
         acknowledged = _acknowledged_generations(nodes, bucket, generations)  # before: acks only grow
         unfinished = _unfinished(bucket, generations)
-        assert not acknowledged & unfinished, f"acknowledged while still waiting or running: {acknowledged & unfinished}"
+        assert not acknowledged & unfinished, f"acknowledged while waiting or running: {acknowledged & unfinished}"
         samples.append((50 - len(acknowledged), len(unfinished)))
         return len(acknowledged) == 50
 
