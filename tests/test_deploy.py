@@ -389,7 +389,8 @@ def test_bake_image_makes_an_image_from_a_bake_vm_and_deletes_the_vm(tmp_path: P
     shape = [[w for w in c if not w.startswith("-") and w != "gcloud"][:3] for c in calls]
     # The release uploaded, the VM made, watched until it powered off, its disk imaged, the VM deleted: in order.
     files = manifest.parent / "0.1.0-0123456789ab"
-    assert shape[:4] == [["storage", "objects", "describe"], ["storage", "cp", str(files / "poltergust-0.1.0-py3-none-any.whl")],
+    assert shape[:4] == [["storage", "objects", "describe"],
+                         ["storage", "cp", str(files / "poltergust-0.1.0-py3-none-any.whl")],
                          ["storage", "objects", "describe"], ["storage", "cp", str(files / "requirements.lock")]]
     assert shape[4:] == [
         ["compute", "instances", "create"], *[["compute", "instances", "describe"]] * 3,
