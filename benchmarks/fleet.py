@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _fleet_report import PERIODIC, Idle, PipelineCost, render  # noqa: E402
-from _procs import command_line, descendants, machine_cpu, register, stop_all, tree_cpu  # noqa: E402
+from _procs import command_line, descendants, machine_cpu, register, stop_all, tree_cpu, wait_for  # noqa: E402
 from _proxy import CountingProxy, luigid_call  # noqa: E402
 from _proxy import kind as api_operation  # noqa: E402
 from _report import write_section  # noqa: E402
@@ -273,7 +273,10 @@ class Fleet:
         log(f"N={count}: starting {count} node(s)")
         started = time.monotonic()
         nodes = self.start(count)
-        log(f"  ready in {time.monotonic() - started:.1f}s")
+        subscribed = time.monotonic() - started
+        wait_for(lambda: all("scanned:" in node.output() for node in nodes), 60, "every node's first scan")
+        log(f"  ready in {subscribed:.1f}s (process start to subscribed), first scan done at "
+            f"{time.monotonic() - started:.1f}s")
         self.settle(nodes)
         startup_lists = self.storage.counts().get("list", 0) - lists_before
         first_run = self.prime(nodes)

@@ -21,7 +21,7 @@
 #
 # Settings come from GCE instance metadata (attributes), read from the
 # metadata server (GCE_METADATA_HOST, default metadata.google.internal):
-#   poltergust-role           required: "node" or "scheduler"
+#   poltergust-role           required: "node", "scheduler" or "bake"
 #   poltergust-wheel-url      required: the Poltergust wheel, gs://BUCKET/OBJECT
 #                             (read with the VM's service account) or https://
 #   poltergust-wheel-sha256   required: its sha256; any other file is refused
@@ -55,6 +55,11 @@
 #                             optional: override what is derived from the disk
 #                             size (half of it; 5% of it, 1G to 5G)
 #
+#   bake role only (deploy/bake-image.sh):
+#   poltergust-bake-environments
+#                             optional: gs:// environment files whose
+#                             environments are built into the node's cache
+#
 # Metadata from a directory instead of the server: if POLTERGUST_METADATA_DIR
 # is set, the value of metadata key K is the content of the file
 # "$POLTERGUST_METADATA_DIR/K", e.g. .../instance/attributes/poltergust-path and
@@ -73,6 +78,9 @@
 #   scheduler: /etc/systemd/system/poltergust-luigid.service (a dynamic user,
 #              state in /var/lib/poltergust-luigid) and /etc/poltergust/luigi.cfg;
 #              no node unit
+#   bake:      the release and the user "poltergust", the environments of
+#              poltergust-bake-environments built in /var/lib/poltergust/environments,
+#              no unit and no secrets; then the VM powers off, to become an image
 #
 # Exit status: 0 on success, 2 for bad or missing metadata (the message names
 # the attribute), 1 for any other failure (a download, a hash mismatch, pip).
@@ -321,12 +329,13 @@ read_node_settings() {
 read_settings() {
     ROLE=$(attribute poltergust-role)
     case "$ROLE" in
-        node|scheduler) ;;
+        node|scheduler|bake) ;;
         "") bad_metadata poltergust-role "is missing; set it to 'node' or 'scheduler'" ;;
-        *) bad_metadata poltergust-role "must be 'node' or 'scheduler', got '$ROLE'" ;;
+        *) bad_metadata poltergust-role "must be 'node', 'scheduler' or 'bake', got '$ROLE'" ;;
     esac
     read_release
     [[ "$ROLE" != node ]] || read_node_settings
+    [[ "$ROLE" != bake ]] || read_bake_settings
 }
 
 # Limits from the machine: the service may use all memory but a reserve for
@@ -634,6 +643,43 @@ WantedBy=multi-user.target
 EOF
 }
 
+# ---------------------------------------------------------------------------
+# The bake role: a VM that becomes a node image (deploy/bake-image.sh). It
+# installs the release and builds environments into the node's cache, as the
+# node's user, then powers off; it writes no unit and reads no secret, so
+# nothing of it runs or leaks until a node boots from the image (and finds the
+# release installed and the environments cached).
+
+read_bake_settings() {
+    local raw url
+    raw=$(attribute poltergust-bake-environments)
+    reject_control_chars poltergust-bake-environments "$raw"
+    read -r -a BAKE_ENVIRONMENTS <<<"$raw"
+    for url in "${BAKE_ENVIRONMENTS[@]}"; do
+        [[ "$url" =~ ^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]/[A-Za-z0-9._~/+%=-]+$ ]] ||
+            bad_metadata poltergust-bake-environments "'$url' is not a gs://BUCKET/OBJECT URL"
+    done
+}
+
+bake() {
+    create_user
+    local env_dir="$ROOT$STATE_DIR/environments"
+    run mkdir -p "$env_dir"
+    if ((${#BAKE_ENVIRONMENTS[@]})); then
+        local build=("$ROOT$RELEASE/venv/bin/python" -P -m poltergust.prebuild --env-dir "$env_dir"
+            "${BAKE_ENVIRONMENTS[@]}")
+        if [[ -z "$ROOT" ]]; then
+            chown -R "$SERVICE_USER:$SERVICE_USER" "$STATE_DIR"
+            build=(runuser -u "$SERVICE_USER" -- "${build[@]}")
+        fi
+        log "building ${#BAKE_ENVIRONMENTS[@]} environment(s) into $env_dir"
+        (cd "$ROOT$RELEASE" && run "${build[@]}") || die "could not build the environments (see above)"
+    fi
+    # bake-image.sh waits for the VM to stop, then looks for this line.
+    log "bake done: release $RELEASE_ID, ${#BAKE_ENVIRONMENTS[@]} environment(s); powering off"
+    run systemctl poweroff
+}
+
 start_unit() {
     run systemctl daemon-reload
     run systemctl enable "$1"
@@ -648,6 +694,10 @@ main() {
     log "role=$ROLE release=$RELEASE_ID wheel=$WHEEL_URL"
 
     install_release
+    if [[ "$ROLE" == bake ]]; then
+        bake
+        return
+    fi
     if [[ "$ROLE" == scheduler ]]; then
         write_scheduler_files
         start_unit "$LUIGID_UNIT"

@@ -10,6 +10,8 @@ the call (`helper-WAVE-I`), and the winners join. The cost per pipeline is
 one extra storage write per node, and luigid hears only from nodes that
 take part. A starter refreshes its marker; a marker left stale by a dead
 node is taken over (a conditional rewrite) by whichever node notices first.
+How long "stale" is, `--start-stale-after`, must be the same on every node:
+the starter refreshes three times per window.
 """
 from __future__ import annotations
 
@@ -20,10 +22,15 @@ from datetime import datetime, timezone
 from .layout import RunKey, run_marker
 from .storage import NotFound, ObjectInfo, ObjectStore, PreconditionFailed
 
-REFRESH_SECONDS = 60.0
-"""How often a starter rewrites its marker to show it is alive."""
-STALE_SECONDS = 3 * REFRESH_SECONDS
-"""A start marker older than this belongs to a node that died: another node may take the run over."""
+STALE_SECONDS = 180.0
+"""By default, a start marker older than this belongs to a node that died: another node may take the run over."""
+REFRESHES_PER_WINDOW = 3
+"""A starter rewrites its marker this many times per staleness window: a slow write or two never looks dead."""
+
+
+def refresh_interval(stale_after: float) -> float:
+    """How often a starter rewrites its marker to show it is alive."""
+    return stale_after / REFRESHES_PER_WINDOW
 
 
 async def take_start(store: ObjectStore, key: RunKey, node: str, restarted: bool = False) -> ObjectInfo | None:
@@ -63,14 +70,15 @@ async def refresh_start(store: ObjectStore, key: RunKey, node: str, marker: Obje
         return None
 
 
-async def take_over_if_stale(store: ObjectStore, key: RunKey, node: str) -> ObjectInfo | None:
-    """Take over a run whose starter stopped refreshing its marker; None if it is alive (or taken)."""
+async def take_over_if_stale(store: ObjectStore, key: RunKey, node: str,
+                             stale_after: float = STALE_SECONDS) -> ObjectInfo | None:
+    """Take over a run whose starter left its marker unrefreshed for `stale_after` s; None if alive (or taken)."""
     name = run_marker(key.name, key.generation, "start")
     try:
         marker = await store.stat(name)
     except NotFound:
         return await take_start(store, key, node)
-    if (datetime.now(timezone.utc) - marker.updated).total_seconds() < STALE_SECONDS:
+    if (datetime.now(timezone.utc) - marker.updated).total_seconds() < stale_after:
         return None
     try:
         return await store.write(name, node.encode(), if_generation_match=marker.generation)

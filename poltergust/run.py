@@ -121,7 +121,8 @@ class Run:
             except asyncio.TimeoutError:
                 if not await self._still_wanted():
                     return
-                marker = await joining.take_over_if_stale(self.store, key, node)
+                marker = await joining.take_over_if_stale(self.store, key, node,
+                                                          self.settings.start_stale_after)
                 if marker is not None:
                     log.warning("%s: its starting node stopped showing signs of life; taking the run over", key.url())
                     async with self.slots:
@@ -166,7 +167,7 @@ class Run:
 
     async def _keep_marker(self, marker: ObjectInfo) -> None:
         while True:
-            await asyncio.sleep(joining.REFRESH_SECONDS)
+            await asyncio.sleep(joining.refresh_interval(self.settings.start_stale_after))
             try:
                 refreshed = await joining.refresh_start(self.store, self.key, self.settings.node_name, marker)
             except StorageError as exc:

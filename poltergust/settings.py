@@ -55,6 +55,8 @@ class Settings:
     """How long a storage or scheduler outage is ridden out before a run gives up."""
     claim_grace: float = 60.0
     """How long a claim by another node is left to that node before anyone else completes it."""
+    start_stale_after: float = 180.0
+    """A run's start marker not refreshed for this long is its dead starter's: a standing-by node takes over."""
     log_upload_interval: float = 30.0
     """A run's log is refreshed in the bucket this often while it runs (and always at its end)."""
     heartbeat_interval: float = 60.0
@@ -146,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=float, default=600.0)
     add("claim-grace", "seconds a run claimed by another node is left to it before this node completes it",
         type=float, default=60.0)
+    add("start-stale-after", "seconds after which a run's start marker that its starting node stopped refreshing "
+                             "counts as that of a dead node, and a standing-by node takes the run over at its next "
+                             "check (every --rescan-interval); the starter refreshes it every third of this. The "
+                             "same on every node, at least 3", type=float, default=180.0)
     add("log-upload-interval", "seconds between refreshes of a running pipeline's log in the bucket",
         type=float, default=30.0)
     add("heartbeat-interval", "seconds between this node's heartbeats (_poltergust/nodes/NODE.json in each bucket), "
@@ -200,6 +206,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         parser.error("--backlog-subscription: only for gs:// paths (a local directory has no backlog)")
     if not 10 <= args.backlog_ack_deadline <= 600:
         parser.error(f"--backlog-ack-deadline: must be 10 to 600 seconds (got {args.backlog_ack_deadline})")
+    if args.start_stale_after < 3:
+        parser.error(f"--start-stale-after: must be at least 3 seconds (got {args.start_stale_after:g})")
     share_key = _share_key(args, parser)
     try:
         run_as = RunAs.lookup(args.run_as) if args.run_as else None
@@ -230,6 +238,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         rescan_interval=args.rescan_interval,
         outage_limit=args.outage_limit,
         claim_grace=args.claim_grace,
+        start_stale_after=args.start_stale_after,
         log_upload_interval=args.log_upload_interval,
         heartbeat_interval=args.heartbeat_interval,
         notify=notify_target(args.notify_url, os.environ.get("DB_URL")),

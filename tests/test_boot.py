@@ -255,6 +255,43 @@ def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
         metadata.stop()
 
 
+def test_a_bake_boot_installs_the_release_and_environments_and_then_powers_off(
+    tmp_path: Path, gcs: FakeGcs, dist, release: dict, environment_yaml: str,
+) -> None:
+    bucket, release_attributes = dist
+    bucket.upload("environment/baked.yaml", environment_yaml)
+    metadata = FakeMetadata({"poltergust-role": "bake", **release_attributes,
+                             "poltergust-bake-environments": bucket.url("environment/baked.yaml")}, PROJECT)
+    try:
+        boot = Boot(tmp_path, "bake", metadata, gcs)
+    finally:
+        metadata.stop()
+    assert boot.result.returncode == 0, boot.result.stderr
+    assert "poltergust-init: bake done" in boot.result.stderr
+    assert boot.systemctl() == ["poweroff"], "no unit is enabled or started: the image starts nothing by itself"
+    assert not (boot.root / "etc/systemd/system").exists() and not (boot.root / "etc/poltergust").exists()
+    release_dirs = list((boot.root / "opt/poltergust/releases").iterdir())
+    assert len(release_dirs) == 1 and (release_dirs[0] / ".installed").exists()
+    # The environment lies in the node's cache, ready: luigi imports in it.
+    cache = boot.root / "var/lib/poltergust/environments"
+    cached = [path for path in cache.iterdir() if not path.name.startswith(".")]
+    assert len(cached) == 1
+    subprocess.run([str(cached[0] / "bin" / "python"), "-c", "import luigi, poltergust_testpipes"], check=True)
+
+
+def test_a_bake_boot_refuses_an_environment_outside_gcs(tmp_path: Path, gcs: FakeGcs, dist) -> None:
+    _, release_attributes = dist
+    metadata = FakeMetadata({"poltergust-role": "bake", **release_attributes,
+                             "poltergust-bake-environments": "/etc/passwd"}, PROJECT)
+    try:
+        boot = Boot(tmp_path, "bake-bad", metadata, gcs)
+    finally:
+        metadata.stop()
+    assert boot.result.returncode == 2
+    assert "metadata attribute poltergust-bake-environments: '/etc/passwd' is not a gs://" in boot.result.stderr
+    assert boot.systemctl() == []
+
+
 def test_the_metadata_server_fake_refuses_requests_without_the_flavor_header() -> None:
     metadata = FakeMetadata({"poltergust-role": "node"}, PROJECT)
     try:

@@ -366,3 +366,84 @@ def test_teardown_deletes_everything_but_the_bucket_once(tmp_path: Path) -> None
     back, calls = fake.run(CREATE, *create_args(manifest))
     assert back.returncode == 0, back.stderr
     find(mutations(calls), "iam", "roles", "undelete", "poltergust_node_subscriptions")
+
+
+# ---------------------------------------------------------------------------
+# bake-image.sh
+
+BAKE = DEPLOY / "bake-image.sh"
+BAKE_ENV = {"POLTERGUST_BAKE_POLL": "0"}
+
+
+def bake_args(manifest: Path) -> list[str]:
+    return ["--project=my-proj", "--region=europe-west4", "--bucket=my-bucket", f"--release={manifest}",
+            "--environment=gs://my-bucket/environment/a.yaml", "--environment", "gs://my-bucket/environment/b.yaml"]
+
+
+def test_bake_image_makes_an_image_from_a_bake_vm_and_deletes_the_vm(tmp_path: Path) -> None:
+    fake = FakeGcloud(tmp_path)
+    manifest = make_release(tmp_path / "dist")
+    result, calls = fake.run(BAKE, *bake_args(manifest), env=BAKE_ENV)
+    assert result.returncode == 0, result.stderr
+    assert all("--project=my-proj" in c for c in calls)
+    shape = [[w for w in c if not w.startswith("-") and w != "gcloud"][:3] for c in calls]
+    # The release uploaded, the VM made, watched until it powered off, its disk imaged, the VM deleted: in order.
+    files = manifest.parent / "0.1.0-0123456789ab"
+    assert shape[:4] == [["storage", "objects", "describe"],
+                         ["storage", "cp", str(files / "poltergust-0.1.0-py3-none-any.whl")],
+                         ["storage", "objects", "describe"], ["storage", "cp", str(files / "requirements.lock")]]
+    assert shape[4:] == [
+        ["compute", "instances", "create"], *[["compute", "instances", "describe"]] * 3,
+        ["compute", "instances", "get-serial-port-output"], ["compute", "images", "create"],
+        ["compute", "instances", "delete"]]
+    create = find(calls, "compute", "instances", "create")
+    vm = create[create.index("create") + 1]
+    assert re.fullmatch(r"poltergust-bake-\d{8}-\d{6}", vm)
+    assert_flags(create, "--zone=europe-west4-b", "--subnet=poltergust-europe-west4", "--no-address",
+                 "--service-account=poltergust-node@my-proj.iam.gserviceaccount.com", "--scopes=cloud-platform",
+                 "--image-family=debian-12", "--image-project=debian-cloud", "--shielded-secure-boot",
+                 f"--metadata-from-file=startup-script={NODE_INIT}")
+    assert metadata_of(create) == {
+        "poltergust-role": "bake", **release_attributes(manifest, "my-bucket"),
+        "poltergust-bake-environments": "gs://my-bucket/environment/a.yaml gs://my-bucket/environment/b.yaml",
+        "enable-oslogin": "TRUE", "block-project-ssh-keys": "TRUE"}
+    assert all(c[-2:] == ["--zone=europe-west4-b", "--format=value(status)"] and vm in c
+               for c in calls if matches(c, ("compute", "instances", "describe")))
+    image = find(calls, "compute", "images", "create")
+    assert_flags(image, f"--source-disk={vm}", "--source-disk-zone=europe-west4-b", "--family=poltergust-node")
+    assert re.fullmatch(r"poltergust-node-\d{8}-\d{6}", image[image.index("create") + 1])
+    assert_flags(find(calls, "compute", "instances", "delete"), vm, "--zone=europe-west4-b")
+    assert "POLTERGUST_IMAGE_FAMILY=poltergust-node POLTERGUST_IMAGE_PROJECT=my-proj" in result.stdout
+
+
+def test_bake_image_fails_clearly_and_deletes_the_vm_when_the_bake_did_not_finish(tmp_path: Path) -> None:
+    fake = FakeGcloud(tmp_path)
+    manifest = make_release(tmp_path / "dist")
+    serial = "poltergust-init: installing release\npoltergust-init: error: could not build the environments (see above)"
+    env = {**BAKE_ENV, "FAKE_GCLOUD_SERIAL": serial}
+    result, calls = fake.run(BAKE, *bake_args(manifest), env=env)
+    assert result.returncode == 1
+    assert "powered off without node-init.sh saying 'bake done'" in result.stderr
+    assert "error: could not build the environments" in result.stderr
+    assert not [c for c in calls if matches(c, ("compute", "images", "create"))]
+    find(calls, "compute", "instances", "delete")
+
+    env = {**BAKE_ENV, "FAKE_GCLOUD_STATUS": "RUNNING"}
+    result, calls = fake.run(BAKE, *bake_args(manifest), "--timeout=2", env=env)
+    assert result.returncode == 1 and "did not power off within 2s (status RUNNING)" in result.stderr
+    find(calls, "compute", "instances", "delete")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--environment=/etc/env.yaml"], "--environment /etc/env.yaml: expected gs://BUCKET/OBJECT"),
+    (["--family=Bad_Family"], "--family Bad_Family"),
+    (["--timeout=soon"], "--timeout soon"),
+    (["--frobnicate"], "unknown argument: --frobnicate"),
+])
+def test_bake_image_help_and_bad_settings(tmp_path: Path, bad: list[str], message: str) -> None:
+    fake = FakeGcloud(tmp_path)
+    result, calls = fake.run(BAKE, "--help")
+    assert result.returncode == 0 and "--environment URL" in result.stdout and calls == []
+    result, calls = fake.run(BAKE, "--project=my-proj", f"--release={make_release(tmp_path / 'dist')}", *bad)
+    assert result.returncode == 1 and message in result.stderr
+    assert mutations(calls) == []

@@ -26,7 +26,7 @@ VERBS = {
     "create", "describe", "delete", "list", "enable", "add-iam-policy-binding",
     "remove-iam-policy-binding", "get-iam-policy", "set-autoscaling", "undelete",
     "list-subscriptions", "rolling-action", "ssh", "cp", "rm", "service-agent", "get-value", "update",
-    "add-metadata",
+    "add-metadata", "get-serial-port-output",
 }
 SCHEDULER_IP = "10.42.0.2"
 PROJECT_NUMBER = "123456789"
@@ -92,6 +92,10 @@ def run(db: dict, group: str, verb: str, rest: list[str], flags: dict, project: 
         return "\n".join(db["services"])
     if verb == "ssh":
         return ""
+    if verb == "get-serial-port-output":  # what a bake VM's node-init.sh printed ($FAKE_GCLOUD_SERIAL: other)
+        if key_of(group, rest[0], project) not in resources:
+            fail(f"NOT_FOUND: {rest[0]}")
+        return os.environ.get("FAKE_GCLOUD_SERIAL", "poltergust-init: bake done: release 0123, 2 environment(s)")
     if verb == "cp":  # storage cp SOURCE... DESTINATION: remember the objects made
         *sources, destination = rest
         for source in sources:
@@ -216,6 +220,9 @@ def describe(db: dict, key: str, fmt: str) -> str:
         return "\t".join((str(resource.get("project-number", PROJECT_NUMBER)), uniform, prevention))
     if fmt == "value(includedPermissions)":
         return str(resource.get("permissions", "")).replace(",", ";")
+    if fmt == "value(status)":  # a VM runs for two looks, then has powered off ($FAKE_GCLOUD_STATUS: always that)
+        resource["looks"] = resource.get("looks", 0) + 1
+        return os.environ.get("FAKE_GCLOUD_STATUS") or ("RUNNING" if resource["looks"] <= 2 else "TERMINATED")
     if fmt == "value(address)":
         return SCHEDULER_IP
     if fmt == "value(instanceTemplate.basename())":
