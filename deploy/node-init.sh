@@ -30,9 +30,11 @@
 #   poltergust-lock-sha256    required: its sha256
 #   (deploy/build-release.sh makes both files; the deploy uploads them to
 #   gs://BUCKET/_poltergust/dist/VERSION/ and sets these four attributes.)
+#   poltergust-path           gs://BUCKET/PREFIX to watch; several may be given
+#                             separated by spaces (each becomes a --path).
+#                             Required for a node; on the scheduler it is what
+#                             the dashboard shows (without it: no dashboard)
 #   node role only:
-#   poltergust-path           required: gs://BUCKET/PREFIX to watch; several may be
-#                             given separated by spaces (each becomes a --path)
 #   poltergust-scheduler-url  required: http(s)://HOST:PORT of luigid
 #   poltergust-topic          the bucket's notification topic
 #                             (default: poltergust-BUCKET of the first path)
@@ -54,6 +56,11 @@
 #   poltergust-env-cache-size, poltergust-min-free-disk
 #                             optional: override what is derived from the disk
 #                             size (half of it; 5% of it, 1G to 5G)
+#   poltergust-run-as         optional: the unprivileged user pipelines run as
+#                             (--run-as; created if missing; default
+#                             poltergust-run). "none" or an empty value runs
+#                             them as the node's own user "poltergust", with the
+#                             node itself unprivileged, as before --run-as
 #
 #   bake role only (deploy/bake-image.sh):
 #   poltergust-bake-environments
@@ -73,11 +80,14 @@
 #   /opt/poltergust/releases/ID/  the verified wheel and lock file and a venv
 #              with exactly them installed (ID: digest of both hashes)
 #   node:      /etc/systemd/system/poltergust-node.service, running
-#              venv/bin/python -P -m poltergust.async_worker as the user
-#              "poltergust" (state in /var/lib/poltergust)
+#              venv/bin/python -P -m poltergust.async_worker as root, confined
+#              by systemd, with --run-as poltergust-run (a system user without
+#              login or home); or, with poltergust-run-as=none, as the user
+#              "poltergust" (state in /var/lib/poltergust either way)
 #   scheduler: /etc/systemd/system/poltergust-luigid.service (a dynamic user,
 #              state in /var/lib/poltergust-luigid) and /etc/poltergust/luigi.cfg;
-#              no node unit
+#              with poltergust-path also poltergust-dashboard.service (a dynamic
+#              user, read-only, on 127.0.0.1:8090); no node unit
 #   bake:      the release and the user "poltergust", the environments of
 #              poltergust-bake-environments built in /var/lib/poltergust/environments,
 #              no unit and no secrets; then the VM powers off, to become an image
@@ -94,11 +104,18 @@ readonly STORAGE_URL=${STORAGE_EMULATOR_HOST:-https://storage.googleapis.com}
 readonly SECRETS_URL=${POLTERGUST_SECRET_MANAGER_URL:-https://secretmanager.googleapis.com}
 readonly RELEASES="/opt/poltergust/releases"
 readonly SERVICE_USER="poltergust"
+readonly DEFAULT_RUN_AS="poltergust-run"
 readonly STATE_DIR="/var/lib/poltergust"
+readonly CACHE_DIR="/var/cache/poltergust"
 readonly NODE_ENV="/etc/poltergust/node.env"
 readonly NODE_UNIT="poltergust-node.service"
 readonly LUIGID_UNIT="poltergust-luigid.service"
 readonly LUIGID_PORT=8082
+readonly DASHBOARD_UNIT="poltergust-dashboard.service"
+# luigid's page and the dashboard are reached through an ssh tunnel over IAP:
+# the dashboard listens on loopback only.
+readonly DASHBOARD_HOST="127.0.0.1"
+readonly DASHBOARD_PORT=8090
 # The node's health server: GCE health checks come from outside the VM, so
 # it must listen on all interfaces; the firewall only lets the checkers in.
 readonly HEALTH_HOST="0.0.0.0"
@@ -107,6 +124,7 @@ readonly SHA256='^[0-9a-f]{64}$'
 
 DRY_RUN=0
 ROOT=""
+RUN_AS=""  # the user pipelines run as (node role; see read_run_as)
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
@@ -255,17 +273,38 @@ read_release() {
     fi
 }
 
-read_node_settings() {
+# Bucket names: 3-222 characters of lower-case letters, digits, - _ and dots.
+readonly GS_URL='^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?$'
+
+# PATHS from poltergust-path: required for a node, optional on the scheduler.
+read_paths() {
     local raw path
-    raw=$(required_attribute poltergust-path)
-    # Bucket names: 3-222 characters of lower-case letters, digits, - _ and dots.
-    local gs_url='^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?$'
+    raw=$(attribute poltergust-path)
+    reject_control_chars poltergust-path "$raw"
     read -r -a PATHS <<<"$raw"
-    ((${#PATHS[@]})) || bad_metadata poltergust-path "is empty (it is required for poltergust-role=node)"
+    if [[ "$ROLE" == node ]] && ((!${#PATHS[@]})); then
+        bad_metadata poltergust-path "is missing or empty (it is required for poltergust-role=node)"
+    fi
     for path in "${PATHS[@]}"; do
-        [[ "$path" =~ $gs_url ]] ||
+        [[ "$path" =~ $GS_URL ]] ||
             bad_metadata poltergust-path "'$path' is not a gs://BUCKET/PREFIX URL"
     done
+}
+
+# RUN_AS: the user pipelines run as, "" to run them as the node's own user.
+read_run_as() {
+    RUN_AS=$(metadata_get instance/attributes/poltergust-run-as || printf '%s' "$DEFAULT_RUN_AS")
+    reject_control_chars poltergust-run-as "$RUN_AS"
+    [[ "$RUN_AS" != none ]] || RUN_AS=""
+    [[ -z "$RUN_AS" || "$RUN_AS" =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] ||
+        bad_metadata poltergust-run-as "'$RUN_AS' is not a user name (or 'none')"
+    if [[ "$RUN_AS" == root || "$RUN_AS" == "$SERVICE_USER" ]]; then
+        bad_metadata poltergust-run-as "must be an unprivileged user of its own, not '$RUN_AS'"
+    fi
+}
+
+read_node_settings() {
+    read_run_as
 
     SCHEDULER_URL=$(required_attribute poltergust-scheduler-url)
     [[ "$SCHEDULER_URL" =~ ^https?://[^[:space:]/]+(/[^[:space:]]*)?$ ]] ||
@@ -304,7 +343,7 @@ read_node_settings() {
     local prefixes prefix
     read -r -a prefixes <<<"$ALLOWED_ENV_PREFIXES"
     for prefix in "${prefixes[@]}"; do
-        [[ "$prefix" =~ $gs_url && "$prefix" =~ ^[A-Za-z0-9_@+=:,./-]+$ ]] ||
+        [[ "$prefix" =~ $GS_URL && "$prefix" =~ ^[A-Za-z0-9_@+=:,./-]+$ ]] ||
             bad_metadata poltergust-allowed-environment-prefix "'$prefix' is not a gs://BUCKET/PREFIX URL"
     done
     ALLOWED_ENV_PREFIXES="${prefixes[*]}"
@@ -334,6 +373,7 @@ read_settings() {
         *) bad_metadata poltergust-role "must be 'node', 'scheduler' or 'bake', got '$ROLE'" ;;
     esac
     read_release
+    read_paths
     [[ "$ROLE" != node ]] || read_node_settings
     [[ "$ROLE" != bake ]] || read_bake_settings
 }
@@ -446,11 +486,20 @@ prune_releases() {
     done
 }
 
+# The node's user: "poltergust" (its home the state directory), or with
+# --run-as the pipelines' user, which gets no login shell and no home (each
+# run's HOME is its private working directory).
 create_user() {
+    local user=${RUN_AS:-$SERVICE_USER} home=$STATE_DIR
+    [[ -z "$RUN_AS" ]] || home=/nonexistent
     if [[ -n "$ROOT" ]]; then
-        log "--root: not creating the system user $SERVICE_USER"
-    elif ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
-        useradd --system --home-dir "$STATE_DIR" --no-create-home --shell /usr/sbin/nologin "$SERVICE_USER"
+        log "--root: not creating the system user $user"
+    elif ! id -u "$user" >/dev/null 2>&1; then
+        useradd --system --home-dir "$home" --no-create-home --shell /usr/sbin/nologin "$user"
+    fi
+    if [[ -n "$RUN_AS" && -z "$ROOT" ]]; then
+        [[ $(id -u "$RUN_AS") != 0 ]] || die "poltergust-run-as names $RUN_AS, which has user id 0"
+        command -v setpriv >/dev/null || die "--run-as needs setpriv (Debian package util-linux)"
     fi
 }
 
@@ -494,25 +543,23 @@ EOF
 # ---------------------------------------------------------------------------
 # Unit files.
 
-# What both services may not do: no privileges, a read-only system, no
-# devices, kernel or namespaces, only the system calls of ordinary services.
+# What every unit may not do: a read-only system, no devices, kernel or
+# namespaces, only the system calls of ordinary services. $1 is the
+# capabilities it keeps (none but for the node that switches to --run-as).
 # The node runs arbitrary pipeline tools, so it keeps chown and friends (which
-# fail without capabilities anyway); luigid gets stricter filters.
-# Scored with `systemd-analyze security --offline=true` (deploy/README.md).
+# fail without capabilities anyway); luigid and the dashboard get stricter
+# filters. Scored with `systemd-analyze security --offline=true` (deploy/README.md).
 hardening() {
     cat <<EOF
-UMask=0027
-StateDirectoryMode=0750
 MemoryMax=$MEMORY_MAX
 TasksMax=$TASKS_MAX
 NoNewPrivileges=yes
-CapabilityBoundingSet=
+CapabilityBoundingSet=$1
 AmbientCapabilities=
 ProtectSystem=strict
 ProtectHome=yes
 PrivateTmp=yes
 PrivateDevices=yes
-PrivateUsers=yes
 ProtectProc=invisible
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
@@ -533,12 +580,52 @@ SystemCallErrorNumber=EPERM
 EOF
 }
 
-luigid_hardening() {
-    hardening
+# An unprivileged unit: no capabilities, no other users, private files.
+unprivileged_hardening() {
+    cat <<EOF
+UMask=0027
+StateDirectoryMode=0750
+PrivateUsers=yes
+EOF
+    hardening ""
+}
+
+# The node with --run-as runs as root, for setpriv to start each run as the
+# pipelines' user. It keeps exactly the capabilities for that: setuid/setgid
+# (setpriv), chown (a run's private directory goes to that user), kill (stop a
+# run's process group), dac_override and fowner (remove what a run left in its
+# directory, even in sticky or unreadable subdirectories). No PrivateUsers:
+# the pipelines' user must exist in the node's user namespace. Files it makes
+# are readable by others (UMask=0022) because the pipelines run the cached
+# environments; the state directories are traversable but not listable
+# (0711), its logs are 0700 (sandbox.lock_down) and its HOME, with pip's
+# cache, is the cache directory (0700). Root may read all files, so the
+# system's secrets are hidden from it.
+run_as_hardening() {
+    cat <<EOF
+UMask=0022
+StateDirectoryMode=0711
+CacheDirectoryMode=0700
+InaccessiblePaths=-/etc/shadow -/etc/gshadow -/etc/ssh -/etc/sudoers -/etc/sudoers.d
+EOF
+    hardening "CAP_SETUID CAP_SETGID CAP_CHOWN CAP_KILL CAP_DAC_OVERRIDE CAP_FOWNER"
+}
+
+strict_hardening() {
+    unprivileged_hardening
     cat <<EOF
 SystemCallFilter=~@privileged @resources
 MemoryDenyWriteExecute=yes
 EOF
+}
+
+# Words as one ExecStart= line, each quoted for systemd.
+exec_line() {
+    local out="" word
+    for word in "$@"; do
+        out+="${out:+ }$(systemd_quote "$word")"
+    done
+    printf '%s' "$out"
 }
 
 node_exec_start() {
@@ -549,11 +636,8 @@ node_exec_start() {
     words+=(--scheduler-url "$SCHEDULER_URL" --topic "$TOPIC" --project "$PROJECT"
         --http-host "$HEALTH_HOST" --http-port "$HEALTH_PORT"
         --env-cache-size "$ENV_CACHE_SIZE" --min-free-disk "$MIN_FREE_DISK")
-    local out="" word
-    for word in "${words[@]}"; do
-        out+="${out:+ }$(systemd_quote "$word")"
-    done
-    printf '%s' "$out"
+    [[ -z "$RUN_AS" ]] || words+=(--run-as "$RUN_AS")
+    exec_line "${words[@]}"
 }
 
 write_node_unit() {
@@ -567,6 +651,16 @@ write_node_unit() {
     if [[ -n "$ALLOWED_ENV_PREFIXES" ]]; then
         optional+="Environment=\"POLTERGUST_ALLOWED_ENVIRONMENT_PREFIX=$ALLOWED_ENV_PREFIXES\""$'\n'
     fi
+    local identity home=$STATE_DIR confinement
+    if [[ -n "$RUN_AS" ]]; then
+        identity="# Root, confined below, so that each run starts as $RUN_AS (--run-as)."$'\n'
+        identity+="CacheDirectory=poltergust"
+        home=$CACHE_DIR
+        confinement=$(run_as_hardening)
+    else
+        identity="User=$SERVICE_USER"$'\n'"Group=$SERVICE_USER"
+        confinement=$(unprivileged_hardening)
+    fi
     write_file "/etc/systemd/system/$NODE_UNIT" 0644 <<EOF
 # Written by poltergust node-init.sh from the instance metadata; rewritten on
 # every boot, so change the metadata rather than this file.
@@ -577,13 +671,12 @@ After=network-online.target
 
 [Service]
 Type=simple
-User=$SERVICE_USER
-Group=$SERVICE_USER
+$identity
 StateDirectory=poltergust poltergust/data poltergust/environments
 # The release's directory belongs to root: nothing the node or a pipeline
 # writes can end up on the node's import path (python -P ignores it anyway).
 WorkingDirectory=$RELEASE
-Environment=HOME=$STATE_DIR
+Environment=HOME=$home
 Environment=PYTHONUNBUFFERED=1
 Environment=POLTERGUST_DATA_DIR=$STATE_DIR/data
 Environment=POLTERGUST_ENV_DIR=$STATE_DIR/environments
@@ -598,7 +691,7 @@ KillMode=mixed
 TimeoutStopSec=60
 Restart=on-failure
 RestartSec=10
-$(hardening)
+$confinement
 
 [Install]
 WantedBy=multi-user.target
@@ -636,7 +729,7 @@ KillSignal=SIGTERM
 TimeoutStopSec=60
 Restart=on-failure
 RestartSec=5
-$(luigid_hardening)
+$(strict_hardening)
 
 [Install]
 WantedBy=multi-user.target
@@ -680,6 +773,49 @@ bake() {
     run systemctl poweroff
 }
 
+# The dashboard: read-only, as a dynamic user, on loopback (reached through
+# the same ssh tunnel as luigid's page); it reads the bucket with the VM's
+# service account, which may only read it.
+write_dashboard_unit() {
+    local words=("$RELEASE/venv/bin/python" -P -m poltergust.cli dashboard) path
+    for path in "${PATHS[@]}"; do
+        words+=(--path "$path")
+    done
+    words+=(--scheduler-url "http://127.0.0.1:$LUIGID_PORT" --host "$DASHBOARD_HOST" --port "$DASHBOARD_PORT")
+    write_file "/etc/systemd/system/$DASHBOARD_UNIT" 0644 <<EOF
+# Written by poltergust node-init.sh from the instance metadata; rewritten on
+# every boot, so change the metadata rather than this file.
+[Unit]
+Description=Poltergust dashboard (read-only view of the pipelines, runs, logs and nodes)
+Wants=network-online.target
+After=network-online.target $LUIGID_UNIT
+
+[Service]
+Type=simple
+DynamicUser=yes
+WorkingDirectory=$RELEASE
+Environment=PYTHONUNBUFFERED=1
+ExecStart=$(exec_line "${words[@]}")
+KillSignal=SIGTERM
+TimeoutStopSec=30
+Restart=on-failure
+RestartSec=5
+$(strict_hardening)
+
+[Install]
+WantedBy=multi-user.target
+EOF
+}
+
+# A dashboard from an earlier boot goes when poltergust-path is gone.
+remove_dashboard_unit() {
+    log "no poltergust-path in the metadata: not running the dashboard"
+    if [[ -f "$ROOT/etc/systemd/system/$DASHBOARD_UNIT" ]]; then
+        run systemctl disable --now "$DASHBOARD_UNIT"
+        rm -f "$ROOT/etc/systemd/system/$DASHBOARD_UNIT"
+    fi
+}
+
 start_unit() {
     run systemctl daemon-reload
     run systemctl enable "$1"
@@ -701,6 +837,12 @@ main() {
     if [[ "$ROLE" == scheduler ]]; then
         write_scheduler_files
         start_unit "$LUIGID_UNIT"
+        if ((${#PATHS[@]})); then
+            write_dashboard_unit
+            start_unit "$DASHBOARD_UNIT"
+        else
+            remove_dashboard_unit
+        fi
     else
         create_user
         write_secrets

@@ -6,20 +6,25 @@ with the release's wheel and lock file in the GCS emulator and `systemctl`
 replaced by a recorder. The script creates the venv, installs the wheel with
 `pip --require-hashes` from a local wheelhouse (no package index), writes the
 unit. The test then starts the unit's ExecStart with the unit's environment,
-as systemd would (only the listen addresses become loopback ports), and runs
-a pipeline through the booted luigid and node.
+umask, state directory modes and capability bounding set, as systemd would
+(only the listen addresses become loopback ports), and runs a pipeline through
+the booted luigid and node: the node as root with `--run-as poltergust-run`
+(the user tests/run.sh creates), the pipeline as that user. The scheduler's
+dashboard answers on its port, listing that pipeline.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import pwd
 import re
 import shlex
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 import uuid
@@ -37,8 +42,9 @@ NODE_INIT = ROOT / "deploy" / "node-init.sh"
 BUILD_RELEASE = ROOT / "deploy" / "build-release.sh"
 UV = os.environ.get("UV") or next((str(p) for p in [Path(sys.executable).parent / "uv"] if p.exists()),
                                   shutil.which("uv") or "uv")
-SYSTEM_PREFIXES = ("/opt/poltergust", "/var/lib/poltergust", "/etc/poltergust")
+SYSTEM_PREFIXES = ("/opt/poltergust", "/var/lib/poltergust", "/var/cache/poltergust", "/etc/poltergust")
 SECRET = 'pa$$ "w\\ord" `x`'
+RUN_AS = "poltergust-run"
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +83,8 @@ class Boot:
     """One run of node-init.sh on a throwaway root."""
 
     def __init__(self, tmp_path: Path, name: str, metadata: FakeMetadata, gcs: FakeGcs,
-                 wheelhouse: Path = WHEELHOUSE) -> None:
-        self.root = tmp_path / name
+                 wheelhouse: Path = WHEELHOUSE, root: Path | None = None) -> None:
+        self.root = root or tmp_path / name
         bin_dir = tmp_path / f"{name}-bin"
         bin_dir.mkdir()
         self.calls = tmp_path / f"{name}-systemctl.log"
@@ -107,7 +113,8 @@ class Boot:
         return f"{self.root}{path}" if path.startswith(SYSTEM_PREFIXES) else path
 
     def start(self, unit_name: str, log: Path, extra_env: dict[str, str], listen: dict[str, str]) -> Server:
-        """Start the unit's ExecStart as systemd would: its Environment=, EnvironmentFile=, WorkingDirectory=."""
+        """Start the unit's ExecStart as systemd would: its Environment=, EnvironmentFile=, WorkingDirectory=,
+        UMask=, NoNewPrivileges=, CapabilityBoundingSet= (as root) and the modes of its state directories."""
         unit = self.unit(unit_name)
         env = {"PATH": os.environ["PATH"], **extra_env}
         for value in directives(unit, "Environment"):
@@ -118,12 +125,21 @@ class Boot:
             path = Path(self.here(value.lstrip("-")))
             if path.exists() or not value.startswith("-"):
                 env.update(parse_environment_file(path.read_text()))
-        for state in " ".join(directives(unit, "StateDirectory")).split():
-            Path(self.here(f"/var/lib/{state}")).mkdir(parents=True, exist_ok=True)
+        for kind, base in (("State", "/var/lib"), ("Cache", "/var/cache")):
+            mode = int((directives(unit, f"{kind}DirectoryMode") or ["0755"])[0], 8)
+            for name in " ".join(directives(unit, f"{kind}Directory")).split():
+                Path(self.here(f"{base}/{name}")).mkdir(parents=True, exist_ok=True)
+                os.chmod(self.here(f"{base}/{name}"), mode)
         words = [w.replace("$$", "$").replace("%%", "%") for w in shlex.split(directives(unit, "ExecStart")[0])]
         words = [self.here(w) for w in words]
         for flag, value in listen.items():
             words[words.index(flag) + 1] = value
+        if os.geteuid() == 0:
+            bounding = ["-all"] + ["+" + cap.lower().removeprefix("cap_")
+                                   for cap in directives(unit, "CapabilityBoundingSet")[-1].split()]
+            words = ["setpriv", f"--bounding-set={','.join(bounding)}",
+                     *(["--no-new-privs"] if directives(unit, "NoNewPrivileges") == ["yes"] else []), "--", *words]
+        words = ["sh", "-c", f'umask {directives(unit, "UMask")[0]} && exec "$@"', "sh", *words]
         cwd = Path(self.here(directives(unit, "WorkingDirectory")[0]))
         return Server(unit_name, words, log, env=env, cwd=cwd)
 
@@ -180,14 +196,22 @@ def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
     tmp_path: Path, gcs: FakeGcs, pubsub: PubSubEmulator, dist, release: dict, environment_yaml: str,
 ) -> None:
     bucket, release_attributes = dist
+    if os.geteuid() != 0:
+        pytest.skip("the booted node runs as root to start pipelines as poltergust-run (tests/run.sh runs as root)")
+    run_as = pwd.getpwnam(RUN_AS)  # made by tests/run.sh
     servers: list[Server] = []
-    metadata = FakeMetadata({"poltergust-role": "scheduler", **release_attributes}, PROJECT)
+    # The node's root must be traversable by the pipelines' user, as / is on a VM.
+    node_root = Path(tempfile.mkdtemp(prefix="poltergust-boot-"))
+    os.chmod(node_root, 0o755)
+    metadata = FakeMetadata({"poltergust-role": "scheduler", **release_attributes,
+                             "poltergust-path": bucket.url("pipeline")}, PROJECT)
     try:
-        # The scheduler VM.
+        # The scheduler VM: luigid and the dashboard.
         scheduler = Boot(tmp_path, "scheduler", metadata, gcs)
         assert scheduler.result.returncode == 0, scheduler.result.stderr
         assert scheduler.systemctl() == ["daemon-reload", "enable poltergust-luigid.service",
-                                         "restart poltergust-luigid.service"]
+                                         "restart poltergust-luigid.service", "daemon-reload",
+                                         "enable poltergust-dashboard.service", "restart poltergust-dashboard.service"]
         luigid_port = free_port()
         luigid = scheduler.start("poltergust-luigid.service", tmp_path / "luigid.log", {},
                                  {"--port": str(luigid_port), "--address": "127.0.0.1"})
@@ -195,6 +219,12 @@ def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
         luigid_url = f"http://127.0.0.1:{luigid_port}"
         wait_for(lambda: luigid.check_alive() or http_status(f"{luigid_url}/api/task_list?data=%7B%7D") == 200,
                  60, "the booted luigid to answer")
+        dashboard_port = free_port()
+        dashboard = scheduler.start("poltergust-dashboard.service", tmp_path / "dashboard.log",
+                                    {"STORAGE_EMULATOR_HOST": gcs.url},
+                                    {"--port": str(dashboard_port), "--scheduler-url": luigid_url})
+        servers.append(dashboard)
+        dashboard_url = f"http://127.0.0.1:{dashboard_port}/"
 
         # A node VM, pointed at that luigid, with a secret for its pipelines.
         metadata.attributes = {
@@ -203,10 +233,12 @@ def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
             "poltergust-secrets": "BOOT_SECRET=boot-secret",
         }
         metadata.secrets = {f"projects/{PROJECT}/secrets/boot-secret/versions/latest": SECRET}
-        node = Boot(tmp_path, "node", metadata, gcs)
+        node = Boot(tmp_path, "node", metadata, gcs, root=node_root)
         assert node.result.returncode == 0, node.result.stderr
         assert node.systemctl() == ["daemon-reload", "enable poltergust-node.service",
                                     "restart poltergust-node.service"]
+        assert directives(node.unit("poltergust-node.service"), "ExecStart")[0].endswith(f" --run-as {RUN_AS}")
+        assert f"--root: not creating the system user {RUN_AS}" in node.result.stderr
         assert metadata.refused == [], "every request carried Metadata-Flavor: Google (and the token)"
         assert SECRET not in node.result.stderr
 
@@ -228,7 +260,10 @@ def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
         wait_for(lambda: service.check_alive() or http_status(f"http://127.0.0.1:{health_port}/healthz") == 200,
                  90, "the booted node's /healthz to answer 200")
 
-        out = tmp_path / "out"
+        # What the pipeline may write: a directory open to all (its outputs normally go to the bucket).
+        out = node_root / "out"
+        out.mkdir(mode=0o777)
+        os.chmod(out, 0o777)
         bucket.upload("environment/test.yaml", environment_yaml)
         bucket.upload("pipeline/booted.config.yaml", yaml.safe_dump({
             "environment": bucket.url("environment/test.yaml"),
@@ -239,6 +274,21 @@ def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
         assert yaml.safe_load(done)["poltergust"]["outcome"] == "done"
         assert (out / "touch.txt").read_text().splitlines()[1:] in ([], [""]), \
             "the node's secrets are for {{NAME}} in dependencies: pipelines never see them"
+        # Luigi ran as the pipelines' user, from the environment the node (root) built, in a private
+        # directory that is gone; the node's logs and HOME stay closed to that user.
+        assert (out / "touch.txt").stat().st_uid == run_as.pw_uid
+        state = node.root / "var/lib/poltergust"
+        assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in (state, state / "data", state / "environments",
+                                                                          state / "data" / "logs")} \
+            == {"poltergust": 0o711, "data": 0o711, "environments": 0o711, "logs": 0o700}
+        assert stat.S_IMODE((node.root / "var/cache/poltergust").stat().st_mode) == 0o700
+        wait_for(lambda: not any((state / "data" / "work").iterdir()), 30, "the run's private directory to go")
+
+        # The dashboard lists the pipeline, read from the bucket.
+        wait_for(lambda: dashboard.check_alive() or http_status(dashboard_url) == 200, 60,
+                 "the booted dashboard to answer 200")
+        wait_for(lambda: "booted" in urllib.request.urlopen(dashboard_url, timeout=10).read().decode(), 30,
+                 "the dashboard to list the pipeline")
         assert luigid.check_alive() is None and json.loads(urllib.request.urlopen(
             f"{luigid_url}/api/task_list?data=%7B%22status%22%3A%22DONE%22%7D", timeout=5).read())["response"]
 
@@ -253,6 +303,7 @@ def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
         for server in servers:
             server.stop()
         metadata.stop()
+        shutil.rmtree(node_root, ignore_errors=True)
 
 
 def test_a_bake_boot_installs_the_release_and_environments_and_then_powers_off(

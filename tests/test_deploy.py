@@ -128,6 +128,9 @@ def create_args(manifest: Path) -> list[str]:
 
 NODE = "--member=serviceAccount:poltergust-node@my-proj.iam.gserviceaccount.com"
 NOT_THE_RELEASE = '!resource.name.startsWith("projects/_/buckets/my-bucket/objects/_poltergust/dist/")'
+SCHEDULER = "--member=serviceAccount:poltergust-scheduler@my-proj.iam.gserviceaccount.com"
+TUNNEL = ("gcloud compute ssh poltergust-scheduler --project=my-proj --zone=europe-west4-b --tunnel-through-iap "
+          "-- -L 8082:localhost:8082 -L 8090:localhost:8090 -N")
 
 
 def test_create_makes_everything_once_then_nothing(tmp_path: Path) -> None:
@@ -162,15 +165,15 @@ def test_create_makes_everything_once_then_nothing(tmp_path: Path) -> None:
 
     # Least privilege: bucket-level object access but not to the release,
     # topic-level subscriber, and a custom role with only the subscription
-    # permissions; the scheduler may read the release only.
+    # permissions; the scheduler reads the bucket (its release, the dashboard's pipelines), never writes.
     bucket_grants = [c for c in created if matches(c, ("buckets", "add-iam-policy-binding", "gs://my-bucket"))]
     assert len(bucket_grants) == 3
     assert_flags(find(bucket_grants, NODE, "--role=roles/storage.objectUser"),
                  f"--condition=expression={NOT_THE_RELEASE},title=not-the-release")
     find(bucket_grants, NODE, "--role=roles/storage.objectViewer")
-    assert_flags(find(bucket_grants, "--role=roles/storage.objectViewer",
-                      "--member=serviceAccount:poltergust-scheduler@my-proj.iam.gserviceaccount.com"),
-                 f"--condition=expression={NOT_THE_RELEASE[1:]},title=only-the-release")
+    scheduler_grants = [c for c in bucket_grants if SCHEDULER in c]
+    assert len(scheduler_grants) == 1 and "--role=roles/storage.objectViewer" in scheduler_grants[0]
+    assert not [w for w in scheduler_grants[0] if w.startswith("--condition")]
     assert_flags(find(created, "topics", "add-iam-policy-binding", "--role=roles/pubsub.subscriber"), NODE)
     role = find(created, "iam", "roles", "create", "poltergust_node_subscriptions")
     assert_flags(role, "--permissions=pubsub.subscriptions.consume,pubsub.subscriptions.create,"
@@ -192,7 +195,9 @@ def test_create_makes_everything_once_then_nothing(tmp_path: Path) -> None:
     scheduler = find(created, "compute", "instances", "create", "poltergust-scheduler")
     assert_flags(scheduler, "--no-address", "--private-network-ip=10.42.0.2",
                  "--service-account=poltergust-scheduler@my-proj.iam.gserviceaccount.com")
+    # The scheduler VM gets the pipeline path for its dashboard.
     assert metadata_of(scheduler) == {"poltergust-role": "scheduler", **attributes,
+                                      "poltergust-path": "gs://my-bucket/pipeline",
                                       "enable-oslogin": "TRUE", "block-project-ssh-keys": "TRUE"}
     assert_flags(scheduler, f"--metadata-from-file=startup-script={NODE_INIT}")
 
@@ -224,6 +229,8 @@ def test_create_makes_everything_once_then_nothing(tmp_path: Path) -> None:
     assert not [w for w in autoscaling if "cpu" in w]
     # Nothing anywhere installs a package by name.
     assert not [w for c in calls for w in c if "poltergust-package" in w]
+    # The IAP tunnel to luigid's page and the dashboard.
+    assert TUNNEL in first.stdout
 
     second, calls = fake.run(CREATE, *create_args(manifest))
     assert second.returncode == 0, second.stderr
@@ -241,7 +248,8 @@ def test_a_new_release_rolls_the_nodes_and_repoints_the_scheduler(tmp_path: Path
     assert [c[c.index("cp") + 2] for c in changed if "cp" in c] == list(release_attributes(
         manifest, "my-bucket").values())[::2]
     attributes = release_attributes(manifest, "my-bucket")
-    assert metadata_of(find(changed, "instances", "add-metadata", "poltergust-scheduler")) == attributes
+    assert metadata_of(find(changed, "instances", "add-metadata", "poltergust-scheduler")) == {
+        **attributes, "poltergust-path": "gs://my-bucket/pipeline"}
     template = find(changed, "instance-templates", "create")
     assert metadata_of(template)["poltergust-wheel-sha256"] == attributes["poltergust-wheel-sha256"]
     assert_flags(find(changed, "rolling-action", "start-update", "poltergust-nodes"), "--max-unavailable=0")
@@ -254,6 +262,37 @@ def test_a_new_release_rolls_the_nodes_and_repoints_the_scheduler(tmp_path: Path
     assert len(changed) == 2, changed
     assert_flags(find(changed, "instance-templates", "create"), "--machine-type=n2-standard-8")
     find(changed, "rolling-action", "start-update")
+
+
+def test_an_older_deploy_gets_the_dashboard_path_and_the_scheduler_reads_the_bucket(tmp_path: Path) -> None:
+    """A deployment from before the dashboard: a scheduler without poltergust-path, reading only the release."""
+    fake = FakeGcloud(tmp_path)
+    manifest = make_release(tmp_path / "dist")
+    assert fake.run(CREATE, *create_args(manifest))[0].returncode == 0
+    member = SCHEDULER.split("=", 1)[1]
+    only_the_release = ('expression=resource.name.startsWith("projects/_/buckets/my-bucket/objects/_poltergust/dist/")'
+                        ',title=only-the-release')
+
+    def make_it_older(db: dict) -> None:
+        db["bindings"] = [b for b in db["bindings"] if b[2] != member] + [
+            ["storage/buckets:gs://my-bucket", "roles/storage.objectViewer", member, only_the_release]]
+        vm = next(v for k, v in db["resources"].items() if k.endswith(":poltergust-scheduler") and "metadata" in v)
+        vm["metadata"] = vm["metadata"].replace("|poltergust-path=gs://my-bucket/pipeline", "")
+
+    fake.edit(make_it_older)
+    result, calls = fake.run(CREATE, *create_args(manifest))
+    assert result.returncode == 0, result.stderr
+    changed = mutations(calls)
+    grant = find(changed, "buckets", "add-iam-policy-binding", SCHEDULER)
+    assert "--role=roles/storage.objectViewer" in grant and not [w for w in grant if w.startswith("--condition")]
+    assert metadata_of(find(changed, "instances", "add-metadata", "poltergust-scheduler"))["poltergust-path"] == \
+        "gs://my-bucket/pipeline"
+    assert len(changed) == 2, changed
+    assert "gcloud compute instances reset poltergust-scheduler" in result.stderr
+    # Teardown removes both of the scheduler's grants.
+    result, calls = fake.run(TEARDOWN, "--project=my-proj", "--region=europe-west4", "--bucket=my-bucket", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert_flags(find(mutations(calls), "remove-iam-policy-binding", SCHEDULER), "--all")
 
 
 def test_create_takes_settings_and_secrets_from_the_environment(tmp_path: Path) -> None:

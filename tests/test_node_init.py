@@ -2,8 +2,9 @@
 
 The real boot (install, units, start) is tests/test_boot.py; these check what
 the script writes for each setting, that bad metadata is named before anything
-is written, that `systemd-analyze security --offline` scores both units 5.0 or
-better, and how clusters/dataproc-init.sh hands DataProc's metadata over.
+is written, the scores `systemd-analyze security --offline` gives the units
+(recorded in deploy/README.md), and how clusters/dataproc-init.sh hands
+DataProc's metadata over.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ NODE_METADATA = {
 }
 NODE_UNIT = "etc/systemd/system/poltergust-node.service"
 LUIGID_UNIT = "etc/systemd/system/poltergust-luigid.service"
+DASHBOARD_UNIT = "etc/systemd/system/poltergust-dashboard.service"
+SCHEDULER_METADATA = {"poltergust-role": "scheduler", **RELEASE_METADATA}
 
 
 def run_init(tmp_path: Path, attributes: dict[str, str], project_id: str | None = "metadata-project",
@@ -72,7 +75,8 @@ def test_node_unit_runs_the_release_with_the_metadata_values(tmp_path: Path) -> 
         "--scheduler-url http://10.42.0.2:8082 --topic poltergust-my-bucket --project my-project "
         "--http-host 0.0.0.0 --http-port 8080 --env-cache-size ")
     # Both sizes come from the disk under the state directory.
-    cache, free = re.search(r"--env-cache-size (\d+)M --min-free-disk (\d+)M$", exec_start[0]).groups()
+    cache, free = re.search(r"--env-cache-size (\d+)M --min-free-disk (\d+)M --run-as poltergust-run$",
+                            exec_start[0]).groups()
     disk_mib = shutil.disk_usage(root).total // 2**20
     assert abs(int(cache) - disk_mib // 2) <= 1 and 1024 <= int(free) <= 5120
     assert unit_value(unit, "WorkingDirectory") == [RELEASE]
@@ -81,7 +85,10 @@ def test_node_unit_runs_the_release_with_the_metadata_values(tmp_path: Path) -> 
     assert unit_value(unit, "KillSignal") == ["SIGTERM"]
     # Longer than the node's graceful shutdown (~10 s).
     assert int(unit_value(unit, "TimeoutStopSec")[0]) >= 30
-    assert unit_value(unit, "User") == ["poltergust"]
+    # Root, so that each run starts as poltergust-run; its HOME (pip's cache) is private.
+    assert unit_value(unit, "User") == [] and unit_value(unit, "DynamicUser") == []
+    assert unit_value(unit, "Environment")[0] == "HOME=/var/cache/poltergust"
+    assert unit_value(unit, "CacheDirectory") == ["poltergust"]
     assert "WantedBy=multi-user.target" in unit
     assert not (root / LUIGID_UNIT).exists()
     # Dry-run: nothing installed, systemctl only announced.
@@ -106,12 +113,29 @@ def test_node_takes_several_paths_and_optional_settings(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     unit = (root / NODE_UNIT).read_text()
     assert "--path gs://my-bucket/pipeline --path gs://other-bucket/jobs --scheduler-url" in unit
-    assert unit_value(unit, "ExecStart")[0].endswith(" --env-cache-size 20G --min-free-disk 3G")
+    assert unit_value(unit, "ExecStart")[0].endswith(" --env-cache-size 20G --min-free-disk 3G --run-as poltergust-run")
     assert "Environment=POLTERGUST_MAX_CONCURRENT=2" in unit
     assert "Environment=POLTERGUST_BACKLOG_SUBSCRIPTION=poltergust-backlog" in unit
     assert "would read projects/my-project/secrets/gh-token/versions/latest into /etc/poltergust/node.env as TOKEN" \
         in result.stderr
     assert "would read projects/p-1/secrets/db/versions/latest" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["none", ""])
+def test_run_as_none_keeps_the_unprivileged_node(tmp_path: Path, value: str) -> None:
+    result, root = run_init(tmp_path, {**NODE_METADATA, "poltergust-run-as": value})
+    assert result.returncode == 0, result.stderr
+    unit = (root / NODE_UNIT).read_text()
+    assert unit_value(unit, "User") == ["poltergust"] and unit_value(unit, "Group") == ["poltergust"]
+    assert "--run-as" not in unit_value(unit, "ExecStart")[0]
+    assert unit_value(unit, "Environment")[0] == "HOME=/var/lib/poltergust"
+    assert unit_value(unit, "PrivateUsers") == ["yes"] and unit_value(unit, "CapabilityBoundingSet") == [""]
+
+
+def test_run_as_names_another_pipeline_user(tmp_path: Path) -> None:
+    result, root = run_init(tmp_path, {**NODE_METADATA, "poltergust-run-as": "pipelines"})
+    assert result.returncode == 0, result.stderr
+    assert unit_value((root / NODE_UNIT).read_text(), "ExecStart")[0].endswith(" --run-as pipelines")
 
 
 def test_exec_start_quotes_unusual_values_for_systemd(tmp_path: Path) -> None:
@@ -124,9 +148,13 @@ def test_exec_start_quotes_unusual_values_for_systemd(tmp_path: Path) -> None:
 
 
 def test_scheduler_role_gets_luigid_and_no_node(tmp_path: Path) -> None:
-    result, root = run_init(tmp_path, {"poltergust-role": "scheduler", **RELEASE_METADATA})
+    result, root = run_init(tmp_path, SCHEDULER_METADATA)
     assert result.returncode == 0, result.stderr
     assert not (root / NODE_UNIT).exists()
+    # Without poltergust-path: no dashboard, and the log says so.
+    assert not (root / DASHBOARD_UNIT).exists()
+    assert "no poltergust-path in the metadata: not running the dashboard" in result.stderr
+    assert "poltergust-dashboard.service" not in result.stderr
     unit = (root / LUIGID_UNIT).read_text()
     assert unit_value(unit, "ExecStart") == [
         f"{RELEASE}/venv/bin/python -P -m poltergust.luigid --port 8082 --address 0.0.0.0 "
@@ -137,6 +165,39 @@ def test_scheduler_role_gets_luigid_and_no_node(tmp_path: Path) -> None:
     assert "[scheduler]" in cfg
     assert re.search(r"^worker_disconnect_delay = 30$", cfg, re.M)
     assert "would run: systemctl enable poltergust-luigid.service" in result.stderr
+
+
+def test_scheduler_with_a_path_runs_the_dashboard_on_loopback(tmp_path: Path) -> None:
+    paths = "gs://my-bucket/pipeline gs://other-bucket/jobs"
+    result, root = run_init(tmp_path, {**SCHEDULER_METADATA, "poltergust-path": paths})
+    assert result.returncode == 0, result.stderr
+    assert (root / LUIGID_UNIT).exists() and not (root / NODE_UNIT).exists()
+    unit = (root / DASHBOARD_UNIT).read_text()
+    assert unit_value(unit, "ExecStart") == [
+        f"{RELEASE}/venv/bin/python -P -m poltergust.cli dashboard --path gs://my-bucket/pipeline "
+        "--path gs://other-bucket/jobs --scheduler-url http://127.0.0.1:8082 --host 127.0.0.1 --port 8090"]
+    assert unit_value(unit, "DynamicUser") == ["yes"] and unit_value(unit, "User") == []
+    assert unit_value(unit, "WorkingDirectory") == [RELEASE]
+    # Read-only: no state of its own, nothing writable.
+    assert unit_value(unit, "StateDirectory") == [] and unit_value(unit, "ReadWritePaths") == []
+    assert "After=network-online.target poltergust-luigid.service" in unit
+    assert "would run: systemctl enable poltergust-dashboard.service" in result.stderr
+    assert "would run: systemctl restart poltergust-dashboard.service" in result.stderr
+
+
+def test_a_scheduler_whose_path_is_gone_drops_the_dashboard(tmp_path: Path) -> None:
+    metadata = tmp_path / "metadata"
+    (metadata / "instance" / "attributes").mkdir(parents=True)
+    for name, value in SCHEDULER_METADATA.items():
+        (metadata / "instance" / "attributes" / name).write_text(value)
+    root = tmp_path / "root"
+    (root / DASHBOARD_UNIT).parent.mkdir(parents=True)
+    (root / DASHBOARD_UNIT).write_text("[Service]\n")  # from an earlier boot
+    result = subprocess.run(["bash", str(NODE_INIT), "--dry-run", "--root", str(root)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "POLTERGUST_METADATA_DIR": str(metadata)})
+    assert result.returncode == 0, result.stderr
+    assert "would run: systemctl disable --now poltergust-dashboard.service" in result.stderr
+    assert not (root / DASHBOARD_UNIT).exists()
 
 
 @pytest.mark.parametrize(
@@ -164,6 +225,10 @@ def test_scheduler_role_gets_luigid_and_no_node(tmp_path: Path) -> None:
         ({"poltergust-secrets": "TOKEN"}, "poltergust-secrets"),
         ({"poltergust-secrets": "TOKEN=a/b"}, "poltergust-secrets"),
         ({"poltergust-env-cache-size": "lots"}, "poltergust-env-cache-size"),
+        ({"poltergust-run-as": "root"}, "poltergust-run-as"),
+        ({"poltergust-run-as": "poltergust"}, "poltergust-run-as"),
+        ({"poltergust-run-as": "Bad User"}, "poltergust-run-as"),
+        ({"poltergust-role": "scheduler", "poltergust-path": "s3://my-bucket/pipeline"}, "poltergust-path"),
     ],
 )
 def test_bad_or_missing_metadata_is_named(tmp_path: Path, change: dict, attribute: str) -> None:
@@ -181,6 +246,7 @@ def test_bad_or_missing_metadata_is_named(tmp_path: Path, change: dict, attribut
     assert f"metadata attribute {attribute}" in result.stderr
     # Nothing half-done: settings are checked before anything is written.
     assert not (root / NODE_UNIT).exists() and not (root / LUIGID_UNIT).exists()
+    assert not (root / DASHBOARD_UNIT).exists()
     assert "would" not in result.stderr
 
 
@@ -197,6 +263,22 @@ def test_init_script_help_and_bad_arguments() -> None:
 HARDENING = {
     "UMask": "0027", "StateDirectoryMode": "0750", "ProtectSystem": "strict", "ProtectHome": "yes",
     "PrivateTmp": "yes", "ProtectProc": "invisible", "NoNewPrivileges": "yes", "CapabilityBoundingSet": "",
+    "PrivateUsers": "yes",
+}
+RUN_AS_HARDENING = {
+    **{k: v for k, v in HARDENING.items() if k != "PrivateUsers"},
+    # The pipelines' user runs the cached environments: readable, traversable, not listable.
+    "UMask": "0022", "StateDirectoryMode": "0711", "CacheDirectoryMode": "0700",
+    "CapabilityBoundingSet": "CAP_SETUID CAP_SETGID CAP_CHOWN CAP_KILL CAP_DAC_OVERRIDE CAP_FOWNER",
+}
+UNITS = {
+    # README row label: (metadata, unit, hardening, highest acceptable score)
+    "`poltergust-node.service`, `--run-as` (default)": (NODE_METADATA, NODE_UNIT, RUN_AS_HARDENING, 3.0),
+    "`poltergust-node.service`, `poltergust-run-as=none`": (
+        {**NODE_METADATA, "poltergust-run-as": "none"}, NODE_UNIT, HARDENING, 2.0),
+    "`poltergust-luigid.service`": (SCHEDULER_METADATA, LUIGID_UNIT, HARDENING, 2.0),
+    "`poltergust-dashboard.service`": (
+        {**SCHEDULER_METADATA, "poltergust-path": "gs://my-bucket/pipeline"}, DASHBOARD_UNIT, HARDENING, 2.0),
 }
 
 
@@ -211,22 +293,26 @@ def security_score(unit: Path) -> float:
     return float(match.group(1))
 
 
-@pytest.mark.parametrize(("attributes", "unit_path"), [(NODE_METADATA, NODE_UNIT),
-                                                     ({"poltergust-role": "scheduler", **RELEASE_METADATA},
-                                                      LUIGID_UNIT)])
-def test_units_are_locked_down_and_score_5_or_better(tmp_path: Path, attributes: dict, unit_path: str) -> None:
+@pytest.mark.parametrize("label", list(UNITS))
+def test_units_are_locked_down_and_scored(tmp_path: Path, label: str) -> None:
+    """Unprivileged units score 2.0 or better; the node that switches users runs as root and scores 3.0 or better."""
+    attributes, unit_path, hardening, highest = UNITS[label]
     result, root = run_init(tmp_path, attributes)
     assert result.returncode == 0, result.stderr
     unit = (root / unit_path).read_text()
-    for key, value in HARDENING.items():
+    for key, value in hardening.items():
         assert unit_value(unit, key) == [value], key
+    if hardening is RUN_AS_HARDENING:
+        assert unit_value(unit, "PrivateUsers") == [], "poltergust-run must exist in the node's user namespace"
+        hidden = unit_value(unit, "InaccessiblePaths")[0].split()
+        assert {"-/etc/shadow", "-/etc/ssh"} <= set(hidden)
     memory_max, tasks_max = unit_value(unit, "MemoryMax")[0], unit_value(unit, "TasksMax")[0]
     total_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
     assert memory_max.endswith("M") and total_mib * 0.8 <= int(memory_max[:-1]) < total_mib
     assert int(tasks_max) >= 1024 * (os.cpu_count() or 1)
     assert unit_value(unit, "WorkingDirectory") == [RELEASE]
     score = security_score(root / unit_path)
-    assert score <= 5.0, f"{unit_path}: systemd-analyze security scores {score}"
+    assert score <= highest, f"{label}: systemd-analyze security scores {score}"
     # Every directive is one this systemd knows (only the release's python is missing here).
     verify = subprocess.run(["systemd-analyze", "verify", str(root / unit_path)], capture_output=True, text=True,
                             timeout=60)
@@ -234,7 +320,7 @@ def test_units_are_locked_down_and_score_5_or_better(tmp_path: Path, attributes:
                 if "is not executable" not in line and "sysinit.target" not in line]
     assert problems == []
     readme = (ROOT / "deploy" / "README.md").read_text()
-    recorded = re.search(rf"`{Path(unit_path).name}` \| (\d+\.\d+)", readme)
+    recorded = re.search(rf"^\| {re.escape(label)} \| (\d+\.\d+) \|", readme, re.M)
     assert recorded and float(recorded.group(1)) == score, "deploy/README.md records the score measured here"
 
 
@@ -254,8 +340,9 @@ def fake_get_metadata(tmp_path: Path, values: dict[str, str]) -> Path:
     return script
 
 
-@pytest.mark.parametrize(("dataproc_role", "unit"), [("Master", LUIGID_UNIT), ("Worker", NODE_UNIT)])
-def test_dataproc_init_maps_roles_onto_node_init(tmp_path: Path, dataproc_role: str, unit: str) -> None:
+@pytest.mark.parametrize(("dataproc_role", "units"), [("Master", [DASHBOARD_UNIT, LUIGID_UNIT]),
+                                                      ("Worker", [NODE_UNIT])])
+def test_dataproc_init_maps_roles_onto_node_init(tmp_path: Path, dataproc_role: str, units: list[str]) -> None:
     get_metadata = fake_get_metadata(tmp_path, {
         "dataproc-role": dataproc_role, "dataproc-master": "mycluster-m", **RELEASE_METADATA,
         "poltergust-path": "gs://mycluster/pipeline", "poltergust-topic": "poltergust-mycluster",
@@ -266,8 +353,8 @@ def test_dataproc_init_maps_roles_onto_node_init(tmp_path: Path, dataproc_role: 
     result = subprocess.run(["bash", str(CLUSTERS / "dataproc-init.sh"), "--dry-run", "--root", str(root)],
                             capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
-    units = sorted(p.name for p in (root / "etc/systemd/system").iterdir())
-    assert units == [Path(unit).name]
+    # The master gets the path too, so it also runs the dashboard.
+    assert sorted(p.name for p in (root / "etc/systemd/system").iterdir()) == [Path(u).name for u in units]
     assert f"would install {RELEASE_METADATA['poltergust-wheel-url']}" in result.stderr
     if dataproc_role == "Worker":
         assert unit_value((root / NODE_UNIT).read_text(), "ExecStart")[0].startswith(

@@ -183,7 +183,7 @@ create_service_accounts() {
             --description="Runs Luigi pipelines from $BUCKET_URL"
     have "service account $SCHEDULER_SA" iam service-accounts describe "$SCHEDULER_SA" ||
         gc iam service-accounts create "$SCHEDULER_SA_ID" --display-name="Poltergust luigid scheduler" \
-            --description="Identity of the luigid VM; reads only the release it installs"
+            --description="Identity of the luigid VM; reads the bucket (its release, and pipelines for the dashboard)"
 }
 
 # What a node may do, and why (deploy/README.md has the long version):
@@ -196,14 +196,16 @@ create_service_accounts() {
 #   belong to the project, not the topic, and Pub/Sub IAM conditions cannot
 #   match names, so this is as narrow as Pub/Sub allows;
 # - the secrets named with --secret: roles/secretmanager.secretAccessor on each.
-# The scheduler may only read _poltergust/dist/.
+# The scheduler VM reads the bucket, never writes: its release from
+# _poltergust/dist/, and for the dashboard the pipeline prefix and _poltergust/.
+# Listing is checked on the bucket, not on object names, so no condition can
+# narrow that read to those prefixes.
 grant_permissions() {
     ensure_subscription_role "$ROLE_ID" "Poltergust node subscriptions"
     grant_on_bucket "$BUCKET_URL" roles/storage.objectViewer "$NODE_MEMBER"
     grant_on_bucket "$BUCKET_URL" roles/storage.objectUser "$NODE_MEMBER" "$(not_the_release "$BUCKET")" \
         not-the-release
-    grant_on_bucket "$BUCKET_URL" roles/storage.objectViewer "serviceAccount:$SCHEDULER_SA" \
-        "$(only_the_release "$BUCKET")" only-the-release
+    grant_on_bucket "$BUCKET_URL" roles/storage.objectViewer "serviceAccount:$SCHEDULER_SA"
     if binding_exists roles/pubsub.subscriber "$NODE_MEMBER" "$TOPIC" pubsub topics; then
         log "exists:   subscriber grant on $TOPIC"
     else
@@ -278,18 +280,20 @@ create_scheduler() {
     [[ -n "$SCHEDULER_IP" ]] || die "address $SCHEDULER_ADDRESS has no IP"
     SCHEDULER_URL="http://$SCHEDULER_IP:$LUIGID_PORT"
 
-    local metadata
-    metadata="^|^poltergust-role=scheduler|$(release_metadata)|enable-oslogin=TRUE|block-project-ssh-keys=TRUE"
+    # poltergust-path: what the VM's dashboard shows.
+    local metadata settings
+    settings="$(release_metadata)|poltergust-path=$PIPELINE_URL"
+    metadata="^|^poltergust-role=scheduler|$settings|enable-oslogin=TRUE|block-project-ssh-keys=TRUE"
     if have "luigid VM $SCHEDULER_VM" compute instances describe "$SCHEDULER_VM" --zone="$ZONE"; then
         local installs
         installs=$(gc compute instances describe "$SCHEDULER_VM" --zone="$ZONE" --format=json |
             python3 -c 'import json, sys
 items = {i["key"]: i["value"] for i in json.load(sys.stdin).get("metadata", {}).get("items", [])}
-print(items.get("poltergust-wheel-sha256"), items.get("poltergust-lock-sha256"))')
-        if [[ "$installs" != "$WHEEL_SHA $LOCK_SHA" ]]; then
-            log "updating: $SCHEDULER_VM to release $RELEASE_VERSION, installed at its next boot:" \
-                "gcloud compute instances reset $SCHEDULER_VM --zone=$ZONE --project=$PROJECT"
-            gc compute instances add-metadata "$SCHEDULER_VM" --zone="$ZONE" --metadata="^|^$(release_metadata)"
+print(items.get("poltergust-wheel-sha256"), items.get("poltergust-lock-sha256"), items.get("poltergust-path"))')
+        if [[ "$installs" != "$WHEEL_SHA $LOCK_SHA $PIPELINE_URL" ]]; then
+            log "updating: $SCHEDULER_VM to release $RELEASE_VERSION and dashboard path $PIPELINE_URL," \
+                "applied at its next boot: gcloud compute instances reset $SCHEDULER_VM --zone=$ZONE --project=$PROJECT"
+            gc compute instances add-metadata "$SCHEDULER_VM" --zone="$ZONE" --metadata="^|^$settings"
         fi
         return
     fi
@@ -391,8 +395,8 @@ main() {
 
 Poltergust is deployed. Nodes take a few minutes to install on first boot.
   Submit a pipeline:  gcloud storage cp mypipeline.config.yaml $PIPELINE_URL/
-  Scheduler web page: gcloud compute ssh $SCHEDULER_VM --project=$PROJECT --zone=$ZONE --tunnel-through-iap -- -L $LUIGID_PORT:localhost:$LUIGID_PORT -N
-                      then open http://localhost:$LUIGID_PORT
+  Scheduler and dashboard: gcloud compute ssh $SCHEDULER_VM --project=$PROJECT --zone=$ZONE --tunnel-through-iap -- -L $LUIGID_PORT:localhost:$LUIGID_PORT -L $DASHBOARD_PORT:localhost:$DASHBOARD_PORT -N
+                           then open http://localhost:$LUIGID_PORT (luigid) and http://localhost:$DASHBOARD_PORT (dashboard)
   Remove it again:    $HERE/teardown.sh --project=$PROJECT --region=$REGION --name=$NAME --bucket=$BUCKET
 EOF
 }

@@ -101,6 +101,7 @@ derive_names() {
     HEALTH_CHECK_RANGES="35.191.0.0/16,130.211.0.0/22"
     IAP_RANGE="35.235.240.0/20"
     LUIGID_PORT=8082
+    DASHBOARD_PORT=8090
     HEALTH_PORT=8080
 }
 
@@ -129,13 +130,19 @@ have() {
 }
 
 # True if the IAM policy printed by "GROUP... get-iam-policy RESOURCE" grants
-# ROLE to MEMBER. Usage: binding_exists ROLE MEMBER RESOURCE GROUP...
+# ROLE to MEMBER (with --unconditional: without an IAM condition).
+# Usage: binding_exists [--unconditional] ROLE MEMBER RESOURCE GROUP...
 binding_exists() {
+    local extra=""
+    if [[ "$1" == --unconditional ]]; then
+        extra=" AND NOT bindings.condition:*"
+        shift
+    fi
     local role=$1 member=$2 resource=$3
     shift 3
     local found
     found=$(gc "$@" get-iam-policy "$resource" --flatten='bindings[].members' \
-        --filter="bindings.role=\"$role\" AND bindings.members=\"$member\"" \
+        --filter="bindings.role=\"$role\" AND bindings.members=\"$member\"$extra" \
         --format='value(bindings.role)' 2>/dev/null) || return 1
     [[ -n "$found" ]]
 }
@@ -234,8 +241,11 @@ check_bucket() {
 # Grant ROLE on the bucket to MEMBER, once; with CONDITION (an IAM condition
 # expression without commas) and its TITLE when given.
 grant_on_bucket() {
-    local bucket_url=$1 role=$2 member=$3 condition=${4:-} title=${5:-}
-    if binding_exists "$role" "$member" "$bucket_url" storage buckets; then
+    local bucket_url=$1 role=$2 member=$3 condition=${4:-} title=${5:-} only=()
+    # A grant without a condition is missing while only a conditional one is
+    # there (the scheduler's read of the release became a read of the bucket).
+    [[ -n "$condition" ]] || only=(--unconditional)
+    if binding_exists "${only[@]}" "$role" "$member" "$bucket_url" storage buckets; then
         log "exists:   $role grant for ${member#*:} on $bucket_url"
         return
     fi
@@ -247,7 +257,6 @@ grant_on_bucket() {
 
 # IAM condition expressions on the objects of bucket $1 (by name).
 not_the_release() { printf '!resource.name.startsWith("projects/_/buckets/%s/objects/%s")' "$1" "$DIST_ROOT"; }
-only_the_release() { printf 'resource.name.startsWith("projects/_/buckets/%s/objects/%s")' "$1" "$DIST_ROOT"; }
 
 # The permissions of the node's custom role: its own subscription, from
 # creation to deletion at a clean shutdown.

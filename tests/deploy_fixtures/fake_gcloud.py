@@ -182,21 +182,26 @@ def run(db: dict, group: str, verb: str, rest: list[str], flags: dict, project: 
         # Secrets are made by the operator, outside the scripts.
         if group not in ("projects", "secrets") and key not in resources:
             fail(f"NOT_FOUND: {key}")
-        binding = [key, flags.get("role"), flags.get("member")]
+        # A binding is [resource, role, member], plus the condition's expression if it has one.
+        condition = str(flags.get("condition", "None"))
+        binding = [key, flags.get("role"), flags.get("member"), *([] if condition == "None" else [condition])]
         if verb == "add-iam-policy-binding":
             if binding not in db["bindings"]:
                 db["bindings"].append(binding)
             return ""
         if verb == "remove-iam-policy-binding":
-            if binding not in db["bindings"]:
+            gone = [b for b in db["bindings"] if b == binding or ("all" in flags and b[:3] == binding[:3])]
+            if not gone:
                 fail("binding not found")
-            db["bindings"].remove(binding)
+            db["bindings"] = [b for b in db["bindings"] if b not in gone]
             return ""
-        match = re.fullmatch(r'bindings\.role="([^"]+)" AND bindings\.members="([^"]+)"',
-                             str(flags.get("filter", "")))
+        match = re.fullmatch(r'bindings\.role="([^"]+)" AND bindings\.members="([^"]+)"'
+                             r'( AND NOT bindings\.condition:\*)?', str(flags.get("filter", "")))
         if not match:
             fail(f"fake gcloud expects get-iam-policy with a role/member filter, got {flags}", 2)
-        return match.group(1) if [key, match.group(1), match.group(2)] in db["bindings"] else ""
+        wanted = [key, match.group(1), match.group(2)]
+        found = [b for b in db["bindings"] if b[:3] == wanted and (len(b) == 3 or not match.group(3))]
+        return match.group(1) if found else ""
     fail(f"fake gcloud cannot {verb} {group}", 2)
     return ""
 

@@ -1,6 +1,7 @@
 # Service accounts and what they may do. The nodes get exactly what a node
 # does and nothing project-wide beyond creating, reading and deleting Pub/Sub
-# subscriptions; the scheduler may only read the release it installs.
+# subscriptions; the scheduler may only read the bucket (the release it
+# installs, and what its dashboard shows).
 
 resource "google_service_account" "node" {
   project      = var.project_id
@@ -13,7 +14,7 @@ resource "google_service_account" "scheduler" {
   project      = var.project_id
   account_id   = "${var.name}-scheduler"
   display_name = "Poltergust luigid scheduler"
-  description  = "Identity of the luigid VM; it only reads the release it installs."
+  description  = "Identity of the luigid VM; it only reads the bucket (its release, and pipelines for the dashboard)."
 }
 
 # Objects: read configs and environments, write results and logs, and the
@@ -42,16 +43,16 @@ resource "google_storage_bucket_iam_member" "node_reads" {
   member = local.node_member
 }
 
-resource "google_storage_bucket_iam_member" "scheduler_reads_releases" {
+# The scheduler VM installs the release from _poltergust/dist/ and runs the
+# dashboard, which lists and reads the pipeline prefix and _poltergust/ (logs,
+# run markers, heartbeats). Listing is checked on the bucket, not on object
+# names, so object-name conditions cannot narrow it to those prefixes: the
+# account reads the whole bucket (environment files too, which hold no secret
+# values) and can write nothing.
+resource "google_storage_bucket_iam_member" "scheduler_reads" {
   bucket = google_storage_bucket.poltergust.name
   role   = "roles/storage.objectViewer"
   member = "serviceAccount:${google_service_account.scheduler.email}"
-
-  condition {
-    title       = "only-the-release"
-    description = "The release files under _poltergust/dist/, nothing else."
-    expression  = "resource.name.startsWith(\"projects/_/buckets/${local.bucket_name}/objects/${local.dist_root}\")"
-  }
 }
 
 # Secrets for {{NAME}} in environment files: exactly the ones named.

@@ -49,8 +49,8 @@ output "instance_group_manager" {
 }
 
 output "tunnel_command" {
-  description = "Opens luigid's web page at http://localhost:8082."
-  value       = "gcloud compute ssh ${google_compute_instance.scheduler.name} --project ${var.project_id} --zone ${google_compute_instance.scheduler.zone} --tunnel-through-iap -- -L 8082:localhost:8082 -N"
+  description = "Opens luigid's web page at http://localhost:8082 and the dashboard at http://localhost:8090."
+  value       = "gcloud compute ssh ${google_compute_instance.scheduler.name} --project ${var.project_id} --zone ${google_compute_instance.scheduler.zone} --tunnel-through-iap -- -L 8082:localhost:8082 -L 8090:localhost:8090 -N"
 }
 
 output "release_version" {

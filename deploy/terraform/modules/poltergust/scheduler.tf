@@ -1,5 +1,7 @@
-# The luigi central scheduler every node talks to. Its internal address is
-# reserved so that the nodes' --scheduler-url survives a rebuilt VM.
+# The luigi central scheduler every node talks to, and the dashboard (given
+# poltergust-path; on 127.0.0.1:8090, like luigid's page reached through the
+# IAP tunnel). Its internal address is reserved so that the nodes'
+# --scheduler-url survives a rebuilt VM.
 
 resource "google_compute_address" "scheduler" {
   project      = var.project_id
@@ -46,6 +48,7 @@ resource "google_compute_instance" "scheduler" {
 
   metadata = {
     poltergust-role         = "scheduler"
+    poltergust-path         = local.pipeline_url
     poltergust-wheel-url    = local.release_metadata.wheel_url
     poltergust-wheel-sha256 = local.release_metadata.wheel_sha256
     poltergust-lock-url     = local.release_metadata.lock_url
