@@ -47,7 +47,7 @@ class Node:
         self.secrets = environments.secret_env
         self.warm = WarmPool(settings.data_dir / "warm", self.secrets.without_secrets(),
                              idle_seconds=settings.warm_idle_seconds,
-                             prestart=settings.warm_prestart) if settings.warm else None
+                             prestart=settings.warm_prestart, run_as=settings.run_as) if settings.warm else None
         self.events = events
         self.environments = environments
         self._stores: dict[str, ObjectStore] = {}

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import re
 from pathlib import Path
-from typing import Awaitable, Callable, Mapping
+from typing import Callable, Mapping
 from urllib.parse import urlparse
 
 from . import metrics
@@ -26,6 +26,7 @@ from .backoff import Backoff
 from .graph import Luigid, SchedulerError, Verdict
 from .runlog import RunLog
 from .runner import NOT_RUN, OTHERS_RUNNING, Outcome, exit_reason
+from .sandbox import Runner
 from .subprocesses import run_streaming
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,6 @@ EXIT_GRACE_SECONDS = 30.0
 MAX_NOT_RUN = 5
 """Consecutive runs with nothing to do and nothing running elsewhere before giving up."""
 
-Runner = Callable[..., Awaitable[int]]
-"""`run_streaming`'s contract: (command, *, env, cwd, sink) -> exit code."""
 Recruit = Callable[[int], None]
 """Asks that many more nodes to join the pipeline (the node that started it does)."""
 

@@ -22,8 +22,7 @@ from .layout import RunKey, log_name, pipeline_name, run_tag, safe_name, split_u
 from .logs import CURRENT_RUN
 from .notify import Notifier
 from .runlog import RunLog
-from .sandbox import work_directory
-from .subprocesses import run_streaming
+from .sandbox import spawner, work_directory
 from .warm import WarmPool
 from .secret_env import SecretEnv
 from .participate import Participation
@@ -286,9 +285,8 @@ class Run:
         async with work_directory(self.settings.data_dir / "work", safe_name(self.name), run_as) as cwd:
             if run_as is not None:
                 env["HOME"] = str(cwd)
-                command = run_as.command(command)
             warm = self.warm is not None and config.warm
-            start = self.warm.runner(env_path, spec, config, runlog.note) if warm else run_streaming
+            start = self.warm.runner(env_path, spec, config, runlog.note) if warm else spawner(run_as)
             return await Participation(command, env=env, cwd=cwd, runlog=runlog, scheduler_url=scheduler,
                                        outage_limit=self.settings.outage_limit, assistant=assistant,
                                        recruit=self._recruit, start=start).run()

@@ -15,7 +15,9 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+
+from .subprocesses import run_streaming
 
 
 class RunAsError(Exception):
@@ -49,6 +51,22 @@ class RunAs:
         """
         return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--no-new-privs",
                 "--", *command]
+
+
+Runner = Callable[..., Awaitable[int]]
+"""`run_streaming`'s contract: (command, *, env, cwd, sink) -> exit code."""
+
+
+def spawner(run_as: RunAs | None) -> Runner:
+    """`subprocesses.run_streaming`, starting each command as `run_as` when given."""
+    if run_as is None:
+        return run_streaming
+
+    async def run_as_user(command: Sequence[str], *, env: Mapping[str, str], cwd: Path,
+                          sink: Callable[[str], None]) -> int:
+        return await run_streaming(run_as.command(list(command)), env=env, cwd=cwd, sink=sink)
+
+    return run_as_user
 
 
 def lock_down(data_dir: Path) -> None:

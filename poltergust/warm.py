@@ -16,7 +16,6 @@ by themselves once the node is gone (their stdin pipe closes).
 """
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import dataclasses
@@ -26,9 +25,6 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
-import struct
 import tempfile
 import time
 import uuid
@@ -37,8 +33,10 @@ from typing import Awaitable, Callable, Mapping, Sequence
 
 from . import metrics
 from .config import EnvironmentSpec, PipelineConfig
+from .forked import Note, WarmUnavailable, fork_run
 from .runner import luigi_environ
-from .subprocesses import GRACE_SECONDS, run_streaming
+from .sandbox import RunAs, Runner, spawner
+from .subprocesses import GRACE_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +50,6 @@ MAX_SOCKET_PATH = 100
 STARTUP_VARIABLES = ("PYTHON", "LD_", "LC_", "LANG", "HOME")
 """Prefixes of variables read when an interpreter starts: a run setting them gets a warm interpreter of its own."""
 
-Runner = Callable[..., Awaitable[int]]
-Note = Callable[[str], None]
-
-
-class WarmUnavailable(Exception):
-    """This run cannot use a warm interpreter; the message says why (for the run log)."""
-
 
 @dataclasses.dataclass
 class _Zygote:
@@ -66,6 +57,7 @@ class _Zygote:
     env_path: Path
     env_inode: int
     socket: Path
+    """In a directory of its own (the zygote's user's, with `--run-as`), removed when it exits."""
     process: asyncio.subprocess.Process
     ready: asyncio.Future[str]
     """'' once serving; otherwise why it is not."""
@@ -77,13 +69,16 @@ class _Zygote:
 
 class WarmPool:
     def __init__(self, directory: Path, node_environ: Mapping[str, str], *, idle_seconds: float = 600.0,
-                 prestart: bool = False) -> None:
+                 prestart: bool = False, run_as: RunAs | None = None) -> None:
+        """With `run_as`, warm interpreters (and so the runs they fork) run as that user, as spawned runs do."""
         directory.mkdir(parents=True, exist_ok=True)
-        directory.chmod(0o700)
         self.directory = directory
         self._temporary: Path | None = None
-        if len(str(directory / f"{'0' * 16}-{'0' * 8}.sock")) > MAX_SOCKET_PATH:
+        if len(str(directory / f"{'0' * 16}-{'0' * 8}" / "sock")) > MAX_SOCKET_PATH:
             self._temporary = self.directory = Path(tempfile.mkdtemp(prefix="poltergust-warm-"))
+        self.directory.chmod(0o711 if run_as else 0o700)  # its user reaches its own directory, lists nothing
+        self.run_as = run_as
+        self._spawn = spawner(run_as)
         self.node_environ = dict(node_environ)
         self.idle_seconds = idle_seconds
         self.prestart = prestart
@@ -95,7 +90,7 @@ class WarmPool:
     # -- the interface the node uses ----------------------------------------
 
     def runner(self, env_path: Path, spec: EnvironmentSpec, config: PipelineConfig, note: Note) -> Runner:
-        """A `run_streaming` for luigi commands of this environment and config; other commands just spawn."""
+        """A `sandbox.spawner` for luigi commands of this environment and config; other commands just spawn."""
         base = luigi_environ(self.node_environ, spec, dataclasses.replace(config, variables={}), {})
         if self.prestart:
             self._spawn_task(self._prestart(env_path, spec.preload, base))
@@ -104,21 +99,23 @@ class WarmPool:
     async def run(self, env_path: Path, preload: Sequence[str], base: Mapping[str, str], note: Note,
                   command: Sequence[str], *, env: Mapping[str, str], cwd: Path, sink: Callable[[str], None]) -> int:
         if list(command[:3]) != [str(env_path / "bin" / "python"), "-m", "luigi"]:
-            return await run_streaming(command, env=env, cwd=cwd, sink=sink)
+            return await self._spawn(command, env=env, cwd=cwd, sink=sink)
+        # With --run-as, HOME is each run's private directory: the child takes it, the interpreter need not.
+        startup = {k: v for k, v in env.items() if not (self.run_as and k == "HOME")}
         try:
-            zygote = await self._zygote(env_path, preload, _boot_environ(base, env))
+            zygote = await self._zygote(env_path, preload, _boot_environ(base, startup))
             zygote.running += 1
             if zygote.idle is not None:
                 zygote.idle.cancel()
             try:
-                return await _fork(zygote, list(command[3:]), env, cwd, sink, note)
+                return await fork_run(zygote.socket, list(command[3:]), env, cwd, sink, note)
             finally:
                 zygote.running -= 1
                 self._idle_later(zygote)
         except WarmUnavailable as exc:
             metrics.WARM_STARTS.labels("fallback").inc()
             note(f"warm start unavailable: {exc}; starting luigi the usual way")
-            return await run_streaming(command, env=env, cwd=cwd, sink=sink)
+            return await self._spawn(command, env=env, cwd=cwd, sink=sink)
 
     def evicted(self, env_key: str) -> None:
         """The environment cache removed `env_key`: its warm interpreters go too."""
@@ -165,15 +162,22 @@ class WarmPool:
             await self._zygote(env_path, preload, _boot_environ(base, base))
 
     async def _start(self, key: str, env_path: Path, preload: Sequence[str], boot: dict[str, str]) -> _Zygote:
-        path = self.directory / f"{key}-{uuid.uuid4().hex[:8]}.sock"  # never the path of one still stopping
+        home = self.directory / f"{key}-{uuid.uuid4().hex[:8]}"  # never the place of one still stopping
+        path = home / "sock"
+        command = [str(env_path / "bin" / "python"), str(ZYGOTE), str(path), *preload]
         try:
             inode = _inode(env_path)
+            home.mkdir(mode=0o700)
+            if self.run_as is not None:
+                os.chown(home, self.run_as.uid, self.run_as.gid)
+                command = self.run_as.command(command)
             process = await asyncio.create_subprocess_exec(
-                str(env_path / "bin" / "python"), str(ZYGOTE), str(path), *preload,
+                *command,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                env=boot, cwd=str(self.directory), start_new_session=True, limit=1 << 20,
+                env=boot, cwd=str(home), start_new_session=True, limit=1 << 20,
             )
         except OSError as exc:
+            shutil.rmtree(home, ignore_errors=True)
             raise WarmUnavailable(f"cannot start a warm interpreter: {exc}") from None
         zygote = _Zygote(key, env_path, inode, path, process, asyncio.get_running_loop().create_future())
         self._zygotes[key] = zygote
@@ -212,8 +216,7 @@ class WarmPool:
         elif not zygote.stopping and not zygote.ready.result():
             zygote.died = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
             log.warning("warm interpreter for environment %s died (%s)", zygote.env_path.name, zygote.died)
-        with contextlib.suppress(FileNotFoundError):
-            zygote.socket.unlink()
+        shutil.rmtree(zygote.socket.parent, ignore_errors=True)
 
     def _idle_later(self, zygote: _Zygote) -> None:
         if zygote.idle is not None:
@@ -267,133 +270,3 @@ def _inode(path: Path) -> int:
         return os.stat(path).st_ino
     except OSError as exc:
         raise WarmUnavailable(f"the environment is gone ({exc})") from None
-
-
-# -- one forked run ----------------------------------------------------------
-
-
-async def _fork(zygote: _Zygote, argv: list[str], env: Mapping[str, str], cwd: Path, sink: Callable[[str], None],
-                note: Note) -> int:
-    """Have `zygote` fork luigi with `argv`; stream its output to `sink`; return its exit code."""
-    loop = asyncio.get_running_loop()
-    read_end, write_end = os.pipe()
-    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    connection.setblocking(False)
-    try:
-        try:
-            payload = json.dumps({"argv": argv, "env": dict(env), "cwd": str(cwd)}).encode()
-            message = struct.pack(">I", len(payload)) + payload
-            await loop.sock_connect(connection, str(zygote.socket))
-            sent = connection.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                   array.array("i", [write_end]))])
-            await loop.sock_sendall(connection, message[sent:])
-        except OSError as exc:
-            raise WarmUnavailable(f"the environment's warm interpreter cannot be reached ({exc})") from None
-        finally:
-            os.close(write_end)
-        reader, writer = await asyncio.open_unix_connection(sock=connection)
-    except BaseException:
-        os.close(read_end)
-        connection.close()
-        raise
-    child = _Child(reader)
-    output = _read_pipe(read_end)
-    try:
-        pid = await child.pid
-        metrics.WARM_STARTS.labels("forked").inc()
-        note(f"luigi forked from the environment's warm interpreter as pid {pid}")
-        await _stream(output, sink)
-        code = await child.status
-        if code is None:
-            raise WarmUnavailable("the warm interpreter died during the run and luigi's exit status was lost")
-        return code
-    finally:
-        if not child.status.done() and child.pid.done() and not child.pid.exception():
-            await asyncio.shield(_stop(child))
-        loop.remove_reader(read_end)
-        os.close(read_end)
-        writer.close()
-        child.listening.cancel()
-
-
-class _Child:
-    """What a zygote and its child say about one run: the child's pid, then its exit status."""
-
-    def __init__(self, reader: asyncio.StreamReader) -> None:
-        loop = asyncio.get_running_loop()
-        self.pid: asyncio.Future[int] = loop.create_future()
-        self.status: asyncio.Future[int | None] = loop.create_future()
-        self.pid.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception never retrieved"
-        self.listening = asyncio.ensure_future(self._listen(reader))
-
-    async def _listen(self, reader: asyncio.StreamReader) -> None:
-        own_report = None
-        try:
-            while line := await reader.readline():
-                message = json.loads(line)
-                if "pid" in message and not self.pid.done():
-                    self.pid.set_result(int(message["pid"]))
-                elif "exit" in message:
-                    own_report = int(message["exit"])  # the child's word: used only if the zygote's is lost
-                elif "status" in message:
-                    self.status.set_result(int(message["status"]))
-                    return
-                elif "error" in message and not self.pid.done():
-                    self.pid.set_exception(WarmUnavailable(f"the warm interpreter could not fork: {message['error']}"))
-        except (OSError, ValueError):
-            pass
-        if not self.pid.done():
-            self.pid.set_exception(WarmUnavailable("the warm interpreter closed the connection before forking"))
-        if not self.status.done():
-            self.status.set_result(own_report)
-
-
-def _read_pipe(fd: int) -> asyncio.StreamReader:
-    """A stream of what arrives on the pipe `fd`, which stays ours to close.
-
-    (A file object handed to `connect_read_pipe` gets its descriptor closed
-    twice under uvloop: a race with any thread opening a file meanwhile.)
-    """
-    loop = asyncio.get_running_loop()
-    stream = asyncio.StreamReader(limit=1 << 20)
-    os.set_blocking(fd, False)
-
-    def readable() -> None:
-        try:
-            data = os.read(fd, 1 << 16)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if data:
-            stream.feed_data(data)
-        else:
-            loop.remove_reader(fd)
-            stream.feed_eof()
-
-    loop.add_reader(fd, readable)
-    return stream
-
-
-async def _stream(output: asyncio.StreamReader, sink: Callable[[str], None]) -> None:
-    while True:
-        try:
-            line = await output.readline()
-        except ValueError:  # a single line over the limit: keep what fits
-            line = (await output.read(1 << 16)) + b" [line truncated]\n"
-        if not line:
-            return
-        sink(line.decode("utf-8", errors="replace"))
-
-
-async def _stop(child: _Child) -> None:
-    """SIGTERM the child's process group, then SIGKILL it if it lingers (as `run_streaming` does)."""
-    pid = child.pid.result()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
-        try:
-            await asyncio.wait_for(asyncio.shield(child.status), GRACE_SECONDS)
-            return
-        except asyncio.TimeoutError:
-            continue

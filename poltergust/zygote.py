@@ -2,27 +2,29 @@
 
 A node starts it as `ENV/bin/python zygote.py SOCKET [MODULE ...]` in a
 pipeline's environment, so it uses the standard library only and runs on
-every Python an environment may use (3.8 and later): Poltergust itself is not
-installed there. It imports luigi and the MODULEs (an environment's
-`preload:`), refuses to serve if that left a thread running (forking a
-threaded process can deadlock the child), and then serves on a Unix socket
-(mode 0600) until its standard input, a pipe from the node, is closed.
+every Python an environment may use (3.8 and later). It imports luigi and the
+MODULEs (an environment's `preload:`), refuses to serve if that left a thread
+running (forking a threaded process can deadlock the child), makes itself
+non-dumpable (runs, which may share its user, cannot trace it), and serves on
+a Unix socket (mode 0600) until its standard input, a pipe from the node,
+is closed.
 
-Per run, the node connects and sends one request: a 4-byte big-endian length
-and a JSON object `{"argv": [...], "env": {...}, "cwd": "..."}`, with the
-write end of the run's output pipe passed as SCM_RIGHTS. The zygote forks;
-the child starts its own session, sends `{"pid": N}`, restores the signal
-handlers of a fresh interpreter, takes the run's environment (replacing all
-of it), working directory and output, resets luigi's configuration, reseeds
-`random` and runs luigi as `python -m luigi ARGV` would; it sends
-`{"exit": CODE}` just before exiting. The zygote reaps it and sends
-`{"status": CODE}` (negative: killed by that signal), which the node trusts
-first; the child's own report only matters if the zygote died meanwhile.
+Per run, the node connects and sends a 4-byte big-endian length and a JSON
+object `{"argv": [...], "env": {...}, "cwd": "..."}`, with the write end of
+the run's output pipe passed as SCM_RIGHTS. The zygote forks; the child starts
+its own session, sends `{"pid": N}`, becomes dumpable, restores a fresh
+interpreter's signal handlers, takes the run's environment (all of it),
+working directory and output, resets luigi's configuration, reseeds `random`
+and runs luigi as `python -m luigi ARGV` would, sending `{"exit": CODE}` just
+before exiting. The zygote reaps it and sends `{"status": CODE}` (negative:
+killed by that signal), which the node trusts first (the child's own report
+counts only if the zygote died meanwhile).
 
 When the node is gone (standard input closed) or on SIGTERM, the zygote stops
-the process groups of its children (SIGTERM, then SIGKILL after a grace
-period) and exits: no run outlives its node.
+its children's process groups (SIGTERM, then SIGKILL after a grace period) and
+exits: no run outlives its node.
 """
+import contextlib
 import gc
 import importlib
 import json
@@ -63,21 +65,26 @@ def main(argv):
     if parsers is None:
         _refuse("this luigi's configuration cannot be reset between runs")
     pristine = {cls: [p for p in cls._config_paths if p != boot_config_path] for cls in parsers}
+    _set_dumpable(False)  # pipelines running as this user cannot trace or rewrite it to reach later runs
     gc.collect()
     if hasattr(gc, "freeze"):
         gc.freeze()  # keeps the collector from touching (and so copying) the preloaded objects in children
     Zygote(socket_path, fresh_handlers, pristine).serve()
 
 
+def _set_dumpable(dumpable):
+    """prctl(PR_SET_DUMPABLE): off, no process of the same user may trace this one or write its memory."""
+    try:
+        __import__("ctypes").CDLL(None).prctl(4, int(dumpable), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux
+
+
 def _signal_handlers():
     handlers = {}
-    for sig in signal.valid_signals():
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            continue
-        try:
+    for sig in set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}:
+        with contextlib.suppress(OSError, ValueError):
             handlers[sig] = signal.getsignal(sig)
-        except (OSError, ValueError):
-            continue
     return handlers
 
 
@@ -127,8 +134,6 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # a Python handler, so the wakeup fd hears it
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._stop)
-        if os.path.lexists(socket_path):
-            os.unlink(socket_path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         mask = os.umask(0o177)
         try:
@@ -200,10 +205,8 @@ class Zygote:
             return
         for fd in state[1]:
             os.close(fd)
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(connection)
-        except (KeyError, ValueError):
-            pass
         for pid, owner in list(self.children.items()):
             if owner is connection:  # the node gave up on this run: it ends with its connection
                 self.children[pid] = None
@@ -282,10 +285,8 @@ class Zygote:
             if not self.children:
                 break
             deadline = time.monotonic() + GRACE_SECONDS
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(self.listener.getsockname())
-        except OSError:
-            pass
 
     # -- in the child ------------------------------------------------------
 
@@ -293,14 +294,13 @@ class Zygote:
         code = 1
         try:
             os.setsid()
+            _set_dumpable(True)  # the run is an ordinary process, as if started afresh
             connection.setblocking(True)
             connection.sendall((json.dumps({"pid": os.getpid()}) + "\n").encode())
             signal.set_wakeup_fd(-1)
             for sig, handler in self.fresh_handlers.items():
-                try:
+                with contextlib.suppress(OSError, ValueError, TypeError):
                     signal.signal(sig, handler)
-                except (OSError, ValueError, TypeError):
-                    pass
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             self.selector.close()
             self.listener.close()
@@ -342,10 +342,8 @@ class Zygote:
 
 
 def _kill_group(pid, sig):
-    try:
+    with contextlib.suppress(OSError):
         os.killpg(pid, sig)
-    except OSError:
-        pass
 
 
 def _run_luigi(argv):

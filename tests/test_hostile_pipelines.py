@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -107,10 +108,14 @@ RUN_AS = "poltergust-run"
 
 
 @pytest.mark.parametrize("backend", ["local"], indirect=True)
+@pytest.mark.parametrize("warm", ["true", "false"])
 def test_run_as_keeps_pipelines_out_of_the_cache_and_the_node(
-    start_node, bucket, environment_yaml: str, tmp_path: Path,
+    start_node, bucket, environment_yaml: str, tmp_path: Path, warm: str,
 ) -> None:
-    """tests/run.sh creates the user; pipelines use the system python, which that user may run."""
+    """tests/run.sh creates the user; pipelines use the system python, which that user may run.
+
+    Warm, the warm interpreter runs as that user too, and no run (same user) may trace it.
+    """
     if os.geteuid() != 0:
         pytest.skip("--run-as needs the tests to run as root (as tests/run.sh does in CI)")
     user = pwd.getpwnam(RUN_AS)
@@ -121,7 +126,8 @@ def test_run_as_keeps_pipelines_out_of_the_cache_and_the_node(
         out.mkdir(mode=0o777)
         os.chmod(out, 0o777)
         envs, data = root / "environments", root / "data"
-        start_node("node-a", "--run-as", RUN_AS, "--data-dir", str(data), "--env-dir", str(envs))
+        node = start_node("node-a", "--run-as", RUN_AS, "--data-dir", str(data), "--env-dir", str(envs),
+                          "--warm", warm)
         bucket.upload("environment/sys.yaml", "virtualenv:\n  python: /usr/bin/python3\n" + environment_yaml)
         env = bucket.url("environment/sys.yaml")
         task = {"module": "poltergust_testpipes", "out-dir": str(out)}
@@ -131,6 +137,14 @@ def test_run_as_keeps_pipelines_out_of_the_cache_and_the_node(
                 {"environment": env, "task": {**task, "name": "Plant", "target": str(target)}}))
         assert result(bucket, "fine", "done")
         assert (out / "planted.txt").stat().st_uid == user.pw_uid, "luigi ran as the unprivileged user"
+        forked = "luigi forked from the environment's warm interpreter" in bucket.read(
+            bucket.log_name("fine", "node-a")).decode()
+        assert forked == (warm == "true")
+        if forked:
+            pid = re.search(r"warm interpreter for environment \w+ started: pid (\d+)", node.output()).group(1)
+            uids = re.search(r"^Uid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)
+            assert int(uids) == user.pw_uid, "the warm interpreter runs as the pipelines' user"
+            assert Path(f"/proc/{pid}/mem").stat().st_uid == 0, "and is not dumpable: its runs cannot trace it"
         for name in ("cache", "node"):
             assert "Permission denied" in result(bucket, name, "error")["poltergust"]["log_tail"]
         assert not (envs / "planted.txt").exists() and not (data / "logs" / "planted.txt").exists()

@@ -97,8 +97,9 @@ def test_warm_run_done(start_node, bucket, environment_yaml: str, tmp_path: Path
     log = (bucket.read(bucket.log_name("hello", "node-a")) or b"").decode()
     assert FORKED in log and "luigi exited with code 0" in log
 
-    [sock] = (tmp_path / "node-a" / "warm").glob("*.sock")
+    [sock] = (tmp_path / "node-a" / "warm").glob("*/sock")
     assert sock.stat().st_mode & 0o777 == 0o600 and sock.parent.stat().st_mode & 0o777 == 0o700
+    assert sock.parent.parent.stat().st_mode & 0o777 == 0o700
 
     submit(bucket, "again", {**REPORT, "out-dir": str(out / "2")})
     result(bucket, "again")
