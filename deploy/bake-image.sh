@@ -11,7 +11,7 @@
 # image of the VM's disk in an image family and deletes the VM (also when
 # anything fails). Point the nodes at the family with
 # POLTERGUST_IMAGE_FAMILY=FAMILY POLTERGUST_IMAGE_PROJECT=PROJECT create.sh
-# (Terraform: the module's image variables).
+# (Terraform: node_image = "projects/PROJECT/global/images/family/FAMILY").
 set -euo pipefail
 shopt -s inherit_errexit
 

@@ -114,9 +114,11 @@ class Run:
                 await self._take_part(config, marker=marker, limit=parsed.nodes if parsed else None)
                 return
         log.info("%s: started by another node; standing by to help", key.url())
+        # Look at the starter's marker as often as it is refreshed: a dead starter's run waits at most that long more.
+        check = min(self.settings.rescan_interval, joining.refresh_interval(self.settings.start_stale_after))
         while True:
             try:
-                call = await asyncio.wait_for(self._calls.get(), self.settings.rescan_interval)
+                call = await asyncio.wait_for(self._calls.get(), check)
             except asyncio.TimeoutError:
                 if not await self._still_wanted():
                     return

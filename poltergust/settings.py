@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float, default=60.0)
     add("start-stale-after", "seconds after which a run's start marker that its starting node stopped refreshing "
                              "counts as that of a dead node, and a standing-by node takes the run over at its next "
-                             "check (every --rescan-interval); the starter refreshes it every third of this. The "
-                             "same on every node, at least 3", type=float, default=180.0)
+                             "check; the starter refreshes it, and standing-by nodes check it, every third of this "
+                             "(or every --rescan-interval if shorter). The same on every node, at least 3", type=float, default=180.0)
     add("log-upload-interval", "seconds between refreshes of a running pipeline's log in the bucket",
         type=float, default=30.0)
     add("heartbeat-interval", "seconds between this node's heartbeats (_poltergust/nodes/NODE.json in each bucket), "

@@ -98,9 +98,9 @@ def test_a_config_waits_in_the_backlog_until_a_node_finishes_it(
 def test_a_killed_nodes_config_is_redelivered_and_completed(
     start_node, bucket, backlog, environment_yaml: str, tmp_path: Path,
 ) -> None:
-    # A short staleness window (the same on both nodes, as the flag requires) and frequent checks, so that the
-    # other node takes the dead starter's run over within seconds rather than minutes.
-    stale = ["--start-stale-after", "6", "--rescan-interval", "2"]
+    # A short staleness window (the same on both nodes, as the flag requires): a standing-by node checks the
+    # starter's marker every third of it, so the other node takes the dead starter's run over within seconds.
+    stale = ["--start-stale-after", "6"]
     node = start_node("node-a", *_flags(backlog), *stale)
     out = tmp_path / "killed"
     submit(bucket, "killed", {**SLEEP, "out-dir": str(out), "seconds": 3}, environment_yaml)

@@ -10,7 +10,7 @@ resource "google_compute_instance_template" "node" {
   labels       = var.labels
 
   disk {
-    source_image = var.image
+    source_image = coalesce(var.node_image, var.image)
     disk_size_gb = var.node_disk_size_gb
     auto_delete  = true
     boot         = true

@@ -130,6 +130,12 @@ variable "image" {
   default     = "debian-cloud/debian-12"
 }
 
+variable "node_image" {
+  description = "Boot image of the nodes, if not var.image: a baked one from deploy/bake-image.sh, e.g. projects/PROJECT/global/images/family/poltergust-node (the release and environments already installed)."
+  type        = string
+  default     = null
+}
+
 variable "release_manifest" {
   description = "Path of release.json written by deploy/build-release.sh. Its wheel and lock file (in VERSION/ beside it) are uploaded to gs://BUCKET/_poltergust/dist/VERSION/, and every VM installs exactly them, checked by sha256."
   type        = string
