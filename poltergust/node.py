@@ -15,9 +15,10 @@ import hashlib
 import logging
 import signal
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
-from . import heartbeat, metrics
+from . import heartbeat, metrics, results
 from .backlog import Backlog
 from .backoff import Backoff
 from .environments import Environments
@@ -180,6 +181,11 @@ class Node:
         log.debug("event %s %s#%d%s", event.kind, key.url(), key.generation,
                   " (already in progress)" if key in self._runs else "")
         if event.kind == "finalize":
+            if self._freshly_claimed(event):
+                metrics.CLAIMS_LEFT.inc()
+                log.debug("%s#%d: claimed by %s; its claimer writes the result", key.url(), key.generation,
+                          event.metadata.get(results.NODE_KEY, "?"))
+                return
             self._schedule(key)
         elif event.kind == "help":
             if key in self._run_objects:
@@ -188,6 +194,15 @@ class Node:
             why = f"replaced by generation {event.replaced_by}" if event.replaced_by else "deleted"
             log.info("%s generation %d was %s: stopping its run", key.url(), key.generation, why)
             self._runs[key].cancel()
+
+    def _freshly_claimed(self, event: Event) -> bool:
+        """A claim's rewrite, as its notification shows it, still the claimer's to finish: no need to read it.
+
+        Should the claimer not finish, a rescan finds the claimed config and completes it (see `Run`).
+        """
+        if event.updated is None or not results.claimed_outcome(event.metadata):
+            return False
+        return (datetime.now(timezone.utc) - event.updated).total_seconds() < self.settings.claim_grace
 
     def _schedule(self, key: RunKey, found_at_start: bool = False) -> bool:
         if key in self._runs or self._stopping.is_set():

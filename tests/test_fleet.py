@@ -11,7 +11,8 @@ import pytest
 from google.cloud import pubsub_v1
 
 from conftest import PROJECT, TOPIC
-from stack import wait_for
+from stack import free_port, wait_for
+from test_operating import scrape
 from test_node import result, submit
 
 
@@ -40,6 +41,24 @@ def test_two_nodes_share_one_pipeline_and_exactly_one_finishes_it(
     assert [n.node_name for n in nodes if "(claimed by this node)" in n.output()] == [done["poltergust"]["node"]]
     for node in nodes:
         assert bucket.exists(bucket.log_name("fan", node.node_name))
+
+
+@pytest.mark.parametrize("backend", ["gcs"], indirect=True)
+def test_nodes_leave_a_notified_claim_to_its_claimer_without_reading_the_config(
+    start_node, bucket, environment_yaml: str, tmp_path: Path,
+) -> None:
+    """The claim's rewrite announces a new generation; its notification shows the claim, so nobody reads it."""
+    ports = {name: free_port() for name in ("node-a", "node-b")}
+    nodes = [start_node(name, "--http-port", str(port)) for name, port in ports.items()]
+    submit(bucket, "claimed", {"name": "Touch", "module": "poltergust_testpipes", "out-dir": str(tmp_path / "c")},
+           environment_yaml)
+    done = result(bucket, "claimed", "done")
+    wait_for(lambda: all(scrape(port).get("poltergust_claims_left_to_claimer_total") == 1 for port in ports.values()),
+             30, "both nodes to hear the claim and leave it to its claimer")
+    wait_for(lambda: not bucket.exists("pipeline/claimed.config.yaml"), 10, "the config to be removed")
+    for node in nodes:
+        assert "completing the run claimed by" not in node.output()
+    assert _results(bucket, "claimed") == ["pipeline/claimed.done.yaml"] and done["poltergust"]["outcome"] == "done"
 
 
 @pytest.mark.parametrize("backend", ["gcs"], indirect=True)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,21 @@ def test_notifications_are_filtered_to_our_configs() -> None:
                     {"objectGeneration": "nope"}):
         assert parse_notification({**attributes, **changed}, locations) is None
     assert not is_config_name("pipeline/.config.yaml", "pipeline/")
+
+
+def test_a_notification_payload_gives_the_objects_metadata_and_write_time() -> None:
+    locations = [Location.parse("gs://b/pipeline")]
+    attributes = {"eventType": "OBJECT_FINALIZE", "bucketId": "b", "objectId": "pipeline/x.config.yaml",
+                  "objectGeneration": "7", "payloadFormat": "JSON_API_V1"}
+    payload = {"name": "pipeline/x.config.yaml", "updated": "2026-11-30T07:49:02.123Z",
+               "metadata": {"poltergust-outcome": "done", "poltergust-node": "node-a"}}
+    event = parse_notification(attributes, locations, json.dumps(payload).encode())
+    assert event is not None and event.metadata == payload["metadata"]
+    assert event.updated == datetime(2026, 11, 30, 7, 49, 2, 123000, tzinfo=timezone.utc)
+    for data in (b"", b"not json", b"[]", json.dumps({"updated": "yesterday"}).encode(),
+                 json.dumps({"metadata": ["x"], "updated": "2026-11-30T07:49:02Z"}).encode()):
+        event = parse_notification(attributes, locations, data)
+        assert event is not None and (event.metadata, event.updated) == ({}, None), data
 
 
 def test_locations_and_urls(tmp_path: Path) -> None:
