@@ -326,6 +326,7 @@ class Run:
         result = results.Result("error", self.settings.node_name, now, now, reason=reason,
                                 generation=self.key.generation)
         log.error("%s", reason)
+        self.finishing.add(self.key)  # the claim's own notifications must not stop this
         try:
             if await results.finish(self.store, config, result):
                 self._claimed(result)
