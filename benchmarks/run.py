@@ -23,7 +23,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import signal
@@ -39,8 +38,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _procs import command_line, register, stop_all, tree_cpu, tree_pss, tree_rss
+from _procs import command_line, machine_cpu, register, stop_all, tree_cpu, tree_pss, tree_rss
 from _proxy import CountingProxy
+from _report import fmt, machine, table
 from _systems import ROOT, Original, Ours, Trial, Workspace, clean_environ, node_default, wait_trial
 from _targets import Target, targets
 
@@ -73,15 +73,6 @@ def p50(values: Sequence[float]) -> float:
 
 def p95(values: Sequence[float]) -> float:
     return percentile(values, 0.95)
-
-
-def fmt(value: float | None, digits: int | None = None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if digits is None:
-        magnitude = abs(value)
-        digits = 3 if magnitude < 10 else 1 if magnitude < 1000 else 0
-    return f"{value:.{digits}f}"
 
 
 # -- results -------------------------------------------------------------------
@@ -265,7 +256,7 @@ class Bench:
         nodes = system.start(n)
         cpu_before = sum(tree_cpu(node.pid) for node in nodes)
         own_before = sum(_own_cpu(node.pid) for node in nodes)
-        machine_before = _machine_cpu()
+        machine_before = machine_cpu()
         names = [self.ws.name(f"mk{k}x{n}") for _ in range(k)]
         wanted = set(names)
         started = time.time()
@@ -286,7 +277,7 @@ class Bench:
             time.sleep(0.02)
         cpu = sum(tree_cpu(node.pid) for node in nodes) - cpu_before
         own = sum(_own_cpu(node.pid) for node in nodes) - own_before
-        other = _machine_cpu() - machine_before - cpu
+        other = machine_cpu() - machine_before - cpu
         system.stop()
         self.ws.clear_configs()
         return Makespan(ended - started, cpu, own, errors, finished, timed_out, max(other, 0.0))
@@ -606,42 +597,17 @@ def _own_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _machine_cpu() -> float:
-    """CPU seconds the whole machine has been busy since boot (all cores), from /proc/stat."""
-    with open("/proc/stat") as handle:
-        fields = [int(value) for value in handle.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 # -- the machine and the report ---------------------------------------------------
 
 def machine_facts(bench: Bench) -> dict[str, str]:
-    model = "unknown"
-    with open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as handle:
-        memory = next(int(line.split()[1]) for line in handle if line.startswith("MemTotal")) * 1024
     return {
         "nproc": str(bench.cores),
-        "CPU": model,
-        "memory": f"{memory / 1024 ** 3:.1f} GiB",
-        "Python": platform.python_version(),
-        "OS": f"{platform.system()} {platform.release()}",
+        **machine(),
         "luigi": f"{bench.env_luigi} in the pipelines' environment; {bench.original.luigi_version} running the original",
         "load average (1 min) at start / end": " / ".join(f"{load:.1f}" for load in bench.load),
         "sampled every 5 s during the run: median / max": (f"{p50(bench.load_samples):.1f} / "
                                                            f"{max(bench.load_samples, default=float('nan')):.1f}"),
     }
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def render(bench: Bench, command: str, duration: float) -> str:
