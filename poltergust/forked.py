@@ -29,9 +29,12 @@ class WarmUnavailable(Exception):
     """This run cannot use a warm interpreter; the message says why (for the run log)."""
 
 
-async def fork_run(socket_path: Path, argv: list[str], env: Mapping[str, str], cwd: Path, sink: Callable[[str], None],
-                note: Note) -> int:
-    """Have the warm interpreter at `socket_path` fork luigi with `argv`; stream its output to `sink`; return its exit code."""
+async def fork_run(socket_path: Path, argv: list[str], env: Mapping[str, str], cwd: Path,
+                   sink: Callable[[str], None], note: Note) -> int:
+    """Have the warm interpreter at `socket_path` fork luigi with `argv`; stream its output to `sink`.
+
+    Returns luigi's exit code.
+    """
     loop = asyncio.get_running_loop()
     read_end, write_end = os.pipe()
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
