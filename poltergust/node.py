@@ -46,7 +46,7 @@ class Node:
     def __init__(self, settings: Settings, events: EventSource, environments: Environments) -> None:
         self.settings = settings
         self.secrets = environments.secret_env
-        self.warm = WarmPool(settings.data_dir / "warm", self.secrets.without_secrets(),
+        self.warm = WarmPool(settings.data_dir / "warm", self.secrets,
                              idle_seconds=settings.warm_idle_seconds,
                              prestart=settings.warm_prestart, run_as=settings.run_as) if settings.warm else None
         self.events = events

@@ -267,7 +267,6 @@ class Run:
         except StorageError as exc:
             return Outcome(False, runlog.mask(f"cannot read the environment file {config.environment}: {exc}"))
         spec = parse_environment(env_blob.data, config.environment)
-        self.secrets.add(self.environments.referenced(spec))
         for secret in self.secrets.values():
             runlog.add_secret(secret)
         try:

@@ -36,6 +36,7 @@ from .config import EnvironmentSpec, PipelineConfig
 from .forked import Note, WarmUnavailable, fork_run
 from .runner import luigi_environ
 from .sandbox import RunAs, Runner, spawner
+from .secret_env import SecretEnv
 from .subprocesses import GRACE_SECONDS
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,14 @@ class _Zygote:
 
 
 class WarmPool:
-    def __init__(self, directory: Path, node_environ: Mapping[str, str], *, idle_seconds: float = 600.0,
+    def __init__(self, directory: Path, secrets: SecretEnv, *, idle_seconds: float = 600.0,
                  prestart: bool = False, run_as: RunAs | None = None) -> None:
-        """With `run_as`, warm interpreters (and so the runs they fork) run as that user, as spawned runs do."""
+        """With `run_as`, warm interpreters (and so the runs they fork) run as that user, as spawned runs do.
+
+        `secrets` are left out of every warm interpreter's environment, as of each run: a
+        secret first named by a run's environment file is one from then on, and a forked run
+        could read the interpreter's environment in /proc/self/environ.
+        """
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self._temporary: Path | None = None
@@ -79,7 +85,7 @@ class WarmPool:
         self.directory.chmod(0o711 if run_as else 0o700)  # its user reaches its own directory, lists nothing
         self.run_as = run_as
         self._spawn = spawner(run_as)
-        self.node_environ = dict(node_environ)
+        self.secrets = secrets
         self.idle_seconds = idle_seconds
         self.prestart = prestart
         self._zygotes: dict[str, _Zygote] = {}
@@ -91,7 +97,7 @@ class WarmPool:
 
     def runner(self, env_path: Path, spec: EnvironmentSpec, config: PipelineConfig, note: Note) -> Runner:
         """A `sandbox.spawner` for luigi commands of this environment and config; other commands just spawn."""
-        base = luigi_environ(self.node_environ, spec, dataclasses.replace(config, variables={}), {})
+        base = luigi_environ(self.secrets.without_secrets(), spec, dataclasses.replace(config, variables={}), {})
         if self.prestart:
             self._spawn_task(self._prestart(env_path, spec.preload, base))
         return functools.partial(self.run, env_path, spec.preload, base, note)

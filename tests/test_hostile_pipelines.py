@@ -18,6 +18,7 @@ from test_node import result, submit
 
 TOKEN = "ghp_SuperSecret/Token+42"
 NAMED = "named-secret-value-7"
+REFERENCED = "referenced-secret-value-9"
 
 
 def test_a_pipeline_sees_no_secret_and_what_it_prints_is_masked(
@@ -25,18 +26,22 @@ def test_a_pipeline_sees_no_secret_and_what_it_prints_is_masked(
 ) -> None:
     leak = tmp_path / "fetched-secret.txt"
     leak.write_text(TOKEN)
+    (tmp_path / REFERENCED).mkdir()  # an empty --find-links directory whose name is the secret
     start_node("node-a", "--secret-env", "COMPANY_VALUE", env_overrides={
-        "GITHUB_TOKEN": TOKEN, "COMPANY_VALUE": NAMED, "PLAIN_SETTING": "visible"})
+        "GITHUB_TOKEN": TOKEN, "COMPANY_VALUE": NAMED, "PLAIN_SETTING": "visible", "INDEX_PATH_PART": REFERENCED})
+    referencing = environment_yaml + f"  - --find-links {tmp_path}/{{{{INDEX_PATH_PART}}}}\n"
     submit(bucket, "dump", {"name": "Dump", "module": "poltergust_testpipes", "out-dir": str(tmp_path / "d"),
-                            "leak": str(leak)}, environment_yaml)
+                            "leak": str(leak)}, referencing)
     error = result(bucket, "dump", "error")
     log = bucket.read(bucket.log_name("dump", "node-a")).decode()
-    assert "env PLAIN_SETTING=visible" in log, "ordinary node variables reach the pipeline"
-    assert "env GITHUB_TOKEN=" not in log and "env COMPANY_VALUE=" not in log, "secrets do not"
+    assert "env PLAIN_SETTING=visible" in log and "initial env PLAIN_SETTING=visible" in log, \
+        "ordinary node variables reach the pipeline"
+    for name in ("GITHUB_TOKEN", "COMPANY_VALUE", "INDEX_PATH_PART"):
+        assert f"env {name}=" not in log, f"secrets do not, not even in the environment it started with: {name}"
     assert "leaked **** and ****" in log, "a secret the pipeline prints anyway is masked, URL-encoded too"
     document = yaml.safe_dump(error)
     for text in (log, document):
-        for value in (TOKEN, quote(TOKEN, safe=""), NAMED):
+        for value in (TOKEN, quote(TOKEN, safe=""), NAMED, REFERENCED):
             assert value not in text
 
 
