@@ -44,7 +44,8 @@ class SubscriptionMismatch(Exception):
     """An existing subscription of that name listens to another topic or with another filter."""
 
 
-def parse_notification(attributes: Mapping[str, str], locations: Iterable[Location], data: bytes = b"") -> Event | None:
+def parse_notification(attributes: Mapping[str, str], locations: Iterable[Location],
+                       data: bytes = b"") -> Event | None:
     """Turn a GCS notification (attributes, and its JSON_API_V1 payload if any) into an `Event`, or None."""
     kind = EVENT_KINDS.get(attributes.get("eventType", ""))
     bucket, name = "gs://" + attributes.get("bucketId", ""), attributes.get("objectId", "")
@@ -67,8 +68,8 @@ def _object_facts(data: bytes) -> dict[str, object]:
     """The object's custom metadata and write time from a JSON_API_V1 payload; nothing from any other payload."""
     try:
         payload = json.loads(data) if data else {}
-        metadata = payload.get("metadata") or {}
-        updated = datetime.fromisoformat(payload["updated"].replace("Z", "+00:00")) if payload.get("updated") else None
+        metadata, written = payload.get("metadata") or {}, payload.get("updated")
+        updated = datetime.fromisoformat(written.replace("Z", "+00:00")) if written else None
     except (ValueError, AttributeError, TypeError):
         return {}
     if not isinstance(metadata, dict) or (updated is not None and updated.tzinfo is None):
