@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from poltergust.config import parse_environment  # noqa: E402
 from poltergust.environments import Environments  # noqa: E402
-from poltergust.runlog import RunLog  # noqa: E402
+from poltergust.run.log import RunLog  # noqa: E402
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_", "VIRTUAL_ENV"))}
 
@@ -74,7 +74,7 @@ import asyncio, sys
 from pathlib import Path
 from poltergust.config import parse_environment
 from poltergust.environments import Environments
-from poltergust.runlog import RunLog
+from poltergust.run.log import RunLog
 spec = parse_environment(sys.argv[2].encode(), "file:///bucket/environment/bench.yaml")
 asyncio.run(Environments(Path(sys.argv[1])).get(spec, RunLog(Path(sys.argv[3]))))
 """
@@ -85,7 +85,7 @@ import asyncio, sys, time
 from pathlib import Path
 from poltergust.config import parse_environment
 from poltergust.environments import Environments
-from poltergust.runlog import RunLog
+from poltergust.run.log import RunLog
 spec = parse_environment(sys.argv[2].encode(), "file:///bucket/environment/bench.yaml")
 envs = Environments(Path(sys.argv[1]))
 async def first():

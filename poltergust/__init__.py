@@ -7,6 +7,6 @@ working; anything else importing the package does not pay for importing luigi.
 import sys
 
 if "luigi" in sys.modules:
-    from .luigi_task import RunTasks
+    from poltergust.luigi_task import RunTasks
 
     __all__ = ["RunTasks"]

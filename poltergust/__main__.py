@@ -1,6 +1,6 @@
 """`python -m poltergust` is the `poltergust` command."""
 import sys
 
-from .cli import main
+from poltergust.cli import main
 
 sys.exit(main())

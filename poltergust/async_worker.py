@@ -10,14 +10,14 @@ from typing import Sequence
 
 import uvloop
 
-from . import logs
-from .node import serve, take_node_name
-from .settings import parse_settings
+from poltergust.node import log_format
+from poltergust.node.lifecycle import serve, take_node_name
+from poltergust.settings import parse_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings, renamed = take_node_name(parse_settings(argv))
-    logs.configure(settings.log_level, settings.node_name, settings.log_format)
+    log_format.configure(settings.log_level, settings.node_name, settings.log_format)
     if renamed:
         logging.getLogger("poltergust").warning("%s", renamed)
     uvloop.run(serve(settings))

@@ -13,12 +13,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Sequence
 
-from . import client
-from .client import CLI_RETRY_SECONDS, Pipeline, UsageError
-from .config import ConfigError
-from .layout import Location
-from .runlogs import latest, node_logs
-from .storage import ObjectStore, StorageError, open_store
+from poltergust import client
+from poltergust.client import CLI_RETRY_SECONDS, Pipeline, UsageError
+from poltergust.config import ConfigError
+from poltergust.layout import Location
+from poltergust.run.log_index import latest, node_logs
+from poltergust.storage import ObjectStore, StorageError, open_store
 
 
 def _say(line: str) -> None:
@@ -163,11 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{len(args.files)} file(s) valid")
             return 1 if problems else 0
         if args.command == "demo":
-            from .demo import run_demo
+            from poltergust.demo import run_demo
 
             return run_demo(args.keep)
         if args.command == "dashboard":
-            from .dashboard import serve
+            from poltergust.dashboard import serve
 
             return asyncio.run(serve(args.path, args.scheduler_url, args.host, args.port)) or 0
         target = Location.parse(args.path)

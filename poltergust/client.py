@@ -13,16 +13,17 @@ from typing import Any, Callable
 
 import yaml
 
-from .config import ConfigError, PipelineConfig, load_yaml, parse_environment, parse_pipeline
-from .layout import CONFIG_SUFFIX, Location, split_pipeline_object, split_url
-from .runlogs import node_logs
-from .storage import NotFound, ObjectInfo, ObjectStore, StorageError, open_store
+from poltergust.errors import PoltergustError
+from poltergust.config import ConfigError, PipelineConfig, load_yaml, parse_environment, parse_pipeline
+from poltergust.layout import CONFIG_SUFFIX, Location, split_pipeline_object, split_url
+from poltergust.run.log_index import node_logs
+from poltergust.storage import NotFound, ObjectInfo, ObjectStore, StorageError, open_store
 
 CLI_RETRY_SECONDS = 5.0
 """A person is waiting: report an unreachable bucket quickly."""
 
 
-class UsageError(Exception):
+class UsageError(PoltergustError):
     """Bad input on the command line; printed as one line, exit code 2."""
 
 

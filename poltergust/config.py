@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from poltergust.errors import RunFailed
+
 MAX_FILE_SIZE = 256 * 1024
 """Configs and environment files are hand-written; anything larger is a mistake or an attack."""
 
@@ -27,7 +29,7 @@ MAX_DEPTH = 50
 """Bound on nesting: PyYAML composes recursively, and a file of 10 000 `[` would exhaust the stack."""
 
 
-class ConfigError(ValueError):
+class ConfigError(RunFailed, ValueError):
     """A user file is invalid; the message says which file and which key."""
 
     def __init__(self, source: str, problem: str, key: str | None = None) -> None:

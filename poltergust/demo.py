@@ -16,11 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import client
-from .dashboard import dashboard_server
-from .layout import Location, log_prefix
-from .scheduler import embedded_scheduler
-from .storage import open_store
+from poltergust import client
+from poltergust.dashboard import dashboard_server
+from poltergust.layout import Location, log_prefix
+from poltergust.luigid.embedded import embedded_scheduler
+from poltergust.storage import open_store
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "top_artists"
 NODES = ("demo-node-1", "demo-node-2")

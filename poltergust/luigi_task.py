@@ -19,7 +19,7 @@ class RunTasks(luigi.Task):
         return False  # a node serves until it is stopped
 
     def run(self) -> None:
-        from .async_worker import main
+        from poltergust.async_worker import main
 
         argv = ["--path", self.path, "--node-name", self.hostname]
         core = luigi.interface.core()

@@ -17,11 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from .config import MAX_FILE_SIZE, ConfigError, parse_environment
-from .environments import EnvironmentBuildError, Environments
-from .layout import split_url
-from .runlog import RunLog
-from .storage import StorageError, open_store
+from poltergust.config import MAX_FILE_SIZE, ConfigError, parse_environment
+from poltergust.environments import EnvironmentBuildError, Environments
+from poltergust.layout import split_url
+from poltergust.run.log import RunLog
+from poltergust.storage import StorageError, open_store
 
 log = logging.getLogger("poltergust.prebuild")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping
 
-from .masking import MIN_LENGTH
+from poltergust.masking import MIN_LENGTH
 
 CREDENTIAL_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|API_KEY|ACCESS_KEY|AUTH",
                              re.IGNORECASE)

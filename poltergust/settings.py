@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .layout import Location, safe_name
-from .notify import NotifyTarget, notify_target
-from .sandbox import RunAs, RunAsError
-from .environments import parse_size
+from poltergust.layout import Location, safe_name
+from poltergust.node.notify import NotifyTarget, notify_target
+from poltergust.launch.sandbox import RunAs, RunAsError
+from poltergust.environments import parse_size
 
 DEFAULT_SCHEDULER_PORT = 8082
 DEFAULT_ROOT = Path.home() / ".local" / "share" / "poltergust"

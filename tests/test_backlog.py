@@ -12,7 +12,7 @@ import yaml
 from google.cloud import pubsub_v1
 
 from conftest import PROJECT, TOPIC
-from poltergust.backlog import ensure_subscription
+from poltergust.node.backlog import ensure_subscription
 from poltergust.layout import Location
 from poltergust.settings import parse_settings
 from stack import wait_for

@@ -401,7 +401,7 @@ def test_a_tampered_dependency_is_refused_by_pip(tmp_path: Path, gcs: FakeGcs, d
 
 
 def test_disk_shortage_names_the_directory_below_the_limit(tmp_path: Path) -> None:
-    from poltergust.health import disk_shortage
+    from poltergust.node.health import disk_shortage
 
     missing = tmp_path / "not" / "made" / "yet"
     assert disk_shortage([tmp_path, missing], None) is None

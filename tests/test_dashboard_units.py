@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from poltergust import heartbeat, layout
+from poltergust.node import heartbeat
+from poltergust import layout
 from poltergust.dashboard import charts
 from poltergust.dashboard.details import summarise
 from poltergust.dashboard.pipelines import group

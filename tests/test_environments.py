@@ -29,7 +29,7 @@ from poltergust.environments import Environments, interpreters, parse_size, plan
 from poltergust.environments import archive as env_archive
 from poltergust.environments.plan import installer_settings
 from poltergust.storage.local import LocalStore
-from poltergust.runlog import RunLog
+from poltergust.run.log import RunLog
 from stack import GatedProxy, wait_for
 
 TIMEOUT = 120

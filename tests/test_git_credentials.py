@@ -23,7 +23,7 @@ from poltergust.config import parse_environment
 from poltergust.environments import EnvironmentBuildError, Environments, git_credentials
 from poltergust.environments.interpreters import Interpreter
 from poltergust.environments.plan import Plan
-from poltergust.runlog import RunLog
+from poltergust.run.log import RunLog
 from stack import wait_for
 from test_environments import get_in_task, offline, result, run_log, run_logs, submit
 

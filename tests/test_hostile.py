@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from poltergust.config import ConfigError, parse_environment, parse_pipeline
 from poltergust.events.pubsub import parse_notification
-from poltergust.results import Result, result_document
+from poltergust.run.claim import Result, result_document
 from poltergust.layout import Location
 from poltergust.layout import safe_name as _safe
 from stack import wait_for

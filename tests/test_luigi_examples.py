@@ -26,7 +26,7 @@ from uv import find_uv_bin
 
 from conftest import WHEELHOUSE
 from luigi_examples import ROOT_VARIABLE, build_wheel, find_sdist, missing_sdist_message
-from poltergust.runner import RETCODE_OPTIONS
+from poltergust.run.command import RETCODE_OPTIONS
 from stack import Luigid, Node, wait_for
 from test_node import result, submit
 

@@ -6,7 +6,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from poltergust import node
+from poltergust.node import lifecycle as node
 from poltergust.settings import DEFAULT_ROOT, parse_settings
 
 

@@ -14,10 +14,10 @@ from poltergust.config import ConfigError, parse_environment, parse_pipeline, re
 from poltergust.environments import Environments, plan
 from poltergust.events.pubsub import parse_notification
 from poltergust.layout import Location, RunKey, is_config_name, split_url
-from poltergust.notify import Notifier
-from poltergust.run import Run
-from poltergust.runlog import RunLog
-from poltergust.runner import task_arguments
+from poltergust.node.notify import Notifier
+from poltergust.run.execute import Run, RunContext
+from poltergust.run.log import RunLog
+from poltergust.run.command import task_arguments
 from poltergust.secret_env import SecretEnv
 from poltergust.settings import Settings
 from poltergust.storage import PreconditionFailed, StorageError
@@ -149,6 +149,16 @@ def test_local_claim_is_exclusive_across_processes(tmp_path: Path) -> None:
         asyncio.run(store.delete("pipeline/x.config.yaml", if_generation_match=info.generation))
 
 
+class LoneNode:
+    """The node face of a run tested on its own: nobody to call for help, nothing else finishing."""
+
+    def call_for_help(self, key: RunKey, wanted: int, wave: int) -> None:
+        pass
+
+    def finishing(self, key: RunKey) -> bool:
+        return False
+
+
 async def test_a_storage_error_reading_the_environment_file_is_masked_in_the_reason(tmp_path: Path) -> None:
     """The reason goes to the error file: a secret the run knows must not reach it through a storage error."""
     secret = "tok-" + os.urandom(8).hex()
@@ -159,12 +169,12 @@ async def test_a_storage_error_reading_the_environment_file_is_masked_in_the_rea
 
     settings = Settings(locations=[Location.parse("gs://b/pipeline")], scheduler_url="http://127.0.0.1:1",
                         node_name="n", data_dir=tmp_path, env_dir=tmp_path / "envs")
-    run = Run(RunKey("gs://b", "pipeline/x.config.yaml", 1), settings, lambda bucket: Unreadable(),  # type: ignore
-              Environments(tmp_path / "envs"), Notifier(None), set(), asyncio.Semaphore(1), None,  # type: ignore
-              SecretEnv({}))
+    context = RunContext(settings, lambda bucket: Unreadable(), Environments(tmp_path / "envs"),  # type: ignore
+                         Notifier(None), SecretEnv({}), asyncio.Semaphore(1), LoneNode())
+    run = Run(RunKey("gs://b", "pipeline/x.config.yaml", 1), context)
     config = parse_pipeline(b"environment: gs://b/environment/e.yaml\ntask: {name: T, module: m}\n", SOURCE)
     runlog = RunLog(tmp_path / "run.log", [secret])
-    outcome = await run._run_luigi(config, runlog, None)
+    outcome = await run._attempt(config, runlog, None)
     assert not outcome.ok
     assert outcome.reason == "cannot read the environment file gs://b/environment/e.yaml: HTTP 403: credentials " \
                              "**** were refused"
@@ -180,7 +190,7 @@ def test_an_archived_config_is_treated_as_deleted() -> None:
 
 async def test_a_retried_claim_whose_first_try_went_through_is_won(tmp_path: Path) -> None:
     """The storage client retries a claim whose answer was lost; the retry gets 412, yet the claim is ours."""
-    from poltergust import results
+    from poltergust.run import claim as results
 
     class AnswerLost(LocalStore):
         async def write(self, name, data, **options):  # type: ignore[no-untyped-def]
@@ -199,7 +209,7 @@ async def test_a_retried_claim_whose_first_try_went_through_is_won(tmp_path: Pat
 async def test_completing_a_stale_claim_notifies_once(tmp_path: Path) -> None:
     from datetime import datetime, timedelta, timezone
 
-    from poltergust import results
+    from poltergust.run import claim as results
 
     sent: list[dict] = []
 
@@ -217,9 +227,9 @@ async def test_completing_a_stale_claim_notifies_once(tmp_path: Path) -> None:
                         data_dir=tmp_path / "data", env_dir=tmp_path / "envs", claim_grace=0)
     claimed = await store.read("pipeline/x.config.yaml")
     for _ in range(2):  # a second look finds the run already completed
-        run = Run(RunKey(f"file://{tmp_path}", "pipeline/x.config.yaml", claimed.info.generation), settings,
-                  lambda bucket: store, Environments(tmp_path / "envs"), Recorder(None), set(),  # type: ignore
-                  asyncio.Semaphore(1), None, SecretEnv({}))  # type: ignore[arg-type]
+        context = RunContext(settings, lambda bucket: store, Environments(tmp_path / "envs"), Recorder(None),
+                             SecretEnv({}), asyncio.Semaphore(1), LoneNode())
+        run = Run(RunKey(f"file://{tmp_path}", "pipeline/x.config.yaml", claimed.info.generation), context)
         await run.execute()
     assert (tmp_path / "pipeline" / "x.done.yaml").exists() and not (tmp_path / "pipeline" / "x.config.yaml").exists()
     assert [(p["outcome"], p["node"]) for p in sent] == [("done", "node-dead")]

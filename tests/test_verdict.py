@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from poltergust.graph import Verdict, display_name, verdict
+from poltergust.luigid.graph import Verdict, display_name, verdict
 
 ROOT = "Root__0"
 

@@ -270,7 +270,7 @@ def test_a_python_38_environment_runs_warm(start_node, bucket, wheelhouse: Path,
 
 def test_zygote_uses_only_the_standard_library() -> None:
     """It runs inside pipeline environments, which have neither Poltergust nor its dependencies."""
-    from poltergust import zygote
+    from poltergust.launch import zygote
 
     code = ("import sys; sys.argv = ['x']; import runpy; runpy.run_path(%r, run_name='not_main'); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('poltergust', 'yaml', 'uvloop', 'google')))")

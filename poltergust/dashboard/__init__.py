@@ -3,6 +3,6 @@
 It reads the same buckets or directories the nodes use, through the same
 storage code, and never writes to them.
 """
-from .app import dashboard_server, serve
+from poltergust.dashboard.app import dashboard_server, serve
 
 __all__ = ["dashboard_server", "serve"]

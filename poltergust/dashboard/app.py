@@ -18,12 +18,12 @@ from urllib.parse import urlencode
 import jinja2
 from aiohttp import web
 
-from .. import layout
-from ..heartbeat import Heartbeat, read_heartbeats, version
-from ..storage import NotFound, ObjectStore, StorageError, open_store
-from . import charts
-from .details import DetailsReader
-from .pipelines import STATES, PipelineList
+from poltergust import layout
+from poltergust.node.heartbeat import Heartbeat, read_heartbeats, version
+from poltergust.storage import NotFound, ObjectStore, StorageError, open_store
+from poltergust.dashboard import charts
+from poltergust.dashboard.details import DetailsReader
+from poltergust.dashboard.pipelines import STATES, PipelineList
 
 HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 50

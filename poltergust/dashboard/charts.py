@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from html import escape
 from typing import Iterable
 
-from .pipelines import Pipeline
+from poltergust.dashboard.pipelines import Pipeline
 
 HOURS = 24
 WIDTH, HEIGHT = 520, 150

@@ -17,11 +17,11 @@ from urllib.parse import quote
 
 import aiohttp
 
-from .. import layout
-from ..config import ConfigError, TaskSpec, parse_pipeline
-from ..runlogs import NodeLog, node_logs
-from ..storage import NotFound, ObjectStore, StorageError
-from .pipelines import LruCache, Pipeline, gather_limited, group, section_of
+from poltergust import layout
+from poltergust.config import ConfigError, TaskSpec, parse_pipeline
+from poltergust.run.log_index import NodeLog, node_logs
+from poltergust.storage import NotFound, ObjectStore, StorageError
+from poltergust.dashboard.pipelines import LruCache, Pipeline, gather_limited, group, section_of
 
 MAX_GENERATIONS = 20
 """Runs shown in the timeline; older ones are left out."""

@@ -19,10 +19,11 @@ from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 import yaml
 
-from .. import layout, results
-from ..config import ConfigError, load_yaml
-from ..runlogs import node_logs
-from ..storage import ObjectInfo, ObjectStore, StorageError
+from poltergust import layout
+from poltergust.run import claim
+from poltergust.config import ConfigError, load_yaml
+from poltergust.run.log_index import node_logs
+from poltergust.storage import ObjectInfo, ObjectStore, StorageError
 
 T = TypeVar("T")
 STATES = ("queued", "running", "done", "error")
@@ -54,7 +55,7 @@ class Pipeline:
     @property
     def finishing(self) -> str | None:
         """The outcome a node has claimed but not yet written as a result file."""
-        return results.claimed_outcome(self.config.metadata) if self.config else None
+        return claim.claimed_outcome(self.config.metadata) if self.config else None
 
     @property
     def submitted(self) -> datetime | None:

@@ -24,9 +24,9 @@ from typing import Sequence
 
 import yaml
 
-from .. import layout
-from ..heartbeat import Heartbeat
-from ..storage.local import LocalStore
+from poltergust import layout
+from poltergust.node.heartbeat import Heartbeat
+from poltergust.storage.local import LocalStore
 
 PIPELINES = ("daily-sales", "crm-export", "top-artists", "churn-model", "ad-spend", "inventory-sync",
              "invoice-batch", "web-sessions", "forecast", "ledger-close", "search-index", "geo-enrich")

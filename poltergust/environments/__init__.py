@@ -18,22 +18,23 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from .. import metrics
-from ..config import EnvironmentSpec
-from ..runlog import RunLog
-from ..secret_env import SecretEnv
-from ..storage import StorageError
-from . import plan
-from .build import Builder
-from .cache import Cache, parse_size
-from .interpreters import Interpreter
-from .plan import EnvironmentBuildError, Plan
-from .share import Sharing
+from poltergust.errors import PoltergustError
+from poltergust.node import metrics
+from poltergust.config import EnvironmentSpec
+from poltergust.run.log import RunLog
+from poltergust.secret_env import SecretEnv
+from poltergust.storage import StorageError
+from poltergust.environments import plan
+from poltergust.environments.build import Builder
+from poltergust.environments.cache import Cache, parse_size
+from poltergust.environments.interpreters import Interpreter
+from poltergust.environments.plan import EnvironmentBuildError, Plan
+from poltergust.environments.share import Sharing
 
 __all__ = ["Environments", "EnvironmentBuildError", "parse_size"]
 
 
-class _BuildInterrupted(Exception):
+class _BuildInterrupted(PoltergustError):
     """The run that was building an environment was cancelled; a waiter takes over."""
 
 

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from poltergust.errors import PoltergustError
+
 SKIPPED_DIRECTORIES = {"__pycache__"}
 """Byte code is written by whoever imports first; it is rebuilt on demand, so not shipped."""
 
@@ -69,11 +71,11 @@ class Limits:
     """Files, directories and links."""
 
 
-class ArchiveRefused(Exception):
+class ArchiveRefused(PoltergustError):
     """An archive must not be used (unsigned, corrupt, foreign, hostile); the message says why."""
 
 
-class SecretInEnvironment(Exception):
+class SecretInEnvironment(PoltergustError):
     """A file of the environment holds a secret value: the environment is not shared."""
 
 

@@ -24,13 +24,13 @@ from pathlib import Path
 
 from uv import find_uv_bin
 
-from .. import metrics
-from ..runlog import RunLog
-from ..secret_env import SecretEnv
-from ..subprocesses import run_streaming
-from . import git_credentials
-from .cache import Cache, disk_usage
-from .plan import UV_IRRELEVANT, UV_OPTIONS, EnvironmentBuildError, Plan, installer_settings, normalised
+from poltergust.node import metrics
+from poltergust.run.log import RunLog
+from poltergust.secret_env import SecretEnv
+from poltergust.launch.processes import run_streaming
+from poltergust.environments import git_credentials
+from poltergust.environments.cache import Cache, disk_usage
+from poltergust.environments.plan import UV_IRRELEVANT, UV_OPTIONS, EnvironmentBuildError, Plan, installer_settings, normalised
 
 
 class Builder:

@@ -29,8 +29,8 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator, Callable, Mapping
 
-from .. import locks
-from ..runlog import RunLog
+from poltergust import locks
+from poltergust.run.log import RunLog
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from poltergust.errors import PoltergustError
+
 PROBE = (
     "import json, platform, sys, sysconfig\n"
     "print(json.dumps({\n"
@@ -51,7 +53,7 @@ PROBE = (
 VERSION_REQUEST = re.compile(r"^(\d+)(?:\.(\d+))?(?:\.(\d+))?$")
 
 
-class InterpreterNotFound(Exception):
+class InterpreterNotFound(PoltergustError):
     """The requested interpreter is not on this node, or does not run."""
 
 

@@ -19,10 +19,11 @@ import re
 import shlex
 from typing import Mapping
 
-from ..config import EnvironmentSpec
-from ..masking import MIN_LENGTH, mask
-from . import git_credentials
-from .interpreters import Interpreter, InterpreterNotFound, cached, find
+from poltergust.errors import RunFailed
+from poltergust.config import EnvironmentSpec
+from poltergust.masking import MIN_LENGTH, mask
+from poltergust.environments import git_credentials
+from poltergust.environments.interpreters import Interpreter, InterpreterNotFound, cached, find
 
 FORMAT = 2
 """Bumped when the layout of an environment changes, so old ones are not mistaken for new ones."""
@@ -40,7 +41,7 @@ VALUE_OPTIONS = {"-e", "--editable", "-i", "--index-url", "--extra-index-url", "
 """Installer options that take a value, for writing secret-bearing dependencies as requirement lines."""
 
 
-class EnvironmentBuildError(Exception):
+class EnvironmentBuildError(RunFailed):
     """Building an environment failed; the message is one line for the error file."""
 
 

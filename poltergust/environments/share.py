@@ -19,15 +19,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..config import EnvironmentSpec
-from ..layout import archive_name, split_url
-from ..runlog import RunLog
-from ..storage import NotFound, StorageError, open_store
-from .archive import (
-    META_SIZE, ArchiveRefused, Limits, SecretInEnvironment, check_file, check_metadata, metadata_for, pack, unpack,
-)
-from .cache import Cache, disk_usage
-from .interpreters import Interpreter
+from poltergust.config import EnvironmentSpec
+from poltergust.layout import archive_name, split_url
+from poltergust.run.log import RunLog
+from poltergust.storage import NotFound, StorageError, open_store
+from poltergust.environments.archive import META_SIZE, ArchiveRefused, Limits, SecretInEnvironment, check_file, check_metadata, metadata_for, pack, unpack
+from poltergust.environments.cache import Cache, disk_usage
+from poltergust.environments.interpreters import Interpreter
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import watchfiles
 
-from ..layout import INTERNAL, Location, is_config_name
-from ..storage.local import LocalStore
-from .base import ClosingSource, Event
+from poltergust.layout import INTERNAL, Location, is_config_name
+from poltergust.storage.local import LocalStore
+from poltergust.events.base import ClosingSource, Event
 
 log = logging.getLogger(__name__)
 

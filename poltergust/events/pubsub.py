@@ -24,9 +24,10 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from google.api_core import exceptions as gexc  # noqa: E402
 from google.cloud import pubsub_v1  # noqa: E402
 
-from .. import metrics  # noqa: E402
-from ..layout import CONFIG_SUFFIX, Location, is_config_name  # noqa: E402
-from .base import ClosingSource, Event  # noqa: E402
+from poltergust.errors import PoltergustError
+from poltergust.node import metrics  # noqa: E402
+from poltergust.layout import CONFIG_SUFFIX, Location, is_config_name  # noqa: E402
+from poltergust.events.base import ClosingSource, Event  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ EVENT_KINDS = {"OBJECT_FINALIZE": "finalize", "OBJECT_DELETE": "delete", "OBJECT
 """In a versioned bucket an overwritten or deleted config is archived, not deleted: the same to a node."""
 
 
-class SubscriptionMismatch(Exception):
+class SubscriptionMismatch(PoltergustError):
     """An existing subscription of that name listens to another topic or with another filter."""
 
 

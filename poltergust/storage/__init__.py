@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Blob, ClosingStore, NotFound, ObjectInfo, ObjectStore, PreconditionFailed, StorageError, TooLarge
-from .gcs import GcsStore
-from .local import LocalStore
+from poltergust.storage.base import Blob, ClosingStore, NotFound, ObjectInfo, ObjectStore, PreconditionFailed, StorageError, TooLarge
+from poltergust.storage.gcs import GcsStore
+from poltergust.storage.local import LocalStore
 
 __all__ = ["Blob", "ClosingStore", "NotFound", "ObjectInfo", "ObjectStore", "PreconditionFailed", "StorageError",
            "TooLarge", "open_store"]

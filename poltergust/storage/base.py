@@ -6,8 +6,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping, Protocol
 
+from poltergust.errors import PoltergustError
 
-class StorageError(Exception):
+
+class StorageError(PoltergustError):
     """A storage operation failed for a reason other than the ones below."""
 
 

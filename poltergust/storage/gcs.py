@@ -17,9 +17,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 import aiohttp
 from gcloud.aio.storage import Storage as _GcsClient
 
-from ..backoff import Backoff
-from ..metrics import STORAGE_ERRORS
-from .base import Blob, ClosingStore, NotFound, ObjectInfo, PreconditionFailed, StorageError, TooLarge
+from poltergust.backoff import Backoff
+from poltergust.node.metrics import STORAGE_ERRORS
+from poltergust.storage.base import Blob, ClosingStore, NotFound, ObjectInfo, PreconditionFailed, StorageError, TooLarge
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -26,8 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import AsyncIterator, Mapping
 
-from ..locks import locked
-from .base import Blob, ClosingStore, NotFound, ObjectInfo, PreconditionFailed, TooLarge
+from poltergust.locks import locked
+from poltergust.storage.base import Blob, ClosingStore, NotFound, ObjectInfo, PreconditionFailed, TooLarge
 
 log = logging.getLogger(__name__)
 

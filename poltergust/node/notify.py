@@ -12,9 +12,9 @@ from typing import Any, Mapping
 
 import aiohttp
 
-from .backoff import Backoff
-from .masking import redact_url
-from .metrics import NOTIFY_ERRORS
+from poltergust.backoff import Backoff
+from poltergust.masking import redact_url
+from poltergust.node.metrics import NOTIFY_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,14 @@ import struct
 from pathlib import Path
 from typing import Callable, Mapping
 
-from . import metrics
-from .subprocesses import GRACE_SECONDS
+from poltergust.errors import PoltergustError
+from poltergust.node import metrics
+from poltergust.launch.processes import GRACE_SECONDS
 
 Note = Callable[[str], None]
 
 
-class WarmUnavailable(Exception):
+class WarmUnavailable(PoltergustError):
     """This run cannot use a warm interpreter; the message says why (for the run log)."""
 
 

@@ -6,12 +6,17 @@ it is written.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import deque
 from pathlib import Path
 from typing import Iterable
 
-from .masking import mask
+from poltergust.masking import mask
+from poltergust.storage import ObjectStore, StorageError
+
+log = logging.getLogger(__name__)
 
 
 class RunLog:
@@ -55,3 +60,30 @@ class RunLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+class LogMirror:
+    """Keeps a run log's copy in the bucket: shown at once when a run starts here, then refreshed rarely."""
+
+    def __init__(self, runlog: RunLog, store: ObjectStore, name: str, interval: float) -> None:
+        self.runlog = runlog
+        self.store = store
+        self.name = name
+        self.interval = interval
+        """Seconds between refreshes while the run goes on: every write costs a request."""
+
+    async def keep_up(self) -> None:
+        """Upload the log whenever it changed, every `interval` seconds, until cancelled."""
+        uploaded = -1
+        while True:
+            if self.runlog.version != uploaded:
+                uploaded = self.runlog.version
+                await self.upload()
+            await asyncio.sleep(self.interval)
+
+    async def upload(self) -> None:
+        """Upload the whole log now; a failure is logged, never raised: the run matters more than its log."""
+        try:
+            await self.store.write(self.name, self.runlog.read())
+        except (StorageError, OSError) as exc:
+            log.warning("could not upload the log %s: %s", self.name, exc)

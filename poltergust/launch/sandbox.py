@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
-from .subprocesses import run_streaming
+from poltergust.errors import PoltergustError
+from poltergust.launch.processes import run_streaming
 
 
-class RunAsError(Exception):
+class RunAsError(PoltergustError):
     """`--run-as` cannot be honoured; the message says why."""
 
 
@@ -53,12 +54,12 @@ class RunAs:
                 "--", *command]
 
 
-Runner = Callable[..., Awaitable[int]]
+Launcher = Callable[..., Awaitable[int]]
 """`run_streaming`'s contract: (command, *, env, cwd, sink) -> exit code."""
 
 
-def spawner(run_as: RunAs | None) -> Runner:
-    """`subprocesses.run_streaming`, starting each command as `run_as` when given."""
+def spawner(run_as: RunAs | None) -> Launcher:
+    """`processes.run_streaming`, starting each command as `run_as` when given."""
     if run_as is None:
         return run_streaming
 

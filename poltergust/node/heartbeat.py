@@ -20,8 +20,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
-from . import layout
-from .storage import ObjectStore, StorageError
+from poltergust import layout
+from poltergust.storage import ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from typing import Any, Protocol
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
-from .backoff import Backoff
-from .events.pubsub import parse_notification, subscription_filter
-from .layout import Location, RunKey
-from .settings import Settings
-from .storage import NotFound, ObjectStore, StorageError
+from poltergust.backoff import Backoff
+from poltergust.events.pubsub import parse_notification, subscription_filter
+from poltergust.layout import Location, RunKey
+from poltergust.settings import Settings
+from poltergust.storage import NotFound, ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,14 @@ RETRY_SECONDS = 10.0
 """A run that ended here with its config unfinished is handed back after this pause (no tight redelivery loop)."""
 
 
-class Scheduler(Protocol):
-    """What the backlog needs of a node (see `node.Node`)."""
+class RunTable(Protocol):
+    """What the backlog needs of a node (see `lifecycle.Node`)."""
 
-    _runs: dict[RunKey, asyncio.Task[None]]
-    _stopping: asyncio.Event
+    stopping: asyncio.Event
 
-    def _schedule(self, key: RunKey, found_at_start: bool = False) -> bool: ...
+    def schedule(self, key: RunKey, found_at_start: bool = False) -> bool: ...
+
+    def task(self, key: RunKey) -> asyncio.Task[None] | None: ...
 
     def store(self, bucket: str) -> ObjectStore: ...
 
@@ -75,7 +76,7 @@ async def finished(store: ObjectStore, key: RunKey) -> bool:
 class Backlog:
     """This node's share of the backlog subscription, bridged from the client's threads into asyncio."""
 
-    def __init__(self, settings: Settings, node: Scheduler) -> None:
+    def __init__(self, settings: Settings, node: RunTable) -> None:
         self.settings = settings
         self.node = node
         project = settings.project
@@ -137,7 +138,7 @@ class Backlog:
         self._loop.call_soon_threadsafe(self._hold, RunKey(event.bucket, event.name, event.generation), message)
 
     def _stopping(self) -> bool:
-        return self._closing or self.node._stopping.is_set()
+        return self._closing or self.node.stopping.is_set()
 
     def _hold(self, key: RunKey, message: Any) -> None:
         if key in self._held or self._stopping():
@@ -147,8 +148,8 @@ class Backlog:
             return
         self._held[key] = [message]
         # As if found by a first scan: a redelivered message may be one this node's earlier self held (see
-        # `joining.take_start`); the run is taken back only if its start marker names this node.
-        self.node._schedule(key, True)
+        # `membership.take_start`); the run is taken back only if its start marker names this node.
+        self.node.schedule(key, True)
         log.info("backlog: holding %s#%d", key.url(), key.generation)
         task = asyncio.create_task(self._release_when_done(key))
         self._watchers.add(task)
@@ -158,7 +159,7 @@ class Backlog:
         """Ack the key's messages once its run ended here and the config is finished; else hand them back."""
         done = False
         try:
-            run = self.node._runs.get(key)
+            run = self.node.task(key)
             if run is not None:
                 await asyncio.wait({run})
             if not self._stopping():

@@ -17,10 +17,11 @@ from urllib.parse import quote
 
 import aiohttp
 
-from .masking import redact_url
+from poltergust.errors import PoltergustError
+from poltergust.masking import redact_url
 
 
-class SchedulerError(Exception):
+class SchedulerError(PoltergustError):
     """luigid did not answer as expected."""
 
 

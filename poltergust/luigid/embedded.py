@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import AsyncIterator
 
-from . import locks
+from poltergust import locks
 
 log = logging.getLogger(__name__)
 

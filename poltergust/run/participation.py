@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Callable, Mapping
 from urllib.parse import urlparse
 
-from . import metrics
-from .backoff import Backoff
-from .graph import Luigid, SchedulerError, Verdict
-from .runlog import RunLog
-from .runner import NOT_RUN, OTHERS_RUNNING, Outcome, exit_reason
-from .sandbox import Runner
-from .subprocesses import run_streaming
+from poltergust.node import metrics
+from poltergust.backoff import Backoff
+from poltergust.luigid.graph import Luigid, SchedulerError, Verdict
+from poltergust.run.log import RunLog
+from poltergust.run.command import NOT_RUN, OTHERS_RUNNING, Outcome, exit_reason
+from poltergust.launch.sandbox import Launcher
+from poltergust.launch.processes import run_streaming
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ Recruit = Callable[[int], None]
 class Participation:
     def __init__(self, command: list[str], *, env: Mapping[str, str], cwd: Path, runlog: RunLog,
                  scheduler_url: str, outage_limit: float, assistant: bool = False, recruit: Recruit | None = None,
-                 start: Runner = run_streaming, max_backoff: float = 30.0) -> None:
+                 start: Launcher = run_streaming, max_backoff: float = 30.0) -> None:
         self.command = command
         self.env = env
         self.cwd = cwd

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import EnvironmentSpec, PipelineConfig
-from .runlog import RunLog
+from poltergust.config import EnvironmentSpec, PipelineConfig
+from poltergust.run.log import RunLog
 
 # Exit codes we ask luigi to use (luigi's defaults are all 0, which says nothing).
 OTHERS_RUNNING = 12  # tasks held by another worker (another node, or a vanished one)

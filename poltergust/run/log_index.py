@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import layout
-from .storage import ObjectInfo, ObjectStore
+from poltergust import layout
+from poltergust.storage import ObjectInfo, ObjectStore
 
 LOG_SUFFIX = ".log.txt"
 

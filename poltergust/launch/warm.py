@@ -8,7 +8,7 @@ child that runs luigi with the run's argv, environment, working directory and
 output pipe. The node itself is never forked: it has threads (gRPC, asyncio's
 executor), and a forked copy of them can deadlock.
 
-`WarmPool.runner()` is a drop-in for `subprocesses.run_streaming`. A warm
+`WarmPool.launcher()` is a drop-in for `processes.run_streaming`. A warm
 interpreter that cannot start, refuses (a preloaded module started a thread)
 or died falls back to it, said in the run log. Warm interpreters start on first
 use (or with `prestart`), stop when idle, evicted or the pool closes, and exit
@@ -31,13 +31,13 @@ import uuid
 from pathlib import Path
 from typing import Awaitable, Callable, Mapping, Sequence
 
-from . import metrics
-from .config import EnvironmentSpec, PipelineConfig
-from .forked import Note, WarmUnavailable, fork_run
-from .runner import luigi_environ
-from .sandbox import RunAs, Runner, spawner
-from .secret_env import SecretEnv
-from .subprocesses import GRACE_SECONDS
+from poltergust.node import metrics
+from poltergust.config import EnvironmentSpec, PipelineConfig
+from poltergust.launch.fork import Note, WarmUnavailable, fork_run
+from poltergust.run.command import luigi_environ
+from poltergust.launch.sandbox import RunAs, Launcher, spawner
+from poltergust.secret_env import SecretEnv
+from poltergust.launch.processes import GRACE_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class WarmPool:
 
     # -- the interface the node uses ----------------------------------------
 
-    def runner(self, env_path: Path, spec: EnvironmentSpec, config: PipelineConfig, note: Note) -> Runner:
+    def launcher(self, env_path: Path, spec: EnvironmentSpec, config: PipelineConfig, note: Note) -> Launcher:
         """A `sandbox.spawner` for luigi commands of this environment and config; other commands just spawn."""
         base = luigi_environ(self.secrets.without_secrets(), spec, dataclasses.replace(config, variables={}), {})
         if self.prestart:

@@ -67,6 +67,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     luigi.server.run = run  # luigid's own command line, with this scheduler
     luigi.cmdline.luigid(list(sys.argv[1:] if argv is None else argv))
 
-
-if __name__ == "__main__":
-    main()

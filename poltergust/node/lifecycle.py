@@ -18,21 +18,22 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import heartbeat, metrics, results
-from .backlog import Backlog
-from .backoff import Backoff
-from .environments import Environments
-from .events import Event, EventSource, open_events
-from .health import disk_shortage, health_server
-from .layout import RunKey, is_config_name, safe_name
-from .locks import try_lock
-from .notify import Notifier
-from .run import Run
-from .scheduler import embedded_scheduler
-from .sandbox import lock_down
-from .settings import Settings, default_data_dir
-from .warm import WarmPool
-from .storage import ObjectStore, StorageError, open_store
+from poltergust.node import heartbeat, metrics
+from poltergust.run import claim
+from poltergust.node.backlog import Backlog
+from poltergust.backoff import Backoff
+from poltergust.environments import Environments
+from poltergust.events import Event, EventSource, open_events
+from poltergust.node.health import disk_shortage, health_server
+from poltergust.layout import RunKey, is_config_name, safe_name
+from poltergust.locks import try_lock
+from poltergust.node.notify import Notifier
+from poltergust.run.execute import Run, RunContext
+from poltergust.luigid.embedded import embedded_scheduler
+from poltergust.launch.sandbox import lock_down
+from poltergust.settings import Settings, default_data_dir
+from poltergust.launch.warm import WarmPool
+from poltergust.storage import ObjectStore, StorageError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,14 @@ class Node:
         self.events = events
         self.environments = environments
         self._stores: dict[str, ObjectStore] = {}
-        self._runs: dict[RunKey, asyncio.Task[None]] = {}
-        self._run_objects: dict[RunKey, Run] = {}
-        self._finishing: set[RunKey] = set()
-        """Runs past luigi, claiming and writing their result, until their task ends: no event may interrupt that."""
-        self._slots = asyncio.Semaphore(settings.max_concurrent)
-        self._notifier = Notifier(settings.notify)
+        self._runs: dict[RunKey, Run] = {}
+        """Every run this node has in flight, standing by or taking part, until its task ends."""
+        self._context = RunContext(settings, self.store, environments, Notifier(settings.notify), self.secrets,
+                                   asyncio.Semaphore(settings.max_concurrent), self, self.warm)
         self._background: set[asyncio.Task[None]] = set()
         self._scanned = False
-        self._stopping = asyncio.Event()
+        self.stopping = asyncio.Event()
+        """Set once the node stops taking work."""
         self.attached = asyncio.Event()
         """Set while the event stream is attached: the node is then ready for work."""
 
@@ -77,13 +77,14 @@ class Node:
                       asyncio.create_task(self._keep_events_attached()),
                       asyncio.create_task(heartbeat.beat(self.settings, self.store, self._taking_part, self.attached))]
         try:
-            await self._stopping.wait()
+            await self.stopping.wait()
             log.info("stopping: taking no new work, stopping %d run(s); their configs stay for the next scan",
                      len(self._runs))
-            for task in [*background, *self._runs.values()]:
+            runs = [run.task for run in self._runs.values() if run.task is not None]
+            for task in [*background, *runs]:
                 task.cancel()
-            await asyncio.gather(*background, *self._runs.values(), return_exceptions=True)
-            await self._notifier.wait(timeout=10)
+            await asyncio.gather(*background, *runs, return_exceptions=True)
+            await self._context.notifier.wait(timeout=10)
             if self.warm is not None:
                 await self.warm.close()
             await self.environments.wait_background(timeout=SHUTDOWN_UPLOADS_SECONDS)
@@ -94,11 +95,20 @@ class Node:
             log.info("node %s stopped", self.settings.node_name)
 
     def stop(self) -> None:
-        self._stopping.set()
+        self.stopping.set()
+
+    def task(self, key: RunKey) -> asyncio.Task[None] | None:
+        """The task of this node's run of `key`, while it is in flight."""
+        run = self._runs.get(key)
+        return run.task if run is not None else None
+
+    def finishing(self, key: RunKey) -> bool:
+        """Whether one of this node's runs of `key`'s config (any generation) is writing its result right now."""
+        return any(run.finishing for other, run in self._runs.items() if (other.bucket, other.name) == key[:2])
 
     def _taking_part(self) -> list[RunKey]:
         """Runs this node takes part in (not those it stands by for), for its heartbeat."""
-        return [key for key, run in self._run_objects.items() if run.taking_part]
+        return [key for key, run in self._runs.items() if run.taking_part]
 
     def problem(self) -> str | None:
         """Why this node cannot take work right now (for /healthz), or None when it can."""
@@ -168,7 +178,7 @@ class Node:
             async for page in self.store(location.bucket).pages(location.prefix, glob="*.config.yaml"):
                 for info in page:
                     if is_config_name(info.name, location.prefix):
-                        scheduled += self._schedule(RunKey(location.bucket, info.name, info.generation), first)
+                        scheduled += self.schedule(RunKey(location.bucket, info.name, info.generation), first)
         self._scanned = True
         return scheduled
 
@@ -184,41 +194,45 @@ class Node:
             if self._freshly_claimed(event):
                 metrics.CLAIMS_LEFT.inc()
                 log.debug("%s#%d: claimed by %s; its claimer writes the result", key.url(), key.generation,
-                          event.metadata.get(results.NODE_KEY, "?"))
+                          event.metadata.get(claim.NODE_KEY, "?"))
                 return
-            self._schedule(key)
-        elif event.kind == "help":
-            if key in self._run_objects:
-                self._run_objects[key].hear(event)
-        elif key in self._runs and key not in self._finishing:
+            self.schedule(key)
+            return
+        run = self._runs.get(key)
+        if run is None:
+            return
+        if event.kind == "help":
+            run.hear(event)
+        elif not run.finishing and run.task is not None:
             why = f"replaced by generation {event.replaced_by}" if event.replaced_by else "deleted"
             log.info("%s generation %d was %s: stopping its run", key.url(), key.generation, why)
-            self._runs[key].cancel()
+            run.task.cancel()
 
     def _freshly_claimed(self, event: Event) -> bool:
         """A claim's rewrite, as its notification shows it, still the claimer's to finish: no need to read it.
 
         Should the claimer not finish, a rescan finds the claimed config and completes it (see `Run`).
         """
-        if event.updated is None or not results.claimed_outcome(event.metadata):
+        if event.updated is None or not claim.claimed_outcome(event.metadata):
             return False
         return (datetime.now(timezone.utc) - event.updated).total_seconds() < self.settings.claim_grace
 
-    def _schedule(self, key: RunKey, found_at_start: bool = False) -> bool:
-        if key in self._runs or self._stopping.is_set():
+    def schedule(self, key: RunKey, found_at_start: bool = False) -> bool:
+        """Start a run of `key` unless one is in flight (or the node is stopping); True if started.
+
+        `found_at_start`: found by the node's first scan (or redelivered by the backlog), so a run this node
+        may have started before a crash.
+        """
+        if key in self._runs or self.stopping.is_set():
             return False
-        run = Run(key, self.settings, self.store, self.environments, self._notifier, self._finishing, self._slots,
-                  self, self.secrets, self.warm)
-        run.found_at_start = found_at_start
-        task = asyncio.create_task(run.execute(), name=f"run {key.url()}#{key.generation}")
-        self._runs[key] = task
-        self._run_objects[key] = run
-        task.add_done_callback(lambda _: (self._runs.pop(key, None), self._run_objects.pop(key, None),
-                                          self._finishing.discard(key)))
+        run = Run(key, self._context, found_at_start)
+        run.task = asyncio.create_task(run.execute(), name=f"run {key.url()}#{key.generation}")
+        self._runs[key] = run
+        run.task.add_done_callback(lambda _: self._runs.pop(key, None))
         return True
 
     def call_for_help(self, key: RunKey, wanted: int, wave: int) -> None:
-        """Publish a run's call for help in the background (see `joining`)."""
+        """Publish a run's call for help in the background (see `membership`)."""
         async def publish() -> None:
             try:
                 await self.events.call_for_help(key.bucket, key.name, key.generation, wanted, wave)

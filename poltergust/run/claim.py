@@ -10,16 +10,24 @@ claimed config can complete the move without knowing anything else.
 """
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Mapping
+from datetime import datetime, timezone
+from typing import Any, Callable, Literal, Mapping
 
 import yaml
 
-from .config import ConfigError, load_yaml
-from .layout import result_name
-from .storage import Blob, NotFound, ObjectInfo, ObjectStore, PreconditionFailed
+from poltergust.config import ConfigError, load_yaml
+from poltergust.layout import RunKey, pipeline_name, result_name
+from poltergust.node import metrics
+from poltergust.node.notify import Notifier
+from poltergust.run.log import RunLog
+from poltergust.storage import Blob, NotFound, ObjectInfo, ObjectStore, PreconditionFailed, StorageError
+
+log = logging.getLogger(__name__)
+
+ResultOutcome = Literal["done", "error"]
 
 OUTCOME_KEY = "poltergust-outcome"
 NODE_KEY = "poltergust-node"
@@ -30,7 +38,7 @@ YAML_TYPE = "application/yaml"
 
 @dataclass(frozen=True)
 class Result:
-    outcome: str  # "done" or "error"
+    outcome: ResultOutcome
     node: str
     started: datetime
     finished: datetime
@@ -129,6 +137,84 @@ async def complete(store: ObjectStore, claimed: ObjectInfo, body: bytes) -> bool
         return False
 
 
-def claimed_outcome(metadata: Mapping[str, str]) -> str | None:
+def claimed_outcome(metadata: Mapping[str, str]) -> ResultOutcome | None:
     outcome = metadata.get(OUTCOME_KEY)
-    return outcome if outcome in ("done", "error") else None
+    if outcome == "done" or outcome == "error":
+        return outcome
+    return None
+
+
+class Finish:
+    """This node's end of one run: claim it and write its result, refuse a config, or complete another's claim.
+
+    While it writes, the run is `finishing`: the claim's own notifications
+    (the config rewritten, then deleted) must not stop it halfway.
+    """
+
+    def __init__(self, key: RunKey, store: ObjectStore, node: str, claim_grace: float, notifier: Notifier,
+                 finishing_here: Callable[[RunKey], bool]) -> None:
+        self.key = key
+        self.store = store
+        self.node = node
+        self.claim_grace = claim_grace
+        self.notifier = notifier
+        self.finishing_here = finishing_here
+        """Whether one of this node's runs of the same config is writing its result right now."""
+        self.finishing = False
+
+    async def finish(self, config: Blob, result: Result, runlog: RunLog) -> None:
+        """Claim the run and write its result, unless another node did so first."""
+        key = self.key
+        self.finishing = True
+        try:
+            won = await finish(self.store, config, result)
+            if not won:
+                runlog.note("another node finished this run first (claim got HTTP 412); nothing to write")
+                log.info("%s: claim lost (HTTP 412): another node finished generation %d", key.url(), key.generation)
+                return
+            runlog.note(f"claimed the run; wrote {pipeline_name(key.name)}.{result.outcome}.yaml")
+            self._claimed(result)
+        except StorageError as exc:
+            runlog.note(f"could not write the result: {exc}; the config stays for the next scan")
+            log.error("%s: could not finish: %s", key.url(), exc)
+
+    async def refuse(self, config: Blob, reason: str) -> None:
+        """End a run that cannot even start (its config cannot be read) as an error, without running anything."""
+        now = datetime.now(timezone.utc)
+        result = Result("error", self.node, now, now, reason=reason, generation=self.key.generation)
+        log.error("%s", reason)
+        self.finishing = True
+        try:
+            if await finish(self.store, config, result):
+                self._claimed(result)
+        except StorageError as exc:
+            log.error("%s: could not write the error result: %s", self.key.url(), exc)
+
+    async def complete_claim(self, config: Blob) -> None:
+        """Complete a run another node claimed but did not finish (it may have crashed)."""
+        key = self.key
+        if self.finishing_here(key):
+            return  # this node's own claim, being completed right now
+        info = config.info
+        claimer = info.metadata.get(NODE_KEY, "?")
+        age = (datetime.now(timezone.utc) - info.updated).total_seconds()
+        if claimer != self.node and age < self.claim_grace:
+            return  # the claimer is most likely writing the result right now
+        log.info("%s: completing the run claimed by %s %.0fs ago", key.url(), claimer, age)
+        try:
+            if not await complete(self.store, info, config.data):
+                return  # the claimer (or another node) completed it meanwhile
+        except StorageError as exc:
+            log.error("%s: could not complete the claimed run: %s", key.url(), exc)
+            return
+        result = Result.from_document(config.data, info.metadata)
+        if result is not None:
+            self._claimed(result)
+
+    def _claimed(self, result: Result) -> None:
+        metrics.RUNS_CLAIMED.labels(result.outcome).inc()
+        log.info("%s: %s (claimed by this node)", self.key.url(), result.outcome)
+        self.notifier.send({
+            "pipeline_url": self.key.url(), "outcome": result.outcome, "node": result.node,
+            "started": result.started.isoformat(), "finished": result.finished.isoformat(), "reason": result.reason,
+        })
