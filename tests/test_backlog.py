@@ -214,7 +214,8 @@ def test_a_burst_of_fifty_configs_leaves_one_result_each_and_an_empty_backlog(
             refused = yaml.safe_dump({"environment": "x.yaml"})
             generations[name] = bucket.upload(f"pipeline/{name}.config.yaml", refused)
     wait_for(lambda: len(_peek(backlog)) == 50, 60, "all 50 messages in the backlog")
-    nodes = [start_node(name, *_flags(backlog)) for name in ("node-a", "node-b")]
+    # Not waiting for the nodes to be ready: sampling starts before they take work, so it sees the burst.
+    nodes = [start_node(name, *_flags(backlog), wait=False) for name in ("node-a", "node-b")]
     samples: list[tuple[int, int]] = []
 
     def sample() -> bool:

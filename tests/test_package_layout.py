@@ -101,3 +101,37 @@ def test_declared_dependencies_cover_what_the_code_uses() -> None:
     requirements = config["options"]["install_requires"].split()
     assert "uvloop>=0.18" in requirements
     assert "uvloop.run(" in (PACKAGE / "async_worker.py").read_text()
+
+
+def _package_map() -> str:
+    readme = (PACKAGE.parent / "README.md").read_text()
+    start = readme.index("### Inside the package")
+    return readme[start: readme.index("\n### ", start + 1)]
+
+
+def _mapped_modules(package_map: str) -> set[str]:
+    return {line.split()[0] for line in package_map.splitlines() if line.split() and line.split()[0].endswith(".py")}
+
+
+def test_the_readme_maps_every_module() -> None:
+    """The README's package map names every module with code (a room's docstring-only __init__ needs none)."""
+    mapped = _mapped_modules(_package_map())
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        tree = ast.parse(path.read_text())
+        docstring_only = len(tree.body) == 1 and ast.get_docstring(tree) is not None
+        if path.name == "__main__.py" or (path.name == "__init__.py" and (docstring_only or relative == "__init__.py")):
+            continue
+        if relative not in mapped:
+            missing.append(relative)
+    assert missing == [], f"modules missing from the README's 'Inside the package' map: {missing}"
+    assert not mapped - {path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")}, \
+        "the map names modules that do not exist"
+
+
+def test_the_map_check_sees_a_missing_module() -> None:
+    """The checker itself: a map without a module's line does not list it."""
+    package_map = _package_map()
+    assert "run/execute.py" in _mapped_modules(package_map)
+    assert "run/execute.py" not in _mapped_modules(package_map.replace("run/execute.py", "run/other"))
