@@ -135,3 +135,39 @@ def test_the_map_check_sees_a_missing_module() -> None:
     package_map = _package_map()
     assert "run/execute.py" in _mapped_modules(package_map)
     assert "run/execute.py" not in _mapped_modules(package_map.replace("run/execute.py", "run/other"))
+
+
+def test_every_imported_package_is_declared() -> None:
+    """A third-party import must come from a distribution setup.cfg declares (directly, not by luck).
+
+    Optional tools import from an extra (the dashboard's screenshot script: selenium, in `screenshot`).
+    """
+    import configparser
+    import re
+    import sys
+    from importlib.metadata import packages_distributions
+
+    config = configparser.ConfigParser()
+    config.read(PACKAGE.parent / "setup.cfg")
+    lines = [*config["options"]["install_requires"].split("\n"),
+             *(line for extra in config["options.extras_require"].values() for line in extra.split("\n"))]
+    declared = {re.split(r"[<>=!~\[ ;]", line, maxsplit=1)[0].lower().replace("_", "-")
+                for line in lines if line.strip()}
+    distributions = packages_distributions()
+    undeclared = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top == "poltergust":
+                    continue
+                owners = {dist.lower().replace("_", "-") for dist in distributions.get(top, [top])}
+                if not owners & declared:
+                    undeclared.add(f"{path.relative_to(PACKAGE)}: {name} ({', '.join(sorted(owners))})")
+    assert sorted(undeclared) == []

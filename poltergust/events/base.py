@@ -3,14 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Mapping, Protocol
+from typing import Any, Literal, Mapping, Protocol
+
+EventKind = Literal["finalize", "delete", "help"]
+"""A config generation written, gone (deleted, replaced or archived), or a call for help for its run."""
 
 
 @dataclass(frozen=True)
 class Event:
     """A change to one generation of one pipeline config."""
 
-    kind: str  # "finalize", "delete", or "help" (a node running it asks others to join)
+    kind: EventKind
     bucket: str
     """Bucket URL, as in `Location.bucket`."""
     name: str

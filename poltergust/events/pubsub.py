@@ -27,7 +27,7 @@ from google.cloud import pubsub_v1  # noqa: E402
 from poltergust.errors import PoltergustError
 from poltergust.node import metrics  # noqa: E402
 from poltergust.layout import CONFIG_SUFFIX, Location, is_config_name  # noqa: E402
-from poltergust.events.base import ClosingSource, Event  # noqa: E402
+from poltergust.events.base import ClosingSource, Event, EventKind  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ MAX_FILTER_BYTES = 256
 """Pub/Sub refuses longer filters; a node then filters by bucket only (it filters every message itself too)."""
 HELP = "POLTERGUST_HELP"
 """A node's call for help, published on the notification topic so that it reaches every node's subscription."""
-EVENT_KINDS = {"OBJECT_FINALIZE": "finalize", "OBJECT_DELETE": "delete", "OBJECT_ARCHIVE": "delete", HELP: "help"}
+EVENT_KINDS: dict[str, EventKind] = {"OBJECT_FINALIZE": "finalize", "OBJECT_DELETE": "delete", "OBJECT_ARCHIVE": "delete", HELP: "help"}
 """In a versioned bucket an overwritten or deleted config is archived, not deleted: the same to a node."""
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Collection, Mapping
+from typing import Any, Collection, Literal, Mapping
 from urllib.parse import quote
 
 import aiohttp
@@ -25,10 +25,13 @@ class SchedulerError(PoltergustError):
     """luigid did not answer as expected."""
 
 
+VerdictState = Literal["done", "failed", "busy", "stuck", "unknown"]
+"""done, failed, busy (tasks run, or wait to be taken), stuck (nothing can move), unknown (no graph)."""
+
+
 @dataclass(frozen=True)
 class Verdict:
-    state: str
-    """done, failed, busy (tasks run, or wait to be taken), stuck (nothing can move), unknown (no graph)."""
+    state: VerdictState
     running: int = 0
     takeable: int = 0
     """Pending tasks a worker of the pipeline could start right now."""

@@ -100,7 +100,7 @@ async def finish(store: ObjectStore, config: Blob, result: Result) -> bool:
     return await complete(store, claimed, body)
 
 
-async def claim(store: ObjectStore, config: Blob, body: bytes, outcome: str, node: str) -> ObjectInfo | None:
+async def claim(store: ObjectStore, config: Blob, body: bytes, outcome: ResultOutcome, node: str) -> ObjectInfo | None:
     """Try to become the one node that finishes `config`'s generation; None if another did (HTTP 412)."""
     token = uuid.uuid4().hex
     try:
