@@ -136,6 +136,16 @@ def test_a_wide_graph_spreads_over_nodes_that_answer_a_call_for_help(
     helpers = [n.node_name for n in nodes if "joining the run (call for help" in n.output()]
     assert len(callers) == 1 and helpers and callers[0] not in helpers, (callers, helpers)
     assert workers <= {callers[0], *helpers}
+    # Helpers are pure assistants: they take tasks without adding the graph to luigid again (no PENDING reports).
+    def final_logs() -> dict[str, str] | None:
+        logs = {name.rsplit("/", 1)[-1]: log.decode() for name, log in _run_logs(bucket, "wide").items()}
+        texts = {helper: logs.get(f"{helper}.log.txt", "") for helper in helpers}
+        return texts if all("run stopped on this node" in text or "finished locally" in text
+                            for text in texts.values()) else None
+
+    for text in wait_for(final_logs, 30, "the helpers' last log uploads").values():  # type: ignore[union-attr]
+        assert "poltergust assistant of root task Fan_" in text, text[-2000:]
+        assert not re.search(r"Informed scheduler that task\s+\S+\s+has status\s+PENDING", text), text[-2000:]
 
 
 def test_a_failed_reattach_is_retried_until_it_works(

@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from poltergust.config import EnvironmentSpec, PipelineConfig
+from poltergust.launch import assistant
 from poltergust.run.log import RunLog
 
 # Exit codes we ask luigi to use (luigi's defaults are all 0, which says nothing).
 OTHERS_RUNNING = 12  # tasks held by another worker (another node, or a vanished one)
-NOT_RUN = 11  # nothing left this worker may run, root not complete
+NOT_RUN = assistant.NOT_RUN  # nothing left this worker may run, root not complete
 MISSING_DATA = 20
 TASK_FAILED = 30
 SCHEDULING_ERROR = 35
-CRASHED = 40
+CRASHED = assistant.CRASHED
 RETCODE_OPTIONS = [
     "--retcode-already-running", str(OTHERS_RUNNING),
     "--retcode-not-run", str(NOT_RUN),
@@ -36,6 +37,8 @@ REASONS = {
     SCHEDULING_ERROR: "luigi could not schedule the tasks (complete() or requires() raised)",
     CRASHED: "luigi stopped with an error",
 }
+ASSISTANT = Path(assistant.__file__)
+"""The pure assistant a joining node runs (standard library and luigi only, run by the environment's python)."""
 ERROR_LINE = re.compile(r"^(?:[\w.]+(?:Error|Exception)|luigi\.[\w.]+|Traceback)\b.*")
 
 
@@ -76,12 +79,15 @@ def luigi_command(python: Path, config: PipelineConfig, scheduler_url: str, work
 
     The worker stays while its tasks wait on others (keep-alive) and asks for
     work every few tenths of a second, so a task freed by another node is
-    taken within a second. As an assistant it also takes tasks other workers
-    of the pipeline scheduled (those yielded from `run()`).
+    taken within a second. An `assistant` (a node that joined, on
+    `poltergust.luigid`) runs `launch/assistant.py` with the same arguments:
+    it takes tasks other workers of the pipeline scheduled without adding the
+    graph again.
     """
+    start = [str(python), str(ASSISTANT)] if assistant else [str(python), "-m", "luigi"]
     # --no-lock: nodes sharing a host, and re-runs, must not trip over luigi's per-host lock.
     return [
-        str(python), "-m", "luigi",
+        *start,
         "--module", config.task.module, config.task.name,
         *task_arguments(config.task.arguments),
         "--scheduler-url", scheduler_url,
@@ -89,8 +95,7 @@ def luigi_command(python: Path, config: PipelineConfig, scheduler_url: str, work
         "--log-level", "INFO",  # a kept-alive worker says at DEBUG, several times a second, that it waits
         "--worker-id", worker,
         "--worker-keep-alive", "--worker-wait-interval", "0.2", "--worker-wait-jitter", "0.3",
-        *(["--assistant"] if assistant else []),
-        *RETCODE_OPTIONS,
+        *(["--assistant"] if assistant else RETCODE_OPTIONS),  # an assistant's exit codes are its own
     ]
 
 

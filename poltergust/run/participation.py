@@ -26,13 +26,16 @@ from poltergust.backoff import Backoff
 from poltergust.luigid.graph import Luigid, SchedulerError, Verdict
 from poltergust.run.log import RunLog
 from poltergust.run.command import NOT_RUN, OTHERS_RUNNING, Outcome, exit_reason
+from poltergust.launch import assistant
 from poltergust.launch.sandbox import Launcher
 from poltergust.launch.processes import run_streaming
 
 log = logging.getLogger(__name__)
 
-ROOT_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status")
-"""luigi's first such line is about the root task: the one place its task id shows before it runs."""
+ROOT_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status|"
+                       + re.escape(assistant.ROOT_PREFIX) + r"(\S+)")
+"""luigi's first such line is about the root task: the one place its task id shows before it runs (an assistant,
+which schedules nothing, says it itself)."""
 FAILED_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status\s+FAILED")
 WATCH_SECONDS = 1.0
 """How often a node asks luigid about its pipeline while it takes part (one request each time)."""
@@ -125,7 +128,7 @@ class Participation:
         def sink(line: str) -> None:
             self.runlog.write(line)
             if self.root is None and (match := ROOT_LINE.search(line)):
-                self.root = match.group(1)
+                self.root = match.group(1) or match.group(2)
             if match := FAILED_LINE.search(line):
                 self.failed_here.add(match.group(1))
                 failure.set()  # look now: the scheduler may queue it again within a second
