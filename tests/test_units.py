@@ -20,7 +20,7 @@ from poltergust.run.log import RunLog
 from poltergust.run.command import task_arguments
 from poltergust.secret_env import SecretEnv
 from poltergust.settings import Settings
-from poltergust.storage import PreconditionFailed, StorageError
+from poltergust.storage import Blob, ObjectInfo, PreconditionFailed, StorageError
 from poltergust.storage.local import LocalStore
 
 SOURCE = "gs://b/pipeline/x.config.yaml"
@@ -172,9 +172,10 @@ async def test_a_storage_error_reading_the_environment_file_is_masked_in_the_rea
     context = RunContext(settings, lambda bucket: Unreadable(), Environments(tmp_path / "envs"),  # type: ignore
                          Notifier(None), SecretEnv({}), asyncio.Semaphore(1), LoneNode())
     run = Run(RunKey("gs://b", "pipeline/x.config.yaml", 1), context)
-    config = parse_pipeline(b"environment: gs://b/environment/e.yaml\ntask: {name: T, module: m}\n", SOURCE)
+    config = b"environment: gs://b/environment/e.yaml\ntask: {name: T, module: m}\n"
     runlog = RunLog(tmp_path / "run.log", [secret])
-    outcome = await run._attempt(config, runlog, None)
+    outcome = await run._outcome(Blob(ObjectInfo("pipeline/x.config.yaml", 1, datetime.now(timezone.utc)), config),
+                                 runlog)
     assert not outcome.ok
     assert outcome.reason == "cannot read the environment file gs://b/environment/e.yaml: HTTP 403: credentials " \
                              "**** were refused"

@@ -186,27 +186,21 @@ class Run:
             return Outcome(False, reason)
 
     async def _with_retries(self, config: PipelineConfig, runlog: RunLog, uploaded: datetime) -> Outcome:
-        """Run the pipeline, trying again up to the config's `retries` times after a failure."""
-        outcome = await self._attempt(config, runlog, uploaded)
-        for retry in range(1, config.retries + 1):
-            if outcome.ok:
-                break
-            runlog.note(f"run failed ({outcome.reason}); trying again, retry {retry} of {config.retries}")
-            outcome = await self._attempt(config, runlog, None)
-        return outcome
+        """Run the pipeline, trying again up to the config's `retries` times after a failure.
 
-    async def _attempt(self, config: PipelineConfig, runlog: RunLog, uploaded: datetime | None) -> Outcome:
-        """One try: an environment that cannot be read or built ends it as a failure, otherwise luigi decides."""
-        try:
-            return await self._run_luigi(config, runlog, uploaded)
-        except RunFailed as exc:
-            if isinstance(exc, ConfigError):
-                raise  # the config itself is wrong: no retry can help
-            runlog.note(f"error: {exc}")
-            return Outcome(False, runlog.mask(str(exc)))
+        A wrong config (`ConfigError`) fails at once: trying again cannot help.
+        """
+        for attempt in range(config.retries + 1):
+            try:
+                return await self._run_luigi(config, runlog, uploaded if attempt == 0 else None)
+            except RunFailed as exc:
+                if isinstance(exc, ConfigError) or attempt == config.retries:
+                    raise
+                runlog.note(f"run failed ({exc}); trying again, retry {attempt + 1} of {config.retries}")
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _run_luigi(self, config: PipelineConfig, runlog: RunLog, uploaded: datetime | None) -> Outcome:
-        """Read the environment, get it built, and run luigi in it until luigi settles."""
+        """Read the environment, get it built, and run luigi in it until the pipeline is done; else `RunFailed`."""
         key, context = self.key, self.context
         env_bucket, env_name = self._environment_object(config.environment)
         try:
@@ -236,9 +230,12 @@ class Run:
                 env["HOME"] = str(cwd)
             warm = context.warm if config.warm else None
             start = warm.launcher(env_path, spec, config, runlog.note) if warm is not None else spawner(run_as)
-            return await Participation(command, env=env, cwd=cwd, runlog=runlog, scheduler_url=scheduler,
-                                       outage_limit=self.settings.outage_limit, assistant=assistant,
-                                       recruit=self.membership.recruit, start=start).run()
+            outcome = await Participation(command, env=env, cwd=cwd, runlog=runlog, scheduler_url=scheduler,
+                                          outage_limit=self.settings.outage_limit, assistant=assistant,
+                                          recruit=self.membership.recruit, start=start).run()
+        if not outcome.ok:
+            raise RunFailed(outcome.reason)
+        return outcome
 
     def _environment_object(self, url: str) -> tuple[str, str]:
         allowed = self.settings.environment_prefixes
