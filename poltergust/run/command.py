@@ -74,17 +74,18 @@ def worker_id(tag: str, node: str) -> str:
 
 
 def luigi_command(python: Path, config: PipelineConfig, scheduler_url: str, worker: str,
-                  assistant: bool = False) -> list[str]:
+                  assistant: bool = False, pure: bool = False) -> list[str]:
     """`python -m luigi ...` for the config's root task, as one worker of the pipeline.
 
     The worker stays while its tasks wait on others (keep-alive) and asks for
     work every few tenths of a second, so a task freed by another node is
-    taken within a second. An `assistant` (a node that joined, on
-    `poltergust.luigid`) runs `launch/assistant.py` with the same arguments:
-    it takes tasks other workers of the pipeline scheduled without adding the
-    graph again.
+    taken within a second. An `assistant` (on `poltergust.luigid`) also takes
+    tasks other workers of the pipeline scheduled, such as those yielded from
+    `run()`. A `pure` assistant (a node that answered a call for help, so the
+    graph is scheduled already) runs `launch/assistant.py` with the same
+    arguments: it takes free tasks without adding the graph again.
     """
-    start = [str(python), str(ASSISTANT)] if assistant else [str(python), "-m", "luigi"]
+    start = [str(python), str(ASSISTANT)] if pure else [str(python), "-m", "luigi"]
     # --no-lock: nodes sharing a host, and re-runs, must not trip over luigi's per-host lock.
     return [
         *start,
@@ -95,7 +96,8 @@ def luigi_command(python: Path, config: PipelineConfig, scheduler_url: str, work
         "--log-level", "INFO",  # a kept-alive worker says at DEBUG, several times a second, that it waits
         "--worker-id", worker,
         "--worker-keep-alive", "--worker-wait-interval", "0.2", "--worker-wait-jitter", "0.3",
-        *(["--assistant"] if assistant else RETCODE_OPTIONS),  # an assistant's exit codes are its own
+        *(["--assistant"] if assistant else []),
+        *([] if pure else RETCODE_OPTIONS),  # a pure assistant's exit codes are its own
     ]
 
 

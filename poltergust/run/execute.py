@@ -219,7 +219,8 @@ class Run:
         scheduler = self.settings.scheduler_url
         assistant = not self.membership.started_here and await pipeline_assistants(scheduler)
         command = luigi_command(env_path / "bin" / "python", config, scheduler,
-                                worker_id(run_tag(key), self.settings.node_name), assistant=assistant)
+                                worker_id(run_tag(key), self.settings.node_name), assistant=assistant,
+                                pure=assistant and self.membership.helping)
         env = luigi_environ(context.secrets.without_secrets(), spec, config,
                             node_extra_environ(self.settings.node_name, key.url(), key.generation))
         if uploaded is not None:

@@ -152,12 +152,14 @@ class Membership:
         self.found_at_start = found_at_start
         """Found by the node's first scan: this node may have started it before a crash."""
         self.taking_part = False
+        self.helping = False
+        """Took a helper place: the graph is scheduled already, this node's luigi only takes free tasks."""
         self._calls: asyncio.Queue[Event] = asyncio.Queue()
         self._recruiting: Recruiting | None = None
 
     @property
     def started_here(self) -> bool:
-        """This node started the run (and so recruits); joined nodes run luigi as assistants."""
+        """This node started the run (and so recruits); other nodes run luigi as assistants."""
         return self._recruiting is not None
 
     def hear(self, event: Event) -> None:
@@ -197,6 +199,7 @@ class Membership:
                 continue  # no room on this node: another node will answer
             if await take_helper_place(self.store, key, node, call.wave, call.wanted):
                 log.info("%s: joining the run (call for help %d)", key.url(), call.wave)
+                self.helping = True
                 async with self.slots:
                     await self._take_part(take_part)
                 return
