@@ -173,6 +173,7 @@ async def test_a_claim_whose_answer_was_lost_is_this_nodes_and_completes(gcs) ->
     claimed = await claim(store, config, b"claimed", "done", "node-a")
     assert fake.lost == 1
     assert claimed is not None and claimed.generation != generation and claimed.metadata[OUTCOME_KEY] == "done"
+    assert await claim(store, config, b"claimed", "done", "node-b") is None, "another node's claim still loses"
 
 
 async def test_a_config_removal_whose_answer_was_lost_is_this_nodes(gcs) -> None:
