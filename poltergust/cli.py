@@ -17,7 +17,7 @@ from poltergust import client
 from poltergust.client import CLI_RETRY_SECONDS, Pipeline, UsageError
 from poltergust.config import ConfigError
 from poltergust.layout import Location
-from poltergust.run.log_index import latest, node_logs
+from poltergust.run.log_index import latest, node_logs, read_log
 from poltergust.storage import ObjectStore, StorageError, open_store
 
 
@@ -92,14 +92,14 @@ async def logs(target: Location, name: str, node: str | None, follow: bool) -> i
     async with open_store(target.bucket, CLI_RETRY_SECONDS) as store:
         while True:
             found = latest(await node_logs(store, config_name))
-            wanted = {log.node: log.info for log in found if node in (None, log.node)}
-            for label, info in wanted.items():
-                data = (await store.read(info.name)).data
-                offset = offsets.get(info.name, 0)
-                if len(data) > offset:
-                    for line in data[offset:].decode(errors="replace").splitlines():
+            wanted = {log.node: log for log in found if node in (None, log.node)}
+            for label, node_log in wanted.items():
+                offset = offsets.get(node_log.info.name, 0)
+                data = await read_log(store, node_log.parts, offset)
+                if data:
+                    for line in data.decode(errors="replace").splitlines():
                         print(f"[{label}] {line}" if len(wanted) > 1 or follow else line, flush=True)
-                    offsets[info.name] = len(data)
+                    offsets[node_log.info.name] = offset + len(data)
             pipeline = (await client.pipelines(store, target, name)).get(name)
             finished = pipeline is not None and pipeline.state in ("done", "error")
             if not follow or finished:

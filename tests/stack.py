@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -333,14 +334,54 @@ class Node(Server):
         return "ready: subscribed" in self.output()
 
 
+class Faults:
+    """Storage faults a proxy injects, as Google's retry conformance tests do; seeded, so a run can be repeated.
+
+    A `refuse` fraction of requests is never forwarded (the connection is
+    reset, or 503 answers); a `lose` fraction of the writes that `writes`
+    selects is forwarded, takes effect, and is then answered 503: the answer is lost.
+    """
+
+    WRITES = ("POST", "PUT", "PATCH", "DELETE")
+
+    def __init__(self, refuse: float = 0.0, lose: float = 0.0, seed: int = 0,
+                 writes: Callable[[str, str, bytes], bool] = lambda method, path, body: True) -> None:
+        import random
+        import threading
+
+        self.refuse, self.lose, self.writes = refuse, lose, writes
+        self.refused = self.lost = 0
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def before(self) -> str | None:
+        """"reset" or "503" to refuse this request without forwarding it; None to forward it."""
+        with self._lock:
+            if self._random.random() >= self.refuse:
+                return None
+            self.refused += 1
+            return self._random.choice(("reset", "503"))
+
+    def after(self, method: str, path: str, body: bytes) -> bool:
+        """Whether to lose the answer to this forwarded request (a write that took effect)."""
+        if method not in self.WRITES or not self.writes(method, path, body):
+            return False
+        with self._lock:
+            lost = self._random.random() < self.lose
+            self.lost += lost
+            return lost
+
+
 class GatedProxy:
     """An HTTP proxy in front of the GCS emulator that holds back chosen requests until released.
 
     A held request whose client hangs up meanwhile is dropped, not forwarded,
-    exactly as if the client's process had never sent it.
+    exactly as if the client's process had never sent it. With `faults`, it
+    also refuses requests and loses answers to writes (see `Faults`).
     """
 
-    def __init__(self, upstream: str, hold: Callable[[str, str, bytes], bool]) -> None:
+    def __init__(self, upstream: str, hold: Callable[[str, str, bytes], bool] = lambda method, path, body: False,
+                 faults: Faults | None = None) -> None:
         import http.client
         import select
         import threading
@@ -351,6 +392,7 @@ class GatedProxy:
         """Set once a request has been held back."""
         self.dropped = 0
         self._released = threading.Event()
+        self.faults = faults
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -363,8 +405,21 @@ class GatedProxy:
                 readable, _, _ = select.select([self.connection], [], [], 0)
                 return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
 
+            def _refuse(self, how: str) -> None:
+                if how == "reset":  # close with RST: the client sees its connection reset
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
+                self.send_response(503, "Service Unavailable")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def _forward(self) -> None:
                 body = self._body()
+                refusal = faults.before() if faults else None
+                if refusal:
+                    self._refuse(refusal)
+                    return
                 if hold(self.command, self.path, body):
                     proxy.held.set()
                     proxy._released.wait(120)
@@ -382,6 +437,9 @@ class GatedProxy:
                     data = response.read()
                 finally:
                     upstream_connection.close()
+                if faults and faults.after(self.command, self.path, body):
+                    self._refuse("503")
+                    return
                 self.send_response(response.status, response.reason)
                 for key, value in response.getheaders():
                     if key.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"):

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from poltergust import layout
 from poltergust.node.heartbeat import Heartbeat, read_heartbeats, version
+from poltergust.run.log_index import log_parts, read_log
 from poltergust.storage import NotFound, ObjectStore, StorageError, open_store
 from poltergust.dashboard import charts
 from poltergust.dashboard.details import DetailsReader
@@ -186,16 +187,18 @@ def create_app(dashboard: Dashboard) -> web.Application:
         if not NODE_NAME.fullmatch(node) or not pipeline_name or "/" in pipeline_name:
             raise web.HTTPBadRequest(text="not a node or pipeline name")
         name = f"{layout.log_prefix(where.config(pipeline_name), generation)}{node}.log.txt"
+        store = dashboard.stores[where.bucket]
         try:
-            data = (await dashboard.stores[where.bucket].read(name)).data
+            parts = await log_parts(store, name)
+            reset = offset > sum(part.size for part in parts)
+            start = 0 if reset else offset
+            data = await read_log(store, parts, start)
         except NotFound:
             return web.json_response({"text": "", "offset": 0, "reset": False})
         except StorageError as exc:
             raise web.HTTPServiceUnavailable(text=str(exc)) from None
-        reset = offset > len(data)
-        start = 0 if reset else offset
-        end = data.rfind(b"\n", start) + 1 or start
-        return web.json_response({"text": data[start:end].decode("utf-8", errors="replace"), "offset": end,
+        end = data.rfind(b"\n") + 1
+        return web.json_response({"text": data[:end].decode("utf-8", errors="replace"), "offset": start + end,
                                   "reset": reset})
 
     app.router.add_get("/", overview)

@@ -19,8 +19,8 @@ import aiohttp
 
 from poltergust import layout
 from poltergust.config import ConfigError, TaskSpec, parse_pipeline
-from poltergust.run.log_index import NodeLog, node_logs
-from poltergust.storage import NotFound, ObjectStore, StorageError
+from poltergust.run.log_index import NodeLog, node_logs, read_log
+from poltergust.storage import NotFound, ObjectInfo, ObjectStore, StorageError
 from poltergust.dashboard.pipelines import LruCache, Pipeline, gather_limited, group, section_of
 
 MAX_GENERATIONS = 20
@@ -44,6 +44,8 @@ class NodeRun:
     """done, error or stopped; None while it goes on."""
     claimed: bool
     """This node wrote the result."""
+    parts: tuple[ObjectInfo, ...] = ()
+    """The log's parts (see `log_index`)."""
 
 
 @dataclass
@@ -135,7 +137,7 @@ class DetailsReader:
         details.shown = next((run for run in details.runs if run.generation == generation), None) \
             or (details.runs[0] if details.runs else None)
         if details.shown is not None:
-            texts = await gather_limited([lambda n=n: self._text(store, n.object_name) for n in details.shown.nodes])
+            texts = await gather_limited([lambda n=n: self._text(store, n.parts) for n in details.shown.nodes])
             details.logs = {n.node: text for n, text in zip(details.shown.nodes, texts)}
         if self.scheduler_url and details.task is not None:
             details.luigi_url = await self.luigi_link(details.task)
@@ -148,27 +150,32 @@ class DetailsReader:
         runs = {generation: Run(generation, [], generation == current) for generation in generations}
         for log, (began, outcome, claimed) in zip(wanted, summaries):
             runs[log.generation].nodes.append(
-                NodeRun(log.node, log.info.name, log.info.updated, began, outcome, claimed))
+                NodeRun(log.node, log.info.name, log.updated, began, outcome, claimed, log.parts))
         return [runs[generation] for generation in generations]
 
     async def _summary(self, store: ObjectStore, log: NodeLog) -> tuple[datetime | None, str | None, bool]:
-        key = (log.info.name, log.info.generation)
+        key = (log.parts[-1].name, log.parts[-1].generation)  # the part a node writes to: the only one to change
         summary = self._summaries.get_fresh(key)
         if summary is None:
-            summary = summarise((await self._text(store, log.info.name))[0])
+            summary = summarise((await self._text(store, log.parts))[0])
             self._summaries.put(key, summary)
         return summary
 
-    async def _text(self, store: ObjectStore, name: str) -> tuple[str, int]:
-        """The log's last `MAX_SHOWN` bytes up to its last complete line, and where that line ends."""
+    async def _text(self, store: ObjectStore, parts: tuple[ObjectInfo, ...]) -> tuple[str, int]:
+        """The log's last `MAX_SHOWN` bytes up to its last complete line, and where that line ends (in the whole log).
+
+        Only the parts holding those bytes are read.
+        """
+        offset = max(0, sum(part.size for part in parts) - MAX_SHOWN - 1)
         try:
-            data = (await store.read(name)).data
+            data = await read_log(store, parts, offset)
         except StorageError as exc:
-            return f"(cannot read {name}: {exc})\n", 0
+            return f"(cannot read {parts[0].name}: {exc})\n", 0
         end = data.rfind(b"\n") + 1
         start = max(0, end - MAX_SHOWN)
-        start = data.find(b"\n", start - 1) + 1 if start else 0
-        return data[start:end].decode("utf-8", errors="replace"), end
+        if offset + start:  # not the log's first byte: begin at the next line
+            start = data.find(b"\n", max(0, start - 1)) + 1
+        return data[start:end].decode("utf-8", errors="replace"), offset + end
 
     async def _document(self, details: Details, store: ObjectStore, location: layout.Location, name: str,
                         generation: int) -> None:

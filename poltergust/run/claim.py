@@ -6,12 +6,13 @@ The winner is the node whose conditional rewrite of `NAME.config.yaml`
 else gets HTTP 412 and stops quietly. The rewritten config already holds the
 result document and says which outcome it is, so if the winner dies before
 writing `NAME.done.yaml` / `NAME.error.yaml`, any node that later finds the
-claimed config can complete the move without knowing anything else.
+claimed config can complete the move without knowing anything else. A winner
+whose answer was lost is still the winner: the store's retry recognises its
+own claim, and its own removal of the config (see `storage.base`).
 """
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal, Mapping
@@ -31,8 +32,6 @@ ResultOutcome = Literal["done", "error"]
 
 OUTCOME_KEY = "poltergust-outcome"
 NODE_KEY = "poltergust-node"
-TOKEN_KEY = "poltergust-claim"
-"""A token unique to one claim attempt: a retried claim whose first try went through finds its own token."""
 YAML_TYPE = "application/yaml"
 
 
@@ -102,19 +101,13 @@ async def finish(store: ObjectStore, config: Blob, result: Result) -> bool:
 
 async def claim(store: ObjectStore, config: Blob, body: bytes, outcome: ResultOutcome, node: str) -> ObjectInfo | None:
     """Try to become the one node that finishes `config`'s generation; None if another did (HTTP 412)."""
-    token = uuid.uuid4().hex
     try:
         return await store.write(
             config.info.name, body, if_generation_match=config.info.generation,
-            metadata={OUTCOME_KEY: outcome, NODE_KEY: node, TOKEN_KEY: token}, content_type=YAML_TYPE,
+            metadata={OUTCOME_KEY: outcome, NODE_KEY: node}, content_type=YAML_TYPE,
         )
     except PreconditionFailed:
-        # A retried request whose first attempt went through also ends here: then the claim is ours.
-        try:
-            current = await store.stat(config.info.name)
-        except NotFound:
-            return None
-        return current if current.metadata.get(TOKEN_KEY) == token else None
+        return None
 
 
 async def complete(store: ObjectStore, claimed: ObjectInfo, body: bytes) -> bool:
@@ -167,13 +160,18 @@ class Finish:
         key = self.key
         self.finishing = True
         try:
-            won = await finish(self.store, config, result)
-            if not won:
+            body = result_document(config.data, result)
+            claimed = await claim(self.store, config, body, result.outcome, result.node)
+            if claimed is None:
                 runlog.note("another node finished this run first (claim got HTTP 412); nothing to write")
                 log.info("%s: claim lost (HTTP 412): another node finished generation %d", key.url(), key.generation)
                 return
+            removed = await complete(self.store, claimed, body)
             runlog.note(f"claimed the run; wrote {pipeline_name(key.name)}.{result.outcome}.yaml")
-            self._claimed(result)
+            if removed:
+                self._claimed(result)
+            else:  # completed on this node's behalf meanwhile, or the config was submitted again
+                log.info("%s: claimed; its config was removed or replaced meanwhile", key.url())
         except StorageError as exc:
             runlog.note(f"could not write the result: {exc}; the config stays for the next scan")
             log.error("%s: could not finish: %s", key.url(), exc)

@@ -2,7 +2,8 @@
 
 It holds what the user needs to see (environment build output, luigi's own
 output, the node's decisions) and never a secret: every line is masked before
-it is written.
+it is written. The bucket's copy is kept in parts (see `log_index`), so a
+refresh uploads only the part that grew.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from poltergust.masking import mask
+from poltergust.run.log_index import PART_SIZE, part_name
 from poltergust.storage import ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
@@ -55,15 +57,23 @@ class RunLog:
     def lines(self) -> list[str]:
         return list(self._tail)
 
-    def read(self) -> bytes:
-        return self.path.read_bytes()
+    def read(self, start: int = 0) -> bytes:
+        """The log from byte `start` on."""
+        with self.path.open("rb") as handle:
+            handle.seek(start)
+            return handle.read()
 
     def close(self) -> None:
         self._file.close()
 
 
 class LogMirror:
-    """Keeps a run log's copy in the bucket: shown at once when a run starts here, then refreshed rarely."""
+    """Keeps a run log's copy in the bucket: shown at once when a run starts here, then refreshed rarely.
+
+    The copy is in parts of `PART_SIZE` bytes; a full part is uploaded once,
+    so a refresh writes only the last part (and any filled since), never
+    the megabytes before it.
+    """
 
     def __init__(self, runlog: RunLog, store: ObjectStore, name: str, interval: float) -> None:
         self.runlog = runlog
@@ -71,6 +81,11 @@ class LogMirror:
         self.name = name
         self.interval = interval
         """Seconds between refreshes while the run goes on: every write costs a request."""
+        self._full = 0
+        """Parts uploaded full: never written again."""
+        self._last = -1
+        """Bytes of the part after those as last uploaded (-1: not yet)."""
+        self._lock = asyncio.Lock()
 
     async def keep_up(self) -> None:
         """Upload the log whenever it changed, every `interval` seconds, until cancelled."""
@@ -82,8 +97,22 @@ class LogMirror:
             await asyncio.sleep(self.interval)
 
     async def upload(self) -> None:
-        """Upload the whole log now; a failure is logged, never raised: the run matters more than its log."""
-        try:
-            await self.store.write(self.name, self.runlog.read())
-        except (StorageError, OSError) as exc:
-            log.warning("could not upload the log %s: %s", self.name, exc)
+        """Upload what is new now; a failure is logged, never raised: the run matters more than its log."""
+        async with self._lock:
+            try:
+                await self._upload()
+            except (StorageError, OSError) as exc:
+                log.warning("could not upload the log %s: %s", self.name, exc)
+
+    async def _upload(self) -> None:
+        new = await asyncio.to_thread(self.runlog.read, self._full * PART_SIZE)
+        if not new and self._full:
+            return  # every byte is in full parts already
+        chunks = [new[start:start + PART_SIZE] for start in range(0, len(new), PART_SIZE)] or [b""]
+        for chunk in chunks:
+            if len(chunk) != self._last:  # the log only grows: the same length is the same bytes
+                await self.store.write(part_name(self.name, self._full), chunk)
+            if len(chunk) < PART_SIZE:
+                self._last = len(chunk)
+                return
+            self._full, self._last = self._full + 1, -1

@@ -11,7 +11,9 @@ one extra storage write per node, and luigid hears only from nodes that
 take part. A starter refreshes its marker; a marker left stale by a dead
 node is taken over (a conditional rewrite) by whichever node notices first.
 How long "stale" is, `--start-stale-after`, must be the same on every node:
-the starter refreshes three times per window.
+the starter refreshes three times per window. Each of these writes carries
+the writer's token, so a node whose answer was lost still wins its own write
+(see `storage.base`): a lost answer never leaves a run to nobody.
 """
 from __future__ import annotations
 

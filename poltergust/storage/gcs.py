@@ -2,7 +2,9 @@
 
 Transient faults (5xx, 429, timeouts, dropped connections) are retried with
 backoff for a bounded time, so a node rides out a storage blip instead of
-failing a run; answers (404, 412) are never retried.
+failing a run; answers (404, 412) are never retried. An answer that follows a
+failure which may have taken effect (timeout, reset, 5xx) may be to the first
+attempt itself: conditional writes and deletes then settle it (see `base`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ from gcloud.aio.storage import Storage as _GcsClient
 
 from poltergust.backoff import Backoff
 from poltergust.node.metrics import STORAGE_ERRORS
-from poltergust.storage.base import Blob, ClosingStore, NotFound, ObjectInfo, PreconditionFailed, StorageError, TooLarge
+from poltergust.storage.base import (
+    Blob, ClosingStore, NotFound, ObjectInfo, PreconditionFailed, StorageError, TooLarge, conditional_metadata,
+    own_write,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,19 +111,32 @@ class GcsStore(ClosingStore):
         metadata: Mapping[str, str] | None = None, content_type: str = "text/plain",
     ) -> ObjectInfo:
         parameters = {} if if_generation_match is None else {"ifGenerationMatch": str(if_generation_match)}
+        token = None
+        if if_generation_match is not None:
+            metadata, token = conditional_metadata(metadata)
         # gcloud-aio turns "Content-Type" into the resource's "contentType".
         resource: dict[str, Any] = {"Content-Type": content_type, "metadata": dict(metadata or {})}
-        result = await self._call(
-            lambda: self._client.upload(
-                self.bucket, name, data, content_type=content_type,
-                parameters=dict(parameters), metadata=resource, force_resumable_upload=False,
+        try:
+            result = await self._call(
+                lambda: self._client.upload(
+                    self.bucket, name, data, content_type=content_type,
+                    parameters=dict(parameters), metadata=resource, force_resumable_upload=False,
+                )
             )
-        )
+        except PreconditionFailed as refused:
+            if token is None or not refused.after_lost_answer:
+                raise
+            return await own_write(self, name, token, refused)
         return _info(result)
 
     async def delete(self, name: str, *, if_generation_match: int | None = None) -> None:
         params = {} if if_generation_match is None else {"ifGenerationMatch": str(if_generation_match)}
-        await self._call(lambda: self._client.delete(self.bucket, name, params=dict(params)))
+        try:
+            await self._call(lambda: self._client.delete(self.bucket, name, params=dict(params)))
+        except NotFound as gone:
+            if not gone.after_lost_answer:
+                raise
+            log.info("storage: %s is gone after a retried delete (its first answer was lost)", name)
 
     async def close(self) -> None:
         await self._session.close()
@@ -140,13 +158,16 @@ async def retry_transient(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + retry_for
     backoff = Backoff(first=0.2, cap=10.0)
+    lost_answer = False
     while True:
         try:
             return await operation()
         except Exception as exc:  # noqa: BLE001 -- classified just below
             error = translate(exc)
             if isinstance(error, (NotFound, PreconditionFailed)):
+                error.after_lost_answer = lost_answer
                 raise error from exc  # answers, not faults
+            lost_answer = lost_answer or _may_have_taken_effect(exc)
             STORAGE_ERRORS.labels(type(exc).__name__).inc()
             delay = backoff.next()
             if not _is_transient(exc) or loop.time() + delay > deadline:
@@ -159,6 +180,13 @@ def _is_transient(exc: Exception) -> bool:
     if isinstance(exc, aiohttp.ClientResponseError):
         return exc.status in (408, 429) or exc.status >= 500
     return isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError))
+
+
+def _may_have_taken_effect(exc: Exception) -> bool:
+    """Whether a failed request may have been carried out, unanswered: all but refused connections and 408/429."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return exc.status not in (408, 429)
+    return not isinstance(exc, aiohttp.ClientConnectorError)
 
 
 def _translate(exc: Exception) -> Exception:

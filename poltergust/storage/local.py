@@ -8,7 +8,9 @@ exactly like nodes sharing a bucket:
   own writes make it strictly increasing);
 - conditional writes and deletes hold an exclusive lock on the object while
   they compare generations, so two nodes cannot both claim a run;
-- custom metadata lives in a hidden side file named after the generation.
+- custom metadata lives in a hidden side file named after the generation;
+- conditional writes carry the writer's token, as on GCS; a local call is
+  never retried, so it never meets its own earlier write (see `base`).
 
 Events for such a directory come from the file system: see `events.local`.
 """
@@ -27,7 +29,9 @@ from pathlib import Path
 from typing import AsyncIterator, Mapping
 
 from poltergust.locks import locked
-from poltergust.storage.base import Blob, ClosingStore, NotFound, ObjectInfo, PreconditionFailed, TooLarge
+from poltergust.storage.base import (
+    Blob, ClosingStore, NotFound, ObjectInfo, PreconditionFailed, TooLarge, conditional_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,8 @@ class LocalStore(ClosingStore):
         self, name: str, data: bytes, *, if_generation_match: int | None = None,
         metadata: Mapping[str, str] | None = None, content_type: str = "text/plain",
     ) -> ObjectInfo:
+        if if_generation_match is not None:
+            metadata, _ = conditional_metadata(metadata)
         return await asyncio.to_thread(self._write, name, data, if_generation_match, metadata)
 
     def _write(self, name: str, data: bytes, match: int | None, metadata: Mapping[str, str] | None) -> ObjectInfo:
