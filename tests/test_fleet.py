@@ -44,21 +44,30 @@ def test_two_nodes_share_one_pipeline_and_exactly_one_finishes_it(
 
 
 @pytest.mark.parametrize("backend", ["gcs"], indirect=True)
-def test_nodes_leave_a_notified_claim_to_its_claimer_without_reading_the_config(
+def test_a_finished_pipeline_costs_each_node_three_messages(
     start_node, bucket, environment_yaml: str, tmp_path: Path,
 ) -> None:
-    """The claim's rewrite announces a new generation; its notification shows the claim, so nobody reads it."""
+    """The claim is a marker outside the notified prefix: each node hears the upload, the result and the delete.
+
+    Two one-task pipelines, one after the other; once every node has heard the
+    second one's config removed, the first one's messages are all in too.
+    """
     ports = {name: free_port() for name in ("node-a", "node-b")}
-    nodes = [start_node(name, "--http-port", str(port)) for name, port in ports.items()]
-    submit(bucket, "claimed", {"name": "Touch", "module": "poltergust_testpipes", "out-dir": str(tmp_path / "c")},
-           environment_yaml)
-    done = result(bucket, "claimed", "done")
-    wait_for(lambda: all(scrape(port).get("poltergust_claims_left_to_claimer_total") == 1 for port in ports.values()),
-             30, "both nodes to hear the claim and leave it to its claimer")
-    wait_for(lambda: not bucket.exists("pipeline/claimed.config.yaml"), 10, "the config to be removed")
-    for node in nodes:
-        assert "completing the run claimed by" not in node.output()
-    assert _results(bucket, "claimed") == ["pipeline/claimed.done.yaml"] and done["poltergust"]["outcome"] == "done"
+    nodes = [start_node(name, "--http-port", str(port), "--log-level", "DEBUG") for name, port in ports.items()]
+    for name in ("first", "second"):
+        submit(bucket, name, {"name": "Touch", "module": "poltergust_testpipes", "out-dir": str(tmp_path / name)},
+               environment_yaml)
+        result(bucket, name, "done")
+    removed = f"event delete {bucket.url('pipeline/second.config.yaml')}#"
+    wait_for(lambda: all(removed in node.output() for node in nodes), 30, "every node to hear the second removal")
+    for port in ports.values():
+        heard = {labels: value for labels, value in scrape(port).items()
+                 if labels.startswith("poltergust_events_received_total{") and 'scope="watched"' in labels and value}
+        assert heard == {'poltergust_events_received_total{kind="finalize",scope="watched"}': 4.0,
+                         'poltergust_events_received_total{kind="delete",scope="watched"}': 2.0}, heard
+    for name in ("first", "second"):
+        assert _results(bucket, name) == [f"pipeline/{name}.done.yaml"]
+        assert [n for n in bucket.names(f"_poltergust/runs/pipeline/{name}/") if n.endswith("/claim")], name
 
 
 @pytest.mark.parametrize("backend", ["gcs"], indirect=True)

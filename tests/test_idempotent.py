@@ -22,7 +22,7 @@ from yarl import URL
 
 from poltergust.layout import RunKey, run_marker
 from poltergust.run import membership
-from poltergust.run.claim import OUTCOME_KEY, Finish, Result, claim, complete
+from poltergust.run.claim import OUTCOME_KEY, Finish, Result, claim, claim_marker, complete
 from poltergust.run.log import RunLog
 from poltergust.storage import GcsStore, LocalStore, NotFound, PreconditionFailed
 from poltergust.storage.base import TOKEN_KEY
@@ -168,20 +168,21 @@ async def test_a_helper_place_whose_answer_was_lost_is_this_nodes(gcs) -> None:
 async def test_a_claim_whose_answer_was_lost_is_this_nodes_and_completes(gcs) -> None:
     store, fake = gcs
     generation = fake.put(CONFIG, b"task: {}\n")
-    config = await store.read(CONFIG)
-    fake.lose = _once("upload", CONFIG)
-    claimed = await claim(store, config, b"claimed", "done", "node-a")
+    key = RunKey("gs://bucket", CONFIG, generation)
+    fake.lose = _once("upload", claim_marker(key))
+    claimed = await claim(store, key, b"claimed", "done", "node-a")
     assert fake.lost == 1
-    assert claimed is not None and claimed.generation != generation and claimed.metadata[OUTCOME_KEY] == "done"
-    assert await claim(store, config, b"claimed", "done", "node-b") is None, "another node's claim still loses"
+    assert claimed is not None and claimed.metadata[OUTCOME_KEY] == "done"
+    assert await claim(store, key, b"claimed", "done", "node-b") is None, "another node's claim still loses"
+    assert fake._current(CONFIG) == generation, "the config is never rewritten"
 
 
 async def test_a_config_removal_whose_answer_was_lost_is_this_nodes(gcs) -> None:
     store, fake = gcs
-    fake.put(CONFIG, b"task: {}\n")
-    claimed = await claim(store, await store.read(CONFIG), b"claimed", "done", "node-a")
+    key = RunKey("gs://bucket", CONFIG, fake.put(CONFIG, b"task: {}\n"))
+    assert await claim(store, key, b"claimed", "done", "node-a") is not None
     fake.lose = _once("delete", CONFIG)
-    assert await complete(store, claimed, b"claimed")
+    assert await complete(store, key, "done", b"claimed")
     assert fake.lost == 1
     assert CONFIG not in fake.objects and "pipeline/p.done.yaml" in fake.objects
 
@@ -199,17 +200,17 @@ async def test_the_winner_whose_answer_was_lost_reports_its_claim_and_never_a_lo
     gcs, lost: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     store, fake = gcs
-    fake.put(CONFIG, b"task: {}\n")
+    key = RunKey("gs://bucket", CONFIG, fake.put(CONFIG, b"task: {}\n"))
     config = await store.read(CONFIG)
-    fake.lose = {"claim": _once("upload", CONFIG), "result": _once("upload", "pipeline/p.done.yaml"),
+    fake.lose = {"claim": _once("upload", claim_marker(key)), "result": _once("upload", "pipeline/p.done.yaml"),
                  "removal": _once("delete", CONFIG)}[lost]
     sent: list[dict[str, Any]] = []
     notifier = type("Notifier", (), {"send": lambda self, message: sent.append(message)})()
-    finish = Finish(KEY, store, "node-a", claim_grace=60, notifier=notifier, finishing_here=lambda key: False)
+    finish = Finish(key, store, "node-a", claim_grace=60, notifier=notifier)
     runlog = RunLog(tmp_path / "run.log")
     now = datetime.now(timezone.utc)
     with caplog.at_level(logging.INFO):
-        await finish.finish(config, Result("done", "node-a", now, now, generation=config.info.generation), runlog)
+        await finish.finish(config, Result("done", "node-a", now, now, generation=key.generation), runlog.note)
     assert fake.lost == 1
     assert "claim lost" not in caplog.text
     assert "another node finished" not in runlog.read().decode()

@@ -96,21 +96,6 @@ def test_notifications_are_filtered_to_our_configs() -> None:
     assert not is_config_name("pipeline/.config.yaml", "pipeline/")
 
 
-def test_a_notification_payload_gives_the_objects_metadata_and_write_time() -> None:
-    locations = [Location.parse("gs://b/pipeline")]
-    attributes = {"eventType": "OBJECT_FINALIZE", "bucketId": "b", "objectId": "pipeline/x.config.yaml",
-                  "objectGeneration": "7", "payloadFormat": "JSON_API_V1"}
-    payload = {"name": "pipeline/x.config.yaml", "updated": "2026-11-30T07:49:02.123Z",
-               "metadata": {"poltergust-outcome": "done", "poltergust-node": "node-a"}}
-    event = parse_notification(attributes, locations, json.dumps(payload).encode())
-    assert event is not None and event.metadata == payload["metadata"]
-    assert event.updated == datetime(2026, 11, 30, 7, 49, 2, 123000, tzinfo=timezone.utc)
-    for data in (b"", b"not json", b"[]", json.dumps({"updated": "yesterday"}).encode(),
-                 json.dumps({"metadata": ["x"], "updated": "2026-11-30T07:49:02Z"}).encode()):
-        event = parse_notification(attributes, locations, data)
-        assert event is not None and (event.metadata, event.updated) == ({}, None), data
-
-
 def test_locations_and_urls(tmp_path: Path) -> None:
     assert Location.parse("gs://b/pipeline/") == Location("gs://b", "pipeline/")
     local = Location.parse(str(tmp_path / "pipeline"))
@@ -151,16 +136,6 @@ def test_local_claim_is_exclusive_across_processes(tmp_path: Path) -> None:
         asyncio.run(store.delete("pipeline/x.config.yaml", if_generation_match=info.generation))
 
 
-class LoneNode:
-    """The node face of a run tested on its own: nobody to call for help, nothing else finishing."""
-
-    def call_for_help(self, key: RunKey, wanted: int, wave: int) -> None:
-        pass
-
-    def finishing(self, key: RunKey) -> bool:
-        return False
-
-
 async def test_a_storage_error_reading_the_environment_file_is_masked_in_the_reason(tmp_path: Path) -> None:
     """The reason goes to the error file: a secret the run knows must not reach it through a storage error."""
     secret = "tok-" + os.urandom(8).hex()
@@ -172,7 +147,7 @@ async def test_a_storage_error_reading_the_environment_file_is_masked_in_the_rea
     settings = Settings(locations=[Location.parse("gs://b/pipeline")], scheduler_url="http://127.0.0.1:1",
                         node_name="n", data_dir=tmp_path, env_dir=tmp_path / "envs")
     context = RunContext(settings, lambda bucket: Unreadable(), Environments(tmp_path / "envs"),  # type: ignore
-                         Notifier(None), SecretEnv({}), asyncio.Semaphore(1), LoneNode())
+                         Notifier(None), SecretEnv({}), asyncio.Semaphore(1), lambda *call: None)
     run = Run(RunKey("gs://b", "pipeline/x.config.yaml", 1), context)
     config = b"environment: gs://b/environment/e.yaml\ntask: {name: T, module: m}\n"
     runlog = RunLog(tmp_path / "run.log", [secret])
@@ -206,15 +181,14 @@ async def test_completing_a_stale_claim_notifies_once(tmp_path: Path) -> None:
     config = await store.write("pipeline/x.config.yaml", b"environment: e.yaml\n")
     now = datetime.now(timezone.utc)
     result = results.Result("done", "node-dead", now - timedelta(seconds=5), now, generation=config.generation)
-    await results.claim(store, await store.read("pipeline/x.config.yaml"),
-                        results.result_document(b"environment: e.yaml\n", result), "done", "node-dead")
+    key = RunKey(f"file://{tmp_path}", "pipeline/x.config.yaml", config.generation)
+    await results.claim(store, key, results.result_document(b"environment: e.yaml\n", result), "done", "node-dead")
     settings = Settings(locations=[Location.parse(f"file://{tmp_path}/pipeline")], node_name="node-b",
                         data_dir=tmp_path / "data", env_dir=tmp_path / "envs", claim_grace=0)
-    claimed = await store.read("pipeline/x.config.yaml")
     for _ in range(2):  # a second look finds the run already completed
         context = RunContext(settings, lambda bucket: store, Environments(tmp_path / "envs"), Recorder(None),
-                             SecretEnv({}), asyncio.Semaphore(1), LoneNode())
-        run = Run(RunKey(f"file://{tmp_path}", "pipeline/x.config.yaml", claimed.info.generation), context)
+                             SecretEnv({}), asyncio.Semaphore(1), lambda *call: None)
+        run = Run(key, context)
         await run.execute()
     assert (tmp_path / "pipeline" / "x.done.yaml").exists() and not (tmp_path / "pipeline" / "x.config.yaml").exists()
     assert [(p["outcome"], p["node"]) for p in sent] == [("done", "node-dead")]

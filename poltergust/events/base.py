@@ -1,9 +1,8 @@
 """The event contract: what a change to a config looks like, and what a node needs from an event source."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Literal, Mapping, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 EventKind = Literal["finalize", "delete", "help"]
 """A config generation written, gone (deleted, replaced or archived), or a call for help for its run."""
@@ -24,10 +23,6 @@ class Event:
     """For a call for help: how many more nodes the run could use."""
     wave: int = 0
     """For a call for help: its number within the run (each call has its own helper places)."""
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    """For a finalize, when the notification carries it: the object's custom metadata (a claim shows there)."""
-    updated: datetime | None = None
-    """For a finalize, when the notification carries it: when that generation was written."""
 
 
 class EventSource(Protocol):

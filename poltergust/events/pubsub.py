@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
-from datetime import datetime
 from typing import Iterable, Mapping
 
 # Nodes fork luigi while gRPC threads stream messages; gRPC's fork handlers
@@ -45,9 +43,8 @@ class SubscriptionMismatch(PoltergustError):
     """An existing subscription of that name listens to another topic or with another filter."""
 
 
-def parse_notification(attributes: Mapping[str, str], locations: Iterable[Location],
-                       data: bytes = b"") -> Event | None:
-    """Turn a GCS notification (attributes, and its JSON_API_V1 payload if any) into an `Event`, or None."""
+def parse_notification(attributes: Mapping[str, str], locations: Iterable[Location]) -> Event | None:
+    """Turn a GCS notification's attributes into an `Event`, or None (the payload is not needed)."""
     kind = EVENT_KINDS.get(attributes.get("eventType", ""))
     bucket, name = "gs://" + attributes.get("bucketId", ""), attributes.get("objectId", "")
     if kind is None or not name.endswith(CONFIG_SUFFIX):
@@ -58,24 +55,10 @@ def parse_notification(attributes: Mapping[str, str], locations: Iterable[Locati
         generation = int(attributes["objectGeneration"])
         replaced = attributes.get("overwrittenByGeneration")
         return Event(kind, bucket, name, generation, int(replaced) if replaced else None,
-                     wanted=int(attributes.get("poltergustWanted", 0)), wave=int(attributes.get("poltergustWave", 0)),
-                     **_object_facts(data))
+                     wanted=int(attributes.get("poltergustWanted", 0)), wave=int(attributes.get("poltergustWave", 0)))
     except (KeyError, ValueError):
         log.warning("ignoring malformed notification for %s: %r", name, dict(attributes))
         return None
-
-
-def _object_facts(data: bytes) -> dict[str, object]:
-    """The object's custom metadata and write time from a JSON_API_V1 payload; nothing from any other payload."""
-    try:
-        payload = json.loads(data) if data else {}
-        metadata, written = payload.get("metadata") or {}, payload.get("updated")
-        updated = datetime.fromisoformat(written.replace("Z", "+00:00")) if written else None
-    except (ValueError, AttributeError, TypeError):
-        return {}
-    if not isinstance(metadata, dict) or (updated is not None and updated.tzinfo is None):
-        return {}
-    return {"metadata": {str(k): str(v) for k, v in metadata.items()}, "updated": updated}
 
 
 def delivery_labels(attributes: Mapping[str, str], locations: Iterable[Location]) -> tuple[str, str]:
@@ -171,7 +154,7 @@ class PubSubEvents(ClosingSource):
     def _on_message(self, message: pubsub_v1.subscriber.message.Message) -> None:
         # Runs on a client thread: hand over to the loop and return at once.
         metrics.EVENTS_RECEIVED.labels(*delivery_labels(message.attributes, self._locations)).inc()
-        event = parse_notification(message.attributes, self._locations, message.data)
+        event = parse_notification(message.attributes, self._locations)
         if event is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
         message.ack()

@@ -15,11 +15,9 @@ import hashlib
 import logging
 import signal
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 from poltergust.node import heartbeat, metrics
-from poltergust.run import claim
 from poltergust.node.backlog import Backlog
 from poltergust.backoff import Backoff
 from poltergust.environments import Environments
@@ -56,7 +54,7 @@ class Node:
         self._runs: dict[RunKey, Run] = {}
         """Every run this node has in flight, standing by or taking part, until its task ends."""
         self._context = RunContext(settings, self.store, environments, Notifier(settings.notify), self.secrets,
-                                   asyncio.Semaphore(settings.max_concurrent), self, self.warm)
+                                   asyncio.Semaphore(settings.max_concurrent), self.call_for_help, self.warm)
         self._background: set[asyncio.Task[None]] = set()
         self._scanned = False
         self.stopping = asyncio.Event()
@@ -101,10 +99,6 @@ class Node:
         """The task of this node's run of `key`, while it is in flight."""
         run = self._runs.get(key)
         return run.task if run is not None else None
-
-    def finishing(self, key: RunKey) -> bool:
-        """Whether one of this node's runs of `key`'s config (any generation) is writing its result right now."""
-        return any(run.finishing for other, run in self._runs.items() if (other.bucket, other.name) == key[:2])
 
     def _taking_part(self) -> list[RunKey]:
         """Runs this node takes part in (not those it stands by for), for its heartbeat."""
@@ -191,11 +185,6 @@ class Node:
         log.debug("event %s %s#%d%s", event.kind, key.url(), key.generation,
                   " (already in progress)" if key in self._runs else "")
         if event.kind == "finalize":
-            if self._freshly_claimed(event):
-                metrics.CLAIMS_LEFT.inc()
-                log.debug("%s#%d: claimed by %s; its claimer writes the result", key.url(), key.generation,
-                          event.metadata.get(claim.NODE_KEY, "?"))
-                return
             self.schedule(key)
             return
         run = self._runs.get(key)
@@ -207,15 +196,6 @@ class Node:
             why = f"replaced by generation {event.replaced_by}" if event.replaced_by else "deleted"
             log.info("%s generation %d was %s: stopping its run", key.url(), key.generation, why)
             run.task.cancel()
-
-    def _freshly_claimed(self, event: Event) -> bool:
-        """A claim's rewrite, as its notification shows it, still the claimer's to finish: no need to read it.
-
-        Should the claimer not finish, a rescan finds the claimed config and completes it (see `Run`).
-        """
-        if event.updated is None or not claim.claimed_outcome(event.metadata):
-            return False
-        return (datetime.now(timezone.utc) - event.updated).total_seconds() < self.settings.claim_grace
 
     def schedule(self, key: RunKey, found_at_start: bool = False) -> bool:
         """Start a run of `key` unless one is in flight (or the node is stopping); True if started.

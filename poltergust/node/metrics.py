@@ -33,8 +33,6 @@ EVENTS_RECEIVED = Counter(
     "under one of its prefixes, what its filter lets through; outside: only delivered where no filter applies)",
     ["kind", "scope"],
 )
-CLAIMS_LEFT = Counter("poltergust_claims_left_to_claimer", "Claims heard in notifications and left to their claimer "
-                      "within --claim-grace, without reading the config")
 EVENT_ERRORS = Counter("poltergust_event_errors", "Event stream failures, by kind", ["kind"])
 NOTIFY_ERRORS = Counter("poltergust_notify_errors", "Failed completion notifications (after retries)")
 WARM_STARTS = Counter("poltergust_warm_starts", "luigi starts meant for a warm interpreter, by result: forked, "

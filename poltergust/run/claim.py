@@ -1,14 +1,20 @@
 """Finishing a run: the claim, the result file, and removing the config.
 
 All nodes running a pipeline finish it, but exactly one may write its result.
-The winner is the node whose conditional rewrite of `NAME.config.yaml`
-(ifGenerationMatch on the generation the run started from) succeeds; everyone
-else gets HTTP 412 and stops quietly. The rewritten config already holds the
-result document and says which outcome it is, so if the winner dies before
-writing `NAME.done.yaml` / `NAME.error.yaml`, any node that later finds the
-claimed config can complete the move without knowing anything else. A winner
-whose answer was lost is still the winner: the store's retry recognises its
-own claim, and its own removal of the config (see `storage.base`).
+The winner is the node that creates the run's `claim` marker
+(`_poltergust/runs/PREFIX/NAME/GENERATION/claim`, create-if-absent) first;
+everyone else gets HTTP 412 and stops quietly. The marker holds the result
+document and says which outcome it is. The winner then writes `NAME.done.yaml`
+or `NAME.error.yaml` and deletes the config generation. The config is never
+rewritten: under the notified prefix a finished pipeline costs each node three
+messages (the upload, the result, the delete) and nothing more.
+
+If the winner dies between its claim and the config's removal, the run is
+still waiting: a node that takes it over (see `membership`) reaches its own
+claim, finds the old one, and, once it is older than the claim grace, writes
+that claim's result on the dead winner's behalf. A winner whose answer was
+lost is still the winner: the store's retry recognises its own marker, and its
+own removal of the config (see `storage.base`).
 """
 from __future__ import annotations
 
@@ -20,10 +26,9 @@ from typing import Any, Callable, Literal, Mapping
 import yaml
 
 from poltergust.config import ConfigError, load_yaml
-from poltergust.layout import RunKey, pipeline_name, result_name
+from poltergust.layout import RunKey, pipeline_name, result_name, run_marker
 from poltergust.node import metrics
 from poltergust.node.notify import Notifier
-from poltergust.run.log import RunLog
 from poltergust.storage import Blob, NotFound, ObjectInfo, ObjectStore, PreconditionFailed, StorageError
 
 log = logging.getLogger(__name__)
@@ -52,7 +57,7 @@ class Result:
 
     @classmethod
     def from_document(cls, body: bytes, metadata: Mapping[str, str]) -> "Result | None":
-        """The result a claimed config holds (to report a claim completed on another node's behalf)."""
+        """The result a claim marker holds (to report a claim completed on another node's behalf)."""
         try:
             section = yaml.safe_load(body).get("poltergust", {})
             return cls(outcome=metadata[OUTCOME_KEY], node=metadata.get(NODE_KEY, "?"),
@@ -90,44 +95,36 @@ def result_document(original: bytes, result: Result) -> bytes:
     return yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=1000).encode()
 
 
-async def finish(store: ObjectStore, config: Blob, result: Result) -> bool:
-    """Claim `config`'s generation with `result` and write the result file; False if another node won."""
-    body = result_document(config.data, result)
-    claimed = await claim(store, config, body, result.outcome, result.node)
-    if claimed is None:
-        return False
-    return await complete(store, claimed, body)
-
-
-async def claim(store: ObjectStore, config: Blob, body: bytes, outcome: ResultOutcome, node: str) -> ObjectInfo | None:
-    """Try to become the one node that finishes `config`'s generation; None if another did (HTTP 412)."""
+async def claim(store: ObjectStore, key: RunKey, body: bytes, outcome: ResultOutcome, node: str) -> ObjectInfo | None:
+    """Try to become the one node that finishes `key`'s run; None if another did (HTTP 412)."""
     try:
-        return await store.write(
-            config.info.name, body, if_generation_match=config.info.generation,
-            metadata={OUTCOME_KEY: outcome, NODE_KEY: node}, content_type=YAML_TYPE,
-        )
+        return await store.write(claim_marker(key), body, if_generation_match=0,
+                                 metadata={OUTCOME_KEY: outcome, NODE_KEY: node}, content_type=YAML_TYPE)
     except PreconditionFailed:
         return None
 
 
-async def complete(store: ObjectStore, claimed: ObjectInfo, body: bytes) -> bool:
-    """Write the result file of a claimed config, then remove the config.
+async def complete(store: ObjectStore, key: RunKey, outcome: str, body: bytes) -> bool:
+    """Write the result file of `key`'s claimed run, then remove that generation of the config.
 
     True when this call removed it: a slow claimer and a node completing its
     claim on its behalf may both write the (same) result, but only one of them
     reports the run as finished.
     """
-    outcome = claimed.metadata[OUTCOME_KEY]
-    await store.write(result_name(claimed.name, outcome), body, content_type=YAML_TYPE)
+    await store.write(result_name(key.name, outcome), body, content_type=YAML_TYPE)
     # GCS enforces ifGenerationMatch on delete; its emulator does not, so look
     # first: a config re-uploaded meanwhile is a new submission and must stay.
     try:
-        if (await store.stat(claimed.name)).generation != claimed.generation:
+        if (await store.stat(key.name)).generation != key.generation:
             return False
-        await store.delete(claimed.name, if_generation_match=claimed.generation)
+        await store.delete(key.name, if_generation_match=key.generation)
         return True
     except (NotFound, PreconditionFailed):
         return False
+
+
+def claim_marker(key: RunKey) -> str:
+    return run_marker(key.name, key.generation, "claim")
 
 
 def claimed_outcome(metadata: Mapping[str, str]) -> ResultOutcome | None:
@@ -140,74 +137,71 @@ def claimed_outcome(metadata: Mapping[str, str]) -> ResultOutcome | None:
 class Finish:
     """This node's end of one run: claim it and write its result, refuse a config, or complete another's claim.
 
-    While it writes, the run is `finishing`: the claim's own notifications
-    (the config rewritten, then deleted) must not stop it halfway.
+    While it writes, the run is `finishing`: the config's removal, which it
+    causes itself, must not stop it halfway.
     """
 
-    def __init__(self, key: RunKey, store: ObjectStore, node: str, claim_grace: float, notifier: Notifier,
-                 finishing_here: Callable[[RunKey], bool]) -> None:
+    def __init__(self, key: RunKey, store: ObjectStore, node: str, claim_grace: float, notifier: Notifier) -> None:
         self.key = key
         self.store = store
         self.node = node
         self.claim_grace = claim_grace
         self.notifier = notifier
-        self.finishing_here = finishing_here
-        """Whether one of this node's runs of the same config is writing its result right now."""
         self.finishing = False
 
-    async def finish(self, config: Blob, result: Result, runlog: RunLog) -> None:
-        """Claim the run and write its result, unless another node did so first."""
+    async def finish(self, config: Blob, result: Result, note: Callable[[str], None] = lambda line: None) -> None:
+        """Claim the run and write its result, unless another node did so first; `note` tells the run's log."""
         key = self.key
         self.finishing = True
         try:
             body = result_document(config.data, result)
-            claimed = await claim(self.store, config, body, result.outcome, result.node)
-            if claimed is None:
-                runlog.note("another node finished this run first (claim got HTTP 412); nothing to write")
-                log.info("%s: claim lost (HTTP 412): another node finished generation %d", key.url(), key.generation)
+            if await claim(self.store, key, body, result.outcome, result.node) is None:
+                if not await self._complete_stale_claim():
+                    note("another node finished this run first (claim got HTTP 412); nothing to write")
+                    log.info("%s: claim lost (HTTP 412): another node finished generation %d", key.url(),
+                             key.generation)
                 return
-            removed = await complete(self.store, claimed, body)
-            runlog.note(f"claimed the run; wrote {pipeline_name(key.name)}.{result.outcome}.yaml")
+            removed = await complete(self.store, key, result.outcome, body)
+            note(f"claimed the run; wrote {pipeline_name(key.name)}.{result.outcome}.yaml")
             if removed:
                 self._claimed(result)
             else:  # completed on this node's behalf meanwhile, or the config was submitted again
                 log.info("%s: claimed; its config was removed or replaced meanwhile", key.url())
         except StorageError as exc:
-            runlog.note(f"could not write the result: {exc}; the config stays for the next scan")
+            note(f"could not write the result: {exc}; the config stays for the next scan")
             log.error("%s: could not finish: %s", key.url(), exc)
 
     async def refuse(self, config: Blob, reason: str) -> None:
         """End a run that cannot even start (its config cannot be read) as an error, without running anything."""
         now = datetime.now(timezone.utc)
-        result = Result("error", self.node, now, now, reason=reason, generation=self.key.generation)
         log.error("%s", reason)
-        self.finishing = True
-        try:
-            if await finish(self.store, config, result):
-                self._claimed(result)
-        except StorageError as exc:
-            log.error("%s: could not write the error result: %s", self.key.url(), exc)
+        await self.finish(config, Result("error", self.node, now, now, reason=reason, generation=self.key.generation))
 
-    async def complete_claim(self, config: Blob) -> None:
-        """Complete a run another node claimed but did not finish (it may have crashed)."""
+    async def _complete_stale_claim(self) -> bool:
+        """Complete the claim that beat this node's, if its claimer left it unfinished for the claim grace.
+
+        The config generation is still here (this node's run would have been
+        stopped otherwise), so its claimer likely died before removing it.
+        True when this node completed it.
+        """
         key = self.key
-        if self.finishing_here(key):
-            return  # this node's own claim, being completed right now
-        info = config.info
+        try:
+            existing = await self.store.read(claim_marker(key))
+        except NotFound:
+            return False
+        info = existing.info
         claimer = info.metadata.get(NODE_KEY, "?")
         age = (datetime.now(timezone.utc) - info.updated).total_seconds()
-        if claimer != self.node and age < self.claim_grace:
-            return  # the claimer is most likely writing the result right now
-        log.info("%s: completing the run claimed by %s %.0fs ago", key.url(), claimer, age)
-        try:
-            if not await complete(self.store, info, config.data):
-                return  # the claimer (or another node) completed it meanwhile
-        except StorageError as exc:
-            log.error("%s: could not complete the claimed run: %s", key.url(), exc)
-            return
-        result = Result.from_document(config.data, info.metadata)
-        if result is not None:
-            self._claimed(result)
+        if age < self.claim_grace:
+            return False  # the claimer is most likely writing the result right now
+        outcome = claimed_outcome(info.metadata)
+        if outcome is None or not await complete(self.store, key, outcome, existing.data):
+            return False  # not a claim this node can read, or completed meanwhile
+        log.info("%s: completed the run claimed by %s %.0fs ago", key.url(), claimer, age)
+        completed = Result.from_document(existing.data, info.metadata)
+        if completed is not None:
+            self._claimed(completed)
+        return True
 
     def _claimed(self, result: Result) -> None:
         metrics.RUNS_CLAIMED.labels(result.outcome).inc()

@@ -15,7 +15,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Protocol
+from typing import Callable
 
 from poltergust.config import MAX_FILE_SIZE, ConfigError, PipelineConfig, parse_environment, parse_pipeline
 from poltergust.environments import Environments
@@ -31,23 +31,13 @@ from poltergust.node.notify import Notifier
 from poltergust.run import claim
 from poltergust.run.command import Outcome, luigi_command, luigi_environ, node_extra_environ, worker_id
 from poltergust.run.log import LogMirror, RunLog
-from poltergust.run.membership import Membership
+from poltergust.run.membership import CallForHelp, Membership
 from poltergust.run.participation import Participation
 from poltergust.secret_env import SecretEnv
 from poltergust.settings import Settings
 from poltergust.storage import Blob, NotFound, ObjectStore, StorageError, TooLarge
 
 log = logging.getLogger(__name__)
-
-
-class NodeFace(Protocol):
-    """What a run asks of the node it runs on."""
-
-    def call_for_help(self, key: RunKey, wanted: int, wave: int) -> None:
-        """Tell every node that this run could use `wanted` more nodes (in the background)."""
-
-    def finishing(self, key: RunKey) -> bool:
-        """Whether one of this node's runs of `key`'s config is writing its result right now."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +52,8 @@ class RunContext:
     secrets: SecretEnv
     slots: asyncio.Semaphore
     """The node's room for runs taking part; a run standing by holds none."""
-    node: NodeFace
+    call_for_help: CallForHelp
+    """Publishes a run's call for help (the node does it, in the background)."""
     warm: WarmPool | None = None
 
 
@@ -73,10 +64,10 @@ class Run:
         self.settings = context.settings
         self.store = context.stores(key.bucket)
         self.name = pipeline_name(key.name)
-        self.membership = Membership(key, self.store, context.settings, context.slots, context.node.call_for_help,
+        self.membership = Membership(key, self.store, context.settings, context.slots, context.call_for_help,
                                      found_at_start)
         self.end = claim.Finish(key, self.store, context.settings.node_name, context.settings.claim_grace,
-                                context.notifier, context.node.finishing)
+                                context.notifier)
         self.task: asyncio.Task[None] | None = None
         """The task running `execute`, set by the node that schedules it."""
 
@@ -113,10 +104,7 @@ class Run:
             log.error("%s: cannot read the config, leaving it for the next scan: %s", key.url(), exc)
             return
         try:
-            if claim.claimed_outcome(config.info.metadata):
-                await self.end.complete_claim(config)
-            else:
-                await self._join(config)
+            await self._join(config)
         except Exception:  # noqa: BLE001 -- one broken run must not take the node down
             log.exception("%s: unexpected error; the config stays for the next scan", key.url())
 
@@ -155,7 +143,7 @@ class Run:
             metrics.RUNS_FINISHED.labels(result.outcome).inc()
             runlog.note(f"finished locally: {result.outcome}{': ' + outcome.reason if outcome.reason else ''}")
             await mirror.upload()
-            await self.end.finish(config, result, runlog)
+            await self.end.finish(config, result, runlog.note)
             await mirror.upload()
         except asyncio.CancelledError:
             runlog.note("run stopped on this node (shutdown, or the config was deleted, replaced or claimed)")
