@@ -34,17 +34,17 @@ def test_a_killed_node_restarted_completes_its_pipeline(start_node, bucket, envi
 
 
 def test_a_claim_left_by_a_crash_is_completed(start_node, bucket, environment_yaml, tmp_path) -> None:
-    claimed = {"environment": "x.yaml", "task": {"name": "T", "module": "m"},
-               "poltergust": {"outcome": "done", "node": "node-a"}}
-    # Crashed between the claim and writing the result: the node itself, restarted ...
-    bucket.upload("pipeline/mine.config.yaml", yaml.safe_dump(claimed),
-                  {"poltergust-outcome": "done", "poltergust-node": "node-a"})
-    # ... and a node that never came back, completed by another one after the grace period.
-    bucket.upload("pipeline/theirs.config.yaml", yaml.safe_dump({**claimed, "poltergust": {"outcome": "error"}}),
-                  {"poltergust-outcome": "error", "poltergust-node": "vanished"})
+    """Crashed between the claim and removing the config: the claim's result is what ends the run, once."""
+    unclaimed = {"environment": "x.yaml", "task": {"name": "T", "module": "m"}}
+    claims = {"mine": ("done", "node-a"), "theirs": ("error", "vanished")}  # node-a restarted; one never back
+    for name, (outcome, claimer) in claims.items():
+        generation = bucket.upload(f"pipeline/{name}.config.yaml", yaml.safe_dump(unclaimed))
+        body = yaml.safe_dump({**unclaimed, "poltergust": {"outcome": outcome, "node": claimer}})
+        bucket.upload(f"_poltergust/runs/pipeline/{name}/{generation}/claim", body,
+                      {"poltergust-outcome": outcome, "poltergust-node": claimer})
     start_node("node-a", "--claim-grace", "2", "--rescan-interval", "1")
     assert result(bucket, "mine", "done")["poltergust"]["node"] == "node-a"
-    assert result(bucket, "theirs", "error")["poltergust"]["outcome"] == "error"
+    assert result(bucket, "theirs", "error")["poltergust"]["node"] == "vanished"
     wait_for(lambda: not bucket.exists("pipeline/mine.config.yaml") and not bucket.exists(
         "pipeline/theirs.config.yaml"), 10, "the claimed configs to be removed")
 

@@ -18,6 +18,7 @@ own removal of the config (see `storage.base`).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -149,14 +150,19 @@ class Finish:
         self.notifier = notifier
         self.finishing = False
 
-    async def finish(self, config: Blob, result: Result, note: Callable[[str], None] = lambda line: None) -> None:
-        """Claim the run and write its result, unless another node did so first; `note` tells the run's log."""
+    async def finish(self, config: Blob, result: Result, note: Callable[[str], None] = lambda line: None,
+                     responsible: bool = True) -> None:
+        """Claim the run and write its result, unless another node did so first; `note` tells the run's log.
+
+        The node `responsible` for the run (its starter) also makes sure that a claim which beat its own is
+        completed: should the claimer die, nobody else might.
+        """
         key = self.key
         self.finishing = True
         try:
             body = result_document(config.data, result)
             if await claim(self.store, key, body, result.outcome, result.node) is None:
-                if not await self._complete_stale_claim():
+                if not await self._complete_stale_claim(wait=responsible):
                     note("another node finished this run first (claim got HTTP 412); nothing to write")
                     log.info("%s: claim lost (HTTP 412): another node finished generation %d", key.url(),
                              key.generation)
@@ -175,14 +181,17 @@ class Finish:
         """End a run that cannot even start (its config cannot be read) as an error, without running anything."""
         now = datetime.now(timezone.utc)
         log.error("%s", reason)
-        await self.finish(config, Result("error", self.node, now, now, reason=reason, generation=self.key.generation))
+        # Every node refuses it: none waits on another's claim, a rescan completes one left behind.
+        await self.finish(config, Result("error", self.node, now, now, reason=reason, generation=self.key.generation),
+                          responsible=False)
 
-    async def _complete_stale_claim(self) -> bool:
+    async def _complete_stale_claim(self, wait: bool) -> bool:
         """Complete the claim that beat this node's, if its claimer left it unfinished for the claim grace.
 
         The config generation is still here (this node's run would have been
-        stopped otherwise), so its claimer likely died before removing it.
-        True when this node completed it.
+        stopped otherwise), so its claimer may have died before removing it.
+        With `wait`, a younger claim is given the rest of its grace and looked
+        at again. True when this node completed it.
         """
         key = self.key
         try:
@@ -193,7 +202,15 @@ class Finish:
         claimer = info.metadata.get(NODE_KEY, "?")
         age = (datetime.now(timezone.utc) - info.updated).total_seconds()
         if age < self.claim_grace:
-            return False  # the claimer is most likely writing the result right now
+            if not wait:
+                return False  # the claimer is most likely writing the result right now
+            await asyncio.sleep(self.claim_grace - age)
+            try:
+                if (await self.store.stat(key.name)).generation != key.generation:
+                    return False  # the claimer finished
+            except NotFound:
+                return False
+            age = self.claim_grace
         outcome = claimed_outcome(info.metadata)
         if outcome is None or not await complete(self.store, key, outcome, existing.data):
             return False  # not a claim this node can read, or completed meanwhile

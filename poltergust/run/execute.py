@@ -143,7 +143,7 @@ class Run:
             metrics.RUNS_FINISHED.labels(result.outcome).inc()
             runlog.note(f"finished locally: {result.outcome}{': ' + outcome.reason if outcome.reason else ''}")
             await mirror.upload()
-            await self.end.finish(config, result, runlog.note)
+            await self.end.finish(config, result, runlog.note, responsible=self.membership.started_here)
             await mirror.upload()
         except asyncio.CancelledError:
             runlog.note("run stopped on this node (shutdown, or the config was deleted, replaced or claimed)")
