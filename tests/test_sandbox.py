@@ -193,6 +193,7 @@ def test_a_warm_interpreter_answers_a_malformed_request_and_serves_on(tmp_path: 
     theirs.close()
     try:
         assert process.stdout.readline().startswith(zygote.READY)
+        ours.settimeout(30)
 
         def ask(request: bytes) -> dict:
             connection, peer = socket.socketpair()
@@ -203,6 +204,7 @@ def test_a_warm_interpreter_answers_a_malformed_request_and_serves_on(tmp_path: 
             for held in (peer, child):
                 held.close()
             os.close(write_end)
+            connection.settimeout(30)
             connection.sendall(struct.pack(">I", len(request)) + request)
             answers = connection.makefile()
             answer = json.loads(answers.readline())

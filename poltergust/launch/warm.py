@@ -208,8 +208,10 @@ class WarmPool:
                     break
                 if line.startswith(READY):
                     info = json.loads(line.split(" ", 1)[1])
-                    log.info("warm interpreter for environment %s started: pid %d, Python %s, %.2fs",
-                             zygote.env_path.name, info["pid"], info["python"], time.monotonic() - started)
+                    inside = f" ({info['pid']} in its sandbox)" if info["pid"] != zygote.process.pid else ""
+                    log.info("warm interpreter for environment %s started: pid %d%s, Python %s, %.2fs",
+                             zygote.env_path.name, zygote.process.pid, inside, info["python"],
+                             time.monotonic() - started)
                     zygote.ready.set_result("")
                 elif line.startswith(REFUSED):
                     zygote.ready.set_result(f"the warm interpreter refused to serve: {json.loads(line.split(' ', 1)[1])}")
