@@ -224,3 +224,52 @@ def test_a_warm_interpreter_answers_a_malformed_request_and_serves_on(tmp_path: 
     finally:
         process.stdin.close()
         process.wait(30)
+
+
+def test_the_pool_never_gives_one_user_to_two_runs_at_once() -> None:
+    """Leases: the first free user, a wait while all are taken, a user back even from a cancelled run."""
+    import asyncio
+
+    from poltergust.launch.sandbox import RunAs, RunAsError
+    from poltergust.launch.users import UserPool, pool_users
+
+    assert pool_users("p", 1) == ["p"] and pool_users("p", 3) == ["p-1", "p-2", "p-3"]
+    with pytest.raises(RunAsError, match="--run-as-pool"):
+        pool_users("p", 0)
+    with pytest.raises(RunAsError, match="distinct uids"):
+        UserPool([RunAs("a", 1000, 1000), RunAs("b", 1000, 1001)])
+    assert [u.user for u in UserPool.lookup("poltergust-run", 4).users] == POOL
+
+    async def scenario() -> None:
+        pool = UserPool([RunAs("a", 1002, 1002), RunAs("b", 1001, 1001)])
+        held: list[str] = []
+        waited: list[str] = []
+
+        async def run(name: str, release: asyncio.Event) -> None:
+            async with pool.lease(lambda: waited.append(name)) as user:
+                assert user.user not in held
+                held.append(user.user)
+                try:
+                    await release.wait()
+                finally:
+                    held.remove(user.user)
+
+        first, second, third = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        one = asyncio.ensure_future(run("one", first))
+        two = asyncio.ensure_future(run("two", second))
+        await asyncio.sleep(0)
+        assert held == ["a", "b"], "the first free user in the pool's order"
+        three = asyncio.ensure_future(run("three", third))
+        await asyncio.sleep(0)
+        assert waited == ["three"] and held == ["a", "b"]
+        one.cancel()  # a cancelled run gives its user back
+        await asyncio.wait_for(asyncio.gather(one, return_exceptions=True), 5)
+        await asyncio.sleep(0)
+        assert held == ["b", "a"], "the waiting run got the freed user"
+        for event in (second, third):
+            event.set()
+        await asyncio.wait_for(asyncio.gather(two, three), 5)
+        async with pool.lease() as user:
+            assert user.user == "a"
+
+    asyncio.run(scenario())

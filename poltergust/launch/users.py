@@ -5,8 +5,8 @@ and files; so every run and every environment build leases a user of its own
 for as long as it lasts, and waits (saying so in its log) while all are taken.
 Nothing of a lease outlives it: its processes end with their sandbox (see
 `sandbox`), its working directory is removed and a build's files become
-root's. The lowest free user is leased first, so that sequential runs keep
-finding the warm interpreter of the same user (see `warm`).
+root's. The first free user (in the pool's order) is leased, so that
+sequential runs keep finding the warm interpreter of the same user (see `warm`).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class UserPool:
         uids = {user.uid for user in users}
         if len(uids) != len(users):
             raise RunAsError(f"--run-as: the pool's users must have distinct uids ({', '.join(u.user for u in users)})")
-        self.users = sorted(users, key=lambda user: user.uid)
+        self.users = list(users)
         self._free = list(self.users)
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -43,7 +43,7 @@ class UserPool:
 
     @contextlib.asynccontextmanager
     async def lease(self, on_wait: Callable[[], None] | None = None) -> AsyncIterator[RunAs]:
-        """A user no other run or build has until this ends; the lowest free one."""
+        """A user no other run or build has until this ends; the first free one."""
         if not self._free and on_wait is not None:
             on_wait()
         while not self._free:
@@ -53,7 +53,7 @@ class UserPool:
                 await freed
             finally:
                 self._waiters.remove(freed)
-        user = min(self._free, key=lambda candidate: candidate.uid)
+        user = min(self._free, key=self.users.index)
         self._free.remove(user)
         try:
             yield user

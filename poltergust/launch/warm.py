@@ -14,7 +14,7 @@ too: each runs as that user in a sandbox of its own (see `sandbox`), and
 serves only the run holding that user's lease, one at a time; when that run
 ends it kills everything else left in its sandbox (`zygote --end-leftovers`).
 Keyed by user rather than switching users in the child, no warm interpreter
-holds a privilege, and sequential runs (given the lowest free user) keep
+holds a privilege, and sequential runs (given the first free user) keep
 finding theirs warm.
 
 `WarmPool.launcher()` is a drop-in for `processes.run_streaming`. A warm
