@@ -170,7 +170,7 @@ class WarmPool:
 
     async def _prestart(self, env_path: Path, preload: Sequence[str], base: dict[str, str]) -> None:
         with contextlib.suppress(WarmUnavailable):
-            await self._zygote(env_path, preload, _boot_environ(base, base), self.run_as and self.run_as.first)
+            await self._zygote(env_path, preload, _boot_environ(base, base), self.run_as.first if self.run_as else None)
 
     async def _start(self, key: str, env_path: Path, preload: Sequence[str], boot: dict[str, str],
                      user: RunAs | None) -> _Zygote:
@@ -194,7 +194,6 @@ class WarmPool:
         self._zygotes[key] = zygote
         metrics.WARM_INTERPRETERS.inc()
         self._spawn_task(self._watch(zygote, time.monotonic()))
-        self._idle_later(zygote)
         return zygote
 
     async def _watch(self, zygote: _Zygote, started: float) -> None:
@@ -213,6 +212,7 @@ class WarmPool:
                              zygote.env_path.name, zygote.process.pid, inside, info["python"],
                              time.monotonic() - started)
                     zygote.ready.set_result("")
+                    self._idle_later(zygote)  # idle from when it serves: a slow start is not idleness
                 elif line.startswith(REFUSED):
                     zygote.ready.set_result(f"the warm interpreter refused to serve: {json.loads(line.split(' ', 1)[1])}")
                 else:
