@@ -118,6 +118,9 @@ def test_every_door_is_closed_to_a_run_and_the_next_run_is_untouched(
     assert json.loads((after / "report.json").read_text())["value"] is None, "no .pth of the intruder ran"
     assert (after / "report.json").stat().st_uid == found["uid"], "the intruder's user (warm: its interpreter) served"
     assert not list(sandbox.envs.rglob("intruder.pth")) and not (sandbox.envs / "planted.txt").exists()
+    [built] = [path for path in sandbox.envs.iterdir() if not path.name.startswith(".")]
+    assert all(path.lstat().st_uid == 0 and (path.is_symlink() or not path.lstat().st_mode & 0o022)
+               for path in [built, *built.rglob("*")]), "built by a pool user, the environment is root's alone"
     bucket.delete("pipeline/victim.config.yaml")
 
 
