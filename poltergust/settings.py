@@ -212,6 +212,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     if args.start_stale_after < 3:
         parser.error(f"--start-stale-after: must be at least 3 seconds (got {args.start_stale_after:g})")
     share_key = _share_key(args, parser)
+    if args.run_as_pool != 1 and not args.run_as:
+        parser.error("--run-as-pool: only with --run-as USER (the pool's users are USER-1 ... USER-N)")
     try:
         run_as = UserPool.lookup(args.run_as, args.run_as_pool) if args.run_as else None
     except RunAsError as exc:

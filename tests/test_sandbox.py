@@ -242,6 +242,13 @@ def test_the_pool_never_gives_one_user_to_two_runs_at_once() -> None:
     with pytest.raises(RunAsError, match="distinct uids"):
         UserPool([RunAs("a", 1000, 1000), RunAs("b", 1000, 1001)])
     assert [u.user for u in UserPool.lookup("poltergust-run", 4).users] == POOL
+    from poltergust.settings import parse_settings
+
+    flags = ["--path", "/tmp/bucket/pipeline", "--run-as", "poltergust-run"]
+    assert [u.user for u in parse_settings([*flags, "--run-as-pool", "4"]).run_as.users] == POOL
+    assert [u.user for u in parse_settings(flags).run_as.users] == ["poltergust-run"], "a pool of one, as before"
+    with pytest.raises(SystemExit):
+        parse_settings(["--path", "/tmp/bucket/pipeline", "--run-as-pool", "4"])
 
     async def scenario() -> None:
         pool = UserPool([RunAs("a", 1002, 1002), RunAs("b", 1001, 1001)])
