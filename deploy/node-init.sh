@@ -56,8 +56,9 @@
 #   poltergust-env-cache-size, poltergust-min-free-disk
 #                             optional: override what is derived from the disk
 #                             size (half of it; 5% of it, 1G to 5G)
-#   poltergust-run-as         optional: the unprivileged user pipelines run as
-#                             (--run-as; created if missing; default
+#   poltergust-run-as         optional: the unprivileged users pipelines and
+#                             builds run as are USER-1 ... USER-4 (--run-as USER
+#                             --run-as-pool 4; created if missing; default
 #                             poltergust-run). "none" or an empty value runs
 #                             them as the node's own user "poltergust", with the
 #                             node itself unprivileged, as before --run-as
@@ -81,8 +82,9 @@
 #              with exactly them installed (ID: digest of both hashes)
 #   node:      /etc/systemd/system/poltergust-node.service, running
 #              venv/bin/python -P -m poltergust.async_worker as root, confined
-#              by systemd, with --run-as poltergust-run (a system user without
-#              login or home); or, with poltergust-run-as=none, as the user
+#              by systemd, with --run-as poltergust-run --run-as-pool 4 (system
+#              users poltergust-run-1 ... -4 without login or home, each run
+#              and build in a bubblewrap sandbox); or, with poltergust-run-as=none, as the user
 #              "poltergust" (state in /var/lib/poltergust either way)
 #   scheduler: /etc/systemd/system/poltergust-luigid.service (a dynamic user,
 #              state in /var/lib/poltergust-luigid) and /etc/poltergust/luigi.cfg;
@@ -105,6 +107,7 @@ readonly SECRETS_URL=${POLTERGUST_SECRET_MANAGER_URL:-https://secretmanager.goog
 readonly RELEASES="/opt/poltergust/releases"
 readonly SERVICE_USER="poltergust"
 readonly DEFAULT_RUN_AS="poltergust-run"
+readonly RUN_AS_POOL=4  # pipeline users USER-1 ... USER-4: one per run or build at a time (--run-as-pool)
 readonly STATE_DIR="/var/lib/poltergust"
 readonly CACHE_DIR="/var/cache/poltergust"
 readonly NODE_ENV="/etc/poltergust/node.env"
@@ -402,14 +405,15 @@ install_system_packages() {
     # Debian's python3 lacks venv/ensurepip until python3-venv is installed;
     # git and the build tools are for the pipelines' environments.
     local ok='import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 11))'
-    if command -v git >/dev/null && python3 -c "$ok" 2>/dev/null; then
+    if command -v git >/dev/null && python3 -c "$ok" 2>/dev/null && { [[ -z "$RUN_AS" ]] || command -v bwrap >/dev/null; }
+    then
         return
     fi
     [[ -z "$ROOT" ]] || die "python3 (3.11 or newer, with venv) and git are needed; --root installs no packages"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update
     apt-get install -y --no-install-recommends \
-        python3 python3-venv python3-dev build-essential git ca-certificates curl
+        python3 python3-venv python3-dev build-essential git ca-certificates curl bubblewrap
     python3 -c "$ok" || die "python3 is older than 3.11: the units run python -P (use Debian 12 or newer)"
 }
 
@@ -494,12 +498,23 @@ create_user() {
     [[ -z "$RUN_AS" ]] || home=/nonexistent
     if [[ -n "$ROOT" ]]; then
         log "--root: not creating the system user $user"
-    elif ! id -u "$user" >/dev/null 2>&1; then
-        useradd --system --home-dir "$home" --no-create-home --shell /usr/sbin/nologin "$user"
+    else
+        local users=("$user") slot
+        if [[ -n "$RUN_AS" ]]; then
+            users=()
+            for slot in $(seq "$RUN_AS_POOL"); do
+                users+=("$RUN_AS-$slot")
+            done
+        fi
+        for user in "${users[@]}"; do
+            id -u "$user" >/dev/null 2>&1 ||
+                useradd --system --home-dir "$home" --no-create-home --shell /usr/sbin/nologin "$user"
+            [[ -z "$RUN_AS" || $(id -u "$user") != 0 ]] || die "poltergust-run-as names $user, which has user id 0"
+        done
     fi
     if [[ -n "$RUN_AS" && -z "$ROOT" ]]; then
-        [[ $(id -u "$RUN_AS") != 0 ]] || die "poltergust-run-as names $RUN_AS, which has user id 0"
         command -v setpriv >/dev/null || die "--run-as needs setpriv (Debian package util-linux)"
+        command -v bwrap >/dev/null || die "--run-as needs bwrap (Debian package bubblewrap)"
     fi
 }
 
@@ -549,7 +564,7 @@ EOF
 # The node runs arbitrary pipeline tools, so it keeps chown and friends (which
 # fail without capabilities anyway); luigid and the dashboard get stricter
 # filters. Scored with `systemd-analyze security --offline=true` (deploy/README.md).
-hardening() {
+hardening() {  # CAPABILITIES [NAMESPACES it may create; default none]
     cat <<EOF
 MemoryMax=$MEMORY_MAX
 TasksMax=$TASKS_MAX
@@ -567,7 +582,7 @@ ProtectKernelLogs=yes
 ProtectControlGroups=yes
 ProtectClock=yes
 ProtectHostname=yes
-RestrictNamespaces=yes
+RestrictNamespaces=${2:-yes}
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
@@ -590,11 +605,13 @@ EOF
     hardening ""
 }
 
-# The node with --run-as runs as root, for setpriv to start each run as the
+# The node with --run-as runs as root, for setpriv to start each run as a
 # pipelines' user. It keeps exactly the capabilities for that: setuid/setgid
 # (setpriv), chown (a run's private directory goes to that user), kill (stop a
 # run's process group), dac_override and fowner (remove what a run left in its
-# directory, even in sticky or unreadable subdirectories). No PrivateUsers:
+# directory, even in sticky or unreadable subdirectories), sys_admin with the
+# pid, mnt and ipc namespaces and the mount calls (bubblewrap makes each run's
+# and build's sandbox: a PID namespace and its own /proc). No PrivateUsers:
 # the pipelines' user must exist in the node's user namespace. Files it makes
 # are readable by others (UMask=0022) because the pipelines run the cached
 # environments; the state directories are traversable but not listable
@@ -607,8 +624,9 @@ UMask=0022
 StateDirectoryMode=0711
 CacheDirectoryMode=0700
 InaccessiblePaths=-/etc/shadow -/etc/gshadow -/etc/ssh -/etc/sudoers -/etc/sudoers.d
+SystemCallFilter=@mount
 EOF
-    hardening "CAP_SETUID CAP_SETGID CAP_CHOWN CAP_KILL CAP_DAC_OVERRIDE CAP_FOWNER"
+    hardening "CAP_SETUID CAP_SETGID CAP_CHOWN CAP_KILL CAP_DAC_OVERRIDE CAP_FOWNER CAP_SYS_ADMIN" "pid mnt ipc"
 }
 
 strict_hardening() {
@@ -636,7 +654,7 @@ node_exec_start() {
     words+=(--scheduler-url "$SCHEDULER_URL" --topic "$TOPIC" --project "$PROJECT"
         --http-host "$HEALTH_HOST" --http-port "$HEALTH_PORT"
         --env-cache-size "$ENV_CACHE_SIZE" --min-free-disk "$MIN_FREE_DISK")
-    [[ -z "$RUN_AS" ]] || words+=(--run-as "$RUN_AS")
+    [[ -z "$RUN_AS" ]] || words+=(--run-as "$RUN_AS" --run-as-pool "$RUN_AS_POOL")
     exec_line "${words[@]}"
 }
 

@@ -15,7 +15,8 @@ from typing import Sequence
 
 from poltergust.layout import Location, safe_name
 from poltergust.node.notify import NotifyTarget, notify_target
-from poltergust.launch.sandbox import RunAs, RunAsError
+from poltergust.launch.sandbox import RunAsError
+from poltergust.launch.users import UserPool
 from poltergust.environments import parse_size
 
 DEFAULT_SCHEDULER_PORT = 8082
@@ -65,8 +66,8 @@ class Settings:
     """Node variables that are secrets beyond those found by name (see `secret_env`)."""
     allowed_environment_prefixes: list[str] = field(default_factory=list)
     """URL prefixes environment files may come from; empty means the pipelines' own buckets."""
-    run_as: RunAs | None = None
-    """Run luigi as this unprivileged user (the node runs as root); None: as the node's own user."""
+    run_as: UserPool | None = None
+    """Run luigi and builds as unprivileged users of this pool (the node runs as root); None: as the node's own user."""
     warm: bool = True
     """Start luigi from a warm interpreter per environment (see `warm`) rather than afresh each time."""
     warm_idle_seconds: float = 600.0
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append", metavar="NAME")
     add("run-as", "run pipelines as this unprivileged user, each in a private working directory (the node must "
                   "run as root); without it pipelines share the node's user and trust domain", metavar="USER")
+    add("run-as-pool", "with --run-as: run pipelines and builds as USER-1 ... USER-N, one user per run or build at a "
+                       "time (default 1: USER alone, so one run or build at a time)", type=int, default=1, metavar="N")
     add("allowed-environment-prefix", "URL prefix environment files may be read from; repeatable "
                                       "(default: the buckets of --path)", action="append", metavar="URL")
     add("warm", "start luigi from a warm interpreter per environment, forked for each run, instead of a fresh "
@@ -209,8 +212,10 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     if args.start_stale_after < 3:
         parser.error(f"--start-stale-after: must be at least 3 seconds (got {args.start_stale_after:g})")
     share_key = _share_key(args, parser)
+    if args.run_as_pool != 1 and not args.run_as:
+        parser.error("--run-as-pool: only with --run-as USER (the pool's users are USER-1 ... USER-N)")
     try:
-        run_as = RunAs.lookup(args.run_as) if args.run_as else None
+        run_as = UserPool.lookup(args.run_as, args.run_as_pool) if args.run_as else None
     except RunAsError as exc:
         parser.error(str(exc))
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir(args.node_name)

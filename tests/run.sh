@@ -20,6 +20,7 @@ command -v chromedriver >/dev/null || missing+=(chromium chromium-driver)  # the
 command -v curl >/dev/null || missing+=(curl)                    # the boot test runs deploy/node-init.sh
 command -v systemd-analyze >/dev/null || missing+=(systemd)      # ... and scores its units
 command -v setpriv >/dev/null || missing+=(util-linux)           # --run-as
+command -v bwrap >/dev/null || missing+=(bubblewrap)             # --run-as: each run and build in a sandbox
 command -v git >/dev/null || missing+=(git)                      # git dependencies (tests/test_git_credentials.py)
 if ((${#missing[@]})); then
     if [ "$(id -u)" -ne 0 ]; then
@@ -33,9 +34,12 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The unprivileged user that --run-as tests start pipelines as.
-if [ "$(id -u)" -eq 0 ] && ! id poltergust-run >/dev/null 2>&1; then
-    useradd --system --no-create-home --shell /usr/sbin/nologin poltergust-run
+# The unprivileged users that --run-as tests start pipelines as: poltergust-run, and the pool of
+# --run-as poltergust-run --run-as-pool 4 (tests/test_sandbox.py).
+if [ "$(id -u)" -eq 0 ]; then
+    for user in poltergust-run poltergust-run-1 poltergust-run-2 poltergust-run-3 poltergust-run-4; do
+        id "$user" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$user"
+    done
 fi
 
 # The project and its test dependencies, in a virtualenv of their own.

@@ -8,8 +8,9 @@ replaced by a recorder. The script creates the venv, installs the wheel with
 unit. The test then starts the unit's ExecStart with the unit's environment,
 umask, state directory modes and capability bounding set, as systemd would
 (only the listen addresses become loopback ports), and runs a pipeline through
-the booted luigid and node: the node as root with `--run-as poltergust-run`
-(the user tests/run.sh creates), the pipeline as that user. The scheduler's
+the booted luigid and node: the node as root with `--run-as poltergust-run
+--run-as-pool 4` (the users tests/run.sh creates), the build and the pipeline
+as users of that pool. The scheduler's
 dashboard answers on its port, listing that pipeline.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ UV = os.environ.get("UV") or next((str(p) for p in [Path(sys.executable).parent 
 SYSTEM_PREFIXES = ("/opt/poltergust", "/var/lib/poltergust", "/var/cache/poltergust", "/etc/poltergust")
 SECRET = 'pa$$ "w\\ord" `x`'
 RUN_AS = "poltergust-run"
+POOL = [f"{RUN_AS}-{slot}" for slot in range(1, 5)]
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +196,12 @@ def locked(lock: str) -> dict[str, str]:
 
 def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
     tmp_path: Path, gcs: FakeGcs, pubsub: PubSubEmulator, dist, release: dict, environment_yaml: str,
+    wheelhouse: Path,
 ) -> None:
     bucket, release_attributes = dist
     if os.geteuid() != 0:
         pytest.skip("the booted node runs as root to start pipelines as poltergust-run (tests/run.sh runs as root)")
-    run_as = pwd.getpwnam(RUN_AS)  # made by tests/run.sh
+    pool_uids = {pwd.getpwnam(user).pw_uid for user in POOL}  # made by tests/run.sh
     servers: list[Server] = []
     # The node's root must be traversable by the pipelines' user, as / is on a VM.
     node_root = Path(tempfile.mkdtemp(prefix="poltergust-boot-"))
@@ -237,7 +240,8 @@ def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
         assert node.result.returncode == 0, node.result.stderr
         assert node.systemctl() == ["daemon-reload", "enable poltergust-node.service",
                                     "restart poltergust-node.service"]
-        assert directives(node.unit("poltergust-node.service"), "ExecStart")[0].endswith(f" --run-as {RUN_AS}")
+        assert directives(node.unit("poltergust-node.service"), "ExecStart")[0].endswith(
+            f" --run-as {RUN_AS} --run-as-pool 4")
         assert f"--root: not creating the system user {RUN_AS}" in node.result.stderr
         assert metadata.refused == [], "every request carried Metadata-Flavor: Google (and the token)"
         assert SECRET not in node.result.stderr
@@ -264,7 +268,10 @@ def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
         out = node_root / "out"
         out.mkdir(mode=0o777)
         os.chmod(out, 0o777)
-        bucket.upload("environment/test.yaml", environment_yaml)
+        # The build runs as a user of the pool too: it reads the test's wheels from where that user may.
+        shutil.copytree(wheelhouse, node_root / "wheels")
+        bucket.upload("environment/test.yaml", "virtualenv:\n  python: /usr/bin/python3\n"
+                      + environment_yaml.replace(str(wheelhouse), str(node_root / "wheels")))
         bucket.upload("pipeline/booted.config.yaml", yaml.safe_dump({
             "environment": bucket.url("environment/test.yaml"),
             "task": {"name": "Touch", "module": "poltergust_testpipes", "out-dir": str(out),
@@ -276,7 +283,7 @@ def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
             "the node's secrets are for {{NAME}} in dependencies: pipelines never see them"
         # Luigi ran as the pipelines' user, from the environment the node (root) built, in a private
         # directory that is gone; the node's logs and HOME stay closed to that user.
-        assert (out / "touch.txt").stat().st_uid == run_as.pw_uid
+        assert (out / "touch.txt").stat().st_uid in pool_uids
         state = node.root / "var/lib/poltergust"
         assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in (state, state / "data", state / "environments",
                                                                           state / "data" / "logs")} \

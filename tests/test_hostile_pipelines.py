@@ -112,12 +112,23 @@ def test_credentials_in_the_notify_url_never_reach_the_log(start_node, bucket, e
 RUN_AS = "poltergust-run"
 
 
+def zygote_of(process: Path, envs: Path) -> bool:
+    """Is `process` (/proc/PID) a warm interpreter of an environment in `envs`?"""
+    try:
+        command = (process / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return len(command) > 1 and command[0].startswith(bytes(envs)) and command[1].endswith(b"zygote.py")
+
+
 @pytest.mark.parametrize("backend", ["local"], indirect=True)
 @pytest.mark.parametrize("warm", ["true", "false"])
 def test_run_as_keeps_pipelines_out_of_the_cache_and_the_node(
-    start_node, bucket, environment_yaml: str, tmp_path: Path, warm: str,
+    start_node, bucket, environment_yaml: str, tmp_path: Path, warm: str, wheelhouse: Path,
 ) -> None:
     """tests/run.sh creates the user; pipelines use the system python, which that user may run.
+
+    The environment is built as that user too, from wheels it may read.
 
     Warm, the warm interpreter runs as that user too, and no run (same user) may trace it.
     """
@@ -133,7 +144,9 @@ def test_run_as_keeps_pipelines_out_of_the_cache_and_the_node(
         envs, data = root / "environments", root / "data"
         node = start_node("node-a", "--run-as", RUN_AS, "--data-dir", str(data), "--env-dir", str(envs),
                           "--warm", warm)
-        bucket.upload("environment/sys.yaml", "virtualenv:\n  python: /usr/bin/python3\n" + environment_yaml)
+        shutil.copytree(wheelhouse, root / "wheels")
+        bucket.upload("environment/sys.yaml", "virtualenv:\n  python: /usr/bin/python3\n"
+                      + environment_yaml.replace(str(wheelhouse), str(root / "wheels")))
         env = bucket.url("environment/sys.yaml")
         task = {"module": "poltergust_testpipes", "out-dir": str(out)}
         for name, target in (("cache", envs / "planted.txt"), ("node", data / "logs" / "planted.txt"),
@@ -146,7 +159,8 @@ def test_run_as_keeps_pipelines_out_of_the_cache_and_the_node(
             bucket.log_name("fine", "node-a")).decode()
         assert forked == (warm == "true")
         if forked:
-            pid = re.search(r"warm interpreter for environment \w+ started: pid (\d+)", node.output()).group(1)
+            # The warm interpreter, in its sandbox: a child of bubblewrap's, started by the node.
+            pid = next(p.name for p in Path("/proc").iterdir() if p.name.isdigit() and zygote_of(p, envs))
             uids = re.search(r"^Uid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)
             assert int(uids) == user.pw_uid, "the warm interpreter runs as the pipelines' user"
             assert Path(f"/proc/{pid}/mem").stat().st_uid == 0, "and is not dumpable: its runs cannot trace it"

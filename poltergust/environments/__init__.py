@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from poltergust.errors import PoltergustError
+from poltergust.launch.users import UserPool
 from poltergust.node import metrics
 from poltergust.config import EnvironmentSpec
 from poltergust.run.log import RunLog
@@ -43,11 +44,13 @@ class Environments:
         self, root: Path, node_environ: Mapping[str, str] | None = None, *,
         cache_size: int | str | None = None, share: bool = False, share_key: bytes | None = None,
         on_evict: Callable[[str], None] | None = None, secret_names: Iterable[str] = (),
+        builders: UserPool | None = None,
     ) -> None:
         """`share_key` signs the archives this node shares and proves the ones it uses; `share` needs it.
 
         `secret_names` (`--secret-env`) join the secrets found by name and by
         `{{NAME}}` reference in `secret_env`, which the node shares for its runs.
+        With `builders`, builds run as users of that pool, each in a sandbox (see `build`).
         """
         if share and not share_key:
             raise ValueError("sharing environments needs a signing key that only the nodes hold")
@@ -55,7 +58,7 @@ class Environments:
         self.secret_env = SecretEnv(self.environ, secret_names)
         self.cache = Cache(root, cache_size, on_evict)
         self.root = self.cache.root
-        self._builder = Builder(self.cache, self.secret_env)
+        self._builder = Builder(self.cache, self.secret_env, builders)
         self._sharing = Sharing(self.cache, self.secrets, share_key) if share and share_key else None
         """Downloads and uploads environment archives beside the environment files (None: not sharing)."""
         self._builds: dict[str, asyncio.Future[Path]] = {}

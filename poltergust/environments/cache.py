@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Mapping
 
 from poltergust import locks
+from poltergust.launch.sandbox import RunAs
 from poltergust.run.log import RunLog
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class Cache:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / ".locks").mkdir(exist_ok=True)
+        with contextlib.suppress(PermissionError):  # a pipeline could otherwise hold an environment's lock forever
+            os.chmod(self.root / ".locks", 0o700)
         self.cache_size = parse_size(cache_size)
         """Disk budget in bytes (None: no budget)."""
         self.on_evict = on_evict
@@ -87,6 +90,7 @@ class Cache:
 
     @staticmethod
     def write_manifest(directory: Path, manifest: Mapping[str, object]) -> None:
+        (directory / MANIFEST).unlink(missing_ok=True)  # never written through a link a build left there
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
     @staticmethod
@@ -111,11 +115,17 @@ class Cache:
                 raise
             return False
 
-    def private_requirements(self, lines: list[str]) -> Path:
-        """A requirements file only this user can read (mode 0600), for lines holding secrets."""
-        directory = self.root / ".private"
+    def private_requirements(self, lines: list[str], directory: Path | None = None,
+                             owner: RunAs | None = None) -> Path:
+        """A requirements file only its user can read (mode 0600), for lines holding secrets.
+
+        In `directory` (default: the cache's private one) and owned by `owner` (default: this process's user).
+        """
+        directory = directory or self.root / ".private"
         directory.mkdir(mode=0o700, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="requirements-", suffix=".txt", dir=directory)  # mode 0600
+        if owner is not None:
+            os.fchown(fd, owner.uid, owner.gid)
         with os.fdopen(fd, "w") as handle:
             handle.write("\n".join(lines) + "\n")
         return Path(name)

@@ -1,10 +1,17 @@
-"""Running pipelines as another, unprivileged user (`--run-as`), each in a private working directory.
+"""Running pipelines and builds as unprivileged users (`--run-as`), each in a sandbox and a directory of its own.
 
 Without it, pipelines run as the node's own user and share one trust
-domain with the node and with each other. With it, luigi runs as that user:
-the environment cache and the node's files are read-only (or invisible) to
-it, and each run gets a working directory of its own (mode 0700, owned by
-that user), removed when the run ends. The node must run as root to switch.
+domain with the node and with each other. With it, every run and every
+environment build takes a user of its own from the node's pool (`users`) for
+as long as it lasts, and runs in a bubblewrap sandbox: a PID namespace of its
+own with its own /proc (it sees none of the node's or other runs' processes,
+and all of its processes, daemons included, end when its first one does or
+when the node goes), no supplementary groups and no way to regain
+privileges. A build sees the whole filesystem read-only except the directory
+it builds in. The environment cache and the node's files are read-only (or
+invisible) to pipelines, and each run gets a working directory of its own
+(mode 0700, owned by its user), removed when the run ends. The node must run
+as root to switch users.
 """
 from __future__ import annotations
 
@@ -39,18 +46,27 @@ class RunAs:
             raise RunAsError(f"--run-as {user}: no such user on this machine") from None
         if os.geteuid() != 0:
             raise RunAsError(f"--run-as {user}: the node must run as root to start pipelines as another user")
-        if shutil.which("setpriv") is None:
-            raise RunAsError(f"--run-as {user}: setpriv (util-linux) is not installed")
-        if entry.pw_uid == 0:
-            raise RunAsError(f"--run-as {user}: that user is root; pick an unprivileged one")
+        for tool, package in (("setpriv", "util-linux"), ("bwrap", "bubblewrap")):
+            if shutil.which(tool) is None:
+                raise RunAsError(f"--run-as {user}: {tool} ({package}) is not installed")
+        if entry.pw_uid == 0 or entry.pw_gid == 0:
+            raise RunAsError(f"--run-as {user}: that user is root or in root's group; pick an unprivileged one")
         return cls(user, entry.pw_uid, entry.pw_gid)
 
-    def command(self, command: list[str]) -> list[str]:
-        """`command`, started as this user: no supplementary groups of the node, no way to regain privileges.
+    def command(self, command: Sequence[str], *, writable: Path | None = None) -> list[str]:
+        """`command`, started as this user in a sandbox of its own (see the module's docstring).
 
-        (util-linux's `setpriv`: the event loop's subprocess support cannot switch users itself.)
+        With `writable` (a build), everything but that directory is read-only.
+        (bubblewrap, then util-linux's `setpriv`: the event loop's subprocess
+        support can do neither itself.)
         """
-        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--no-new-privs",
+        if writable is None:
+            mounts = ["--bind", "/", "/"]
+        else:
+            mounts = ["--ro-bind", "/", "/", "--bind", str(writable), str(writable)]
+        return ["bwrap", *mounts, "--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm", "--proc", "/proc",
+                "--unshare-pid", "--unshare-ipc", "--die-with-parent", "--",
+                "setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--no-new-privs",
                 "--", *command]
 
 
@@ -59,13 +75,13 @@ Launcher = Callable[..., Awaitable[int]]
 
 
 def spawner(run_as: RunAs | None) -> Launcher:
-    """`processes.run_streaming`, starting each command as `run_as` when given."""
+    """`processes.run_streaming`, starting each command as `run_as`, in its sandbox, when given."""
     if run_as is None:
         return run_streaming
 
     async def run_as_user(command: Sequence[str], *, env: Mapping[str, str], cwd: Path,
                           sink: Callable[[str], None]) -> int:
-        return await run_streaming(run_as.command(list(command)), env=env, cwd=cwd, sink=sink)
+        return await run_streaming(run_as.command(command), env=env, cwd=cwd, sink=sink)
 
     return run_as_user
 

@@ -3,10 +3,19 @@
 `python -m luigi` spends most of its start importing luigi. A `WarmPool` keeps,
 per environment (and per set of variables that change how Python starts, and
 per `preload:` list), one fresh `ENV/bin/python` running `zygote.py` with
-luigi already imported; a run asks it over a private Unix socket to fork a
-child that runs luigi with the run's argv, environment, working directory and
-output pipe. The node itself is never forked: it has threads (gRPC, asyncio's
+luigi already imported; a run asks it, over a socket the interpreter
+inherited at start (none in the filesystem, see `fork`), to fork a child that
+runs luigi with the run's argv, environment, working directory and output
+pipe. The node itself is never forked: it has threads (gRPC, asyncio's
 executor), and a forked copy of them can deadlock.
+
+With a pool of pipeline users (`--run-as`), warm interpreters are per user
+too: each runs as that user in a sandbox of its own (see `sandbox`), and
+serves only the run holding that user's lease, one at a time; when that run
+ends it kills everything else left in its sandbox (`zygote --end-leftovers`).
+Keyed by user rather than switching users in the child, no warm interpreter
+holds a privilege, and sequential runs (given the first free user) keep
+finding theirs warm.
 
 `WarmPool.launcher()` is a drop-in for `processes.run_streaming`. A warm
 interpreter that cannot start, refuses (a preloaded module started a thread)
@@ -24,18 +33,18 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
+import socket
 import time
-import uuid
 from pathlib import Path
 from typing import Awaitable, Callable, Mapping, Sequence
 
 from poltergust.node import metrics
 from poltergust.config import EnvironmentSpec, PipelineConfig
 from poltergust.launch.fork import Note, WarmUnavailable, fork_run
+from poltergust.launch.zygote import END_LEFTOVERS
 from poltergust.run.command import luigi_environ
 from poltergust.launch.sandbox import RunAs, Launcher, spawner
+from poltergust.launch.users import UserPool
 from poltergust.secret_env import SecretEnv
 from poltergust.launch.processes import GRACE_SECONDS
 
@@ -46,8 +55,6 @@ READY, REFUSED = "poltergust-zygote-ready", "poltergust-zygote-refused"
 BOOT_TIMEOUT = 120.0
 RETRY_REFUSED_SECONDS = 600.0
 """A warm interpreter that failed to start is not tried again for this long (the run falls back meanwhile)."""
-MAX_SOCKET_PATH = 100
-"""A Unix socket's path must fit in 108 bytes; longer data directories get a private temporary one."""
 STARTUP_VARIABLES = ("PYTHON", "LD_", "LC_", "LANG", "HOME")
 """Prefixes of variables read when an interpreter starts: a run setting them gets a warm interpreter of its own."""
 
@@ -57,8 +64,8 @@ class _Zygote:
     key: str
     env_path: Path
     env_inode: int
-    socket: Path
-    """In a directory of its own (the zygote's user's, with `--run-as`), removed when it exits."""
+    control: socket.socket
+    """The node's end of the socketpair the interpreter inherited; closed when it exits."""
     process: asyncio.subprocess.Process
     ready: asyncio.Future[str]
     """'' once serving; otherwise why it is not."""
@@ -69,22 +76,15 @@ class _Zygote:
 
 
 class WarmPool:
-    def __init__(self, directory: Path, secrets: SecretEnv, *, idle_seconds: float = 600.0,
-                 prestart: bool = False, run_as: RunAs | None = None) -> None:
-        """With `run_as`, warm interpreters (and so the runs they fork) run as that user, as spawned runs do.
+    def __init__(self, secrets: SecretEnv, *, idle_seconds: float = 600.0,
+                 prestart: bool = False, run_as: UserPool | None = None) -> None:
+        """With `run_as`, warm interpreters (and so the runs they fork) run as a user of it, as spawned runs do.
 
         `secrets` are left out of every warm interpreter's environment, as of each run: a
         secret first named by a run's environment file is one from then on, and a forked run
         could read the interpreter's environment in /proc/self/environ.
         """
-        directory.mkdir(parents=True, exist_ok=True)
-        self.directory = directory
-        self._temporary: Path | None = None
-        if len(str(directory / f"{'0' * 16}-{'0' * 8}" / "sock")) > MAX_SOCKET_PATH:
-            self._temporary = self.directory = Path(tempfile.mkdtemp(prefix="poltergust-warm-"))
-        self.directory.chmod(0o711 if run_as else 0o700)  # its user reaches its own directory, lists nothing
         self.run_as = run_as
-        self._spawn = spawner(run_as)
         self.secrets = secrets
         self.idle_seconds = idle_seconds
         self.prestart = prestart
@@ -95,33 +95,39 @@ class WarmPool:
 
     # -- the interface the node uses ----------------------------------------
 
-    def launcher(self, env_path: Path, spec: EnvironmentSpec, config: PipelineConfig, note: Note) -> Launcher:
-        """A `sandbox.spawner` for luigi commands of this environment and config; other commands just spawn."""
+    def launcher(self, env_path: Path, spec: EnvironmentSpec, config: PipelineConfig, note: Note,
+                 user: RunAs | None = None) -> Launcher:
+        """A `sandbox.spawner` for luigi commands of this environment and config; other commands just spawn.
+
+        `user`: the run's lease from the pool (with `--run-as`).
+        """
         base = luigi_environ(self.secrets.without_secrets(), spec, dataclasses.replace(config, variables={}), {})
         if self.prestart:
             self._spawn_task(self._prestart(env_path, spec.preload, base))
-        return functools.partial(self.run, env_path, spec.preload, base, note)
+        return functools.partial(self.run, env_path, spec.preload, base, note, user)
 
     async def run(self, env_path: Path, preload: Sequence[str], base: Mapping[str, str], note: Note,
-                  command: Sequence[str], *, env: Mapping[str, str], cwd: Path, sink: Callable[[str], None]) -> int:
+                  user: RunAs | None, command: Sequence[str], *, env: Mapping[str, str], cwd: Path,
+                  sink: Callable[[str], None]) -> int:
         if list(command[:3]) != [str(env_path / "bin" / "python"), "-m", "luigi"]:
-            return await self._spawn(command, env=env, cwd=cwd, sink=sink)
+            return await spawner(user)(command, env=env, cwd=cwd, sink=sink)
         # With --run-as, HOME is each run's private directory: the child takes it, the interpreter need not.
-        startup = {k: v for k, v in env.items() if not (self.run_as and k == "HOME")}
+        startup = {k: v for k, v in env.items() if not (user and k == "HOME")}
         try:
-            zygote = await self._zygote(env_path, preload, _boot_environ(base, startup))
+            zygote = await self._zygote(env_path, preload, _boot_environ(base, startup), user)
             zygote.running += 1
             if zygote.idle is not None:
                 zygote.idle.cancel()
             try:
-                return await fork_run(zygote.socket, list(command[3:]), env, cwd, sink, note)
+                return await fork_run(zygote.control, list(command[3:]), env, cwd, sink, note,
+                                      functools.partial(self._kill, zygote))
             finally:
                 zygote.running -= 1
                 self._idle_later(zygote)
         except WarmUnavailable as exc:
             metrics.WARM_STARTS.labels("fallback").inc()
             note(f"warm start unavailable: {exc}; starting luigi the usual way")
-            return await self._spawn(command, env=env, cwd=cwd, sink=sink)
+            return await spawner(user)(command, env=env, cwd=cwd, sink=sink)
 
     def evicted(self, env_key: str) -> None:
         """The environment cache removed `env_key`: its warm interpreters go too."""
@@ -134,13 +140,12 @@ class WarmPool:
         await asyncio.gather(*(self._stop(z, "the node is stopping") for z in list(self._zygotes.values())))
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        if self._temporary is not None:
-            shutil.rmtree(self._temporary, ignore_errors=True)
 
     # -- starting and stopping ------------------------------------------------
 
-    async def _zygote(self, env_path: Path, preload: Sequence[str], boot: dict[str, str]) -> _Zygote:
-        key = _key(env_path, preload, boot)
+    async def _zygote(self, env_path: Path, preload: Sequence[str], boot: dict[str, str],
+                      user: RunAs | None) -> _Zygote:
+        key = _key(env_path, preload, boot, user)
         async with self._starting:  # one start per key, however many runs ask at once
             zygote = self._zygotes.get(key)
             if zygote is not None and zygote.died:
@@ -154,7 +159,7 @@ class WarmPool:
                 failed = self._failed.get(key)
                 if failed is not None and time.monotonic() < failed[1]:
                     raise WarmUnavailable(failed[0])
-                zygote = await self._start(key, env_path, preload, boot)
+                zygote = await self._start(key, env_path, preload, boot, user)
         problem = await asyncio.shield(zygote.ready)
         if problem:
             if self._zygotes.get(key) is zygote:
@@ -165,31 +170,30 @@ class WarmPool:
 
     async def _prestart(self, env_path: Path, preload: Sequence[str], base: dict[str, str]) -> None:
         with contextlib.suppress(WarmUnavailable):
-            await self._zygote(env_path, preload, _boot_environ(base, base))
+            await self._zygote(env_path, preload, _boot_environ(base, base), self.run_as.first if self.run_as else None)
 
-    async def _start(self, key: str, env_path: Path, preload: Sequence[str], boot: dict[str, str]) -> _Zygote:
-        home = self.directory / f"{key}-{uuid.uuid4().hex[:8]}"  # never the place of one still stopping
-        path = home / "sock"
-        command = [str(env_path / "bin" / "python"), str(ZYGOTE), str(path), *preload]
+    async def _start(self, key: str, env_path: Path, preload: Sequence[str], boot: dict[str, str],
+                     user: RunAs | None) -> _Zygote:
+        control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        control.setblocking(False)
+        leftovers = [END_LEFTOVERS] if user is not None else []
+        command = [str(env_path / "bin" / "python"), str(ZYGOTE), str(theirs.fileno()), *leftovers, *preload]
         try:
             inode = _inode(env_path)
-            home.mkdir(mode=0o700)
-            if self.run_as is not None:
-                os.chown(home, self.run_as.uid, self.run_as.gid)
-                command = self.run_as.command(command)
             process = await asyncio.create_subprocess_exec(
-                *command,
+                *(user.command(command) if user is not None else command),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                env=boot, cwd=str(home), start_new_session=True, limit=1 << 20,
+                env=boot, cwd="/", start_new_session=True, limit=1 << 20, pass_fds=(theirs.fileno(),),
             )
         except OSError as exc:
-            shutil.rmtree(home, ignore_errors=True)
+            control.close()
             raise WarmUnavailable(f"cannot start a warm interpreter: {exc}") from None
-        zygote = _Zygote(key, env_path, inode, path, process, asyncio.get_running_loop().create_future())
+        finally:
+            theirs.close()
+        zygote = _Zygote(key, env_path, inode, control, process, asyncio.get_running_loop().create_future())
         self._zygotes[key] = zygote
         metrics.WARM_INTERPRETERS.inc()
         self._spawn_task(self._watch(zygote, time.monotonic()))
-        self._idle_later(zygote)
         return zygote
 
     async def _watch(self, zygote: _Zygote, started: float) -> None:
@@ -203,9 +207,12 @@ class WarmPool:
                     break
                 if line.startswith(READY):
                     info = json.loads(line.split(" ", 1)[1])
-                    log.info("warm interpreter for environment %s started: pid %d, Python %s, %.2fs",
-                             zygote.env_path.name, info["pid"], info["python"], time.monotonic() - started)
+                    inside = f" ({info['pid']} in its sandbox)" if info["pid"] != zygote.process.pid else ""
+                    log.info("warm interpreter for environment %s started: pid %d%s, Python %s, %.2fs",
+                             zygote.env_path.name, zygote.process.pid, inside, info["python"],
+                             time.monotonic() - started)
                     zygote.ready.set_result("")
+                    self._idle_later(zygote)  # idle from when it serves: a slow start is not idleness
                 elif line.startswith(REFUSED):
                     zygote.ready.set_result(f"the warm interpreter refused to serve: {json.loads(line.split(' ', 1)[1])}")
                 else:
@@ -222,7 +229,7 @@ class WarmPool:
         elif not zygote.stopping and not zygote.ready.result():
             zygote.died = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
             log.warning("warm interpreter for environment %s died (%s)", zygote.env_path.name, zygote.died)
-        shutil.rmtree(zygote.socket.parent, ignore_errors=True)
+        zygote.control.close()
 
     def _idle_later(self, zygote: _Zygote) -> None:
         if zygote.idle is not None:
@@ -253,14 +260,23 @@ class WarmPool:
                 zygote.process.kill()
             await zygote.process.wait()
 
+    def _kill(self, zygote: _Zygote) -> None:
+        """A run it was told to stop did not: end the interpreter (with `--run-as`, its whole sandbox)."""
+        log.warning("warm interpreter for environment %s did not stop a run; killing it", zygote.env_path.name)
+        if self._zygotes.get(zygote.key) is zygote:
+            del self._zygotes[zygote.key]
+        zygote.stopping = True
+        with contextlib.suppress(ProcessLookupError):
+            zygote.process.kill()
+
     def _spawn_task(self, coroutine: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
 
-def _key(env_path: Path, preload: Sequence[str], boot: Mapping[str, str]) -> str:
-    identity = json.dumps([str(env_path), list(preload), sorted(boot.items())])
+def _key(env_path: Path, preload: Sequence[str], boot: Mapping[str, str], user: RunAs | None) -> str:
+    identity = json.dumps([str(env_path), list(preload), sorted(boot.items()), user and user.uid])
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 

@@ -1,35 +1,49 @@
 """A warm interpreter: luigi imported once, one forked child per luigi run.
 
-A node starts it as `ENV/bin/python zygote.py SOCKET [MODULE ...]` in a
-pipeline's environment, so it uses the standard library only and runs on
+A node starts it as `ENV/bin/python zygote.py FD [--end-leftovers] [MODULE ...]`
+in a pipeline's environment, so it uses the standard library only and runs on
 every Python an environment may use (3.8 and later). It imports luigi and the
 MODULEs (an environment's `preload:`), refuses to serve if that left a thread
 running (forking a threaded process can deadlock the child), makes itself
-non-dumpable (runs, which may share its user, cannot trace it), and serves on
-a Unix socket (mode 0600) until its standard input, a pipe from the node,
-is closed.
+non-dumpable (runs, which may share its user, can neither trace it nor reach
+its descriptors through /proc) and serves until its standard input, a pipe
+from the node, is closed.
 
-Per run, the node connects and sends a 4-byte big-endian length and a JSON
-object `{"argv": [...], "env": {...}, "cwd": "..."}`, with the write end of
-the run's output pipe passed as SCM_RIGHTS. The zygote forks; the child starts
-its own session, sends `{"pid": N}`, becomes dumpable, restores a fresh
-interpreter's signal handlers, takes the run's environment (all of it),
-working directory and output, resets luigi's configuration, reseeds `random`
-and runs luigi as `python -m luigi ARGV` would, sending `{"exit": CODE}` just
-before exiting. The zygote reaps it and sends `{"status": CODE}` (negative:
-killed by that signal), which the node trusts first (the child's own report
-counts only if the zygote died meanwhile).
+There is no socket in the filesystem: FD is one end of a socketpair the node
+made (SOCK_SEQPACKET), inherited at start, and no run holds it. Per run, the
+node sends on it one message `run` carrying three descriptors: a stream
+socket (the run's connection to the zygote), a second one (the child's own
+report) and the write end of the run's output pipe. On the connection it
+then sends a 4-byte big-endian length and a JSON object `{"argv": [...],
+"env": {...}, "cwd": "..."}`, checked before use: anything else is answered
+with `{"error": ...}`, and the zygote serves on. The zygote forks and sends
+`{"pid": N}`; the child starts its own session, closes the connection,
+becomes dumpable, restores a fresh interpreter's signal handlers, takes the
+run's environment (all of it), working directory and output, resets luigi's
+configuration, reseeds `random` and runs luigi as `python -m luigi ARGV`
+would, sending `{"exit": CODE}` on its report socket just before exiting.
+The zygote reaps it and sends `{"status": CODE}` (negative: killed by that
+signal) on the connection, which the node trusts first (the child's own
+report counts only if the zygote died meanwhile; a run cannot write on the
+zygote's connection). When the node shuts the connection for writing (or
+closes it), the run is stopped: SIGTERM to its process group, SIGKILL after a
+grace period.
 
-When the node is gone (standard input closed) or on SIGTERM, the zygote stops
-its children's process groups (SIGTERM, then SIGKILL after a grace period) and
-exits: no run outlives its node.
+With `--end-leftovers` (the node starts it so only in a PID namespace of its
+own, as a user of its own serving one run at a time), once no run is left
+every other process in the namespace is killed: nothing a run started (a
+daemon that left its session, say) outlives it.
+
+When the node is gone (standard input or FD closed) or on SIGTERM, the zygote
+stops its children's process groups (SIGTERM, then SIGKILL after a grace
+period) and exits: no run outlives its node.
 """
 import contextlib
 import gc
 import importlib
+import importlib.util
 import json
 import os
-import random
 import selectors
 import signal
 import socket
@@ -43,6 +57,19 @@ READY = "poltergust-zygote-ready"
 REFUSED = "poltergust-zygote-refused"
 GRACE_SECONDS = 5.0
 MAX_REQUEST = 8 << 20
+END_LEFTOVERS = "--end-leftovers"
+
+
+def _sibling(name):
+    """A standard-library module beside this file, loaded by path (this directory is not on sys.path)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
+    spec = importlib.util.spec_from_file_location("_poltergust_" + name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RUN = _sibling("zygote_run")
 
 
 def main(argv):
@@ -50,7 +77,9 @@ def main(argv):
     here = os.path.dirname(os.path.abspath(__file__))
     if sys.path and os.path.abspath(sys.path[0] or ".") == here:
         del sys.path[0]  # the directory of this file is not the pipeline's to import from
-    socket_path, preload = argv[0], argv[1:]
+    control, preload = int(argv[0]), argv[1:]
+    end_leftovers = preload[:1] == [END_LEFTOVERS]
+    preload = preload[1:] if end_leftovers else preload
     boot_config_path = os.environ.get("LUIGI_CONFIG_PATH")
     for name in ["luigi", "luigi.cmdline", "luigi.configuration"] + preload:
         try:
@@ -69,7 +98,7 @@ def main(argv):
     gc.collect()
     if hasattr(gc, "freeze"):
         gc.freeze()  # keeps the collector from touching (and so copying) the preloaded objects in children
-    Zygote(socket_path, fresh_handlers, pristine).serve()
+    Zygote(control, fresh_handlers, pristine, end_leftovers).serve()
 
 
 def _set_dumpable(dumpable):
@@ -118,14 +147,17 @@ def _refuse(reason):
 
 
 class Zygote:
-    def __init__(self, socket_path, fresh_handlers, pristine):
+    def __init__(self, control, fresh_handlers, pristine, end_leftovers):
         self.fresh_handlers = fresh_handlers
         self.pristine = pristine
+        self.end_leftovers = end_leftovers
         self.stopping = False
         self.children = {}
         """pid -> the connection of its run (None once the node closed it)."""
+        self.deadlines = {}
+        """pid -> when its process group gets SIGKILL (the node stopped the run)."""
         self.connections = {}
-        """socket -> [received bytes, received descriptors]."""
+        """socket -> [received bytes, [report socket, output descriptor]]."""
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.wake_r, self.wake_w):
@@ -134,15 +166,9 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # a Python handler, so the wakeup fd hears it
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._stop)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        mask = os.umask(0o177)
-        try:
-            self.listener.bind(socket_path)
-        finally:
-            os.umask(mask)
-        self.listener.listen(64)
-        self.listener.setblocking(False)
-        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+        self.control = socket.socket(fileno=control)
+        self.control.setblocking(False)
+        self.selector.register(self.control, selectors.EVENT_READ, self._accept)
         self.selector.register(0, selectors.EVENT_READ, self._control)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._reap)
 
@@ -153,8 +179,13 @@ class Zygote:
         sys.stdout.write("{} {}\n".format(READY, json.dumps({"pid": os.getpid(), "python": sys.version.split()[0]})))
         sys.stdout.flush()
         while not self.stopping:
-            for key, _ in self.selector.select():
+            timeout = max(0.0, min(self.deadlines.values()) - time.monotonic()) if self.deadlines else None
+            for key, _ in self.selector.select(timeout):
                 key.data(key.fileobj)
+            for pid, deadline in list(self.deadlines.items()):
+                if deadline <= time.monotonic():
+                    del self.deadlines[pid]
+                    _kill_group(pid, signal.SIGKILL)
         self._stop_children()
 
     def _control(self, _):
@@ -165,85 +196,112 @@ class Zygote:
             self.stopping = True
 
     def _accept(self, _):
+        """A message from the node on the inherited socket: `run` with the run's three descriptors."""
         try:
-            connection, _ = self.listener.accept()
+            data, ancillary, flags, _ = self.control.recvmsg(64, socket.CMSG_SPACE(4 * 16))
         except (BlockingIOError, InterruptedError):
             return
+        except OSError:
+            data, ancillary, flags = b"", [], 0
+        fds = []
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds += list(struct.unpack("{}i".format(usable // 4), payload[:usable]))
+        if not data and not fds:
+            self.stopping = True  # the node is gone
+            return
+        if data != b"run" or len(fds) != 3 or flags & socket.MSG_CTRUNC:
+            _release(fds)
+            return  # nobody to answer: not the node's message
+        connection = socket.socket(fileno=fds[0])
+        report = socket.socket(fileno=fds[1])
         connection.setblocking(False)
-        self.connections[connection] = [b"", []]
+        self.connections[connection] = [b"", [report, fds[2]]]
         self.selector.register(connection, selectors.EVENT_READ, self._receive)
 
     def _receive(self, connection):
         state = self.connections[connection]
         try:
-            data, ancillary, flags, _ = connection.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 16))
+            data = connection.recv(1 << 16)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data, ancillary, flags = b"", [], 0
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % 4
-                state[1] += list(struct.unpack("{}i".format(usable // 4), payload[:usable]))
+            data = b""
         if not data:
             self._close(connection)
             return
         state[0] += data
         if len(state[0]) >= 4:
             size = struct.unpack(">I", state[0][:4])[0]
-            if size > MAX_REQUEST or flags & socket.MSG_CTRUNC:
-                self._answer(connection, {"error": "request refused (too large, or descriptors lost)"})
-                self._close(connection)
+            if size > MAX_REQUEST:
+                self._refuse(connection, "request refused: {} bytes, more than {}".format(size, MAX_REQUEST))
             elif len(state[0]) >= 4 + size:
+                try:
+                    request = json.loads(state[0][4:4 + size].decode("utf-8"))
+                    problem = RUN.problem(request)
+                except ValueError as exc:
+                    problem = "not a JSON request: {}".format(exc)
+                if problem:
+                    self._refuse(connection, "request refused: " + problem)
+                    return
                 self.selector.unregister(connection)  # one request per connection
-                fds, state[1] = state[1], []
-                self._start(connection, json.loads(state[0][4:4 + size].decode("utf-8")), fds)
+                self._start(connection, request)
+
+    def _refuse(self, connection, why):
+        self._answer(connection, {"error": why})
+        self._close(connection)
 
     def _close(self, connection):
         state = self.connections.pop(connection, None)
         if state is None:
             return
-        for fd in state[1]:
-            os.close(fd)
+        _release(state[1])
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(connection)
         for pid, owner in list(self.children.items()):
             if owner is connection:  # the node gave up on this run: it ends with its connection
                 self.children[pid] = None
-                _kill_group(pid, signal.SIGTERM)
+                self._end(pid)
         connection.close()
 
-    def _start(self, connection, request, fds):
-        if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            self._answer(connection, {"error": "expected one output descriptor, got {}".format(len(fds))})
-            return
-        output = fds[0]
+    def _end(self, pid):
+        """Stop a run the node gave up on: SIGTERM to its process group now, SIGKILL after the grace period."""
+        _kill_group(pid, signal.SIGTERM)
+        self.deadlines.setdefault(pid, time.monotonic() + GRACE_SECONDS)
+
+    def _start(self, connection, request):
+        report, output = self.connections[connection][1]
+        self.connections[connection][1] = []
         sys.stdout.flush()
         sys.stderr.flush()
         try:
             pid = os.fork()
         except OSError as exc:
-            os.close(output)
-            self._answer(connection, {"error": "fork failed: {}".format(exc)})
+            _release([report, output])
+            self._refuse(connection, "fork failed: {}".format(exc))
             return
         if pid == 0:
-            self._child(connection, request, output)
-        os.close(output)
+            self._child(connection, request, report, output)
+        _release([report, output])
         self.children[pid] = connection
-        # Notice the node closing the connection even while the child runs.
+        self._answer(connection, {"pid": pid})
+        # Notice the node shutting or closing the connection even while the child runs.
         self.selector.register(connection, selectors.EVENT_READ, self._watch)
 
     def _watch(self, connection):
         try:
             if connection.recv(4096):
-                return
+                return  # nothing more is expected; ignored
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            pass
-        self._close(connection)
+            self._close(connection)
+            return
+        self.selector.unregister(connection)  # shut for writing: stop the run, still answer its status
+        for pid, owner in self.children.items():
+            if owner is connection:
+                self._end(pid)
 
     def _answer(self, connection, message):
         try:
@@ -269,8 +327,16 @@ class Zygote:
                 return
             code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
             connection = self.children.pop(pid, None)
+            self.deadlines.pop(pid, None)
+            if self.end_leftovers and not self.children:
+                with contextlib.suppress(OSError):
+                    os.kill(-1, signal.SIGKILL)  # all else in this PID namespace the run's user can signal
             if connection is not None:
                 self._answer(connection, {"status": code})
+                self.connections.pop(connection, None)
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(connection)
+                connection.close()
 
     def _stop_children(self):
         """The node is gone or asked us to stop: no run outlives it."""
@@ -285,30 +351,26 @@ class Zygote:
             if not self.children:
                 break
             deadline = time.monotonic() + GRACE_SECONDS
-        with contextlib.suppress(OSError):
-            os.unlink(self.listener.getsockname())
 
     # -- in the child ------------------------------------------------------
 
-    def _child(self, connection, request, output):
+    def _child(self, connection, request, report, output):
         code = 1
         try:
             os.setsid()
+            connection.close()  # the zygote's: a run cannot speak for it
             _set_dumpable(True)  # the run is an ordinary process, as if started afresh
-            connection.setblocking(True)
-            connection.sendall((json.dumps({"pid": os.getpid()}) + "\n").encode())
+            report.setblocking(True)
             signal.set_wakeup_fd(-1)
             for sig, handler in self.fresh_handlers.items():
                 with contextlib.suppress(OSError, ValueError, TypeError):
                     signal.signal(sig, handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             self.selector.close()
-            self.listener.close()
+            self.control.close()
             for other, (_, pending) in self.connections.items():
-                for fd in pending:
-                    os.close(fd)
-                if other is not connection:
-                    other.close()
+                _release(pending)
+                other.close()
             os.close(self.wake_r)
             os.close(self.wake_w)
             null = os.open(os.devnull, os.O_RDWR)
@@ -317,81 +379,21 @@ class Zygote:
             os.dup2(output, 2)
             os.close(null)
             os.close(output)
-            os.environ.clear()
-            os.environ.update(request["env"])
-            os.chdir(request["cwd"])
-            time.tzset()
-            self._reset_luigi()
-            random.seed()
-            code = _run_luigi(request["argv"])
+            code = RUN.run(request, self.pristine)
         except BaseException:  # noqa: B036 -- the child must end here, never return into the zygote's loop
             traceback.print_exc()
-        _exit(connection, code)
+        RUN.exit(report, code)
 
-    def _reset_luigi(self):
-        """Forget the zygote's luigi configuration; read the run's (LUIGI_CONFIG_PATH, ./luigi.cfg) when used."""
-        from luigi.configuration import core
-        from luigi import cmdline_parser
-
-        for cls, paths in self.pristine.items():
-            cls._instance = None
-            cls._config_paths = list(paths)
-        cmdline_parser.CmdlineParser._instance = None
-        if "LUIGI_CONFIG_PATH" in os.environ:
-            core.add_config_path(os.environ["LUIGI_CONFIG_PATH"])
+def _release(held):
+    """Close received descriptors (sockets or numbers)."""
+    for item in held:
+        with contextlib.suppress(OSError):
+            item.close() if isinstance(item, socket.socket) else os.close(item)
 
 
 def _kill_group(pid, sig):
     with contextlib.suppress(OSError):
         os.killpg(pid, sig)
-
-
-def _run_luigi(argv):
-    """What `python -m luigi ARGV` does, returning the exit code that interpreter would have."""
-    import luigi
-    import luigi.cmdline
-
-    sys.argv = [os.path.join(os.path.dirname(luigi.__file__), "__main__.py")] + list(argv)
-    if not getattr(sys.flags, "safe_path", False):
-        sys.path.insert(0, os.getcwd())  # as `-m` puts the working directory first
-    try:
-        luigi.cmdline.luigi_run(list(argv))
-        return 0
-    except SystemExit as exc:
-        if exc.code is None:
-            return 0
-        if isinstance(exc.code, int):
-            return exc.code
-        print(exc.code, file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        traceback.print_exc()
-        return -signal.SIGINT
-
-
-def _exit(connection, code):
-    """End the child as an interpreter exiting normally would: threads joined, atexit run, output flushed."""
-    try:
-        shutdown = getattr(threading, "_shutdown", None)
-        if shutdown is not None:
-            shutdown()
-        import atexit
-        atexit._run_exitfuncs()
-    except BaseException:  # noqa: B036
-        traceback.print_exc()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:  # noqa: B036
-            pass
-    try:
-        connection.sendall((json.dumps({"exit": code}) + "\n").encode())
-    except BaseException:  # noqa: B036
-        pass
-    if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    os._exit(code & 0xFF)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class Node:
     def __init__(self, settings: Settings, events: EventSource, environments: Environments) -> None:
         self.settings = settings
         self.secrets = environments.secret_env
-        self.warm = WarmPool(settings.data_dir / "warm", self.secrets,
+        self.warm = WarmPool(self.secrets,
                              idle_seconds=settings.warm_idle_seconds,
                              prestart=settings.warm_prestart, run_as=settings.run_as) if settings.warm else None
         self.events = events
@@ -269,7 +269,7 @@ async def serve(settings: Settings) -> None:
                         settings.subscription))
         node = Node(settings, events, Environments(settings.env_dir, cache_size=settings.env_cache_size,
                                                    share=settings.share_environments, share_key=settings.share_key,
-                                                   secret_names=settings.secret_env,
+                                                   secret_names=settings.secret_env, builders=settings.run_as,
                                                    on_evict=lambda key: node.warm and node.warm.evicted(key)))
         if settings.http_port:
             await stack.enter_async_context(health_server(node.problem, settings.http_host, settings.http_port))

@@ -213,12 +213,17 @@ class Run:
                             node_extra_environ(self.settings.node_name, key.url(), key.generation))
         if uploaded is not None:
             metrics.PICKUP_SECONDS.observe(max(0.0, (_now() - uploaded).total_seconds()))
-        run_as = self.settings.run_as
-        async with work_directory(self.settings.data_dir / "work", safe_name(self.name), run_as) as cwd:
+        async with contextlib.AsyncExitStack() as stack:
+            run_as = None
+            if self.settings.run_as is not None:
+                run_as = await stack.enter_async_context(self.settings.run_as.lease(
+                    lambda: runlog.note("waiting for a free pipeline user (all of --run-as-pool are taken)")))
+            cwd = await stack.enter_async_context(
+                work_directory(self.settings.data_dir / "work", safe_name(self.name), run_as))
             if run_as is not None:
                 env["HOME"] = str(cwd)
             warm = context.warm if config.warm else None
-            start = warm.launcher(env_path, spec, config, runlog.note) if warm is not None else spawner(run_as)
+            start = warm.launcher(env_path, spec, config, runlog.note, run_as) if warm is not None else spawner(run_as)
             outcome = await Participation(command, env=env, cwd=cwd, runlog=runlog, scheduler_url=scheduler,
                                           outage_limit=self.settings.outage_limit, assistant=assistant,
                                           recruit=self.membership.recruit, start=start).run()

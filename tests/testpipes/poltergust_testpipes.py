@@ -192,3 +192,73 @@ class Report(_Output):
             "value": os.environ.get(self.variable) if self.variable else None, "at_import": AT_IMPORT,
             "threads": threading.active_count(),
         }))
+
+
+class Intrude(_Output):
+    """What a hostile pipeline tries under --run-as (tests/test_sandbox.py); writes what it reached as JSON.
+
+    It leaves a daemon behind (its own session, double-forked) holding a lock on `out-dir/daemon.lock`; it
+    opens every other process's working directory and environment, lists and opens `env-dir/.locks`, and
+    writes a .pth file into every cached environment and a file into the cache itself.
+    """
+
+    env_dir = luigi.Parameter()
+    secret = luigi.Parameter(default="")
+    """A value that must not be found in any process's environment."""
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "intrude.json"))
+
+    def run(self):
+        import fcntl
+        import glob
+
+        os.makedirs(self.out_dir, exist_ok=True)
+        found = {"uid": os.getuid(), "pid": os.getpid(), "cwds": [], "environ": [], "secret": [], "wrote": [],
+                 "locks": None, "signalled": []}
+        if os.fork() == 0:  # the daemon: its own session, its parent gone, the lock held for as long as it lives
+            os.setsid()
+            if os.fork() == 0:
+                lock = os.open(os.path.join(self.out_dir, "daemon.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                with open(os.path.join(self.out_dir, "daemon.started"), "w"):
+                    pass
+                while True:
+                    time.sleep(1)
+            os._exit(0)
+        while not os.path.exists(os.path.join(self.out_dir, "daemon.started")):
+            time.sleep(0.05)
+        for pid in (p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()):
+            try:
+                found["cwds"].append([pid, os.readlink(f"/proc/{pid}/cwd"), os.listdir(f"/proc/{pid}/cwd/")])
+            except OSError:
+                pass
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as handle:
+                    environ = handle.read()
+                found["environ"].append(pid)
+                if self.secret and self.secret.encode() in environ:
+                    found["secret"].append(pid)
+            except OSError:
+                pass
+            try:
+                os.kill(int(pid), 0)
+                found["signalled"].append(pid)
+            except OSError:
+                pass
+        try:
+            found["locks"] = os.listdir(os.path.join(self.env_dir, ".locks"))
+            for name in found["locks"]:
+                fcntl.flock(os.open(os.path.join(self.env_dir, ".locks", name), os.O_RDONLY), fcntl.LOCK_SH)
+        except OSError as exc:
+            found["locks_error"] = str(exc)
+        targets = [os.path.join(self.env_dir, "planted.txt")]
+        targets += [os.path.join(site, "intruder.pth") for site in glob.glob(f"{self.env_dir}/*/lib/*/site-packages")]
+        for target in targets:
+            try:
+                with open(target, "w") as handle:
+                    handle.write("import os; os.environ['INTRUDED'] = '1'\n")
+                found["wrote"].append(target)
+            except OSError:
+                pass
+        self._write(json.dumps(found))
