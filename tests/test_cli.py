@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import WHEELHOUSE
-from stack import ROOT, Server, _http_ok, free_port, wait_for
-from test_node import result, submit
+from harness import ROOT, WHEELHOUSE, Server, free_port, http_ok, result, submit, wait_for
 
 
 def poltergust(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -99,6 +97,7 @@ def test_unreachable_bucket_gives_a_clear_error(tmp_path: Path) -> None:
     assert status.stderr.startswith("poltergust status: gs://nowhere/pipeline:")
 
 
+@pytest.mark.stack  # luigid and nodes of its own
 def test_demo_runs_to_completion(wheelhouse: Path) -> None:
     env = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(WHEELHOUSE))
     demo = poltergust("demo", env=env, timeout=300)
@@ -129,6 +128,7 @@ def test_luigi_runtasks_entry_point_runs_a_node(bucket, luigid, environment_yaml
 
 
 @pytest.mark.parametrize("backend", ["local"], indirect=True)
+@pytest.mark.stack  # luigid and nodes of its own
 def test_nodes_without_scheduler_url_share_an_embedded_luigid(bucket, environment_yaml: str, tmp_path: Path,
                                                               env_dir: Path) -> None:
     port = str(free_port())
@@ -154,6 +154,7 @@ def test_nodes_without_scheduler_url_share_an_embedded_luigid(bucket, environmen
             node.stop()
 
 
+@pytest.mark.stack  # luigid and nodes of its own
 def test_demo_stops_everything_on_ctrl_c(wheelhouse: Path, tmp_path: Path) -> None:
     env = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(WHEELHOUSE))
     demo = Server("demo", [sys.executable, "-m", "poltergust", "demo"], tmp_path / "demo.log", env=env, cwd=ROOT)
@@ -161,7 +162,7 @@ def test_demo_stops_everything_on_ctrl_c(wheelhouse: Path, tmp_path: Path) -> No
         wait_for(lambda: demo.check_alive() or "are watching" in demo.output(), 120, "the demo's nodes")
         root = Path(demo.output().split("demo directory: ", 1)[1].split()[0])
         dashboard = demo.output().split("dashboard: ", 1)[1].split()[0]
-        assert _http_ok(dashboard + "nodes"), "the demo serves the dashboard"
+        assert http_ok(dashboard + "nodes"), "the demo serves the dashboard"
         demo.process.send_signal(signal.SIGINT)
         assert demo.process.wait(timeout=30) == 130
         assert "interrupted; everything is stopped" in demo.output()
