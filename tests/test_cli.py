@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import ROOT, WHEELHOUSE, Server, free_port, http_ok, result, submit, wait_for
+from harness import ROOT, WHEELHOUSE, Node, Server, free_port, http_ok, result, submit, wait_for
 
 
 def poltergust(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -132,13 +132,12 @@ def test_luigi_runtasks_entry_point_runs_a_node(bucket, luigid, environment_yaml
 def test_nodes_without_scheduler_url_share_an_embedded_luigid(bucket, environment_yaml: str, tmp_path: Path,
                                                               env_dir: Path) -> None:
     port = str(free_port())
-    nodes = [Server(name, [sys.executable, "-m", "poltergust.async_worker", "--path", str(bucket.root / "pipeline"),
-                           "--node-name", name, "--data-dir", str(tmp_path / name), "--env-dir", str(env_dir),
-                           "--embedded-scheduler-port", port], tmp_path / f"{name}.log", cwd=ROOT)
+    nodes = [Node.launch(name, tmp_path, "--embedded-scheduler-port", port, path=str(bucket.root / "pipeline"),
+                         scheduler_url=None, env_dir=env_dir, data_dir=tmp_path / name, wait=False)
              for name in ("first", "second")]
     try:
         for node in nodes:
-            wait_for(lambda: node.check_alive() or "ready: subscribed" in node.output(), 60, f"{node.name} ready")
+            node.wait_ready()
         started = [n for n in nodes if f"started a luigi scheduler at http://127.0.0.1:{port}" in n.output()]
         assert len(started) == 1, "exactly one node starts luigid; the other joins it"
         assert all(f"http://127.0.0.1:{port}" in n.output() for n in nodes)

@@ -178,17 +178,19 @@ class Node(Server):
         )
 
     @classmethod
-    def launch(cls, name: str, workdir: Path, *extra: str, path: str, scheduler_url: str, env_dir: Path,
+    def launch(cls, name: str, workdir: Path, *extra: str, path: str, scheduler_url: str | None, env_dir: Path,
                data_dir: Path | None = None, pubsub_host: str | None = None, storage_url: str = "",
                project: str = PROJECT, topic: str = TOPIC, subscription: str | None = None,
                env: Mapping[str, str] | None = None, env_overrides: Mapping[str, str] | None = None,
                wait: bool = True) -> Node:
         """Start a node watching `path`: a directory, or with `pubsub_host` a bucket served at `storage_url`.
 
-        `env` replaces this process's environment as the base, `env_overrides` win over the emulators' variables;
-        `extra` flags come last, so they win too.
+        Without `scheduler_url` the nodes share an embedded luigid. `env` replaces this process's environment
+        as the base; `env_overrides` win over the emulators' variables, and `extra` flags, coming last, over all.
         """
-        args = ["--path", path, "--scheduler-url", scheduler_url, "--env-dir", str(env_dir)]
+        args = ["--path", path, "--env-dir", str(env_dir)]
+        if scheduler_url is not None:
+            args += ["--scheduler-url", scheduler_url]
         if data_dir is not None:
             args += ["--data-dir", str(data_dir)]
         environ = dict(os.environ if env is None else env)
