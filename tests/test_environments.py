@@ -77,12 +77,12 @@ def test_second_run_is_a_cache_hit_and_an_edited_file_builds_anew(
 ) -> None:
     start_node("node-a")
     submit(bucket, "first", pipe_task("Touch", tmp_path / "out" / "first"),
-           offline(wheelhouse, "luigi", "poltergust-testpipes"), environment="test")
+           offline(wheelhouse, "luigi", "poltergust-testpipes"))
     result(bucket, "first", "done")
     assert "building environment" in run_log(tmp_path, "node-a", "first")
     [key] = built_keys(env_dir)
 
-    submit(bucket, "second", pipe_task("Touch", tmp_path / "out" / "second"), environment="test")
+    submit(bucket, "second", pipe_task("Touch", tmp_path / "out" / "second"))
     result(bucket, "second", "done")
     second = run_log(tmp_path, "node-a", "second")
     assert f"environment {key} is ready (cached)" in second
@@ -90,7 +90,7 @@ def test_second_run_is_a_cache_hit_and_an_edited_file_builds_anew(
 
     # Same packages, different file: a new environment; the old one stays cached.
     submit(bucket, "third", pipe_task("Touch", tmp_path / "out" / "third"),
-           offline(wheelhouse, "luigi", "poltergust-testpipes", "six"), environment="test")
+           offline(wheelhouse, "luigi", "poltergust-testpipes", "six"))
     result(bucket, "third", "done")
     assert "building environment" in run_log(tmp_path, "node-a", "third")
     assert key in built_keys(env_dir) and len(built_keys(env_dir)) == 2

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from harness import TOPIC, Bucket, result, submit, wait_for
 
 TOUCH = {"name": "Touch", "module": "poltergust_testpipes"}
