@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import ROOT, leftovers, markdown
+from harness import ROOT, leftovers
 from harness.markdown import number
+from harness.markdown import tables as markdown_tables
 
 pytestmark = pytest.mark.stack  # the benchmarks start luigid, the emulators and nodes
 
@@ -54,7 +55,7 @@ def test_quick_benchmark_measures_everything(tmp_path: Path) -> None:
     assert "Command: `python benchmarks/run.py --quick" in text
     for fact in ("nproc", "CPU", "memory", "Python"):
         assert f"{fact} " in text, fact
-    tables = markdown.tables(text)
+    tables = markdown_tables(text)
     compare = tables["Poltergust against the original"]
     alone = tables["Poltergust alone, and the floor"]
     targets = tables["Targets"]
@@ -116,7 +117,7 @@ def test_dashboard_benchmark_runs_and_counts_right(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dashboard.py"), "--quick", "--workdir",
                              str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
-    rows = markdown.tables(result.stdout)["Dashboard with 500 finished pipelines and 5 waiting"]
+    rows = markdown_tables(result.stdout)["Dashboard with 500 finished pipelines and 5 waiting"]
     assert {row[0] for row in rows} == {"local directory", "GCS emulator"}
     assert len(rows) == 14 and all(number(row[2]) > 0 for row in rows)
     assert leftovers(tmp_path) == []
@@ -140,7 +141,7 @@ def test_quick_fleet_benchmark_measures_every_count(tmp_path: Path) -> None:
 
     text = markdown.read_text()
     assert text.startswith(FLEET) and "Command: `python benchmarks/fleet.py --quick" in text
-    tables = markdown.tables(text)
+    tables = markdown_tables(text)
     single = tables["(a) a one-task pipeline"]
     wide = tables["(b) a graph of 6 independent 1 s tasks"]
     idle = tables["Idle nodes"]
