@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -19,24 +18,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 _STOPPERS: list[Callable[[], object]] = []
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
-    """Poll `condition` until it returns something truthy; raise after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def register(stop: Callable[[], object]) -> None:
@@ -225,18 +206,23 @@ class Proc:
                 pass
         family += descendants(self.pid) if self.process.poll() is None else []
         _kill_group(self.pid, signal.SIGKILL)
-        for member in family:  # children that moved to sessions of their own
-            _kill_group(member, signal.SIGKILL)
-            try:
-                os.kill(member, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(family)
         if self.process.poll() is None:
             self.process.wait(5)
         if self._drain is not None:
             self._drain.join(5)
         if not self._log.closed:
             self._log.close()
+
+
+def kill_all(pids: Sequence[int]) -> None:
+    """SIGKILL each process and its group: children that moved to sessions of their own."""
+    for member in pids:
+        _kill_group(member, signal.SIGKILL)
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _kill_group(pid: int, sig: int) -> None:

@@ -41,19 +41,17 @@ def machine() -> dict[str, str]:
     }
 
 
-def write_section(path: Path, heading: str, text: str) -> None:
-    """Replace the section of `path` whose heading line starts with `heading` by `text` (appended if missing).
+def write_section(path: Path, heading: str, text: str, append: bool = True) -> None:
+    """Replace the section of `path` whose heading line starts with `heading` by `text`.
 
-    A file that does not exist gets `text` as its whole content.
+    A file without that section gets `text` appended, or with `append=False` becomes `text` alone (as a
+    scratch file named by --markdown does); a file that does not exist gets `text` as its whole content.
     """
-    if not path.exists():
-        path.write_text(text)
-        return
-    lines = path.read_text().splitlines(keepends=True)
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
     start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
     if start is None:
-        body = "".join(lines).rstrip("\n")
-        path.write_text(body + "\n\n" + text.rstrip("\n") + "\n")
+        body = "".join(lines).rstrip("\n") if append else ""
+        path.write_text(body + "\n\n" + text.rstrip("\n") + "\n" if body else text)
         return
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     tail = "".join(lines[end:])

@@ -17,11 +17,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _procs import Proc, free_port, wait_for
+from _procs import Proc, descendants, kill_all, register
+from harness import Node, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL_REQUIREMENT = "luigi-poltergust==0.0.5"
@@ -248,16 +249,14 @@ def wait_trial(ws: Workspace, name: str, submitted: float, node_output: callable
 
 # -- Poltergust ---------------------------------------------------------------
 
-class OurNode(Proc):
-    def __init__(self, name: str, args: list[str], log_path: Path, env: Mapping[str, str]) -> None:
-        self.node_name = name
+class OurNode(Node):
+    """The harness's node with a health port: ready once /healthz answers; stopped by `stop_all()` if not before,
+    together with every process it started (a forked luigi runs in a session of its own)."""
+
+    def __init__(self, name: str, workdir: Path, args: Sequence[str], env: Mapping[str, str]) -> None:
         self.http_port = free_port()
-        super().__init__(
-            f"node {name}",
-            [sys.executable, "-m", "poltergust.async_worker", "--node-name", name, "--http-port", str(self.http_port),
-             *args],
-            log_path, env=env, cwd=ROOT,
-        )
+        super().__init__(name, workdir, ["--http-port", str(self.http_port), *args], env)
+        register(self.stop)
 
     def ready(self) -> bool:
         self.check_alive()
@@ -266,6 +265,14 @@ class OurNode(Proc):
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self._log.closed:  # stopped already: stop_all() comes after Ours.stop()
+            return self.process.returncode
+        family = descendants(self.pid) if self.process.poll() is None else []
+        code = super().stop(timeout)
+        kill_all(family)
+        return code
 
 
 @dataclass
@@ -282,10 +289,10 @@ class Ours:
         started = []
         for _ in range(count):
             name = self.ws.name(tag)
-            args = ["--path", path or str(self.ws.pipeline), "--scheduler-url", self.ws.scheduler_url,
-                    "--data-dir", str(self.ws.root / "nodes" / name), "--env-dir", str(self.env_dir), *self.extra,
-                    *extra]
-            started.append(OurNode(name, args, self.ws.logs / f"{name}.log", env or clean_environ()))
+            started.append(OurNode.launch(
+                name, self.ws.logs, *self.extra, *extra, path=path or str(self.ws.pipeline),
+                scheduler_url=self.ws.scheduler_url, env_dir=self.env_dir, data_dir=self.ws.root / "nodes" / name,
+                env=env or clean_environ(), wait=False))
         for node in started:
             wait_for(node.ready, 90, f"{node.name} to be ready")
         self.nodes += started

@@ -26,8 +26,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from _procs import free_port, wait_for  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))  # the harness
+from harness import free_port, wait_for  # noqa: E402
 
 WAITING = 5
 SNAPSHOT_SECONDS = 2.0  # poltergust.dashboard.pipelines.SNAPSHOT_SECONDS

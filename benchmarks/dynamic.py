@@ -28,11 +28,9 @@ import os
 import platform
 import random
 import re
-import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,21 +40,17 @@ from typing import Sequence
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # the harness: the tests' luigid starter, luigi's examples as a wheel
 
-import luigi_examples  # noqa: E402 -- the tests' packaging of luigi's examples
-import stack  # noqa: E402 -- the tests' luigid starter
-from _procs import register, stop_all, wait_for  # noqa: E402
+from _main import entry, log, run_benchmark  # noqa: E402
+from _procs import register  # noqa: E402
 from _systems import OurNode, clean_environ  # noqa: E402
+from harness import Luigid, luigi_examples, wait_for  # noqa: E402
 
 README = HERE / "README.md"
 SECTION = "## Dynamic requirements over nodes"
 DATA_DONE = re.compile(r"\bdone\s+Data\(")
 SYSTEMS = ("plain luigi, --workers 1", "plain luigi, --workers 3", "1 node", "3 nodes")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -99,7 +93,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, root: Path) -> None:
         self.args = args
         self.root = root
-        self.luigid = stack.Luigid(root / "luigid")
+        self.luigid = Luigid(root / "luigid")
         register(self.luigid.stop)
         wheels = root / "wheels"
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
@@ -136,9 +130,9 @@ class Bench:
         nodes = []
         for index in range(count):
             name = f"n{count}-{'abc'[index]}"
-            args = ["--path", str(pipeline), "--scheduler-url", self.luigid.url,
-                    "--data-dir", str(self.root / "nodes" / name), "--env-dir", str(self.root / "environments")]
-            nodes.append(OurNode(name, args, self.root / "logs" / f"{name}.log", clean_environ()))
+            nodes.append(OurNode.launch(name, self.root / "logs", path=str(pipeline), scheduler_url=self.luigid.url,
+                                        env_dir=self.root / "environments", data_dir=self.root / "nodes" / name,
+                                        env=clean_environ(), wait=False))
         for node in nodes:
             wait_for(node.ready, 90, f"{node.node_name} to be ready")
         return pipeline, nodes
@@ -257,21 +251,6 @@ def render(bench: Bench, command: str, took: float, load: tuple[float, float]) -
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, text: str) -> None:
-    """Replace this benchmark's section of a README that has one (or append it); a new file gets the text."""
-    if not path.exists():
-        path.write_text(text)
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.startswith(SECTION)), None)
-    if start is None:
-        path.write_text("".join(lines).rstrip("\n") + "\n\n" + text)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + text.rstrip("\n") + "\n" + ("\n" + tail if tail else ""))
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python benchmarks/dynamic.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one round, 4 tasks of 0.5 s, testpipes only; "
@@ -292,31 +271,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join(["python", "benchmarks/dynamic.py", *(sys.argv[1:] if argv is None else argv)])
     if not any(args.wheelhouse.glob("luigi-*.whl")):
         raise SystemExit(f"no luigi wheel in {args.wheelhouse}: run tests/run.sh's set-up, or pass --wheelhouse")
-    temporary = None if args.workdir else tempfile.TemporaryDirectory(prefix="poltergust-dynamic-")
-    root = (args.workdir or Path(temporary.name)).resolve()  # type: ignore[union-attr]
-    root.mkdir(parents=True, exist_ok=True)
-    started, load = time.monotonic(), os.getloadavg()[0]
-    try:
+
+    def measure(root: Path, command: str) -> str:
+        started, load = time.monotonic(), os.getloadavg()[0]
         bench = Bench(args, root)
         bench.warm_up()
         bench.measure()
-        text = render(bench, command, time.monotonic() - started, (load, os.getloadavg()[0]))
-    except BaseException:
-        log(f"failed; logs are in {root / 'logs'}" + (" (removed)" if temporary else ""))
-        raise
-    finally:
-        stop_all()
-        if temporary is not None:
-            temporary.cleanup()
-    print(text)
-    markdown = args.markdown or (None if args.quick else README)
-    if markdown is not None:
-        write_markdown(markdown, text)
-    return 0
+        return render(bench, command, time.monotonic() - started, (load, os.getloadavg()[0]))
+
+    return run_benchmark("dynamic.py", args, argv, measure, readme=README, heading=SECTION,
+                         prefix="poltergust-dynamic-")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main)

@@ -18,10 +18,8 @@ import argparse
 import collections
 import os
 import re
-import shlex
 import signal
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -32,13 +30,14 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the harness: the tests' starters of luigid and the emulators
 
 from _fleet_report import PERIODIC, Idle, PipelineCost, render  # noqa: E402
-from _procs import command_line, descendants, machine_cpu, register, stop_all, tree_cpu, wait_for  # noqa: E402
-from _proxy import CountingProxy, luigid_call  # noqa: E402
-from _proxy import kind as api_operation  # noqa: E402
-from _report import write_section  # noqa: E402
+from _main import entry, log, run_benchmark  # noqa: E402
+from _procs import command_line, descendants, machine_cpu, register, tree_cpu  # noqa: E402
 from _systems import ROOT, OurNode, Ours, Workspace, clean_environ, node_default  # noqa: E402
+from harness import Bucket, FakeGcs, Luigid, Proxy, PubSubEmulator, luigid_call, wait_for  # noqa: E402
+from harness import kind as api_operation  # noqa: E402
 
 README = HERE / "README.md"
 HEADING = "## Fleet scale"
@@ -60,10 +59,6 @@ def storage_kind(method: str, path: str, body: bytes) -> str:
     return operation
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 @dataclass
 class Counts:
     """What the fleet has done up to one moment: requests by kind, CPU seconds."""
@@ -80,22 +75,19 @@ class Counts:
 
 class Fleet:
     def __init__(self, args: argparse.Namespace, root: Path) -> None:
-        sys.path.insert(0, str(ROOT / "tests"))
-        import stack  # the test suite's starters of luigid and the emulators
-
         self.args = args
         log(f"workspace {root}; starting the Pub/Sub emulator, fake-gcs-server and luigid")
-        self.pubsub = stack.PubSubEmulator(root / "emulators", PROJECT)
+        self.pubsub = PubSubEmulator(root / "emulators", PROJECT)
         register(self.pubsub.stop)
         self.pubsub.create_topic(TOPIC)  # and PUBSUB_EMULATOR_HOST for this process, to list subscriptions
-        self.gcs = stack.FakeGcs(root / "emulators", self.pubsub, TOPIC)
+        self.gcs = FakeGcs(root / "emulators", self.pubsub, TOPIC)
         register(self.gcs.stop)
-        self.bucket = stack.Bucket(self.gcs, "fleet")
-        self.luigid = stack.Luigid(root / "luigid")
+        self.bucket = Bucket(self.gcs, "fleet")
+        self.luigid = Luigid(root / "luigid")
         register(self.luigid.stop)
-        self.storage = CountingProxy(self.gcs.url, storage_kind)
+        self.storage = Proxy(self.gcs.url, classify=storage_kind)
         register(self.storage.close)
-        self.scheduler = CountingProxy(self.luigid.url, luigid_call)
+        self.scheduler = Proxy(self.luigid.url, classify=luigid_call)
         register(self.scheduler.close)
         self.ws = Workspace(root, args.wheelhouse, self.scheduler.url)
         self.environment = self.bucket.url("environment/env.yaml")
@@ -324,45 +316,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join(["python", "benchmarks/fleet.py", *(sys.argv[1:] if argv is None else argv)])
-    markdown = args.markdown or (None if args.quick else README)
     if not any(args.wheelhouse.glob("luigi-*.whl")):
         raise SystemExit(f"no luigi wheel in {args.wheelhouse}: run `bash tests/run.sh` (or pip download luigi) first")
     args.wheelhouse = args.wheelhouse.resolve()
 
-    def interrupted(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, interrupted)
-    temporary = None if args.workdir else tempfile.TemporaryDirectory(prefix="poltergust-fleet-")
-    root = args.workdir.resolve() if args.workdir else Path(temporary.name)  # type: ignore[union-attr]
-    root.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    try:
+    def measure(root: Path, command: str) -> str:
+        started = time.monotonic()
         fleet = Fleet(args, root)
         fleet.warm_up()
         for count in args.nodes:
             fleet.round(count)
         fleet.load.append(os.getloadavg()[0])
-        text = render(fleet.costs, fleet.idles, args, command, time.monotonic() - started, fleet.load)
-    except BaseException:
-        log(f"failed; logs are in {root / 'logs'}" + (" (removed)" if temporary else ""))
-        raise
-    finally:
-        stop_all()
-        if temporary is not None:
-            temporary.cleanup()
-    print(text)
-    if markdown is not None:
-        write_section(markdown, HEADING, text)
-        log(f"written to {markdown}")
-    return 0
+        return render(fleet.costs, fleet.idles, args, command, time.monotonic() - started, fleet.load)
+
+    return run_benchmark("fleet.py", args, argv, measure, readme=README, heading=HEADING, prefix="poltergust-fleet-")
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        sys.exit(130)
+    entry(main)

@@ -24,11 +24,8 @@ import json
 import math
 import os
 import random
-import shlex
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -37,22 +34,20 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the harness: the tests' starters of luigid and the emulators
 
-from _procs import command_line, machine_cpu, register, stop_all, tree_cpu, tree_pss, tree_rss
-from _proxy import CountingProxy
+from _main import entry, log, run_benchmark
+from _procs import command_line, machine_cpu, register, tree_cpu, tree_pss, tree_rss
 from _report import fmt, machine, table
 from _systems import ROOT, Original, Ours, Trial, Workspace, clean_environ, node_default, wait_trial
 from _targets import Target, targets
+from harness import Bucket, FakeGcs, Luigid, Proxy, PubSubEmulator
 
 README = HERE / "README.md"
 SECTION = "## Pipelines: Poltergust against the original and against the floor"
 PROJECT = "poltergust-bench"
 TOPIC = "bench-events"
 MB = 1024 * 1024
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # -- statistics ----------------------------------------------------------------
@@ -141,13 +136,9 @@ class Bench:
         self.root = root
         self.rng = random.Random(args.seed)
         self.cores = len(os.sched_getaffinity(0))
-        sys.path.insert(0, str(ROOT / "tests"))
-        import stack  # the test suite's starters of luigid and the emulators
-
-        self.stack = stack
         log(f"workspace {root}")
         (root / "luigid").mkdir(parents=True, exist_ok=True)
-        self.luigid = stack.Luigid(root / "luigid")
+        self.luigid = Luigid(root / "luigid")
         register(self.luigid.stop)
         self.ws = Workspace(root, args.wheelhouse, self.luigid.url)
         self.ours = Ours(self.ws, root / "environments", label="Poltergust, warm")
@@ -318,13 +309,13 @@ class Bench:
     def start_emulators(self) -> None:
         log("starting the Pub/Sub emulator and fake-gcs-server (publishing bucket notifications)")
         workdir = self.root / "emulators"
-        self.pubsub = self.stack.PubSubEmulator(workdir, PROJECT)
+        self.pubsub = PubSubEmulator(workdir, PROJECT)
         register(self.pubsub.stop)
         self.pubsub.create_topic(TOPIC)
         os.environ.pop("PUBSUB_EMULATOR_HOST", None)  # set by create_topic; children get it explicitly
-        self.gcs = self.stack.FakeGcs(workdir, self.pubsub, TOPIC)
+        self.gcs = FakeGcs(workdir, self.pubsub, TOPIC)
         register(self.gcs.stop)
-        self.bucket = self.stack.Bucket(self.gcs, "bench")
+        self.bucket = Bucket(self.gcs, "bench")
         self.bucket.upload("environment/env.yaml", self.ws.environment_yaml)
 
     def start_gcs_node(self, storage_url: str, *extra: str, system: Ours | None = None) -> list:
@@ -335,7 +326,7 @@ class Bench:
 
     def measure_idle(self) -> None:
         window = self.args.idle_seconds
-        proxy = CountingProxy(self.gcs.url)
+        proxy = Proxy(self.gcs.url)
         register(proxy.close)
         ours_local = self.ours.start(1)[0]
         started = proxy.total()
@@ -695,20 +686,6 @@ def render(bench: Bench, command: str, duration: float) -> str:
     return "\n".join(parts)
 
 
-def write_markdown(path: Path, text: str) -> None:
-    """Replace the Pipelines section of a README that has one; otherwise write the text as the whole file."""
-    if path.exists():
-        current = path.read_text()
-        lines = current.splitlines(keepends=True)
-        start = next((i for i, line in enumerate(lines) if line.startswith("## Pipelines:")), None)
-        if start is not None:
-            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-            tail = "".join(lines[end:])
-            path.write_text("".join(lines[:start]) + text.rstrip("\n") + "\n" + ("\n" + tail if tail else ""))
-            return
-    path.write_text(text)
-
-
 # -- command line --------------------------------------------------------------------
 
 def _int_list(text: str) -> list[int]:
@@ -770,28 +747,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join(["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])
-    markdown = args.markdown or (None if args.quick else README)
     if not any(args.wheelhouse.glob("luigi-*.whl")):
         log(f"no luigi wheel in {args.wheelhouse}: downloading luigi and its dependencies into it")
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(args.wheelhouse), "luigi"],
                        check=True)
     args.wheelhouse = args.wheelhouse.resolve()
 
-    def interrupted(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: it is ignored in background jobs of a shell
-        signal.signal(sig, interrupted)
-    temporary = None
-    if args.workdir:
-        root = args.workdir.resolve()
-        root.mkdir(parents=True, exist_ok=True)
-    else:
-        temporary = tempfile.TemporaryDirectory(prefix="poltergust-bench-")
-        root = Path(temporary.name)
-    started = time.monotonic()
-    try:
+    def measure(root: Path, command: str) -> str:
+        started = time.monotonic()
         bench = Bench(args, root)
         bench.setup()
         bench.measure_latency()
@@ -802,24 +765,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.measure_emulator()
         bench.load.append(os.getloadavg()[0])
         bench.summarize()
-        text = render(bench, command, time.monotonic() - started)
-    except BaseException:
-        log(f"failed; logs are in {root / 'logs'}" + (" (removed)" if temporary else ""))
-        raise
-    finally:
-        stop_all()
-        if temporary is not None:
-            temporary.cleanup()
-    print(text)
-    if markdown is not None:
-        write_markdown(markdown, text)
-        log(f"written to {markdown}")
-    return 0
+        return render(bench, command, time.monotonic() - started)
+
+    # --markdown naming a file without the section: the file becomes the section alone.
+    return run_benchmark("run.py", args, argv, measure, readme=README, heading="## Pipelines:",
+                         prefix="poltergust-bench-", append=False)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        sys.exit(130)
+    entry(main)

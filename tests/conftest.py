@@ -1,7 +1,11 @@
-"""Fixtures for the real stack: one set of servers per test session, one bucket per test."""
+"""Fixtures for the real stack: one set of servers per test session, one bucket per test; and the markers.
+
+A test that uses the emulators or luigid, directly or through another fixture (`start_node`, a `bucket` on
+the `gcs` backend), is marked `stack` here; one that drives chromium, `browser`. Modules that start servers
+of their own say so with `pytestmark`. `pytest -m "not stack"` runs the rest, without Java or emulators.
+"""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -10,11 +14,21 @@ from typing import Callable, Iterator
 
 import pytest
 
-from stack import ROOT, Bucket, FakeGcs, LocalBucket, Luigid, Node, PubSubEmulator
+from harness import PROJECT, ROOT, TOPIC, WHEELHOUSE, Bucket, FakeGcs, LocalBucket, Luigid, Node, PubSubEmulator
 
-PROJECT = "poltergust-test"
-TOPIC = "gcs-events"
-WHEELHOUSE = Path(os.environ.get("POLTERGUST_TEST_WHEELHOUSE", ROOT / ".wheelhouse"))
+STACK_FIXTURES = {"pubsub", "gcs", "luigid", "stack"}
+"""The fixtures that start the emulators or luigid."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by the servers its fixtures start, so that `-m "not stack"` needs neither Java nor them."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        if fixtures & STACK_FIXTURES or (callspec is not None and callspec.params.get("backend") == "gcs"):
+            item.add_marker(pytest.mark.stack)
+        if "browser" in fixtures:
+            item.add_marker(pytest.mark.browser)
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +56,30 @@ def luigid(workdir: Path) -> Iterator[Luigid]:
     server = Luigid(workdir)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[PubSubEmulator, FakeGcs, Luigid]]:
+    """A Pub/Sub emulator, fake-gcs-server and luigid of the test's own, for tests that stop and restart them."""
+    pubsub = PubSubEmulator(tmp_path / "pubsub-work", PROJECT)
+    pubsub.create_topic(TOPIC)
+    gcs = FakeGcs(tmp_path / "gcs-work", pubsub, TOPIC)  # filesystem backend: data survives restarts
+    luigid = Luigid(tmp_path / "luigid-work")
+    yield pubsub, gcs, luigid
+    for server in (luigid, gcs, pubsub):
+        server.stop()
+
+
+@pytest.fixture
+def stack_node(stack: tuple[PubSubEmulator, FakeGcs, Luigid], tmp_path: Path, env_dir: Path) -> Callable[..., Node]:
+    """Start a node on a bucket of the test's own `stack`, rescanning rarely so that only events bring uploads."""
+    pubsub, gcs, luigid = stack
+
+    def start(name: str, bucket: Bucket, *extra: str) -> Node:
+        return Node.launch(name, tmp_path, "--rescan-interval", "300", *extra, path=bucket.url("pipeline"),
+                           scheduler_url=luigid.url, env_dir=env_dir, data_dir=tmp_path / name,
+                           pubsub_host=pubsub.host, storage_url=gcs.url, subscription=f"outage-{name}")
+    return start
 
 
 @pytest.fixture(scope="session")
@@ -100,20 +138,13 @@ def start_node(
 
     def start(name: str = "node-a", *extra: str, topic: str = TOPIC, wait: bool = True,
               env_overrides: dict[str, str] | None = None) -> Node:
-        env = dict(os.environ)
-        args = [
-            "--path", bucket.url("pipeline"),
-            "--scheduler-url", luigid.url,
-            "--data-dir", str(tmp_path / name),
-            "--env-dir", str(env_dir),
-        ]
-        if isinstance(bucket, Bucket):
-            pubsub = request.getfixturevalue("pubsub")
-            env.update(PUBSUB_EMULATOR_HOST=pubsub.host, STORAGE_EMULATOR_HOST=bucket.gcs.url)
-            args += ["--project", PROJECT, "--topic", topic, "--subscription", f"sub-{name}-{suffix}"]
-        args += extra
-        env.update(env_overrides or {})
-        node = Node(name, tmp_path, args, env)
+        gcs = isinstance(bucket, Bucket)
+        node = Node.launch(
+            name, tmp_path, *extra, path=bucket.url("pipeline"), scheduler_url=luigid.url, env_dir=env_dir,
+            data_dir=tmp_path / name, pubsub_host=request.getfixturevalue("pubsub").host if gcs else None,
+            storage_url=bucket.gcs.url if gcs else "", topic=topic, subscription=f"sub-{name}-{suffix}",
+            env_overrides=env_overrides, wait=False,
+        )
         nodes.append(node)
         if wait:
             node.wait_ready()

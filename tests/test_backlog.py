@@ -11,13 +11,10 @@ import pytest
 import yaml
 from google.cloud import pubsub_v1
 
-from conftest import PROJECT, TOPIC
 from poltergust.node.backlog import ensure_subscription
 from poltergust.layout import Location
 from poltergust.settings import parse_settings
-from stack import wait_for
-from test_fleet import _results
-from test_node import result, submit
+from harness import PROJECT, TOPIC, result, results, submit, wait_for
 
 SLEEP = {"name": "Sleep", "module": "poltergust_testpipes"}
 TOUCH = {"name": "Touch", "module": "poltergust_testpipes"}
@@ -121,7 +118,7 @@ def test_a_killed_nodes_config_is_redelivered_and_completed(
     assert "taking the run over" in other.output()
     # The claim's own message may first be offered to the dead node's stream, and comes back when that lease ends.
     wait_for(lambda: _acknowledged(other, "killed") == 2, 6 * ACK_DEADLINE, "both messages to be acknowledged")
-    assert _results(bucket, "killed") == ["pipeline/killed.done.yaml"]
+    assert results(bucket, "killed") == ["pipeline/killed.done.yaml"]
     _stop_and_check_empty(other, backlog)
 
 
@@ -229,7 +226,7 @@ def test_a_burst_of_fifty_configs_leaves_one_result_each_and_an_empty_backlog(
     assert any(0 < left < 50 for left, _ in samples), f"no sample during the burst: {samples}"
     for name in names:
         outcome = "done" if names.index(name) % 10 == 0 else "error"
-        assert _results(bucket, name) == [f"pipeline/{name}.{outcome}.yaml"]
+        assert results(bucket, name) == [f"pipeline/{name}.{outcome}.yaml"]
     wait_for(lambda: all(sum(_acknowledged(node, name) for node in nodes) >= 2 for name in names), 60,
              "the claims' messages to be acknowledged too")
     for node in nodes:

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_benchmarks import _leftovers, _number, _tables
+import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT, leftovers
+from harness.markdown import number, tables
+
+pytestmark = pytest.mark.stack  # the benchmarks start luigid, the emulators and nodes
+
 HEADING = "## Dynamic requirements over nodes"
 
 
@@ -22,12 +26,12 @@ def test_quick_dynamic_benchmark(tmp_path: Path) -> None:
                              str(workdir)], capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.startswith(HEADING)
-    rows = _tables(result.stdout)[""]
+    rows = tables(result.stdout)[""]
     assert [row[1] for row in rows] == ["plain luigi, --workers 1", "1 node", "3 nodes"]
     for row in rows:
         assert row[0] == "poltergust_testpipes.Dynamic: 4 tasks of 0.5 s" and row[2] == "1", row
-        assert _number(row[3]) > 0
+        assert number(row[3]) > 0
         assert sum(int(part) for part in row[6].split(" + ")) == 4, row  # every yielded task ran, once
     assert "Not measured: luigi's own example: left out in quick mode." in result.stdout
     assert readme.read_text() == before  # quick mode writes no file
-    assert _leftovers(workdir) == []
+    assert leftovers(workdir) == []

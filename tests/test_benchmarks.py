@@ -12,8 +12,6 @@ original), and measures every figure on tiny sizes. Only the shape of the result
 """
 from __future__ import annotations
 
-import math
-import os
 import re
 import subprocess
 import sys
@@ -21,27 +19,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT, leftovers
+from harness.markdown import number
+from harness.markdown import tables as markdown_tables
+
+pytestmark = pytest.mark.stack  # the benchmarks start luigid, the emulators and nodes
+
 SECTION = "## Pipelines:"
-
-
-def _tables(text: str) -> dict[str, list[list[str]]]:
-    """The Markdown tables of the output, by the ### heading above each, as rows of cells."""
-    tables: dict[str, list[list[str]]] = {}
-    heading = ""
-    for line in text.splitlines():
-        if line.startswith("### "):
-            heading = line[4:].strip()
-        elif line.startswith("|") and not re.match(r"^\|(\s*---\s*\|)+$", line):
-            cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
-            tables.setdefault(heading, []).append(cells)
-    return {name: rows[1:] for name, rows in tables.items()}  # without the header row
-
-
-def _number(cell: str) -> float:
-    value = float(cell)
-    assert math.isfinite(value), cell
-    return value
 
 
 def _pipelines_section(path: Path) -> str:
@@ -51,20 +35,6 @@ def _pipelines_section(path: Path) -> str:
         return ""
     end = text.find("\n## ", start + 1)
     return text[start:end if end >= 0 else None]
-
-
-def _leftovers(workdir: Path) -> list[str]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                    command = handle.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if str(workdir) in command:
-                found.append(f"{entry}: {command[:200]}")
-    return found
 
 
 @pytest.mark.timeout(900)
@@ -85,7 +55,7 @@ def test_quick_benchmark_measures_everything(tmp_path: Path) -> None:
     assert "Command: `python benchmarks/run.py --quick" in text
     for fact in ("nproc", "CPU", "memory", "Python"):
         assert f"{fact} " in text, fact
-    tables = _tables(text)
+    tables = markdown_tables(text)
     compare = tables["Poltergust against the original"]
     alone = tables["Poltergust alone, and the floor"]
     targets = tables["Targets"]
@@ -97,16 +67,16 @@ def test_quick_benchmark_measures_everything(tmp_path: Path) -> None:
         if row[7] == "—":  # the original can be left out of the slowest makespans, saying so
             assert "not run" in row[11], row
             continue
-        ours, original = _number(row[3]), _number(row[7])
+        ours, original = number(row[3]), number(row[7])
         if not row[1].startswith("overhead"):  # a difference, which noise can make negative
             assert ours >= 0 and original >= 0, row
         if original > 0:
-            assert _number(row[9]) == pytest.approx(ours / original, rel=0.1, abs=0.01), row
+            assert number(row[9]) == pytest.approx(ours / original, rel=0.1, abs=0.01), row
             if row[5] != "—":  # spawn runs beside warm except on several nodes
-                assert _number(row[10]) == pytest.approx(_number(row[5]) / original, rel=0.1, abs=0.01), row
+                assert number(row[10]) == pytest.approx(number(row[5]) / original, rel=0.1, abs=0.01), row
     for row in alone:
         assert len(row) == 6, row
-        assert _number(row[3]) >= 0, row
+        assert number(row[3]) >= 0, row
 
     measures = [row[1] for row in compare + alone]
 
@@ -121,23 +91,23 @@ def test_quick_benchmark_measures_everything(tmp_path: Path) -> None:
     assert len(rows(r"^floor of warm starts: ")) == 2
     assert rows(r"^RSS of an idle node") and rows(r"^PSS of the node and its luigi processes")
     in_flight = next(row for row in compare if row[1].startswith("luigi task processes running at once"))
-    assert _number(in_flight[3]) == _number(in_flight[5]) == 3, "every run in flight at once, warm and spawn"
+    assert number(in_flight[3]) == number(in_flight[5]) == 3, "every run in flight at once, warm and spawn"
 
     # The latencies are positive and ordered as the milestones happen.
-    pickup = {row[1]: _number(row[3]) for row in compare if row[1].startswith("pickup")}
+    pickup = {row[1]: number(row[3]) for row in compare if row[1].startswith("pickup")}
     values = list(pickup.values())
     assert 0 < values[0] <= values[1] <= values[2] <= values[3], pickup
 
     # The original really ran: it listed the directory while idle, and finished its pipelines.
     listings = next(row for row in compare if row[1].startswith("idle storage operations per node in"))
-    assert _number(listings[7]) > 0
+    assert number(listings[7]) > 0
 
     assert len(targets) == 8  # quick mode has no K=20 makespan: its targets are one "not measured" row
     assert all(row[3] in ("met", "**missed**", "—") for row in targets), targets
 
     # Quick mode with --markdown leaves the README alone; nothing is left running or installed.
     assert _pipelines_section(readme) == section_before
-    assert _leftovers(workdir) == []
+    assert leftovers(workdir) == []
     assert not (Path("/tmp/environments") / str(workdir).lstrip("/")).exists()
 
 
@@ -147,10 +117,10 @@ def test_dashboard_benchmark_runs_and_counts_right(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dashboard.py"), "--quick", "--workdir",
                              str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
-    rows = _tables(result.stdout)["Dashboard with 500 finished pipelines and 5 waiting"]
+    rows = markdown_tables(result.stdout)["Dashboard with 500 finished pipelines and 5 waiting"]
     assert {row[0] for row in rows} == {"local directory", "GCS emulator"}
-    assert len(rows) == 14 and all(_number(row[2]) > 0 for row in rows)
-    assert _leftovers(tmp_path) == []
+    assert len(rows) == 14 and all(number(row[2]) > 0 for row in rows)
+    assert leftovers(tmp_path) == []
 
 
 FLEET = "## Fleet scale"
@@ -171,23 +141,23 @@ def test_quick_fleet_benchmark_measures_every_count(tmp_path: Path) -> None:
 
     text = markdown.read_text()
     assert text.startswith(FLEET) and "Command: `python benchmarks/fleet.py --quick" in text
-    tables = _tables(text)
+    tables = markdown_tables(text)
     single = tables["(a) a one-task pipeline"]
     wide = tables["(b) a graph of 6 independent 1 s tasks"]
     idle = tables["Idle nodes"]
     assert [row[0] for row in single] == [row[0] for row in wide] == [row[0] for row in idle] == ["1", "3"]
     for row in single + wide:
         n, runs, starts, running = (int(cell) for cell in row[:4])
-        numbers = [_number(cell) for cell in row[4:]]
+        numbers = [number(cell) for cell in row[4:]]
         assert runs == 1 and starts >= running >= 1 and all(value >= 0 for value in numbers[1:]), row
         watched, delivered = int(row[6]), int(row[7])
         assert n <= watched <= delivered, "every node heard of the upload; the emulator delivers a superset"
     assert all(int(row[2]) <= 2 for row in single), "a one-task pipeline starts luigi on at most two nodes"
     for row in wide:
-        first, last_first, last_end, ideal = (_number(cell) for cell in row[12:16])
-        assert 0 < first <= last_first < last_end <= _number(row[10]) and ideal > 0, row
+        first, last_first, last_end, ideal = (number(cell) for cell in row[12:16])
+        assert 0 < first <= last_first < last_end <= number(row[10]) and ideal > 0, row
     for row in idle:
-        assert _number(row[3]) == 0, "idle nodes make no luigid request"
+        assert number(row[3]) == 0, "idle nodes make no luigid request"
         assert row[5] == "0", "stopped nodes leave no subscription behind"
 
     growth = {row[0]: row for row in tables["What grows how"]}
@@ -197,4 +167,4 @@ def test_quick_fleet_benchmark_measures_every_count(tmp_path: Path) -> None:
     assert ("Why targets are missed:" in text) == any(row[3] == "**missed**" for row in targets)
 
     assert readme.read_text() == before
-    assert _leftovers(workdir) == []
+    assert leftovers(workdir) == []

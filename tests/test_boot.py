@@ -35,9 +35,10 @@ from typing import Iterator
 import pytest
 import yaml
 
-from conftest import PROJECT, TOPIC, WHEELHOUSE
 from deploy_fixtures.fake_metadata import FakeMetadata
-from stack import ROOT, Bucket, FakeGcs, PubSubEmulator, Server, free_port, wait_for
+from harness import PROJECT, ROOT, TOPIC, WHEELHOUSE, Bucket, FakeGcs, PubSubEmulator, Server, free_port, wait_for
+
+pytestmark = pytest.mark.deploy
 
 NODE_INIT = ROOT / "deploy" / "node-init.sh"
 BUILD_RELEASE = ROOT / "deploy" / "build-release.sh"

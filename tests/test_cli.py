@@ -10,14 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import WHEELHOUSE
-from stack import ROOT, Server, _http_ok, free_port, wait_for
-from test_node import result, submit
-
-
-def poltergust(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "poltergust", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
+from harness import ROOT, WHEELHOUSE, Node, Server, free_port, http_ok, poltergust, result, submit, wait_for
 
 
 def write_pipeline(directory: Path, environment_yaml: str, task: dict, name: str = "job") -> Path:
@@ -99,6 +92,7 @@ def test_unreachable_bucket_gives_a_clear_error(tmp_path: Path) -> None:
     assert status.stderr.startswith("poltergust status: gs://nowhere/pipeline:")
 
 
+@pytest.mark.stack  # luigid and nodes of its own
 def test_demo_runs_to_completion(wheelhouse: Path) -> None:
     env = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(WHEELHOUSE))
     demo = poltergust("demo", env=env, timeout=300)
@@ -129,16 +123,16 @@ def test_luigi_runtasks_entry_point_runs_a_node(bucket, luigid, environment_yaml
 
 
 @pytest.mark.parametrize("backend", ["local"], indirect=True)
+@pytest.mark.stack  # luigid and nodes of its own
 def test_nodes_without_scheduler_url_share_an_embedded_luigid(bucket, environment_yaml: str, tmp_path: Path,
                                                               env_dir: Path) -> None:
     port = str(free_port())
-    nodes = [Server(name, [sys.executable, "-m", "poltergust.async_worker", "--path", str(bucket.root / "pipeline"),
-                           "--node-name", name, "--data-dir", str(tmp_path / name), "--env-dir", str(env_dir),
-                           "--embedded-scheduler-port", port], tmp_path / f"{name}.log", cwd=ROOT)
+    nodes = [Node.launch(name, tmp_path, "--embedded-scheduler-port", port, path=str(bucket.root / "pipeline"),
+                         scheduler_url=None, env_dir=env_dir, data_dir=tmp_path / name, wait=False)
              for name in ("first", "second")]
     try:
         for node in nodes:
-            wait_for(lambda: node.check_alive() or "ready: subscribed" in node.output(), 60, f"{node.name} ready")
+            node.wait_ready()
         started = [n for n in nodes if f"started a luigi scheduler at http://127.0.0.1:{port}" in n.output()]
         assert len(started) == 1, "exactly one node starts luigid; the other joins it"
         assert all(f"http://127.0.0.1:{port}" in n.output() for n in nodes)
@@ -154,6 +148,7 @@ def test_nodes_without_scheduler_url_share_an_embedded_luigid(bucket, environmen
             node.stop()
 
 
+@pytest.mark.stack  # luigid and nodes of its own
 def test_demo_stops_everything_on_ctrl_c(wheelhouse: Path, tmp_path: Path) -> None:
     env = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(WHEELHOUSE))
     demo = Server("demo", [sys.executable, "-m", "poltergust", "demo"], tmp_path / "demo.log", env=env, cwd=ROOT)
@@ -161,7 +156,7 @@ def test_demo_stops_everything_on_ctrl_c(wheelhouse: Path, tmp_path: Path) -> No
         wait_for(lambda: demo.check_alive() or "are watching" in demo.output(), 120, "the demo's nodes")
         root = Path(demo.output().split("demo directory: ", 1)[1].split()[0])
         dashboard = demo.output().split("dashboard: ", 1)[1].split()[0]
-        assert _http_ok(dashboard + "nodes"), "the demo serves the dashboard"
+        assert http_ok(dashboard + "nodes"), "the demo serves the dashboard"
         demo.process.send_signal(signal.SIGINT)
         assert demo.process.wait(timeout=30) == 130
         assert "interrupted; everything is stopped" in demo.output()

@@ -19,8 +19,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 from poltergust.dashboard.screenshot import chrome, sample_bucket
-from stack import ROOT, Server, _http_ok, free_port, wait_for
-from test_node import result, submit
+from harness import ROOT, Server, free_port, http_ok, result, submit, wait_for
 
 
 VIEWER_ZONE = "Asia/Kolkata"
@@ -47,7 +46,7 @@ class Dashboard(Server):
         self.wait_ready()
 
     def ready(self) -> bool:
-        return _http_ok(self.url + "/")
+        return http_ok(self.url + "/")
 
 
 @pytest.fixture

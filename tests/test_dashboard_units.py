@@ -41,7 +41,7 @@ def test_local_listing_is_narrow_or_recursive_as_on_gcs(tmp_path: Path) -> None:
 
 
 def test_gcs_listing_is_narrow_on_the_emulator(gcs, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stack import Bucket
+    from harness import Bucket
 
     bucket = Bucket(gcs, "narrow-listing")
     for name in OBJECTS:

@@ -8,8 +8,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
+
 from deploy_fixtures.gcloud_harness import (FakeGcloud, assert_flags, find, make_release, metadata_of, mutations,
                                             release_attributes)
+
+pytestmark = pytest.mark.deploy
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTERS = ROOT / "clusters"

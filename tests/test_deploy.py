@@ -21,6 +21,8 @@ import pytest
 from deploy_fixtures.gcloud_harness import (FakeGcloud, assert_flags, find, make_release, matches, metadata_of,
                                             mutations, release_attributes)
 
+pytestmark = pytest.mark.deploy
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 TERRAFORM_DIR = DEPLOY / "terraform"

@@ -23,16 +23,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import WHEELHOUSE
 from poltergust.config import parse_environment
 from poltergust.environments import Environments, interpreters, parse_size, plan
 from poltergust.environments import archive as env_archive
 from poltergust.environments.plan import installer_settings
 from poltergust.storage.local import LocalStore
 from poltergust.run.log import RunLog
-from stack import GatedProxy, wait_for
+from harness import WHEELHOUSE, GatedProxy, get_in_task, offline, pipe_task, result, run_log, run_logs, submit, wait_for
 
-TIMEOUT = 120
 VERSION = "import sys; print('%d.%d' % sys.version_info[:2])"
 KEY_LENGTH = 32
 
@@ -41,40 +39,6 @@ KEY_LENGTH = 32
 def env_dir(tmp_path: Path) -> Path:
     """Overrides the session-wide cache of conftest: these tests need to see builds happen."""
     return tmp_path / "environments"
-
-
-def offline(wheelhouse: Path, *dependencies: str, options: str = "") -> str:
-    """An environment file installing from the local wheelhouses only."""
-    lines = ["--no-index", f"--find-links {WHEELHOUSE}", f"--find-links {wheelhouse}", *dependencies]
-    return options + "dependencies:\n" + "".join(f"  - {json.dumps(line)}\n" for line in lines)
-
-
-def submit(bucket, name: str, out: Path, environment: str, environment_yaml: str | None = None,
-           task: str = "Touch", **settings: object) -> int:
-    if environment_yaml is not None:
-        bucket.upload(f"environment/{environment}.yaml", environment_yaml)
-    config = {"environment": bucket.url(f"environment/{environment}.yaml"),
-              "task": {"name": task, "module": "poltergust_testpipes", "out-dir": str(out / name)}, **settings}
-    return bucket.upload(f"pipeline/{name}.config.yaml", yaml.safe_dump(config))
-
-
-def result(bucket, name: str, outcome: str, timeout: float = TIMEOUT) -> dict:
-    other = "error" if outcome == "done" else "done"
-
-    def finished():
-        if bucket.exists(f"pipeline/{name}.{other}.yaml"):
-            raise AssertionError(f"{name} ended as {other}: {bucket.read(f'pipeline/{name}.{other}.yaml').decode()}")
-        return bucket.read(f"pipeline/{name}.{outcome}.yaml")
-
-    return yaml.safe_load(wait_for(finished, timeout, f"{name}.{outcome}.yaml"))
-
-
-def run_logs(tmp_path: Path, *nodes: str) -> str:
-    return "".join(p.read_text() for node in nodes for p in sorted((tmp_path / node / "logs").glob("*.log")))
-
-
-def run_log(tmp_path: Path, node: str, name: str) -> str:
-    return "".join(p.read_text() for p in (tmp_path / node / "logs").glob(f"{name}.*.log"))
 
 
 def built_keys(env_dir: Path) -> list[str]:
@@ -104,13 +68,6 @@ def key_of(environment) -> str:
     return plan.key(environment, plan.find_interpreter(environment, os.environ))
 
 
-async def get_in_task(envs: Environments, environment, runlog: RunLog) -> Path:
-    """Like a run: the environment counts as in use only while the asking task lives."""
-    path = await asyncio.create_task(envs.get(environment, runlog))
-    await asyncio.sleep(0)  # let the task's end release the environment
-    return path
-
-
 # -- on real nodes ------------------------------------------------------------
 
 
@@ -119,19 +76,21 @@ def test_second_run_is_a_cache_hit_and_an_edited_file_builds_anew(
     start_node, bucket, wheelhouse: Path, env_dir: Path, tmp_path: Path,
 ) -> None:
     start_node("node-a")
-    submit(bucket, "first", tmp_path / "out", "test", offline(wheelhouse, "luigi", "poltergust-testpipes"))
+    submit(bucket, "first", pipe_task("Touch", tmp_path / "out" / "first"),
+           offline(wheelhouse, "luigi", "poltergust-testpipes"))
     result(bucket, "first", "done")
     assert "building environment" in run_log(tmp_path, "node-a", "first")
     [key] = built_keys(env_dir)
 
-    submit(bucket, "second", tmp_path / "out", "test")
+    submit(bucket, "second", pipe_task("Touch", tmp_path / "out" / "second"))
     result(bucket, "second", "done")
     second = run_log(tmp_path, "node-a", "second")
     assert f"environment {key} is ready (cached)" in second
     assert "building environment" not in second and "$ uv" not in second
 
     # Same packages, different file: a new environment; the old one stays cached.
-    submit(bucket, "third", tmp_path / "out", "test", offline(wheelhouse, "luigi", "poltergust-testpipes", "six"))
+    submit(bucket, "third", pipe_task("Touch", tmp_path / "out" / "third"),
+           offline(wheelhouse, "luigi", "poltergust-testpipes", "six"))
     result(bucket, "third", "done")
     assert "building environment" in run_log(tmp_path, "node-a", "third")
     assert key in built_keys(env_dir) and len(built_keys(env_dir)) == 2
@@ -147,7 +106,7 @@ def test_runs_racing_for_a_new_environment_build_it_once(
     bucket.upload("environment/race.yaml", offline(wheelhouse, "luigi", "poltergust-testpipes"))
     names = ["race-1", "race-2", "race-3"]
     for name in names:
-        submit(bucket, name, tmp_path / "out", "race", nodes="all")
+        submit(bucket, name, pipe_task("Touch", tmp_path / "out" / name), nodes="all", environment="race")
     for name in names:
         result(bucket, name, "done")
     wait_for(lambda: all(run_log(tmp_path, node, name) for node in ("node-a", "node-b") for name in names), 30,
@@ -164,7 +123,8 @@ def test_failed_build_is_reported_with_the_installer_output_and_retried(
     start_node, bucket, wheelhouse: Path, env_dir: Path, tmp_path: Path,
 ) -> None:
     start_node("node-a")
-    submit(bucket, "broken", tmp_path / "out", "bad", offline(wheelhouse, "luigi", "no-such-package"))
+    submit(bucket, "broken", pipe_task("Touch", tmp_path / "out" / "broken"),
+           offline(wheelhouse, "luigi", "no-such-package"), environment="bad")
     error = result(bucket, "broken", "error")["poltergust"]
     assert "\n" not in error["reason"]
     assert "installing the dependencies failed (uv exit 1)" in error["reason"]
@@ -173,7 +133,8 @@ def test_failed_build_is_reported_with_the_installer_output_and_retried(
     assert built_keys(env_dir) == []
     assert not [p for p in env_dir.iterdir() if p.name.startswith(".build-")], "a failed build leaves nothing"
 
-    submit(bucket, "fixed", tmp_path / "out", "bad", offline(wheelhouse, "luigi", "poltergust-testpipes"))
+    submit(bucket, "fixed", pipe_task("Touch", tmp_path / "out" / "fixed"),
+           offline(wheelhouse, "luigi", "poltergust-testpipes"), environment="bad")
     result(bucket, "fixed", "done")
     assert "building environment" in run_log(tmp_path, "node-a", "fixed")
     assert len(built_keys(env_dir)) == 1
@@ -197,7 +158,8 @@ def test_a_node_unpacks_the_archive_another_node_built(
     start_node, bucket, wheelhouse: Path, tmp_path: Path, own_env_dirs,
 ) -> None:
     node_a = start_node("node-a", *own_env_dirs("a"))
-    submit(bucket, "one", tmp_path / "out", "shared", offline(wheelhouse, "luigi", "poltergust-testpipes"))
+    submit(bucket, "one", pipe_task("Touch", tmp_path / "out" / "one"),
+           offline(wheelhouse, "luigi", "poltergust-testpipes"), environment="shared")
     result(bucket, "one", "done")
     [key] = built_keys(tmp_path / "envs-a")
     archive = f"environment/shared.env/{key}.tar.gz"
@@ -205,7 +167,7 @@ def test_a_node_unpacks_the_archive_another_node_built(
     node_a.stop()
 
     start_node("node-b", *own_env_dirs("b"))
-    submit(bucket, "two", tmp_path / "out", "shared")
+    submit(bucket, "two", pipe_task("Touch", tmp_path / "out" / "two"), environment="shared")
     result(bucket, "two", "done")
     log = run_log(tmp_path, "node-b", "two")
     assert f"environment {key} downloaded from {bucket.url(archive)}" in log
@@ -221,7 +183,8 @@ def test_a_stopping_node_finishes_its_archive_uploads_first(
     proxy = GatedProxy(gcs.url, lambda method, path, body: method == "POST" and b"application/gzip" in body)
     try:
         node = start_node("node-a", *own_env_dirs("a"), env_overrides={"STORAGE_EMULATOR_HOST": proxy.url})
-        submit(bucket, "one", tmp_path / "out", "shared", offline(wheelhouse, "luigi", "poltergust-testpipes"))
+        submit(bucket, "one", pipe_task("Touch", tmp_path / "out" / "one"),
+               offline(wheelhouse, "luigi", "poltergust-testpipes"), environment="shared")
         result(bucket, "one", "done")
         [key] = built_keys(tmp_path / "envs-a")
         archive = f"environment/shared.env/{key}.tar.gz"
@@ -271,9 +234,9 @@ def test_secrets_never_reach_logs_error_files_or_command_lines(
     monkeypatch.setenv("TEST_INDEX_TOKEN", secret)
     try:
         node = start_node("node-a")
-        submit(bucket, "slow", tmp_path / "out", "slow",
+        submit(bucket, "slow", pipe_task("Touch", tmp_path / "out" / "slow"),
                offline(wheelhouse, f"--find-links {index}/{{{{TEST_INDEX_TOKEN}}}}/slow/", "luigi",
-                       "poltergust-testpipes"))
+                       "poltergust-testpipes"), environment="slow")
         assert slow_started.wait(60), "the installer never asked the index"
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
@@ -282,8 +245,9 @@ def test_secrets_never_reach_logs_error_files_or_command_lines(
                 continue
         result(bucket, "slow", "done")
 
-        submit(bucket, "leaky", tmp_path / "out", "leaky",
-               offline(wheelhouse, f"--find-links {index}/{{{{TEST_INDEX_TOKEN}}}}/missing/", "luigi"))
+        submit(bucket, "leaky", pipe_task("Touch", tmp_path / "out" / "leaky"),
+               offline(wheelhouse, f"--find-links {index}/{{{{TEST_INDEX_TOKEN}}}}/missing/", "luigi"),
+               environment="leaky")
         error = result(bucket, "leaky", "error")
     finally:
         server.shutdown()
@@ -309,8 +273,9 @@ def test_environment_file_chooses_the_python_version(
     """
     version = other_python("3.12", "3.13", "3.11")
     start_node("node-a")
-    submit(bucket, "other", tmp_path / "out", "other",
-           offline(wheelhouse, "luigi", "poltergust-testpipes", options=f"virtualenv:\n  python: python{version}\n"))
+    submit(bucket, "other", pipe_task("Touch", tmp_path / "out" / "other"),
+           offline(wheelhouse, "luigi", "poltergust-testpipes", options=f"virtualenv:\n  python: python{version}\n"),
+           environment="other")
     result(bucket, "other", "done")
     assert f"with CPython {version}." in run_log(tmp_path, "node-a", "other")
     [key] = built_keys(env_dir)

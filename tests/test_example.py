@@ -30,7 +30,7 @@ import pytest
 import yaml
 from uv import find_uv_bin
 
-from stack import free_port, wait_for
+from harness import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "top_artists"
@@ -188,6 +188,7 @@ def stop_process(process: subprocess.Popen) -> None:
             process.wait(timeout=10)
 
 
+@pytest.mark.stack  # luigid
 def test_days_spread_over_workers_sharing_one_luigid(venv: Venv, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -324,6 +325,7 @@ print(json.dumps({"rows": rows, "markers": markers}))
 """
 
 
+@pytest.mark.stack  # PostgreSQL
 def test_toplist_to_postgres(venv: Venv, postgres: Postgres, tmp_path: Path) -> None:
     postgres.createdb("toplists")
     data = tmp_path / "data"

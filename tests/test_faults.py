@@ -1,7 +1,7 @@
 """Runs on the real stack while storage fails the way real GCS and networks do: refused requests, lost answers.
 
 The nodes reach fake-gcs-server through a proxy that injects the faults
-Google's retry conformance tests inject (`stack.Faults`): requests refused
+Google's retry conformance tests inject (`harness.Faults`): requests refused
 before they are forwarded, and writes that take effect but whose answer is
 lost, so the node's retry meets its own write (HTTP 412).
 """
@@ -14,9 +14,7 @@ from typing import Callable
 
 import pytest
 
-from stack import Faults, GatedProxy, wait_for
-from test_fleet import _results
-from test_node import result, submit
+from harness import Faults, Proxy, result, results, submit, wait_for
 
 GCS = pytest.mark.parametrize("backend", ["gcs"], indirect=True)
 SLEEP = {"name": "Sleep", "module": "poltergust_testpipes", "seconds": 1}
@@ -35,7 +33,7 @@ def _first(matches: Callable[[str, str, bytes], bool]) -> Callable[[str, str, by
     return select
 
 
-def _faulty_node(start_node, proxy: GatedProxy, name: str, *extra: str):
+def _faulty_node(start_node, proxy: Proxy, name: str, *extra: str):
     return start_node(name, *extra, env_overrides={"STORAGE_EMULATOR_HOST": proxy.url})
 
 
@@ -44,7 +42,7 @@ def test_eight_pipelines_on_three_nodes_end_done_once_and_promptly_despite_refus
     start_node, bucket, environment_yaml: str, tmp_path: Path,
 ) -> None:
     faults = Faults(seed=23)
-    proxy = GatedProxy(bucket.gcs.url, faults=faults)
+    proxy = Proxy(bucket.gcs.url, fault=faults)
     try:
         nodes = [_faulty_node(start_node, proxy, f"node-{letter}") for letter in "abc"]
         submit(bucket, "warm", {**SLEEP, "out-dir": str(tmp_path / "warm")}, environment_yaml)
@@ -64,7 +62,7 @@ def test_eight_pipelines_on_three_nodes_end_done_once_and_promptly_despite_refus
     finally:
         proxy.close()
     for name in names:
-        assert _results(bucket, name) == [f"pipeline/{name}.done.yaml"], name
+        assert results(bucket, name) == [f"pipeline/{name}.done.yaml"], name
         assert len(list((tmp_path / name).glob("started-*"))) == 1, f"{name} ran once"
         url = bucket.url(f"pipeline/{name}.config.yaml")
         claimers = [node for node in nodes if re.search(rf"{re.escape(url)}: done \(claimed by this node\)",
@@ -80,7 +78,7 @@ def test_a_node_whose_start_marker_answer_was_lost_starts_the_run_at_once(
     """Its retry meets the marker it wrote itself: that is its own start, not another node's."""
     marker = _first(lambda method, path, body: b"_poltergust/runs/" in body and b'/start"' in body)
     faults = Faults(lose=1.0, writes=marker)
-    proxy = GatedProxy(bucket.gcs.url, faults=faults)
+    proxy = Proxy(bucket.gcs.url, fault=faults)
     try:
         node = _faulty_node(start_node, proxy, "node-a")
         submit(bucket, "marked", {**SLEEP, "out-dir": str(tmp_path / "marked")}, environment_yaml)
@@ -105,7 +103,7 @@ def test_a_node_whose_claim_answer_was_lost_does_not_say_another_node_finished(
 ) -> None:
     """Whichever answer of the claim, the result file or the config's removal is lost, the claimer finishes."""
     faults = Faults(lose=1.0, writes=_first(LOST[lost]))
-    proxy = GatedProxy(bucket.gcs.url, faults=faults)
+    proxy = Proxy(bucket.gcs.url, fault=faults)
     try:
         node = _faulty_node(start_node, proxy, "node-a")
         submit(bucket, "claimed", {**SLEEP, "out-dir": str(tmp_path / "claimed")}, environment_yaml)

@@ -10,18 +10,11 @@ from pathlib import Path
 import pytest
 from google.cloud import pubsub_v1
 
-from conftest import PROJECT, TOPIC
-from stack import free_port, wait_for
-from test_operating import scrape
-from test_node import result, submit
+from harness import PROJECT, TOPIC, alive, free_port, result, results, scrape, submit, wait_for
 
 
 def _parts_by_node(out: Path) -> set[str]:
     return {path.read_text() for path in out.glob("part-*.txt")}
-
-
-def _results(bucket, name: str) -> list[str]:
-    return [n for n in bucket.names(f"pipeline/{name}.") if n.endswith((".done.yaml", ".error.yaml"))]
 
 
 def test_two_nodes_share_one_pipeline_and_exactly_one_finishes_it(
@@ -34,7 +27,7 @@ def test_two_nodes_share_one_pipeline_and_exactly_one_finishes_it(
     done = result(bucket, "fan", "done")
     assert _parts_by_node(out) == {"node-a", "node-b"}, "both nodes ran tasks of the graph"
     wait_for(lambda: not bucket.exists("pipeline/fan.config.yaml"), 10, "the config to be removed")
-    assert _results(bucket, "fan") == ["pipeline/fan.done.yaml"]
+    assert results(bucket, "fan") == ["pipeline/fan.done.yaml"]
     loser = next(n for n in nodes if n.node_name != done["poltergust"]["node"])
     wait_for(lambda: "stopping its run" in loser.output() or "claim lost" in loser.output(), 30,
              "the other node to stop its part of the run")
@@ -66,7 +59,7 @@ def test_a_finished_pipeline_costs_each_node_three_messages(
         assert heard == {'poltergust_events_received_total{kind="finalize",scope="watched"}': 4.0,
                          'poltergust_events_received_total{kind="delete",scope="watched"}': 2.0}, heard
     for name in ("first", "second"):
-        assert _results(bucket, name) == [f"pipeline/{name}.done.yaml"]
+        assert results(bucket, name) == [f"pipeline/{name}.done.yaml"]
         assert [n for n in bucket.names(f"_poltergust/runs/pipeline/{name}/") if n.endswith("/claim")], name
 
 
@@ -89,7 +82,7 @@ def test_two_nodes_racing_to_claim_one_gets_412(
     log = wait_for(lambda: b"HTTP 412" in (bucket.read(bucket.log_name("race", losers[0].node_name)) or b"")
                    and bucket.read(bucket.log_name("race", losers[0].node_name)), 30, "the loser's log")
     assert b"nothing to write" in log
-    assert _results(bucket, "race") == ["pipeline/race.done.yaml"]
+    assert results(bucket, "race") == ["pipeline/race.done.yaml"]
 
 
 @pytest.mark.parametrize("backend", ["gcs"], indirect=True)
@@ -130,18 +123,10 @@ def test_sigterm_mid_run_exits_promptly_and_another_node_completes(
 
     node.process.send_signal(signal.SIGTERM)
     assert node.process.wait(timeout=15) == 0
-    wait_for(lambda: not _alive(luigi_pid), 10, "luigi to be stopped with the node")
+    wait_for(lambda: not alive(luigi_pid), 10, "luigi to be stopped with the node")
     assert bucket.exists("pipeline/term.config.yaml"), "the unfinished config stays for the next node"
-    assert _results(bucket, "term") == []
+    assert results(bucket, "term") == []
 
     start_node("node-b")
     assert result(bucket, "term", "done")["poltergust"]["node"] == "node-b"
     assert (out / "slept.txt").read_text() == "node-b"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -22,10 +22,8 @@ import yaml
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
-from conftest import PROJECT, TOPIC
-from stack import Bucket, GatedProxy, Luigid, Node, PubSubEmulator, free_port, wait_for
-from test_node import result, submit
-from test_outages import _node, stack  # noqa: F401 -- `stack`: a Pub/Sub emulator of the test's own
+from harness import (PROJECT, TOPIC, Bucket, GatedProxy, Luigid, Node, PubSubEmulator, free_port, result, submit,
+                     wait_for)
 
 GCS = pytest.mark.parametrize("backend", ["gcs"], indirect=True)
 
@@ -72,12 +70,11 @@ def plain_node(
 ) -> Iterator[Callable[..., Node]]:
     """Start a node as an operator would: no --subscription, no --data-dir (HOME is the test's own)."""
     nodes: list[Node] = []
-    env = dict(os.environ, PUBSUB_EMULATOR_HOST=pubsub.host, STORAGE_EMULATOR_HOST=bucket.gcs.url,
-               HOME=str(tmp_path / "home"))
 
     def start(name: str, *extra: str, wait: bool = True) -> Node:
-        node = Node(name, tmp_path, ["--path", bucket.url("pipeline"), "--scheduler-url", luigid.url,
-                                     "--project", PROJECT, "--topic", TOPIC, "--env-dir", str(env_dir), *extra], env)
+        node = Node.launch(name, tmp_path, *extra, path=bucket.url("pipeline"), scheduler_url=luigid.url,
+                           env_dir=env_dir, pubsub_host=pubsub.host, storage_url=bucket.gcs.url,
+                           env_overrides={"HOME": str(tmp_path / "home")}, wait=False)
         nodes.append(node)
         if wait:
             node.wait_ready()
@@ -149,12 +146,12 @@ def test_a_wide_graph_spreads_over_nodes_that_answer_a_call_for_help(
 
 
 def test_a_failed_reattach_is_retried_until_it_works(
-    stack, tmp_path: Path, environment_yaml: str, env_dir: Path,  # noqa: F811 -- the fixture
+    stack, stack_node, tmp_path: Path, environment_yaml: str,
 ) -> None:
     pubsub, gcs, _ = stack
     bucket = Bucket(gcs, "reattach")
     port = free_port()
-    node = _node("node-a", tmp_path, stack, bucket, env_dir, "--http-port", str(port))
+    node = stack_node("node-a", bucket, "--http-port", str(port))
     try:
         assert _healthz(port)[0] == 200
         # Pub/Sub comes back empty and without the topic: the stream breaks, and re-attaching fails.

@@ -18,14 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WHEELHOUSE
 from poltergust.config import parse_environment
 from poltergust.environments import EnvironmentBuildError, Environments, git_credentials
 from poltergust.environments.interpreters import Interpreter
 from poltergust.environments.plan import Plan
 from poltergust.run.log import RunLog
-from stack import wait_for
-from test_environments import get_in_task, offline, result, run_log, run_logs, submit
+from harness import WHEELHOUSE, get_in_task, offline, pipe_task, result, run_log, run_logs, submit, wait_for
 
 TOKEN = f"tok-{os.urandom(8).hex()}"
 WRONG = f"wrong-{os.urandom(8).hex()}"
@@ -234,12 +232,13 @@ def test_a_git_token_reaches_git_only_through_its_environment(
     try:
         node = start_node("node-a", env_overrides={
             "PATH": path, "UV_CACHE_DIR": str(uv_cache), "GIT_TEST_TOKEN": TOKEN, "GIT_WRONG_TOKEN": WRONG})
-        submit(bucket, "private", tmp_path / "out", "private", offline(
+        submit(bucket, "private", pipe_task("Touch", tmp_path / "out" / "private"), offline(
             wheelhouse, "luigi", "poltergust-testpipes",
-            f"git+http://{USER}:{{{{GIT_TEST_TOKEN}}}}@{server.url}/private.git@v1"))
+            f"git+http://{USER}:{{{{GIT_TEST_TOKEN}}}}@{server.url}/private.git@v1"), environment="private")
         result(bucket, "private", "done")
-        submit(bucket, "wrong", tmp_path / "out", "wrong",
-               offline(wheelhouse, f"git+http://{USER}:{{{{GIT_WRONG_TOKEN}}}}@{server.url}/private.git@v1"))
+        submit(bucket, "wrong", pipe_task("Touch", tmp_path / "out" / "wrong"),
+               offline(wheelhouse, f"git+http://{USER}:{{{{GIT_WRONG_TOKEN}}}}@{server.url}/private.git@v1"),
+               environment="wrong")
         reason = result(bucket, "wrong", "error")["poltergust"]["reason"]
     finally:
         processes.stop()

@@ -13,7 +13,7 @@ from poltergust.events.pubsub import parse_notification
 from poltergust.run.claim import Result, result_document
 from poltergust.layout import Location
 from poltergust.layout import safe_name as _safe
-from stack import wait_for
+from harness import wait_for
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20))
 documents = st.recursive(scalars, lambda inner: st.one_of(

@@ -12,9 +12,7 @@ from urllib.parse import quote
 import pytest
 import yaml
 
-from stack import free_port, wait_for
-from test_environments import offline, submit as submit_env
-from test_node import result, submit
+from harness import free_port, offline, pipe_task, result, submit, wait_for
 
 TOKEN = "ghp_SuperSecret/Token+42"
 NAMED = "named-secret-value-7"
@@ -60,8 +58,8 @@ def test_installers_and_build_scripts_see_no_secret(start_node, bucket, wheelhou
     start_node("node-a", "--secret-env", "COMPANY_VALUE", env_overrides={
         "GITHUB_TOKEN": TOKEN, "COMPANY_VALUE": NAMED, "PLAIN_SETTING": "visible",
         "UV_INDEX_PRIVATE_PASSWORD": "installer-setting"})
-    submit_env(bucket, "spied", tmp_path / "out", "spied",
-               offline(wheelhouse, "luigi", "poltergust-testpipes", str(project)))
+    submit(bucket, "spied", pipe_task("Touch", tmp_path / "out" / "spied"),
+               offline(wheelhouse, "luigi", "poltergust-testpipes", str(project)), environment="spied")
     result(bucket, "spied", "done")
     environ = seen.read_text()
     assert "PLAIN_SETTING=visible\n" in environ, "the build script ran with the node's ordinary variables"

@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from stack import free_port, wait_for
-from test_operating import scrape
+from harness import free_port, scrape, wait_for
 
 PIPELINES = 200
 

@@ -19,9 +19,7 @@ from poltergust.run.log import LogMirror, RunLog
 from poltergust.run.log_index import PART_SIZE, log_parts, node_logs, part_name, read_log
 from poltergust.storage import LocalStore, ObjectInfo, open_store
 
-from stack import wait_for
-from test_cli import poltergust
-from test_node import result, submit
+from harness import poltergust, result, submit, wait_for
 
 CONFIG = "pipeline/long.config.yaml"
 NAME = layout.log_name(CONFIG, 7, "node-a")

@@ -24,11 +24,9 @@ from typing import Callable, Iterator
 import pytest
 from uv import find_uv_bin
 
-from conftest import WHEELHOUSE
-from luigi_examples import ROOT_VARIABLE, build_wheel, find_sdist, missing_sdist_message
+from harness import WHEELHOUSE, Luigid, Node, result, submit, wait_for
+from harness.luigi_examples import ROOT_VARIABLE, build_wheel, find_sdist, missing_sdist_message
 from poltergust.run.command import RETCODE_OPTIONS
-from stack import Luigid, Node, wait_for
-from test_node import result, submit
 
 NODES = ("node-a", "node-b", "node-c")
 PLAIN_TIMEOUT = 180

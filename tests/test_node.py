@@ -5,25 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from stack import wait_for
-
-TIMEOUT = 120
-
-
-def submit(bucket, name: str, task: dict, environment_yaml: str, variables: dict | None = None,
-           **settings: object) -> int:
-    """Upload a config for `task` (and the test environment); `settings` are further top-level keys."""
-    bucket.upload("environment/test.yaml", environment_yaml)
-    config = {"environment": bucket.url("environment/test.yaml"), "task": task, **settings}
-    if variables:
-        config["variables"] = variables
-    return bucket.upload(f"pipeline/{name}.config.yaml", yaml.safe_dump(config))
-
-
-def result(bucket, name: str, outcome: str, timeout: float = TIMEOUT) -> dict:
-    data = wait_for(lambda: bucket.read(f"pipeline/{name}.{outcome}.yaml"), timeout, f"{name}.{outcome}.yaml")
-    return yaml.safe_load(data)
-
+from harness import result, submit, wait_for
 
 def test_uploaded_config_runs_to_done(start_node, bucket, environment_yaml: str, tmp_path: Path) -> None:
     node = start_node("node-a")
@@ -103,7 +85,7 @@ def test_healthz_answers_once_ready_and_not_while_the_node_is_stalled(start_node
     import urllib.error
     import urllib.request
 
-    from stack import free_port
+    from harness import free_port
 
     port = free_port()
     node = start_node("node-a", "--http-port", str(port))

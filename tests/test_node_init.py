@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.deploy
+
 ROOT = Path(__file__).resolve().parent.parent
 NODE_INIT = ROOT / "deploy" / "node-init.sh"
 CLUSTERS = ROOT / "clusters"

@@ -12,22 +12,9 @@ from typing import Iterator
 
 import pytest
 
-from stack import free_port, wait_for
-from test_node import result, submit
+from harness import PROJECT, TOPIC, Bucket, Node, PubSubEmulator, free_port, result, scrape, submit, wait_for
 
 TOUCH = {"name": "Touch", "module": "poltergust_testpipes"}
-
-
-def scrape(port: int) -> dict[str, float]:
-    """Samples of /metrics as {'name{labels}': value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
 
 
 class Recorder(BaseHTTPRequestHandler):
@@ -133,17 +120,11 @@ def test_node_log_lines_are_json_with_run_fields(start_node, bucket, environment
 
 def test_healthz_is_not_ready_until_the_subscription_is_attached(tmp_path, gcs, luigid, env_dir) -> None:
     """A node started before Pub/Sub can be reached waits for it, and says so on /healthz."""
-    import os
-
-    from conftest import PROJECT, TOPIC
-    from stack import Bucket, Node, PubSubEmulator
-
     pubsub_port, http_port = free_port(), free_port()
     bucket = Bucket(gcs, "unattached")
-    env = dict(os.environ, PUBSUB_EMULATOR_HOST=f"127.0.0.1:{pubsub_port}", STORAGE_EMULATOR_HOST=gcs.url)
-    node = Node("node-a", tmp_path, [
-        "--path", bucket.url("pipeline"), "--scheduler-url", luigid.url, "--project", PROJECT, "--topic", TOPIC,
-        "--data-dir", str(tmp_path / "data"), "--env-dir", str(env_dir), "--http-port", str(http_port)], env)
+    node = Node.launch("node-a", tmp_path, "--http-port", str(http_port), path=bucket.url("pipeline"),
+                       scheduler_url=luigid.url, env_dir=env_dir, data_dir=tmp_path / "data",
+                       pubsub_host=f"127.0.0.1:{pubsub_port}", storage_url=gcs.url, wait=False)
     pubsub = None
     try:
         def status() -> int | None:

@@ -1,46 +1,18 @@
 """Outages of the GCS emulator, the Pub/Sub emulator and luigid, on a stack of the test's own."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Iterator
 
-import pytest
-
-from conftest import PROJECT, TOPIC
-from stack import Bucket, FakeGcs, Luigid, Node, PubSubEmulator, wait_for
-from test_node import result, submit
+from harness import TOPIC, Bucket, result, submit, wait_for
 
 TOUCH = {"name": "Touch", "module": "poltergust_testpipes"}
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[tuple[PubSubEmulator, FakeGcs, Luigid]]:
-    pubsub = PubSubEmulator(tmp_path / "pubsub-work", PROJECT)
-    pubsub.create_topic(TOPIC)
-    gcs = FakeGcs(tmp_path / "gcs-work", pubsub, TOPIC)  # filesystem backend: data survives restarts
-    luigid = Luigid(tmp_path / "luigid-work")
-    yield pubsub, gcs, luigid
-    for server in (luigid, gcs, pubsub):
-        server.stop()
-
-
-def _node(name: str, tmp_path: Path, stack, bucket: Bucket, env_dir: Path, *extra: str) -> Node:
-    pubsub, gcs, luigid = stack
-    env = dict(os.environ, PUBSUB_EMULATOR_HOST=pubsub.host, STORAGE_EMULATOR_HOST=gcs.url)
-    node = Node(name, tmp_path, [
-        "--path", bucket.url("pipeline"), "--scheduler-url", luigid.url, "--project", PROJECT, "--topic", TOPIC,
-        "--subscription", f"outage-{name}", "--data-dir", str(tmp_path / name), "--env-dir", str(env_dir),
-        "--rescan-interval", "300", *extra], env)
-    node.wait_ready()
-    return node
-
-
-def test_node_rides_out_gcs_pubsub_and_luigid_outages(stack, tmp_path: Path, environment_yaml: str,
-                                                       env_dir: Path) -> None:
+def test_node_rides_out_gcs_pubsub_and_luigid_outages(stack, stack_node, tmp_path: Path,
+                                                       environment_yaml: str) -> None:
     pubsub, gcs, luigid = stack
     bucket = Bucket(gcs, "outages")
-    node = _node("node-a", tmp_path, stack, bucket, env_dir, "--outage-limit", "120")
+    node = stack_node("node-a", bucket, "--outage-limit", "120")
     try:
         # GCS goes away mid-run: luigi finishes meanwhile, and the result is written once GCS is back.
         out = tmp_path / "gcs"
@@ -78,11 +50,11 @@ def test_node_rides_out_gcs_pubsub_and_luigid_outages(stack, tmp_path: Path, env
         node.stop()
 
 
-def test_an_outage_past_the_limit_ends_the_run_as_an_error(stack, tmp_path: Path, environment_yaml: str,
-                                                           env_dir: Path) -> None:
+def test_an_outage_past_the_limit_ends_the_run_as_an_error(stack, stack_node, tmp_path: Path,
+                                                           environment_yaml: str) -> None:
     pubsub, gcs, luigid = stack
     bucket = Bucket(gcs, "outlasting")
-    node = _node("node-a", tmp_path, stack, bucket, env_dir, "--outage-limit", "3")
+    node = stack_node("node-a", bucket, "--outage-limit", "3")
     try:
         luigid.stop()
         submit(bucket, "stranded", {**TOUCH, "out-dir": str(tmp_path / "s")}, environment_yaml)

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from stack import wait_for
-from test_fleet import _alive, _results
-from test_node import result, submit
+from harness import alive, result, results, submit, wait_for
 
 SLEEP = {"name": "Sleep", "module": "poltergust_testpipes"}
 
@@ -30,7 +28,7 @@ def test_a_killed_node_restarted_completes_its_pipeline(start_node, bucket, envi
 
     start_node("node-a")
     assert result(bucket, "killed", "done")["poltergust"]["node"] == "node-a"
-    assert _results(bucket, "killed") == ["pipeline/killed.done.yaml"]
+    assert results(bucket, "killed") == ["pipeline/killed.done.yaml"]
 
 
 def test_a_claim_left_by_a_crash_is_completed(start_node, bucket, environment_yaml, tmp_path) -> None:
@@ -59,11 +57,11 @@ def test_deleting_a_config_stops_its_run_on_every_node(start_node, bucket, envir
     bucket.delete("pipeline/cancel.config.yaml")
     for node in nodes:
         wait_for(lambda: "was deleted: stopping its run" in node.output(), 15, f"{node.name} to stop")
-    wait_for(lambda: not _alive(luigi_pid), 15, "luigi to be stopped")
+    wait_for(lambda: not alive(luigi_pid), 15, "luigi to be stopped")
     for node in nodes:
         wait_for(lambda: b"run stopped on this node" in (bucket.read(bucket.log_name("cancel", node.node_name))
                                                         or b""), 15, "the final log upload")
-    assert _results(bucket, "cancel") == []
+    assert results(bucket, "cancel") == []
     assert not (out / "slept.txt").exists()
 
 
@@ -81,7 +79,7 @@ def test_resubmitting_replaces_the_running_generation_and_reruns_a_finished_one(
     assert done["task"]["out-dir"] == str(second), "the new upload ran, and was not deleted by the old run"
     assert "stopping its run" in node.output()
     wait_for(lambda: not bucket.exists("pipeline/again.config.yaml"), 10, "the config to be removed")
-    assert _results(bucket, "again") == ["pipeline/again.done.yaml"]
+    assert results(bucket, "again") == ["pipeline/again.done.yaml"]
 
     submit(bucket, "again", {"name": "Touch", "module": "poltergust_testpipes", "out-dir": str(second)},
            environment_yaml)

@@ -26,9 +26,7 @@ from typing import Iterator
 import pytest
 import yaml
 
-from conftest import WHEELHOUSE
-from stack import wait_for
-from test_node import result
+from harness import WHEELHOUSE, result, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("bwrap") is None,
                                 reason="the sandbox needs root and bubblewrap (tests/run.sh installs it, as in CI)")

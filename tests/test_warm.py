@@ -15,42 +15,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import WHEELHOUSE
-from stack import free_port, wait_for
+from harness import WHEELHOUSE, free_port, result, run_log, submit, wait_for
 
-TIMEOUT = 120
 FORKED = "luigi forked from the environment's warm interpreter"
 REPORT = {"name": "Report", "module": "poltergust_testpipes"}
 SLEEP = {"name": "Sleep", "module": "poltergust_testpipes"}
 
 
-def submit(bucket, name: str, task: dict, environment: str = "test", environment_yaml: str | None = None,
-           **keys: object) -> None:
-    if environment_yaml is not None:
-        bucket.upload(f"environment/{environment}.yaml", environment_yaml)
-    config = {"environment": bucket.url(f"environment/{environment}.yaml"), "task": task, **keys}
-    bucket.upload(f"pipeline/{name}.config.yaml", yaml.safe_dump(config))
-
-
-def result(bucket, name: str, outcome: str = "done", timeout: float = TIMEOUT) -> dict:
-    other = "error" if outcome == "done" else "done"
-
-    def finished():
-        if bucket.exists(f"pipeline/{name}.{other}.yaml"):
-            raise AssertionError(f"{name} ended as {other}: {bucket.read(f'pipeline/{name}.{other}.yaml').decode()}")
-        return bucket.read(f"pipeline/{name}.{outcome}.yaml")
-
-    return yaml.safe_load(wait_for(finished, timeout, f"{name}.{outcome}.yaml"))
-
-
 def report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
-
-
-def run_log(tmp_path: Path, node: str, name: str) -> str:
-    return "".join(p.read_text() for p in (tmp_path / node / "logs").glob(f"{name}.*.log"))
 
 
 def parent(pid: int) -> int:
@@ -144,10 +118,10 @@ def test_preloading_imports_before_the_fork_and_a_thread_is_refused(
     start_node("node-a")
     out = tmp_path / "out"
     preloaded = environment_yaml + "preload: [poltergust_testpipes]\nvariables: {TESTPIPES_AT_IMPORT: from-env}\n"
-    submit(bucket, "preloaded", {**REPORT, "out-dir": str(out / "p")}, "preloaded", preloaded,
+    submit(bucket, "preloaded", {**REPORT, "out-dir": str(out / "p")}, preloaded, environment="preloaded",
            variables={"TESTPIPES_AT_IMPORT": "from-config"})
     threaded = environment_yaml + "preload: [poltergust_testpipes]\nvariables: {TESTPIPES_START_THREAD: '1'}\n"
-    submit(bucket, "threaded", {**REPORT, "out-dir": str(out / "t")}, "threaded", threaded)
+    submit(bucket, "threaded", {**REPORT, "out-dir": str(out / "t")}, threaded, environment="threaded")
     result(bucket, "preloaded")
     result(bucket, "threaded")
     seen = report(out / "p")
@@ -228,18 +202,19 @@ def test_eviction_and_idleness_stop_the_warm_interpreter(
 ) -> None:
     node = start_node("node-a", "--env-dir", str(tmp_path / "envs"), "--env-cache-size", "1")
     out = tmp_path / "out"
-    submit(bucket, "first", {**REPORT, "out-dir": str(out / "1")}, "first", environment_yaml)
+    submit(bucket, "first", {**REPORT, "out-dir": str(out / "1")}, environment_yaml, environment="first")
     result(bucket, "first")
     zygote = report(out / "1")["ppid"]
     assert is_zygote(zygote)
-    submit(bucket, "second", {**REPORT, "out-dir": str(out / "2")}, "second", environment_yaml + "  - six\n")
+    submit(bucket, "second", {**REPORT, "out-dir": str(out / "2")}, environment_yaml + "  - six\n",
+           environment="second")
     result(bucket, "second")
     wait_for(lambda: not running(zygote), 20, "the evicted environment's warm interpreter to stop")
     assert "its environment was evicted" in node.output()
     node.stop()
 
     idle = start_node("node-b", "--warm-idle-seconds", "1", "--warm-prestart")
-    submit(bucket, "idle", {**REPORT, "out-dir": str(out / "i")}, "test", environment_yaml)
+    submit(bucket, "idle", {**REPORT, "out-dir": str(out / "i")}, environment_yaml)
     result(bucket, "idle")
     zygote = report(out / "i")["ppid"]
     wait_for(lambda: not running(zygote), 20, "the idle warm interpreter to stop")
@@ -261,8 +236,8 @@ def test_a_python_38_environment_runs_warm(start_node, bucket, wheelhouse: Path,
     start_node("node-a")
     environment = ("virtualenv: {python: python3.8}\ndependencies:\n  - --no-index\n"
                    f"  - --find-links {wheels}\n  - --find-links {wheelhouse}\n  - luigi\n  - poltergust-testpipes\n")
-    submit(bucket, "old", {**REPORT, "out-dir": str(tmp_path / "o"), "variable": "V"}, "py38", environment,
-           variables={"V": "3.8"})
+    submit(bucket, "old", {**REPORT, "out-dir": str(tmp_path / "o"), "variable": "V"}, environment,
+           environment="py38", variables={"V": "3.8"})
     result(bucket, "old", timeout=300)
     seen = report(tmp_path / "o")
     assert seen["python"] == "3.8" and seen["value"] == "3.8" and is_zygote(seen["ppid"])
