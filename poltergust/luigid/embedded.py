@@ -21,7 +21,6 @@ from poltergust import locks
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 8082
 LUIGID_CONFIG = """\
 [scheduler]
 # Free the tasks of a node that vanished quickly, and check on every request.
@@ -39,7 +38,7 @@ def _answers(url: str) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def embedded_scheduler(data_dir: Path, port: int = DEFAULT_PORT) -> AsyncIterator[str]:
+async def embedded_scheduler(data_dir: Path, port: int) -> AsyncIterator[str]:
     """Yield the URL of a local luigid, started here unless one already answers."""
     url = f"http://127.0.0.1:{port}"
     # Nodes starting at the same moment take turns: the first starts luigid, the others find it.
