@@ -132,10 +132,11 @@ def test_luigi_runtasks_entry_point_runs_a_node(bucket, luigid, environment_yaml
 def test_nodes_without_scheduler_url_share_an_embedded_luigid(bucket, environment_yaml: str, tmp_path: Path,
                                                               env_dir: Path) -> None:
     port = str(free_port())
-    nodes = [Server(name, [sys.executable, "-m", "poltergust.async_worker", "--path", str(bucket.root / "pipeline"),
+    # Both ways to start a node: the documented `poltergust node` and `python -m poltergust.async_worker`.
+    nodes = [Server(name, [sys.executable, "-m", *command, "--path", str(bucket.root / "pipeline"),
                            "--node-name", name, "--data-dir", str(tmp_path / name), "--env-dir", str(env_dir),
                            "--embedded-scheduler-port", port], tmp_path / f"{name}.log", cwd=ROOT)
-             for name in ("first", "second")]
+             for name, command in (("first", ["poltergust", "node"]), ("second", ["poltergust.async_worker"]))]
     try:
         for node in nodes:
             wait_for(lambda: node.check_alive() or "ready: subscribed" in node.output(), 60, f"{node.name} ready")
@@ -152,6 +153,25 @@ def test_nodes_without_scheduler_url_share_an_embedded_luigid(bucket, environmen
     finally:
         for node in reversed(nodes):
             node.stop()
+
+
+def test_poltergust_node_takes_the_node_flags_and_refuses_bad_values_alike() -> None:
+    from poltergust.settings import OPTIONS
+
+    shown = poltergust("node", "--help", timeout=60)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: poltergust node ")
+    for option in OPTIONS:
+        assert f"--{option.flag}" in shown.stdout and f"[{option.variable}]" in shown.stdout
+    assert "node" in poltergust("--help", timeout=60).stdout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLTERGUST_")}
+    for flags, problem in ((["--max-concurrent", "many"], "argument --max-concurrent: invalid int value: 'many'"),
+                           (["--start-stale-after", "1"], "--start-stale-after: must be at least 3 seconds (got 1)")):
+        node = poltergust("node", "--path", "/tmp/b/pipeline", *flags, env=env, timeout=60)
+        worker = subprocess.run([sys.executable, "-m", "poltergust.async_worker", "--path", "/tmp/b/pipeline", *flags],
+                                capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+        assert node.returncode == worker.returncode == 2
+        assert node.stderr.splitlines()[-1] == f"poltergust node: error: {problem}"
+        assert worker.stderr.splitlines()[-1] == f"python -m poltergust.async_worker: error: {problem}"
 
 
 def test_demo_stops_everything_on_ctrl_c(wheelhouse: Path, tmp_path: Path) -> None:
