@@ -1,7 +1,8 @@
 """One node setting declared once: its flag, POLTERGUST_* variable, default, help, parsing and check.
 
-`settings.Settings` declares each of its fields with `setting(...)`; everything
-else is generated from those declarations: the argparse flags (`add_options`),
+`settings.Settings` declares each of its fields as
+`field(default=..., metadata=option(FLAG, help=..., ...))`: the field's default
+is the option's too. Everything else is generated from those declarations: the argparse flags (`add_options`),
 the values a deploy hands over as text (`Option.convert`), and the README's
 table of flags (`markdown_table`). Help texts may hold `code` spans: the
 README shows them as code, `--help` without the backticks.
@@ -28,7 +29,7 @@ class SettingError(ValueError):
 
 @dataclass(frozen=True)
 class Option:
-    """How one setting is given and shown; `default` is the value when neither the flag nor the variable is."""
+    """How one setting is given and shown; `default` (its field's) is the value without flag and variable."""
 
     flag: str
     help: str
@@ -67,7 +68,10 @@ class Option:
         try:
             value = self.parse(text)
         except (ValueError, argparse.ArgumentTypeError) as exc:
-            raise SettingError(self.flag, f"invalid value {text!r}: {exc}") from None
+            # As argparse says it for int and float; a parser of this package's own says what it expects.
+            builtin = self.parse in (int, float, str)
+            raise SettingError(self.flag, f"invalid {self.parse.__name__} value: {text!r}" if builtin
+                               else str(exc)) from None
         if self.choices and value not in self.choices:
             raise SettingError(self.flag, f"invalid choice {text!r} (choose from {', '.join(self.choices)})")
         return value
@@ -95,20 +99,22 @@ class Option:
         return f"--{self.flag} {self.metavar or self.dest.upper()}"
 
 
-def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, repr: bool = True,
-            **option: Any) -> Any:
-    """A dataclass field declared with its `Option` (in the field's metadata); `default` serves both."""
-    if default is not dataclasses.MISSING:
-        option.setdefault("default", default)
-    elif default_factory is not dataclasses.MISSING:
-        option.setdefault("default", default_factory())
-    return dataclasses.field(default=default, default_factory=default_factory, repr=repr,
-                             metadata={"option": Option(**option)})
+def option(flag: str, **how: Any) -> dict[str, Option]:
+    """A dataclass field's metadata declaring its option (its default is the field's: see `options_of`)."""
+    return {"option": Option(flag, **how)}
 
 
-def options_of(cls: type) -> list[Option]:
-    """The options declared on a dataclass's fields, in declaration order."""
-    return [field.metadata["option"] for field in dataclasses.fields(cls) if "option" in field.metadata]
+def options_of(cls: Any) -> list[Option]:
+    """The options declared on a dataclass's fields, in declaration order, each with its field's default."""
+    options = []
+    for field in dataclasses.fields(cls):
+        if "option" not in field.metadata:
+            continue
+        default = field.default
+        if default is dataclasses.MISSING:
+            default = None if field.default_factory is dataclasses.MISSING else field.default_factory()
+        options.append(dataclasses.replace(field.metadata["option"], default=default))
+    return options
 
 
 def boolean(value: str) -> bool:

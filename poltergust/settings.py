@@ -15,7 +15,7 @@ import dataclasses
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping, Sequence
 
@@ -23,7 +23,7 @@ from poltergust.environments import parse_size
 from poltergust.launch.sandbox import RunAs, RunAsError
 from poltergust.layout import Location, safe_name
 from poltergust.node.notify import NotifyTarget, notify_target
-from poltergust.option import Option, SettingError, add_options, boolean, markdown_table, options_of, setting
+from poltergust.option import Check, SettingError, add_options, boolean, markdown_table, option, options_of
 
 DEFAULT_ROOT = Path.home() / ".local" / "share" / "poltergust"
 """Below it: `nodes/NODE/` (a node's own files, by default) and `environments/` (shared by the host's nodes)."""
@@ -34,148 +34,150 @@ def default_data_dir(node_name: str) -> Path:
     return DEFAULT_ROOT / "nodes" / safe_name(node_name)
 
 
-def _seconds_between(low: float, high: float) -> Any:
+def _seconds_between(low: float, high: float) -> Check:
     return lambda value: None if low <= value <= high else f"must be {low:g} to {high:g} seconds (got {value:g})"
 
 
-def _at_least_seconds(low: float) -> Any:
+def _at_least_seconds(low: float) -> Check:
     return lambda value: None if value >= low else f"must be at least {low:g} seconds (got {value:g})"
 
 
 @dataclass(frozen=True)
 class Settings:
-    locations: list[Location] = setting(
-        flag="path", metavar="URL", repeatable=True,
+    """One node's settings; each field declares its option: flag, variable, default, parsing, check and help."""
+
+    locations: list[Location] = field(metadata=option(
+        "path", metavar="URL", repeatable=True,
         help="pipeline prefix to watch: `gs://BUCKET/PREFIX`, or a local directory (`file:///DIR` or a plain "
-             "path); repeatable (in the variable: separated by spaces)")
-    node_name: str = setting(
-        flag="node-name", metavar="NAME", fallback=lambda environ: socket.gethostname(), shown_default="the host name",
-        help="this node's name, used in log object names and claims")
-    data_dir: Path = setting(
-        flag="data-dir", metavar="DIR", shown_default="`~/.local/share/poltergust/nodes/NODE`",
-        help="directory for run logs and luigi working directories")
-    env_dir: Path = setting(
-        flag="env-dir", metavar="DIR",
+             "path); repeatable (in the variable: separated by spaces)"))
+    node_name: str = field(metadata=option(
+        "node-name", metavar="NAME", fallback=lambda environ: socket.gethostname(),
+        shown_default="the host name", help="this node's name, used in log object names and claims"))
+    data_dir: Path = field(metadata=option(
+        "data-dir", metavar="DIR", shown_default="`~/.local/share/poltergust/nodes/NODE`",
+        help="directory for run logs and luigi working directories"))
+    env_dir: Path = field(metadata=option(
+        "env-dir", metavar="DIR",
         shown_default="`DATA_DIR/environments`, or `~/.local/share/poltergust/environments` without `--data-dir`",
-        help="directory where environments are built and cached, shareable by the host's nodes")
-    scheduler_url: str = setting(
-        "", flag="scheduler-url", metavar="URL",
+        help="directory where environments are built and cached, shareable by the host's nodes"))
+    scheduler_url: str = field(default="", metadata=option(
+        "scheduler-url", metavar="URL",
         help="URL of the luigi central scheduler (luigid) all nodes share; without it, a local luigid on "
              "127.0.0.1 (`--embedded-scheduler-port`), started by the first local node (which stops it when it "
-             "exits) and joined by the others")
-    embedded_scheduler_port: int = setting(
-        8082, flag="embedded-scheduler-port", parse=int, metavar="PORT",
-        help="port of the local luigid used without `--scheduler-url`")
-    project: str = setting(
-        "", flag="project", metavar="PROJECT", fallback=lambda environ: environ.get("GOOGLE_CLOUD_PROJECT", ""),
+             "exits) and joined by the others"))
+    embedded_scheduler_port: int = field(default=8082, metadata=option(
+        "embedded-scheduler-port", parse=int, metavar="PORT",
+        help="port of the local luigid used without `--scheduler-url`"))
+    project: str = field(default="", metadata=option(
+        "project", metavar="PROJECT", fallback=lambda environ: environ.get("GOOGLE_CLOUD_PROJECT", ""),
         shown_default="`GOOGLE_CLOUD_PROJECT`",
-        help="Google Cloud project of the notification topic and the subscriptions (gs:// paths only)")
-    topic: str = setting(
-        "", flag="topic", metavar="TOPIC", shown_default="`poltergust-BUCKET` for the first `--path`",
-        help="Pub/Sub topic receiving the bucket's notifications")
-    subscription: str = setting(
-        "", flag="subscription", metavar="NAME",
+        help="Google Cloud project of the notification topic and the subscriptions (gs:// paths only)"))
+    topic: str = field(default="", metadata=option(
+        "topic", metavar="TOPIC", shown_default="`poltergust-BUCKET` for the first `--path`",
+        help="Pub/Sub topic receiving the bucket's notifications"))
+    subscription: str = field(default="", metadata=option(
+        "subscription", metavar="NAME",
         shown_default="`poltergust-NODE-HASH`, from the node name, the topic and the paths",
         help="this node's subscription on the topic, created if missing; an existing one on another topic or "
-             "with another filter is refused (and left as it is)")
-    backlog_subscription: str = setting(
-        "", flag="backlog-subscription", metavar="NAME", shown_default="none",
+             "with another filter is refused (and left as it is)"))
+    backlog_subscription: str = field(default="", metadata=option(
+        "backlog-subscription", metavar="NAME", shown_default="none",
         help="the backlog subscription all nodes share on the topic, created if missing: a config's message "
              "stays in it until the config is finished, and the fleet's autoscaler counts its undelivered "
-             "messages (gs:// paths only)")
-    backlog_ack_deadline: int = setting(
-        60, flag="backlog-ack-deadline", parse=int, metavar="SECONDS", check=_seconds_between(10, 600),
+             "messages (gs:// paths only)"))
+    backlog_ack_deadline: int = field(default=60, metadata=option(
+        "backlog-ack-deadline", parse=int, metavar="SECONDS", check=_seconds_between(10, 600),
         help="seconds a held backlog message is leased at a time (10 to 600): a killed node's configs return "
-             "to the backlog within about this long")
-    backlog_max_lease: float = setting(
-        86400.0, flag="backlog-max-lease", parse=float, metavar="SECONDS",
+             "to the backlog within about this long"))
+    backlog_max_lease: float = field(default=86400.0, metadata=option(
+        "backlog-max-lease", parse=float, metavar="SECONDS",
         help="seconds a node holds a backlog message at most, the longest a pipeline may run before another "
-             "node is offered it")
-    env_cache_size: int | None = setting(
-        None, flag="env-cache-size", parse=parse_size, metavar="SIZE", shown_default="none",
+             "node is offered it"))
+    env_cache_size: int | None = field(default=None, metadata=option(
+        "env-cache-size", parse=parse_size, metavar="SIZE", shown_default="none",
         help="disk budget of the environment cache, such as `500M` or `10G` (0: none); beyond it the least "
-             "recently used environments not in use are removed")
-    share_environments: bool = setting(
-        False, flag="share-environments", parse=boolean, switch=True,
+             "recently used environments not in use are removed"))
+    share_environments: bool = field(default=False, metadata=option(
+        "share-environments", parse=boolean, switch=True,
         help="upload each environment this node builds beside its environment file, and unpack such an archive "
-             "instead of building (true or false)")
-    share_key: bytes | None = setting(
-        None, repr=False, flag="share-environments-key-env", metavar="NAME",
+             "instead of building (true or false)"))
+    share_key: bytes | None = field(default=None, repr=False, metadata=option(
+        "share-environments-key-env", metavar="NAME",
         help="name of the environment variable holding the key that signs shared environments (at least 16 "
              "characters, the same on every node); required by `--share-environments`, and removed from the "
-             "node's environment at start so that installers and luigi do not inherit it")
-    max_concurrent: int = setting(
-        4, flag="max-concurrent", parse=int, metavar="N", help="pipelines this node runs at once")
-    rescan_interval: float = setting(
-        300.0, flag="rescan-interval", parse=float, metavar="SECONDS",
-        help="seconds between full rescans of the prefixes (the safety net for lost events)")
-    outage_limit: float = setting(
-        600.0, flag="outage-limit", parse=float, metavar="SECONDS",
-        help="seconds a storage or scheduler outage is waited out before a run ends as an error")
-    claim_grace: float = setting(
-        60.0, flag="claim-grace", parse=float, metavar="SECONDS",
-        help="seconds a run claimed by another node is left to it before this node completes it")
-    start_stale_after: float = setting(
-        180.0, flag="start-stale-after", parse=float, metavar="SECONDS", check=_at_least_seconds(3),
+             "node's environment at start so that installers and luigi do not inherit it"))
+    max_concurrent: int = field(default=4, metadata=option(
+        "max-concurrent", parse=int, metavar="N", help="pipelines this node runs at once"))
+    rescan_interval: float = field(default=300.0, metadata=option(
+        "rescan-interval", parse=float, metavar="SECONDS",
+        help="seconds between full rescans of the prefixes (the safety net for lost events)"))
+    outage_limit: float = field(default=600.0, metadata=option(
+        "outage-limit", parse=float, metavar="SECONDS",
+        help="seconds a storage or scheduler outage is waited out before a run ends as an error"))
+    claim_grace: float = field(default=60.0, metadata=option(
+        "claim-grace", parse=float, metavar="SECONDS",
+        help="seconds a run claimed by another node is left to it before this node completes it"))
+    start_stale_after: float = field(default=180.0, metadata=option(
+        "start-stale-after", parse=float, metavar="SECONDS", check=_at_least_seconds(3),
         help="seconds after which a run's start marker that its starting node stopped refreshing counts as that "
              "of a dead node, and a standing-by node takes the run over at its next check; the starter refreshes "
              "it, and standing-by nodes check it, every third of this (or every `--rescan-interval` if shorter). "
              "At least 3; use the same value on every node: a node with a shorter window would take over runs "
-             "whose starters are alive")
-    log_upload_interval: float = setting(
-        30.0, flag="log-upload-interval", parse=float, metavar="SECONDS",
-        help="seconds between refreshes of a running pipeline's log in the bucket (always at its start and end)")
-    heartbeat_interval: float = setting(
-        60.0, flag="heartbeat-interval", parse=float, metavar="SECONDS",
+             "whose starters are alive"))
+    log_upload_interval: float = field(default=30.0, metadata=option(
+        "log-upload-interval", parse=float, metavar="SECONDS",
+        help="seconds between refreshes of a running pipeline's log in the bucket (always at its start and end)"))
+    heartbeat_interval: float = field(default=60.0, metadata=option(
+        "heartbeat-interval", parse=float, metavar="SECONDS",
         help="seconds between this node's heartbeats (`_poltergust/nodes/NODE.json` in each bucket), which the "
-             "dashboard shows")
-    notify: NotifyTarget | None = setting(
-        None, flag="notify-url", metavar="URL",
+             "dashboard shows"))
+    notify: NotifyTarget | None = field(default=None, metadata=option(
+        "notify-url", metavar="URL",
         help="on each finished run, the claiming node POSTs a JSON summary here (a `DB_URL` variable instead "
-             "gets the original GET with `pipeline_url`)")
-    secret_env: list[str] = setting(
-        default_factory=list, flag="secret-env", metavar="NAME", repeatable=True,
+             "gets the original GET with `pipeline_url`)"))
+    secret_env: list[str] = field(default_factory=list, metadata=option(
+        "secret-env", metavar="NAME", repeatable=True,
         help="a node variable that is a secret: never passed to pipelines, masked in every log and result "
-             "(besides `{{NAME}}` references and names with TOKEN, SECRET, PASSWORD...); repeatable")
-    allowed_environment_prefixes: list[str] = setting(
-        default_factory=list, flag="allowed-environment-prefix", metavar="URL", repeatable=True,
+             "(besides `{{NAME}}` references and names with TOKEN, SECRET, PASSWORD...); repeatable"))
+    allowed_environment_prefixes: list[str] = field(default_factory=list, metadata=option(
+        "allowed-environment-prefix", metavar="URL", repeatable=True,
         shown_default="the buckets of `--path`",
-        help="URL prefix environment files may be read from; repeatable")
-    run_as: RunAs | None = setting(
-        None, flag="run-as", metavar="USER",
+        help="URL prefix environment files may be read from; repeatable"))
+    run_as: RunAs | None = field(default=None, metadata=option(
+        "run-as", metavar="USER",
         help="run pipelines as this unprivileged user, each in a private working directory (the node must run "
-             "as root); without it pipelines share the node's user and trust domain")
-    warm: bool = setting(
-        True, flag="warm", parse=boolean, switch=True,
+             "as root); without it pipelines share the node's user and trust domain"))
+    warm: bool = field(default=True, metadata=option(
+        "warm", parse=boolean, switch=True,
         help="start luigi from a warm interpreter per environment, forked for each run, instead of a fresh "
-             "python every time (true or false; see Warm starts)")
-    warm_idle_seconds: float = setting(
-        600.0, flag="warm-idle-seconds", parse=float, metavar="SECONDS",
-        help="stop an environment's warm interpreter after this many seconds without a run")
-    warm_prestart: bool = setting(
-        False, flag="warm-prestart", parse=boolean, switch=True,
+             "python every time (true or false; see Warm starts)"))
+    warm_idle_seconds: float = field(default=600.0, metadata=option(
+        "warm-idle-seconds", parse=float, metavar="SECONDS",
+        help="stop an environment's warm interpreter after this many seconds without a run"))
+    warm_prestart: bool = field(default=False, metadata=option(
+        "warm-prestart", parse=boolean, switch=True,
         help="start an environment's warm interpreter as soon as a run has the environment, rather than when "
-             "luigi starts (true or false)")
-    min_free_disk: int | None = setting(
-        None, flag="min-free-disk", parse=parse_size, metavar="SIZE", shown_default="no check",
+             "luigi starts (true or false)"))
+    min_free_disk: int | None = field(default=None, metadata=option(
+        "min-free-disk", parse=parse_size, metavar="SIZE", shown_default="no check",
         help="`/healthz` answers 503 while the disk of `--data-dir` or `--env-dir` has less free space than "
              "this, such as `2G` (0: no check), so that autohealing replaces a node that can no longer build "
-             "environments")
-    http_host: str = setting(
-        "127.0.0.1", flag="http-host", metavar="HOST",
-        help="address of the health server; 0.0.0.0 lets a load balancer reach it")
-    http_port: int = setting(
-        0, flag="http-port", parse=int, metavar="PORT",
-        help="serve `GET /healthz` on this port (0: no health server): 200 while the event stream is attached, 503 with the reason "
-             "while it is not (the node keeps trying to attach, and keeps scanning meanwhile) or the disk is "
-             "nearly full; a stalled node does not answer")
-    log_level: str = setting(
-        "INFO", flag="log-level", metavar="LEVEL", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="logging level of the node's own log: DEBUG, INFO, WARNING or ERROR")
-    log_format: str = setting(
-        "auto", flag="log-format", metavar="FORMAT", choices=("auto", "json", "text"),
+             "environments"))
+    http_host: str = field(default="127.0.0.1", metadata=option(
+        "http-host", metavar="HOST",
+        help="address of the health server; 0.0.0.0 lets a load balancer reach it"))
+    http_port: int = field(default=0, metadata=option(
+        "http-port", parse=int, metavar="PORT",
+        help="serve `GET /healthz` on this port (0: no health server): 200 while the event stream is attached, "
+             "503 with the reason while it is not (the node keeps trying to attach, and keeps scanning meanwhile) "
+             "or the disk is nearly full; a stalled node does not answer"))
+    log_level: str = field(default="INFO", metadata=option(
+        "log-level", metavar="LEVEL", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging level of the node's own log: DEBUG, INFO, WARNING or ERROR"))
+    log_format: str = field(default="auto", metadata=option(
+        "log-format", metavar="FORMAT", choices=("auto", "json", "text"),
         help="the node's own log: `json` lines (Cloud Logging fields), readable `text`, or `auto`: JSON unless "
-             "stderr is a terminal")
+             "stderr is a terminal"))
 
     @property
     def environment_prefixes(self) -> list[str]:
@@ -183,8 +185,8 @@ class Settings:
 
 
 OPTIONS = options_of(Settings)
-OPTION = {option.flag: option for option in OPTIONS}
-_FIELD_OF = {field.metadata["option"].dest: field.name for field in dataclasses.fields(Settings)}
+OPTION = {each.flag: each for each in OPTIONS}
+_FIELD_OF = {each.metadata["option"].dest: each.name for each in dataclasses.fields(Settings)}
 
 
 def build_parser(environ: Mapping[str, str] | None = None,
@@ -205,9 +207,9 @@ def parse_settings(argv: Sequence[str] | None = None, environ: MutableMapping[st
     environ = os.environ if environ is None else environ
     parser = build_parser(environ, prog)
     values = vars(parser.parse_args(argv))
-    for option in OPTIONS:
-        if option.repeatable and values[option.dest] is None:
-            values[option.dest] = option.initial(environ)
+    for each in OPTIONS:
+        if each.repeatable and values[each.dest] is None:
+            values[each.dest] = each.initial(environ)
     try:
         return settings_from(values, environ)
     except SettingError as exc:
@@ -242,8 +244,8 @@ def settings_from(values: Mapping[str, Any], environ: MutableMapping[str, str]) 
                            "(or set POLTERGUST_PROJECT or GOOGLE_CLOUD_PROJECT)")
     if values["backlog_subscription"] and not locations[0].is_gcs:
         raise SettingError("backlog-subscription", "only for gs:// paths (a local directory has no backlog)")
-    for option in OPTIONS:
-        problem = option.problem(values[option.dest])
+    for each in OPTIONS:
+        problem = each.problem(values[each.dest])
         if problem:
             raise problem
     given_data_dir = values["data_dir"]
