@@ -95,9 +95,10 @@
 # Checks: the role and the release before anything else; all other metadata
 # after the release is installed, by the release itself (python -m
 # poltergust.deploy check-metadata, with the node's own flag declarations),
-# before any unit, user or secret is written. A dry run installs no release, so
-# it checks with $POLTERGUST_DRY_RUN_PYTHON (default python3), which must import
-# poltergust.
+# before any unit, user or secret is written. The scheduler's luigi.cfg comes
+# from the release too (python -m poltergust.deploy luigid-config). A dry run
+# installs no release, so it uses $POLTERGUST_DRY_RUN_PYTHON (default python3)
+# for both, which must import poltergust.
 #
 # Exit status: 0 on success, 2 for bad or missing metadata (the message names
 # the attribute), 1 for any other failure (a download, a hash mismatch, pip).
@@ -314,16 +315,25 @@ read_node_settings() {
     MIN_FREE_DISK=$(attribute poltergust-min-free-disk)
 }
 
+# The release's python; a dry run installs none, so it uses the one named by
+# POLTERGUST_DRY_RUN_PYTHON (default python3), which must import poltergust.
+release_python() {
+    if ((DRY_RUN)); then
+        printf '%s' "${POLTERGUST_DRY_RUN_PYTHON:-python3}"
+    else
+        printf '%s' "$ROOT$RELEASE/venv/bin/python"
+    fi
+}
+
 # Everything but the role and the release is checked by the installed release
 # (python -m poltergust.deploy check-metadata) with the node's own flag
 # declarations and the rules of a fleet's VM, as the node would check its flags:
 # each value named by its attribute and the node flag (or rule) it is for. Bad
 # metadata exits 2 here, after the release is installed and before anything
-# is configured. A dry run installs no release: it checks with
-# $POLTERGUST_DRY_RUN_PYTHON (default python3), which must import poltergust.
+# is configured.
 check_metadata() {
-    local python="$ROOT$RELEASE/venv/bin/python" summary status=0
-    ((!DRY_RUN)) || python=${POLTERGUST_DRY_RUN_PYTHON:-python3}
+    local python summary status=0
+    python=$(release_python)
     local values=(--value poltergust-path path "$PATHS_RAW")
     if [[ "$ROLE" == node ]]; then
         values+=(--value poltergust-scheduler-url scheduler-url "$SCHEDULER_URL"
@@ -681,16 +691,8 @@ EOF
 }
 
 write_scheduler_files() {
-    write_file /etc/poltergust/luigi.cfg 0644 <<EOF
-# luigid settings for the Poltergust fleet, written by node-init.sh.
-[scheduler]
-# Free the tasks of a node that vanished (scaled in, crashed) after 30 s
-# instead of 60 s, so that other nodes take them over sooner; check on every
-# request rather than once a minute.
-worker_disconnect_delay = 30
-prune_on_get_work = true
-record_task_history = false
-EOF
+    # The same configuration as the luigid a node embeds, from the release.
+    "$(release_python)" -P -m poltergust.deploy luigid-config | write_file /etc/poltergust/luigi.cfg 0644
     write_file "/etc/systemd/system/$LUIGID_UNIT" 0644 <<EOF
 # Written by poltergust node-init.sh; rewritten on every boot.
 [Unit]

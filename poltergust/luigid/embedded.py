@@ -23,10 +23,13 @@ log = logging.getLogger(__name__)
 
 LUIGID_CONFIG = """\
 [scheduler]
-# Free the tasks of a node that vanished quickly, and check on every request.
+# Free the tasks of a node that vanished (scaled in, crashed) after 30 s
+# instead of 60 s, so that other nodes take them over sooner; check on every
+# request rather than once a minute.
 worker_disconnect_delay = 30
 prune_on_get_work = true
 """
+"""luigid's configuration, here and on the fleet's scheduler VM (`python -m poltergust.deploy luigid-config`)."""
 
 
 def _answers(url: str) -> bool:
