@@ -692,7 +692,9 @@ EOF
 
 write_scheduler_files() {
     # The same configuration as the luigid a node embeds, from the release.
-    "$(release_python)" -P -m poltergust.deploy luigid-config | write_file /etc/poltergust/luigi.cfg 0644
+    local config
+    config=$("$(release_python)" -P -m poltergust.deploy luigid-config)
+    printf '%s\n' "$config" | write_file /etc/poltergust/luigi.cfg 0644
     write_file "/etc/systemd/system/$LUIGID_UNIT" 0644 <<EOF
 # Written by poltergust node-init.sh; rewritten on every boot.
 [Unit]
