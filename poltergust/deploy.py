@@ -104,7 +104,7 @@ def problems_of(role: str, given: Sequence[Given], service_user: str) -> tuple[l
     problems = []
     values: dict[str, object] = {}
     for item in given:
-        found = _problems_of(role, item, service_user)
+        found = _value_problems(role, item, service_user)
         problems += [f"metadata attribute {item.key}: {problem}" for problem in found]
         option = OPTION.get(item.flag)
         if not found and option and item.value:
@@ -119,7 +119,7 @@ def problems_of(role: str, given: Sequence[Given], service_user: str) -> tuple[l
         return [f"metadata attribute {key}: {exc.problem}" if key else f"metadata: {exc}"], None
 
 
-def _problems_of(role: str, item: Given, service_user: str) -> list[str]:
+def _value_problems(role: str, item: Given, service_user: str) -> list[str]:
     rule = VM_RULES[item.flag]
     if re.search(r"[\x00-\x1f\x7f]", item.value):
         return ["contains control characters (newline, tab, ...)"]

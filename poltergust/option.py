@@ -2,10 +2,11 @@
 
 `settings.Settings` declares each of its fields as
 `field(default=..., metadata=option(FLAG, help=..., ...))`: the field's default
-is the option's too. Everything else is generated from those declarations: the argparse flags (`add_options`),
-the values a deploy hands over as text (`Option.convert`), and the README's
-table of flags (`markdown_table`). Help texts may hold `code` spans: the
-README shows them as code, `--help` without the backticks.
+is the option's too. Everything else is generated from those declarations:
+the argparse flags (`add_options`), the values a deploy hands over as text
+(`Option.convert`), and the README's table of flags (`markdown_table`). Help
+texts may hold `code` spans: the README shows them as code, `--help` without
+the backticks.
 """
 from __future__ import annotations
 
