@@ -36,8 +36,8 @@
 #                             the dashboard shows (without it: no dashboard)
 #   node role only:
 #   poltergust-scheduler-url  required: http(s)://HOST:PORT of luigid
-#   poltergust-topic          the bucket's notification topic
-#                             (default: poltergust-BUCKET of the first path)
+#   poltergust-topic          the bucket's notification topic (default,
+#                             decided by the node: poltergust-BUCKET of the first path)
 #   poltergust-project        project of the topic and subscriptions
 #                             (default: the project/project-id metadata value)
 #   poltergust-max-concurrent optional: pipelines one node runs at once
@@ -93,6 +93,14 @@
 #   bake:      the release and the user "poltergust", the environments of
 #              poltergust-bake-environments built in /var/lib/poltergust/environments,
 #              no unit and no secrets; then the VM powers off, to become an image
+#
+# Checks: the role and the release before anything else; all other metadata
+# after the release is installed, by the release itself (python -m
+# poltergust.deploy check-metadata, with the node's own flag declarations),
+# before any unit, user or secret is written. The scheduler's luigi.cfg comes
+# from the release too (python -m poltergust.deploy luigid-config). A dry run
+# installs no release, so it uses $POLTERGUST_DRY_RUN_PYTHON (default python3)
+# for both, which must import poltergust.
 #
 # Exit status: 0 on success, 2 for bad or missing metadata (the message names
 # the attribute), 1 for any other failure (a download, a hash mismatch, pip).
@@ -276,96 +284,79 @@ read_release() {
     fi
 }
 
-# Bucket names: 3-222 characters of lower-case letters, digits, - _ and dots.
-readonly GS_URL='^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?$'
-
-# PATHS from poltergust-path: required for a node, optional on the scheduler.
+# PATHS from poltergust-path: required for a node, optional on the scheduler
+# (check_metadata checks it).
 read_paths() {
-    local raw path
-    raw=$(attribute poltergust-path)
-    reject_control_chars poltergust-path "$raw"
-    read -r -a PATHS <<<"$raw"
-    if [[ "$ROLE" == node ]] && ((!${#PATHS[@]})); then
-        bad_metadata poltergust-path "is missing or empty (it is required for poltergust-role=node)"
-    fi
-    for path in "${PATHS[@]}"; do
-        [[ "$path" =~ $GS_URL ]] ||
-            bad_metadata poltergust-path "'$path' is not a gs://BUCKET/PREFIX URL"
-    done
+    PATHS_RAW=$(attribute poltergust-path)
+    read -r -a PATHS <<<"$PATHS_RAW"
 }
 
 # RUN_AS: the user pipelines run as, "" to run them as the node's own user.
 read_run_as() {
     RUN_AS=$(metadata_get instance/attributes/poltergust-run-as || printf '%s' "$DEFAULT_RUN_AS")
-    reject_control_chars poltergust-run-as "$RUN_AS"
     [[ "$RUN_AS" != none ]] || RUN_AS=""
-    [[ -z "$RUN_AS" || "$RUN_AS" =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] ||
-        bad_metadata poltergust-run-as "'$RUN_AS' is not a user name (or 'none')"
-    if [[ "$RUN_AS" == root || "$RUN_AS" == "$SERVICE_USER" ]]; then
-        bad_metadata poltergust-run-as "must be an unprivileged user of its own, not '$RUN_AS'"
-    fi
 }
 
 read_node_settings() {
     read_run_as
 
-    SCHEDULER_URL=$(required_attribute poltergust-scheduler-url)
-    [[ "$SCHEDULER_URL" =~ ^https?://[^[:space:]/]+(/[^[:space:]]*)?$ ]] ||
-        bad_metadata poltergust-scheduler-url "'$SCHEDULER_URL' is not an http(s)://HOST:PORT URL"
-
-    # Default topic: the same one the node itself would pick.
-    local first_bucket=${PATHS[0]#gs://}
-    first_bucket=${first_bucket%%/*}
+    # Read as they are: check_metadata checks them, with the node's own declarations.
+    SCHEDULER_URL=$(attribute poltergust-scheduler-url)
+    # Without poltergust-topic the node picks its default topic itself.
     TOPIC=$(attribute poltergust-topic)
-    TOPIC=${TOPIC:-poltergust-$first_bucket}
-    reject_control_chars poltergust-topic "$TOPIC"
-    local topic_id='[A-Za-z][A-Za-z0-9._~+%-]{2,254}'
-    [[ "$TOPIC" =~ ^$topic_id$ || "$TOPIC" =~ ^projects/[a-z][a-z0-9.:-]+/topics/$topic_id$ ]] ||
-        bad_metadata poltergust-topic "'$TOPIC' is not a valid Pub/Sub topic name"
-
     PROJECT=$(attribute poltergust-project)
-    if [[ -z "$PROJECT" ]]; then
-        PROJECT=$(metadata_get project/project-id || true)
-        [[ -n "$PROJECT" ]] ||
-            bad_metadata poltergust-project "is missing and project/project-id is not available either"
-    fi
-    reject_control_chars poltergust-project "$PROJECT"
-    [[ "$PROJECT" =~ ^([a-z][a-z0-9.-]*:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$ ]] ||
-        bad_metadata poltergust-project "'$PROJECT' is not a valid project id"
-
+    [[ -n "$PROJECT" ]] || PROJECT=$(metadata_get project/project-id || true)
     MAX_CONCURRENT=$(attribute poltergust-max-concurrent)
-    [[ -z "$MAX_CONCURRENT" || "$MAX_CONCURRENT" =~ ^[1-9][0-9]{0,3}$ ]] ||
-        bad_metadata poltergust-max-concurrent "must be a positive integer, got '$MAX_CONCURRENT'"
-
     BACKLOG=$(attribute poltergust-backlog-subscription)
-    [[ -z "$BACKLOG" || "$BACKLOG" =~ ^[A-Za-z][A-Za-z0-9._~+%-]{2,254}$ ]] ||
-        bad_metadata poltergust-backlog-subscription "'$BACKLOG' is not a valid Pub/Sub subscription id"
-
-    ALLOWED_ENV_PREFIXES=$(attribute poltergust-allowed-environment-prefix)
-    reject_control_chars poltergust-allowed-environment-prefix "$ALLOWED_ENV_PREFIXES"
-    local prefixes prefix
-    read -r -a prefixes <<<"$ALLOWED_ENV_PREFIXES"
-    for prefix in "${prefixes[@]}"; do
-        [[ "$prefix" =~ $GS_URL && "$prefix" =~ ^[A-Za-z0-9_@+=:,./-]+$ ]] ||
-            bad_metadata poltergust-allowed-environment-prefix "'$prefix' is not a gs://BUCKET/PREFIX URL"
-    done
+    ALLOWED_ENV_PREFIXES_RAW=$(attribute poltergust-allowed-environment-prefix)
+    local prefixes
+    read -r -a prefixes <<<"$ALLOWED_ENV_PREFIXES_RAW"
     ALLOWED_ENV_PREFIXES="${prefixes[*]}"
-
-    local entry entries
-    SECRETS=()
-    read -r -a entries <<<"$(attribute poltergust-secrets)"
-    for entry in "${entries[@]}"; do
-        [[ "$entry" =~ ^[A-Za-z_][A-Za-z0-9_]*=([A-Za-z0-9_-]+|projects/[a-z0-9.:-]+/secrets/[A-Za-z0-9_-]+(/versions/(latest|[0-9]+))?)$ ]] ||
-            bad_metadata poltergust-secrets "'$entry' is not NAME=SECRET_ID or NAME=projects/P/secrets/S[/versions/V]"
-        SECRETS+=("$entry")
-    done
-
+    SECRETS_RAW=$(attribute poltergust-secrets)
+    read -r -a SECRETS <<<"$SECRETS_RAW"
     ENV_CACHE_SIZE=$(attribute poltergust-env-cache-size)
     MIN_FREE_DISK=$(attribute poltergust-min-free-disk)
-    for entry in env-cache-size:"$ENV_CACHE_SIZE" min-free-disk:"$MIN_FREE_DISK"; do
-        [[ "${entry#*:}" =~ ^([0-9]+[KMGT]?)?$ ]] ||
-            bad_metadata "poltergust-${entry%%:*}" "must be a size such as 20G, got '${entry#*:}'"
-    done
+}
+
+# The release's python; a dry run installs none, so it uses the one named by
+# POLTERGUST_DRY_RUN_PYTHON (default python3), which must import poltergust.
+release_python() {
+    if ((DRY_RUN)); then
+        printf '%s' "${POLTERGUST_DRY_RUN_PYTHON:-python3}"
+    else
+        printf '%s' "$ROOT$RELEASE/venv/bin/python"
+    fi
+}
+
+# Everything but the role and the release is checked by the installed release
+# (python -m poltergust.deploy check-metadata) with the node's own flag
+# declarations and the rules of a fleet's VM, as the node would check its flags:
+# each value named by its attribute and the node flag (or rule) it is for. Bad
+# metadata exits 2 here, after the release is installed and before anything
+# is configured.
+check_metadata() {
+    local python summary status=0
+    python=$(release_python)
+    local values=(--value poltergust-path path "$PATHS_RAW")
+    if [[ "$ROLE" == node ]]; then
+        values+=(--value poltergust-scheduler-url scheduler-url "$SCHEDULER_URL"
+            --value poltergust-topic topic "$TOPIC"
+            --value poltergust-project project "$PROJECT"
+            --value poltergust-max-concurrent max-concurrent "$MAX_CONCURRENT"
+            --value poltergust-backlog-subscription backlog-subscription "$BACKLOG"
+            --value poltergust-allowed-environment-prefix allowed-environment-prefix "$ALLOWED_ENV_PREFIXES_RAW"
+            --value poltergust-secrets secrets "$SECRETS_RAW"
+            --value poltergust-env-cache-size env-cache-size "$ENV_CACHE_SIZE"
+            --value poltergust-min-free-disk min-free-disk "$MIN_FREE_DISK"
+            --value poltergust-run-as run-as "$RUN_AS")
+    elif [[ "$ROLE" == bake ]]; then
+        values+=(--value poltergust-bake-environments bake-environments "$BAKE_ENVIRONMENTS_RAW")
+    fi
+    summary=$("$python" -P -m poltergust.deploy check-metadata --role "$ROLE" --service-user "$SERVICE_USER" \
+        "${values[@]}") || status=$?
+    ((status != 2)) || exit 2
+    ((status == 0)) || die "could not check the metadata with $python (exit status $status; see above)"
+    log "$summary"
 }
 
 read_settings() {
@@ -651,8 +642,9 @@ node_exec_start() {
     for path in "${PATHS[@]}"; do
         words+=(--path "$path")
     done
-    words+=(--scheduler-url "$SCHEDULER_URL" --topic "$TOPIC" --project "$PROJECT"
-        --http-host "$HEALTH_HOST" --http-port "$HEALTH_PORT"
+    words+=(--scheduler-url "$SCHEDULER_URL")
+    [[ -z "$TOPIC" ]] || words+=(--topic "$TOPIC")
+    words+=(--project "$PROJECT" --http-host "$HEALTH_HOST" --http-port "$HEALTH_PORT"
         --env-cache-size "$ENV_CACHE_SIZE" --min-free-disk "$MIN_FREE_DISK")
     [[ -z "$RUN_AS" ]] || words+=(--run-as "$RUN_AS" --run-as-pool "$RUN_AS_POOL")
     exec_line "${words[@]}"
@@ -717,16 +709,10 @@ EOF
 }
 
 write_scheduler_files() {
-    write_file /etc/poltergust/luigi.cfg 0644 <<EOF
-# luigid settings for the Poltergust fleet, written by node-init.sh.
-[scheduler]
-# Free the tasks of a node that vanished (scaled in, crashed) after 30 s
-# instead of 60 s, so that other nodes take them over sooner; check on every
-# request rather than once a minute.
-worker_disconnect_delay = 30
-prune_on_get_work = true
-record_task_history = false
-EOF
+    # The same configuration as the luigid a node embeds, from the release.
+    local config
+    config=$("$(release_python)" -P -m poltergust.deploy luigid-config)
+    printf '%s\n' "$config" | write_file /etc/poltergust/luigi.cfg 0644
     write_file "/etc/systemd/system/$LUIGID_UNIT" 0644 <<EOF
 # Written by poltergust node-init.sh; rewritten on every boot.
 [Unit]
@@ -762,14 +748,8 @@ EOF
 # release installed and the environments cached).
 
 read_bake_settings() {
-    local raw url
-    raw=$(attribute poltergust-bake-environments)
-    reject_control_chars poltergust-bake-environments "$raw"
-    read -r -a BAKE_ENVIRONMENTS <<<"$raw"
-    for url in "${BAKE_ENVIRONMENTS[@]}"; do
-        [[ "$url" =~ ^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]/[A-Za-z0-9._~/+%=-]+$ ]] ||
-            bad_metadata poltergust-bake-environments "'$url' is not a gs://BUCKET/OBJECT URL"
-    done
+    BAKE_ENVIRONMENTS_RAW=$(attribute poltergust-bake-environments)
+    read -r -a BAKE_ENVIRONMENTS <<<"$BAKE_ENVIRONMENTS_RAW"
 }
 
 bake() {
@@ -848,6 +828,7 @@ main() {
     log "role=$ROLE release=$RELEASE_ID wheel=$WHEEL_URL"
 
     install_release
+    check_metadata
     if [[ "$ROLE" == bake ]]; then
         bake
         return

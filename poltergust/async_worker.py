@@ -1,4 +1,4 @@
-"""Run one Poltergust node: `python -m poltergust.async_worker --path gs://BUCKET/pipeline ...`.
+"""Run one Poltergust node: `poltergust node --path gs://BUCKET/pipeline ...` (or `python -m poltergust.async_worker`).
 
 The entry point only: flags are `settings`' business, the node's life is `node`'s.
 """
@@ -15,8 +15,8 @@ from poltergust.node.lifecycle import serve, take_node_name
 from poltergust.settings import parse_settings
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    settings, renamed = take_node_name(parse_settings(argv))
+def main(argv: Sequence[str] | None = None, prog: str = "python -m poltergust.async_worker") -> int:
+    settings, renamed = take_node_name(parse_settings(argv, prog=prog))
     log_format.configure(settings.log_level, settings.node_name, settings.log_format)
     if renamed:
         logging.getLogger("poltergust").warning("%s", renamed)

@@ -1,4 +1,4 @@
-"""The `poltergust` command: submit, status, logs, validate, demo, dashboard.
+"""The `poltergust` command: node, submit, status, logs, validate, demo, dashboard.
 
 Argument parsing and printing only; the work is `client`'s, so the CLI shows
 exactly what the nodes see.
@@ -113,8 +113,10 @@ async def logs(target: Location, name: str, node: str | None, follow: bool) -> i
 # -- entry point --------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="poltergust", description="Submit and watch Poltergust pipelines.")
+    parser = argparse.ArgumentParser(prog="poltergust", description="Run Poltergust nodes; submit and watch pipelines.")
     commands = parser.add_subparsers(dest="command", required=True)
+    # Listed here for --help only: main() hands `poltergust node ...` to the node's own parser.
+    commands.add_parser("node", add_help=False, help="run one node (its flags: poltergust node --help)")
 
     def with_path(command: argparse.ArgumentParser) -> None:
         command.add_argument("--path", required=True, metavar="URL",
@@ -152,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["node"]:
+        from poltergust.async_worker import main as run_node
+
+        return run_node(argv[1:], prog="poltergust node")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(message)s")  # failures are reported below, once
     try:

@@ -5,15 +5,13 @@ task, for deployments that still start Poltergust that way.
 """
 from __future__ import annotations
 
-import socket
-
 import luigi
 import luigi.interface
 
 
 class RunTasks(luigi.Task):
     path = luigi.Parameter(description="pipeline prefix to watch: gs://BUCKET/PREFIX or a local directory")
-    hostname = luigi.Parameter(default=socket.gethostname(), description="this node's name")
+    hostname = luigi.Parameter(default="", description="this node's name (default: the node's, the host name)")
 
     def complete(self) -> bool:
         return False  # a node serves until it is stopped
@@ -21,7 +19,7 @@ class RunTasks(luigi.Task):
     def run(self) -> None:
         from poltergust.async_worker import main
 
-        argv = ["--path", self.path, "--node-name", self.hostname]
+        argv = ["--path", self.path, *(["--node-name", self.hostname] if self.hostname else [])]
         core = luigi.interface.core()
         if core.scheduler_url:
             argv += ["--scheduler-url", core.scheduler_url]

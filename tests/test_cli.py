@@ -127,9 +127,10 @@ def test_luigi_runtasks_entry_point_runs_a_node(bucket, luigid, environment_yaml
 def test_nodes_without_scheduler_url_share_an_embedded_luigid(bucket, environment_yaml: str, tmp_path: Path,
                                                               env_dir: Path) -> None:
     port = str(free_port())
+    # Both ways to start a node: the documented `poltergust node` and `python -m poltergust.async_worker`.
     nodes = [Node.launch(name, tmp_path, "--embedded-scheduler-port", port, path=str(bucket.root / "pipeline"),
-                         scheduler_url=None, env_dir=env_dir, data_dir=tmp_path / name, wait=False)
-             for name in ("first", "second")]
+                         scheduler_url=None, env_dir=env_dir, data_dir=tmp_path / name, wait=False, entry=entry)
+             for name, entry in (("first", ("poltergust", "node")), ("second", ("poltergust.async_worker",)))]
     try:
         for node in nodes:
             node.wait_ready()
@@ -146,6 +147,25 @@ def test_nodes_without_scheduler_url_share_an_embedded_luigid(bucket, environmen
     finally:
         for node in reversed(nodes):
             node.stop()
+
+
+def test_poltergust_node_takes_the_node_flags_and_refuses_bad_values_alike() -> None:
+    from poltergust.settings import OPTIONS
+
+    shown = poltergust("node", "--help", timeout=60)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: poltergust node ")
+    for option in OPTIONS:
+        assert f"--{option.flag}" in shown.stdout and f"[{option.variable}]" in shown.stdout
+    assert "node" in poltergust("--help", timeout=60).stdout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLTERGUST_")}
+    for flags, problem in ((["--max-concurrent", "many"], "argument --max-concurrent: invalid int value: 'many'"),
+                           (["--start-stale-after", "1"], "--start-stale-after: must be at least 3 seconds (got 1)")):
+        node = poltergust("node", "--path", "/tmp/b/pipeline", *flags, env=env, timeout=60)
+        worker = subprocess.run([sys.executable, "-m", "poltergust.async_worker", "--path", "/tmp/b/pipeline", *flags],
+                                capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+        assert node.returncode == worker.returncode == 2
+        assert node.stderr.splitlines()[-1] == f"poltergust node: error: {problem}"
+        assert worker.stderr.splitlines()[-1] == f"python -m poltergust.async_worker: error: {problem}"
 
 
 @pytest.mark.stack  # luigid and nodes of its own

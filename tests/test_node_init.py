@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,8 @@ NODE_UNIT = "etc/systemd/system/poltergust-node.service"
 LUIGID_UNIT = "etc/systemd/system/poltergust-luigid.service"
 DASHBOARD_UNIT = "etc/systemd/system/poltergust-dashboard.service"
 SCHEDULER_METADATA = {"poltergust-role": "scheduler", **RELEASE_METADATA}
+# A dry run installs no release: the metadata is checked with this python's poltergust (the checkout's).
+DRY_RUN_ENV = {"POLTERGUST_DRY_RUN_PYTHON": sys.executable}
 
 
 def run_init(tmp_path: Path, attributes: dict[str, str], project_id: str | None = "metadata-project",
@@ -56,7 +59,7 @@ def run_init(tmp_path: Path, attributes: dict[str, str], project_id: str | None 
         (metadata / "project" / "project-id").write_text(project_id)
     root = tmp_path / "root"
     shutil.rmtree(root, ignore_errors=True)
-    env = {**os.environ, "POLTERGUST_METADATA_DIR": str(metadata)}
+    env = {**os.environ, **DRY_RUN_ENV, "POLTERGUST_METADATA_DIR": str(metadata)}
     result = subprocess.run(["bash", str(script), "--dry-run", "--root", str(root)],
                             capture_output=True, text=True, timeout=60, env=env)
     return result, root
@@ -103,7 +106,11 @@ def test_node_defaults_come_from_the_path_and_the_project_metadata(tmp_path: Pat
     result, root = run_init(tmp_path, attributes, project_id="metadata-project")
     assert result.returncode == 0, result.stderr
     exec_start = unit_value((root / NODE_UNIT).read_text(), "ExecStart")[0]
-    assert "--topic poltergust-my-bucket --project metadata-project " in exec_start
+    assert " --scheduler-url http://10.42.0.2:8082 --project metadata-project " in exec_start
+    # The topic is the node's own default (not repeated here), which the release's check reports.
+    assert "--topic" not in exec_start
+    assert "metadata checked: the node watches gs://my-bucket/pipeline with luigid http://10.42.0.2:8082, " \
+           "topic poltergust-my-bucket, project metadata-project" in result.stderr
 
 
 def test_node_takes_several_paths_and_optional_settings(tmp_path: Path) -> None:
@@ -197,10 +204,15 @@ def test_a_scheduler_whose_path_is_gone_drops_the_dashboard(tmp_path: Path) -> N
     (root / DASHBOARD_UNIT).parent.mkdir(parents=True)
     (root / DASHBOARD_UNIT).write_text("[Service]\n")  # from an earlier boot
     result = subprocess.run(["bash", str(NODE_INIT), "--dry-run", "--root", str(root)], capture_output=True,
-                            text=True, timeout=60, env={**os.environ, "POLTERGUST_METADATA_DIR": str(metadata)})
+                            text=True, timeout=60,
+                            env={**os.environ, **DRY_RUN_ENV, "POLTERGUST_METADATA_DIR": str(metadata)})
     assert result.returncode == 0, result.stderr
     assert "would run: systemctl disable --now poltergust-dashboard.service" in result.stderr
     assert not (root / DASHBOARD_UNIT).exists()
+
+
+CHECKED_BEFORE_PYTHON = {"poltergust-role", "poltergust-wheel-url", "poltergust-wheel-sha256", "poltergust-lock-url",
+                         "poltergust-lock-sha256", "poltergust-package"}
 
 
 @pytest.mark.parametrize(
@@ -232,6 +244,12 @@ def test_a_scheduler_whose_path_is_gone_drops_the_dashboard(tmp_path: Path) -> N
         ({"poltergust-run-as": "poltergust"}, "poltergust-run-as"),
         ({"poltergust-run-as": "Bad User"}, "poltergust-run-as"),
         ({"poltergust-role": "scheduler", "poltergust-path": "s3://my-bucket/pipeline"}, "poltergust-path"),
+        ({"poltergust-max-concurrent": "0"}, "poltergust-max-concurrent"),
+        ({"poltergust-min-free-disk": "lots"}, "poltergust-min-free-disk"),
+        ({"poltergust-allowed-environment-prefix": "gs://my-bucket/envs /etc"},
+         "poltergust-allowed-environment-prefix"),
+        ({"poltergust-topic": "poltergust-my-bucket\nExecStartPre=/bin/sh"}, "poltergust-topic"),
+        ({"poltergust-role": "bake", "poltergust-bake-environments": "/etc/passwd"}, "poltergust-bake-environments"),
     ],
 )
 def test_bad_or_missing_metadata_is_named(tmp_path: Path, change: dict, attribute: str) -> None:
@@ -247,10 +265,28 @@ def test_bad_or_missing_metadata_is_named(tmp_path: Path, change: dict, attribut
     result, root = run_init(tmp_path, attributes, project_id=project_id)
     assert result.returncode == 2, result.stderr
     assert f"metadata attribute {attribute}" in result.stderr
-    # Nothing half-done: settings are checked before anything is written.
-    assert not (root / NODE_UNIT).exists() and not (root / LUIGID_UNIT).exists()
-    assert not (root / DASHBOARD_UNIT).exists()
-    assert "would" not in result.stderr
+    # What the script needs to install the release it checks before; the release checks the rest.
+    before_python = attribute in CHECKED_BEFORE_PYTHON
+    assert ("would install" in result.stderr) is not before_python
+    assert ("check-metadata: metadata attribute" in result.stderr) is not before_python
+    # Nothing half-done: settings are checked before any unit, user or secret is written or started.
+    assert not (root / "etc").exists()
+    assert "would run" not in result.stderr and "would read" not in result.stderr
+    assert "not creating the system user" not in result.stderr
+
+
+def test_the_release_checks_metadata_with_the_nodes_own_declarations(tmp_path: Path) -> None:
+    """Every problem at once; a value the node's flag refuses gets the node's own words."""
+    result, root = run_init(tmp_path, {**NODE_METADATA, "poltergust-max-concurrent": "many",
+                                       "poltergust-env-cache-size": "lots", "poltergust-topic": "bad topic!"})
+    assert result.returncode == 2, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("check-metadata:")] == [
+        "check-metadata: metadata attribute poltergust-topic: 'bad topic!' is not a valid Pub/Sub topic name",
+        "check-metadata: metadata attribute poltergust-max-concurrent: invalid int value: 'many'",
+        "check-metadata: metadata attribute poltergust-env-cache-size: 'lots': expected a size such as 500M, 10G "
+        "or a number of bytes",
+    ]
+    assert not (root / "etc").exists()
 
 
 def test_init_script_help_and_bad_arguments() -> None:
@@ -355,7 +391,8 @@ def test_dataproc_init_maps_roles_onto_node_init(tmp_path: Path, dataproc_role: 
         "poltergust-project": "my-proj",
     })
     root = tmp_path / "root"
-    env = {**os.environ, "POLTERGUST_GET_METADATA": str(get_metadata), "POLTERGUST_NODE_INIT": str(NODE_INIT)}
+    env = {**os.environ, **DRY_RUN_ENV, "POLTERGUST_GET_METADATA": str(get_metadata),
+           "POLTERGUST_NODE_INIT": str(NODE_INIT)}
     result = subprocess.run(["bash", str(CLUSTERS / "dataproc-init.sh"), "--dry-run", "--root", str(root)],
                             capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr

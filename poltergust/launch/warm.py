@@ -76,8 +76,8 @@ class _Zygote:
 
 
 class WarmPool:
-    def __init__(self, secrets: SecretEnv, *, idle_seconds: float = 600.0,
-                 prestart: bool = False, run_as: UserPool | None = None) -> None:
+    def __init__(self, secrets: SecretEnv, *, idle_seconds: float,
+                 prestart: bool, run_as: UserPool | None) -> None:
         """With `run_as`, warm interpreters (and so the runs they fork) run as a user of it, as spawned runs do.
 
         `secrets` are left out of every warm interpreter's environment, as of each run: a

@@ -21,13 +21,15 @@ from poltergust import locks
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 8082
 LUIGID_CONFIG = """\
 [scheduler]
-# Free the tasks of a node that vanished quickly, and check on every request.
+# Free the tasks of a node that vanished (scaled in, crashed) after 30 s
+# instead of 60 s, so that other nodes take them over sooner; check on every
+# request rather than once a minute.
 worker_disconnect_delay = 30
 prune_on_get_work = true
 """
+"""luigid's configuration, here and on the fleet's scheduler VM (`python -m poltergust.deploy luigid-config`)."""
 
 
 def _answers(url: str) -> bool:
@@ -39,7 +41,7 @@ def _answers(url: str) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def embedded_scheduler(data_dir: Path, port: int = DEFAULT_PORT) -> AsyncIterator[str]:
+async def embedded_scheduler(data_dir: Path, port: int) -> AsyncIterator[str]:
     """Yield the URL of a local luigid, started here unless one already answers."""
     url = f"http://127.0.0.1:{port}"
     # Nodes starting at the same moment take turns: the first starts luigid, the others find it.

@@ -164,7 +164,9 @@ class Luigid(Server):
 class Node(Server):
     """`python -m poltergust.async_worker` as a user would start it; `Node.launch` is how tests and benchmarks do."""
 
-    def __init__(self, name: str, workdir: Path, args: Sequence[str], env: Mapping[str, str]) -> None:
+    def __init__(self, name: str, workdir: Path, args: Sequence[str], env: Mapping[str, str],
+                 entry: Sequence[str] = ("poltergust.async_worker",)) -> None:
+        """`entry`: what follows `python -m`; `("poltergust", "node")` is the documented command."""
         self.node_name = name
         log_path = workdir / f"node-{name}.log"
         restarts = 1
@@ -173,7 +175,7 @@ class Node(Server):
             log_path = workdir / f"node-{name}-{restarts}.log"
         super().__init__(
             f"node {name}",
-            [sys.executable, "-m", "poltergust.async_worker", "--node-name", name, *args],
+            [sys.executable, "-m", *entry, "--node-name", name, *args],
             log_path, env=dict(env), cwd=ROOT,
         )
 
@@ -182,7 +184,7 @@ class Node(Server):
                data_dir: Path | None = None, pubsub_host: str | None = None, storage_url: str = "",
                project: str = PROJECT, topic: str = TOPIC, subscription: str | None = None,
                env: Mapping[str, str] | None = None, env_overrides: Mapping[str, str] | None = None,
-               wait: bool = True) -> Node:
+               wait: bool = True, entry: Sequence[str] = ("poltergust.async_worker",)) -> Node:
         """Start a node watching `path`: a directory, or with `pubsub_host` a bucket served at `storage_url`.
 
         Without `scheduler_url` the nodes share an embedded luigid. `env` replaces this process's environment
@@ -200,7 +202,7 @@ class Node(Server):
             if subscription is not None:
                 args += ["--subscription", subscription]
         environ.update(env_overrides or {})
-        node = cls(name, workdir, [*args, *extra], environ)
+        node = cls(name, workdir, [*args, *extra], environ, entry)
         if wait:
             node.wait_ready()
         return node
