@@ -62,6 +62,15 @@
 #                             them as the node's own user "poltergust", with the
 #                             node itself unprivileged, as before --run-as
 #
+#   scheduler role only:
+#   poltergust-luigid-config  optional: a luigi configuration fragment for luigid
+#                             ([scheduler], [resources], [task_history], ...),
+#                             checked by the release (python -m
+#                             poltergust.luigid.configuration: a key luigid
+#                             would not read, or that Poltergust sets itself, is
+#                             refused by name, exit status 2) and merged with the
+#                             fleet's settings into /etc/poltergust/luigi.cfg
+#
 #   bake role only (deploy/bake-image.sh):
 #   poltergust-bake-environments
 #                             optional: gs:// environment files whose
@@ -698,17 +707,22 @@ WantedBy=multi-user.target
 EOF
 }
 
+# luigid's configuration: the fleet's settings (see poltergust.luigid.configuration)
+# merged with poltergust-luigid-config, checked by the installed release.
+write_luigid_config() {
+    local merge=("$ROOT$RELEASE/venv/bin/python" -P -m poltergust.luigid.configuration merge "$TMP/luigid.cfg")
+    attribute poltergust-luigid-config >"$TMP/luigid.cfg"
+    if ((DRY_RUN)); then
+        log "dry-run, would run: ${merge[*]} (and write /etc/poltergust/luigi.cfg)"
+        return
+    fi
+    (cd "$ROOT$RELEASE" && "${merge[@]}" --out "$TMP/luigi.cfg") 2>"$TMP/luigid-config.err" ||
+        bad_metadata poltergust-luigid-config "$(sed "s|^$TMP/luigid.cfg: ||" "$TMP/luigid-config.err")"
+    write_file /etc/poltergust/luigi.cfg 0644 <"$TMP/luigi.cfg"
+}
+
 write_scheduler_files() {
-    write_file /etc/poltergust/luigi.cfg 0644 <<EOF
-# luigid settings for the Poltergust fleet, written by node-init.sh.
-[scheduler]
-# Free the tasks of a node that vanished (scaled in, crashed) after 30 s
-# instead of 60 s, so that other nodes take them over sooner; check on every
-# request rather than once a minute.
-worker_disconnect_delay = 30
-prune_on_get_work = true
-record_task_history = false
-EOF
+    write_luigid_config
     write_file "/etc/systemd/system/$LUIGID_UNIT" 0644 <<EOF
 # Written by poltergust node-init.sh; rewritten on every boot.
 [Unit]

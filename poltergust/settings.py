@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from poltergust.layout import Location, safe_name
+from poltergust.luigid.configuration import LuigidConfigError, parse_fragment
 from poltergust.node.notify import NotifyTarget, notify_target
 from poltergust.launch.sandbox import RunAs, RunAsError
 from poltergust.environments import parse_size
@@ -37,6 +38,8 @@ class Settings:
     scheduler_url: str = ""
     """Empty: the node starts or joins a local luigid on `embedded_scheduler_port`."""
     embedded_scheduler_port: int = DEFAULT_SCHEDULER_PORT
+    scheduler_config: str = ""
+    """The embedded luigid's configuration fragment (--scheduler-config), already checked; empty: none."""
     project: str = ""
     topic: str = ""
     subscription: str = ""
@@ -115,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL")
     add("embedded-scheduler-port", "port of the local luigid used when --scheduler-url is not given",
         type=int, default=DEFAULT_SCHEDULER_PORT)
+    add("scheduler-config", "a luigi configuration file ([scheduler], [resources], [task_history], ...) for the "
+                            "local luigid this node starts without --scheduler-url, merged with the settings the "
+                            "fleet needs; checked at start", metavar="FILE")
     add("node-name", "this node's name, used in log object names and claims", default=socket.gethostname())
     add("project", "Google Cloud project of the notification topic and the subscription (gs:// paths only)",
         default=os.environ.get("GOOGLE_CLOUD_PROJECT"))
@@ -209,6 +215,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     if args.start_stale_after < 3:
         parser.error(f"--start-stale-after: must be at least 3 seconds (got {args.start_stale_after:g})")
     share_key = _share_key(args, parser)
+    scheduler_config = _scheduler_config(args, parser)
     try:
         run_as = RunAs.lookup(args.run_as) if args.run_as else None
     except RunAsError as exc:
@@ -225,6 +232,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         env_dir=env_dir,
         scheduler_url=args.scheduler_url or "",
         embedded_scheduler_port=args.embedded_scheduler_port,
+        scheduler_config=scheduler_config,
         project=args.project or "",
         topic=args.topic or f"poltergust-{locations[0].bucket.rsplit('/', 1)[-1]}",
         subscription=args.subscription or "",
@@ -269,3 +277,18 @@ def _share_key(args: argparse.Namespace, parser: argparse.ArgumentParser) -> byt
         parser.error(f"--share-environments-key-env {name}: the variable {name} "
                      f"{'is not set' if not key else 'is too short'}; it must hold a key of at least 16 characters")
     return key.encode()
+
+
+def _scheduler_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """The --scheduler-config file's text, checked now so that a key luigid would not take stops the node first."""
+    if not args.scheduler_config:
+        return ""
+    if args.scheduler_url:
+        parser.error("--scheduler-config: only for the local luigid started without --scheduler-url; the fleet's "
+                     "luigid takes its configuration from the deploy (poltergust-luigid-config)")
+    try:
+        text = Path(args.scheduler_config).expanduser().read_text()
+        parse_fragment(text)
+    except (OSError, UnicodeDecodeError, LuigidConfigError) as exc:
+        parser.error(f"--scheduler-config {args.scheduler_config}: {exc}")
+    return text
