@@ -45,6 +45,17 @@ def test_a_task_that_failed_here_stays_failed_once_luigid_queues_it_again() -> N
     assert verdict(graph, ROOT, failed_here={"A"}) == Verdict("failed", failed=[("A", "A()")])
 
 
+def test_a_task_the_users_retry_policy_retries_keeps_the_pipeline_busy() -> None:
+    """poltergust.luigid marks a failed task `retrying` while its retry_count (the user's) is not used up."""
+    retrying = {**task("FAILED", name="A"), "retrying": True}
+    graph = {ROOT: task("PENDING", "A", "B"), "A": retrying, "B": task("DONE")}
+    assert verdict(graph, ROOT) == Verdict("busy", retrying=1)
+    queued_again = {**task("PENDING", name="A"), "retrying": True}
+    assert verdict({**graph, "A": queued_again}, ROOT, failed_here={"A"}) == Verdict("busy", takeable=1)
+    disabled = {**task("DISABLED", name="A"), "retrying": False}
+    assert verdict({**graph, "A": disabled}, ROOT) == Verdict("failed", failed=[("A", "A()")])
+
+
 def test_a_pending_task_nobody_may_run_is_not_takeable() -> None:
     graph = {ROOT: task("PENDING", "E"), "E": task("PENDING", runnable=False)}
     assert verdict(graph, ROOT).state == "stuck"
