@@ -65,3 +65,18 @@ def test_display_names_as_luigi_shows_them() -> None:
     assert display_name("X__1", {"display_name": "examples.X()", "name": "examples.X"}) == "examples.X()"
     assert display_name("Data__2", {"name": "Data", "params": {"b": "2", "a": "1"}}) == "Data(a=1, b=2)"
     assert display_name("Gone__3", {"status": "UNKNOWN"}) == "Gone__3"
+
+
+def test_poltergust_luigid_marks_the_tasks_its_retry_policy_retries() -> None:
+    """The `retrying` the verdict reads: set while a task's own (or [scheduler]) retry_count is not used up."""
+    from poltergust.luigid.server import PipelineScheduler
+
+    scheduler = PipelineScheduler()
+    scheduler.add_task(worker="w", task_id=ROOT, family="Root", deps=["A", "B"], status="PENDING")
+    scheduler.add_task(worker="w", task_id="A", family="A", status="FAILED", retry_policy_dict={"retry_count": 2})
+    scheduler.add_task(worker="w", task_id="B", family="B", status="FAILED")  # luigid's default: no user policy
+    assert {task_id: task["retrying"] for task_id, task in scheduler.dep_graph(ROOT).items()} == {
+        ROOT: False, "A": True, "B": False}
+    scheduler.add_task(worker="w", task_id="A", family="A", status="FAILED", retry_policy_dict={"retry_count": 2})
+    graph = scheduler.dep_graph(ROOT)
+    assert graph["A"]["status"] == "DISABLED" and not graph["A"]["retrying"]

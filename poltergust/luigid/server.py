@@ -69,10 +69,9 @@ class PipelineScheduler(Scheduler):
 def _retrying(task: Any) -> bool:
     """A task that failed and that luigid will queue again under the user's retry policy (not yet DISABLED)."""
     policy = getattr(task, "retry_policy", None)
-    failures = getattr(task, "failures", None)
-    if task is None or policy is None or failures is None or task.status not in ("FAILED", "PENDING"):
+    if task is None or policy is None or task.status not in ("FAILED", "PENDING"):
         return False
-    return 0 < failures.num_failures() < policy.retry_count < UNSET_RETRY_COUNT
+    return 0 < task.num_failures() < policy.retry_count < UNSET_RETRY_COUNT
 
 
 def main(argv: Sequence[str] | None = None) -> None:
