@@ -172,7 +172,7 @@ class Luigid(Server):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
-        config = workdir / "luigid.cfg"
+        config = self.config_path = workdir / "luigid.cfg"
         # A short disconnect delay frees a killed node's tasks quickly (see DESIGN.md).
         config.write_text(config_text or
                           "[scheduler]\nworker_disconnect_delay = 10\nprune_on_get_work = true\nretry_delay = 1\n")

@@ -188,3 +188,29 @@ def test_workers_n_inside_one_node(start_node, bucket, environment_yaml: str, tm
     records = _records(out, "slow-*.json")
     assert {r["node"] for r in records} == {"node-a"} and {r["workers"] for r in records} == {3}
     assert _most_at_once(records) == 3
+
+
+@GCS
+def test_changing_luigids_configuration_restarts_it_and_a_running_pipeline_rides_that_out(
+    fleet, bucket, environment_yaml: str, luigid: Luigid, tmp_path: Path,
+) -> None:
+    """What the README says to do: new configuration, restart luigid (its state is saved and read back)."""
+    out = tmp_path / "out"
+    name = _name("restart")
+    submit(bucket, name, {"name": "Warehouses", "module": MODULE, "out-dir": str(out), "seconds": 2},
+           environment_yaml)
+    wait_for(lambda: list(out.glob("warehouse-*.json")), 120, "a first task to be done")
+    original = luigid.config_path.read_text()
+    luigid.config_path.write_text(luigid_config(FRAGMENT.replace("acc_db = 2", "acc_db = 1")))
+    try:
+        luigid.restart()
+        restarted = time.time()
+        assert resource_totals(luigid.url) == {"acc_db": 1}
+        done = result(bucket, name, "done", TIMEOUT)
+        assert done["poltergust"]["outcome"] == "done"
+        records = _records(out, "warehouse-*.json")
+        assert len(records) == 6
+        assert _most_at_once([r for r in records if r["start"] > restarted]) <= 1, "the new limit holds"
+    finally:
+        luigid.config_path.write_text(original)
+        luigid.restart()
