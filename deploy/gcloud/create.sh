@@ -33,6 +33,7 @@ SUBNET_CIDR=${POLTERGUST_SUBNET_CIDR:-10.42.0.0/24}
 MAX_CONCURRENT=${POLTERGUST_MAX_CONCURRENT:-4}
 RELEASE=${POLTERGUST_RELEASE:-}
 LUIGID_CONFIG=${POLTERGUST_LUIGID_CONFIG:-}
+LUIGID_CONFIG_TEXT=""
 read -r -a SECRETS <<<"${POLTERGUST_SECRETS:-}"
 IAP_SSH=${POLTERGUST_IAP_SSH:-1}
 
@@ -111,7 +112,12 @@ check_settings() {
     [[ "$MAX_CONCURRENT" =~ ^[1-9][0-9]{0,3}$ ]] || die "--max-concurrent must be 1 to 9999"
     ((MIN_NODES <= MAX_NODES)) || die "--min-nodes ($MIN_NODES) is larger than --max-nodes ($MAX_NODES)"
     [[ -f "$INIT_SCRIPT" ]] || die "node init script not found: $INIT_SCRIPT"
-    [[ -z "$LUIGID_CONFIG" || -f "$LUIGID_CONFIG" ]] || die "--luigid-config: no such file: $LUIGID_CONFIG"
+    if [[ -n "$LUIGID_CONFIG" ]]; then
+        [[ -f "$LUIGID_CONFIG" ]] || die "--luigid-config: no such file: $LUIGID_CONFIG"
+        LUIGID_CONFIG_TEXT=$(<"$LUIGID_CONFIG")
+        # The metadata flags below separate attributes with "|".
+        [[ "$LUIGID_CONFIG_TEXT" != *"|"* ]] || die "--luigid-config $LUIGID_CONFIG: the file may not contain '|'"
+    fi
     local secret
     for secret in "${SECRETS[@]}"; do
         [[ "$secret" =~ ^[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_-]+$ ]] ||
@@ -302,10 +308,14 @@ print(items.get("poltergust-wheel-sha256"), items.get("poltergust-lock-sha256"),
                 "applied at its next boot: gcloud compute instances reset $SCHEDULER_VM --zone=$ZONE --project=$PROJECT"
             gc compute instances add-metadata "$SCHEDULER_VM" --zone="$ZONE" --metadata="^|^$settings"
         fi
-        if [[ -n "$LUIGID_CONFIG" ]]; then
-            log "updating: luigid's configuration of $SCHEDULER_VM, applied at its next boot (luigid restarts)"
+        if [[ -n "$LUIGID_CONFIG" ]] && [[ "$(gc compute instances describe "$SCHEDULER_VM" --zone="$ZONE" \
+            --format=json | python3 -c 'import json, sys
+items = {i["key"]: i["value"] for i in json.load(sys.stdin).get("metadata", {}).get("items", [])}
+print(items.get("poltergust-luigid-config", ""))')" != "$LUIGID_CONFIG_TEXT" ]]; then
+            log "updating: luigid's configuration on $SCHEDULER_VM, applied at its next boot (a restart of luigid):" \
+                "gcloud compute instances reset $SCHEDULER_VM --zone=$ZONE --project=$PROJECT"
             gc compute instances add-metadata "$SCHEDULER_VM" --zone="$ZONE" \
-                --metadata-from-file="poltergust-luigid-config=$LUIGID_CONFIG"
+                --metadata="^|^poltergust-luigid-config=$LUIGID_CONFIG_TEXT"
         fi
         return
     fi
@@ -316,8 +326,8 @@ print(items.get("poltergust-wheel-sha256"), items.get("poltergust-lock-sha256"),
         --image-family="$IMAGE_FAMILY" --image-project="$IMAGE_PROJECT" \
         --boot-disk-size="$SCHEDULER_DISK_SIZE" \
         --shielded-secure-boot --shielded-vtpm --shielded-integrity-monitoring \
-        --metadata-from-file="startup-script=$INIT_SCRIPT${LUIGID_CONFIG:+,poltergust-luigid-config=$LUIGID_CONFIG}" \
-        --metadata="$metadata"
+        --metadata-from-file="startup-script=$INIT_SCRIPT" \
+        --metadata="$metadata${LUIGID_CONFIG:+|poltergust-luigid-config=$LUIGID_CONFIG_TEXT}"
 }
 
 create_nodes() {
