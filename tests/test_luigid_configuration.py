@@ -29,8 +29,8 @@ def test_the_users_settings_are_added_and_win_over_the_fleets_defaults() -> None
     merged = _read(luigid_config("[resources]\nwarehouse = 2\n[scheduler]\nworker-disconnect-delay = 600\n"
                                  "retry_count = 3\n[task_history]\ndb_connection = sqlite:////tmp/h.db\n"))
     assert merged["resources"] == {"warehouse": "2"}
-    assert merged["scheduler"] == {**FLEET_DEFAULTS["scheduler"], "worker_disconnect_delay": "600",
-                                   "retry_count": "3"}
+    defaults = {k: v for k, v in FLEET_DEFAULTS["scheduler"].items() if k != "worker_disconnect_delay"}
+    assert merged["scheduler"] == {**defaults, "worker-disconnect-delay": "600", "retry_count": "3"}
     assert merged["task_history"] == {"db_connection": "sqlite:////tmp/h.db"}
 
 

@@ -53,10 +53,14 @@ def _luigid_classes() -> dict[str, Any]:
             "sendgrid": luigi.notifications.sendgrid}
 
 
+def _normal(key: str) -> str:
+    """A key as luigi's parameters match it (`retry-delay` is `retry_delay`)."""
+    return key.replace("-", "_")
+
+
 def parse_fragment(text: str) -> dict[str, dict[str, str]]:
-    """The user's fragment as section -> key -> raw value, keys spelled with underscores; checked."""
+    """The user's fragment as section -> key -> raw value (keys as luigi reads them: lower case); checked."""
     parser = configparser.RawConfigParser(delimiters=("=", ":"))
-    parser.optionxform = lambda key: key.strip().lower().replace("-", "_")  # type: ignore[method-assign]
     try:
         parser.read_string(text, source="fragment")
     except configparser.Error as exc:
@@ -75,13 +79,13 @@ def check(fragment: Mapping[str, Mapping[str, str]]) -> None:
                                     f"in its config's luigi: mapping")
         for key, value in keys.items():
             where = f"[{section}] {key}"
-            if (section, key) in OWNED:
-                raise LuigidConfigError(f"{where}: {OWNED[section, key]}")
+            if (section, _normal(key)) in OWNED:
+                raise LuigidConfigError(f"{where}: {OWNED[section, _normal(key)]}")
             if section == "resources":
                 if not value.strip().isdigit():
                     raise LuigidConfigError(f"{where}: a resource's amount must be a whole number (got {value!r})")
             elif section == "task_history":
-                if key != "db_connection":
+                if _normal(key) != "db_connection":
                     raise LuigidConfigError(f"{where}: luigid reads only db_connection in [task_history]")
             elif section in classes:
                 _check_value(classes[section], where, key, value)
@@ -89,14 +93,15 @@ def check(fragment: Mapping[str, Mapping[str, str]]) -> None:
                 raise LuigidConfigError(
                     f"[{section}]: luigid does not read this section (it reads {', '.join(sorted(classes))}, "
                     "resources and task_history)")
-    history = fragment.get("scheduler", {}).get("record_task_history", "false").strip().lower()
-    if history == "true" and importlib.util.find_spec("sqlalchemy") is None:
+    history = {_normal(key): value for key, value in fragment.get("scheduler", {}).items()}.get("record_task_history")
+    if (history or "").strip().lower() == "true" and importlib.util.find_spec("sqlalchemy") is None:
         raise LuigidConfigError("[scheduler] record_task_history: luigid's task history needs SQLAlchemy, which "
                                 "this installation of Poltergust lacks")
 
 
 def _check_value(cls: Any, where: str, key: str, value: str) -> None:
     params = dict(cls.get_params())
+    key = _normal(key)
     if key not in params:
         raise LuigidConfigError(f"{where}: luigid does not know this key (it knows {', '.join(sorted(params))})")
     if "$" in value or "%" in value:
@@ -108,10 +113,14 @@ def _check_value(cls: Any, where: str, key: str, value: str) -> None:
 
 
 def merge(fragment: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, str]]:
-    """The fleet's defaults with the user's fragment over them (the user's values win)."""
+    """The fleet's defaults with the user's fragment over them (the user's values win, however the key is spelt)."""
     merged = {section: dict(keys) for section, keys in FLEET_DEFAULTS.items()}
     for section, keys in fragment.items():
-        merged.setdefault(section, {}).update(keys)
+        into = merged.setdefault(section, {})
+        for key, value in keys.items():
+            for spelt in [k for k in into if _normal(k) == _normal(key)]:
+                del into[spelt]
+            into[key] = value
     return merged
 
 

@@ -56,6 +56,8 @@ class LuigiSettingError(ValueError):
 
 
 def _normal(key: str) -> str:
+    """A key as luigi's parameters match it; files keep the key as given (luigi reads some keys, such as
+    `[core] rpc-retry-wait`, only as spelt)."""
     return key.strip().lower().replace("-", "_")
 
 
@@ -89,14 +91,13 @@ def parse_mapping(mapping: Any) -> dict[str, dict[str, str]]:
             if value is None or isinstance(value, (dict, list)) or "\n" in str(value) or "\r" in str(value):
                 raise LuigiSettingError(where, "must be a plain value on one line")
             text = str(value).lower() if isinstance(value, bool) else str(value)
-            settings.setdefault(section, {})[_normal(key)] = text
+            settings.setdefault(section, {})[key.strip().lower()] = text
     return settings
 
 
 def read_shipped(path: Path) -> dict[str, dict[str, str]]:
     """The luigi.cfg that LUIGI_CONFIG_PATH names, checked like the mapping; errors name the file's section.key."""
     parser = configparser.RawConfigParser()
-    parser.optionxform = _normal  # type: ignore[method-assign,assignment]
     try:
         with path.open(encoding="utf-8") as handle:
             parser.read_file(handle, source=str(path))
@@ -107,7 +108,7 @@ def read_shipped(path: Path) -> dict[str, dict[str, str]]:
     shipped = {section: dict(parser.items(section)) for section in parser.sections()}
     for section, keys in shipped.items():
         for key in [None, *keys]:
-            if (reason := _refusal(_normal(section), key)) is not None:
+            if (reason := _refusal(_normal(section), key and _normal(key))) is not None:
                 raise LuigiSettingError("LUIGI_CONFIG_PATH", f"{path}: {section}{'.' + key if key else ''}: {reason}")
     return shipped
 
@@ -126,7 +127,11 @@ def write_run_config(cwd: Path, settings: Mapping[str, Mapping[str, str]], env: 
     if env.get("LUIGI_CONFIG_PATH"):
         merged = read_shipped(cwd / env["LUIGI_CONFIG_PATH"])  # a relative path is luigi's, from `cwd`
     for section, keys in settings.items():
-        merged.setdefault(section, {}).update(keys)
+        into = merged.setdefault(section, {})
+        for key, value in keys.items():
+            for spelt in [k for k in into if _normal(k) == _normal(key)]:
+                del into[spelt]
+            into[key] = value
     lines = [HEADER.rstrip("\n")]
     for section, keys in merged.items():
         lines += ["", f"[{section}]", *(f"{key} = {value}" for key, value in keys.items())]
