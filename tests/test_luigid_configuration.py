@@ -11,7 +11,7 @@ import pytest
 
 from poltergust.luigid.configuration import FLEET_DEFAULTS, LuigidConfigError, luigid_config, parse_fragment
 from poltergust.settings import parse_settings
-from stack import LocalBucket, Node, free_port, resource_totals, wait_for
+from stack import LocalBucket, Node, free_port, resource_totals
 
 
 def _read(text: str) -> dict[str, dict[str, str]]:
