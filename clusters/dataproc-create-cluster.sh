@@ -38,6 +38,9 @@
 #   DATAPROC_IMAGE_VERSION   (default: 2.2-debian12)
 #   DATAPROC_MASTER_MACHINE_TYPE, DATAPROC_WORKER_MACHINE_TYPE (default: n2-standard-4)
 #   DATAPROC_SUBNET_CIDR     the cluster's subnet (default: 10.43.0.0/24)
+#   POLTERGUST_LUIGID_CONFIG a luigi configuration file for luigid on the master
+#                            ([scheduler], [resources], ...; see "Luigi on the
+#                            fleet" in README.md), checked when the master boots
 #   POLTERGUST_NO_TUNNEL=1   do not open the tunnel at the end
 set -euo pipefail
 
@@ -177,6 +180,11 @@ else
         --initialization-action-timeout=20m
         # Read by dataproc-init.sh on every VM of the cluster.
         --metadata="^|^poltergust-path=$BUCKET_URL/pipeline|poltergust-topic=$TOPIC|poltergust-project=$PROJECT|$(release_metadata)|poltergust-init-url=$INIT_URL/node-init.sh|poltergust-init-sha256=$INIT_SHA")
+    if [[ -n "${POLTERGUST_LUIGID_CONFIG:-}" ]]; then
+        luigid_config=$(<"$POLTERGUST_LUIGID_CONFIG") || die "cannot read POLTERGUST_LUIGID_CONFIG"
+        [[ "$luigid_config" != *"|"* ]] || die "POLTERGUST_LUIGID_CONFIG: the file may not contain '|'"
+        create[-1]+="|poltergust-luigid-config=$luigid_config"  # the --metadata flag
+    fi
     [[ -z "$ZONE" ]] || create+=(--zone="$ZONE")
     gc "${create[@]}"
 fi

@@ -49,7 +49,7 @@ put() { printf '%s' "$2" >"$metadata_dir/instance/attributes/$1"; }
 put poltergust-role "$poltergust_role"
 put poltergust-scheduler-url "http://$master:$LUIGID_PORT"
 for name in poltergust-path poltergust-topic poltergust-project poltergust-wheel-url \
-    poltergust-wheel-sha256 poltergust-lock-url poltergust-lock-sha256; do
+    poltergust-wheel-sha256 poltergust-lock-url poltergust-lock-sha256 poltergust-luigid-config; do
     value=$(attribute "$name")
     # Left out when empty, so that node-init.sh applies its own default or
     # names the missing attribute.

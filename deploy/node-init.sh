@@ -63,6 +63,15 @@
 #                             them as the node's own user "poltergust", with the
 #                             node itself unprivileged, as before --run-as
 #
+#   scheduler role only:
+#   poltergust-luigid-config  optional: a luigi configuration fragment for luigid
+#                             ([scheduler], [resources], [task_history], ...),
+#                             checked by the release (python -m
+#                             poltergust.luigid.configuration: a key luigid
+#                             would not read, or that Poltergust sets itself, is
+#                             refused by name, exit status 2) and merged with the
+#                             fleet's settings into /etc/poltergust/luigi.cfg
+#
 #   bake role only (deploy/bake-image.sh):
 #   poltergust-bake-environments
 #                             optional: gs:// environment files whose
@@ -98,9 +107,10 @@
 # after the release is installed, by the release itself (python -m
 # poltergust.deploy check-metadata, with the node's own flag declarations),
 # before any unit, user or secret is written. The scheduler's luigi.cfg comes
-# from the release too (python -m poltergust.deploy luigid-config). A dry run
-# installs no release, so it uses $POLTERGUST_DRY_RUN_PYTHON (default python3)
-# for both, which must import poltergust.
+# from the release too (python -m poltergust.luigid.configuration merge, with
+# poltergust-luigid-config). A dry run installs no release, so it uses
+# $POLTERGUST_DRY_RUN_PYTHON (default python3) for the check, which must
+# import poltergust, and only says which luigi.cfg it would write.
 #
 # Exit status: 0 on success, 2 for bad or missing metadata (the message names
 # the attribute), 1 for any other failure (a download, a hash mismatch, pip).
@@ -708,11 +718,22 @@ WantedBy=multi-user.target
 EOF
 }
 
+# luigid's configuration: the fleet's settings (see poltergust.luigid.configuration)
+# merged with poltergust-luigid-config, checked by the installed release.
+write_luigid_config() {
+    local merge=("$(release_python)" -P -m poltergust.luigid.configuration merge "$TMP/luigid.cfg")
+    attribute poltergust-luigid-config >"$TMP/luigid.cfg"
+    if ((DRY_RUN)); then
+        log "dry-run, would run: ${merge[*]} (and write /etc/poltergust/luigi.cfg)"
+        return
+    fi
+    (cd "$ROOT$RELEASE" && "${merge[@]}" --out "$TMP/luigi.cfg") 2>"$TMP/luigid-config.err" ||
+        bad_metadata poltergust-luigid-config "$(sed "s|^$TMP/luigid.cfg: ||" "$TMP/luigid-config.err")"
+    write_file /etc/poltergust/luigi.cfg 0644 <"$TMP/luigi.cfg"
+}
+
 write_scheduler_files() {
-    # The same configuration as the luigid a node embeds, from the release.
-    local config
-    config=$("$(release_python)" -P -m poltergust.deploy luigid-config)
-    printf '%s\n' "$config" | write_file /etc/poltergust/luigi.cfg 0644
+    write_luigid_config
     write_file "/etc/systemd/system/$LUIGID_UNIT" 0644 <<EOF
 # Written by poltergust node-init.sh; rewritten on every boot.
 [Unit]

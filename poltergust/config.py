@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from poltergust.errors import RunFailed
+from poltergust.run.worker_config import LuigiSettingError, parse_mapping
 
 MAX_FILE_SIZE = 256 * 1024
 """Configs and environment files are hand-written; anything larger is a mistake or an attack."""
@@ -66,6 +67,8 @@ class PipelineConfig:
     """`nodes: all`: every node runs the pipeline from the start, as the original Poltergust did."""
     warm: bool = True
     """Start luigi from the environment's warm interpreter (false: a fresh interpreter every time)."""
+    luigi: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    """luigi's settings for this pipeline's runs (`luigi:`, section -> key -> value; see `run.worker_config`)."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,10 @@ def parse_pipeline(data: bytes, source: str) -> PipelineConfig:
     warm = document.get("warm", True)
     if not isinstance(warm, bool):
         raise ConfigError(source, f"must be true or false (got {warm!r})", "warm")
+    try:
+        luigi_settings = parse_mapping(document.get("luigi"))
+    except LuigiSettingError as exc:
+        raise ConfigError(source, exc.problem, exc.key) from None
     return PipelineConfig(
         source=source,
         environment=resolve_reference(environment, source),
@@ -186,6 +193,7 @@ def parse_pipeline(data: bytes, source: str) -> PipelineConfig:
         nodes=nodes if isinstance(nodes, int) else None,
         all_nodes=nodes == "all",
         warm=warm,
+        luigi=luigi_settings,
     )
 
 

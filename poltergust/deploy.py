@@ -1,7 +1,6 @@
-"""What deploy/node-init.sh asks of the installed release: `check-metadata` and `luigid-config`.
+"""What deploy/node-init.sh asks of the installed release: `check-metadata`.
 
-`luigid-config` prints the scheduler VM's luigi.cfg: the embedded luigid's own.
-
+(The scheduler VM's luigi.cfg comes from `poltergust.luigid.configuration`.)
 node-init.sh checks only what it needs before Python exists (the role and the
 release to install). The rest it hands over here, each metadata attribute with
 the node flag it becomes:
@@ -25,7 +24,6 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from poltergust.luigid.embedded import LUIGID_CONFIG
 from poltergust.option import SettingError
 from poltergust.settings import OPTION, Settings, settings_from
 
@@ -158,12 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--value", nargs=3, action="append", default=[], metavar=("KEY", "FLAG", "VALUE"),
                        help=f"a metadata attribute, the node flag or rule it is for ({', '.join(VM_RULES)}), "
                             "and its value (empty: not set); repeatable")
-    commands.add_parser("luigid-config", help="print the fleet's luigi.cfg for luigid")
     args = parser.parse_args(argv)
-    if args.command == "luigid-config":
-        print("# luigid's settings for the Poltergust fleet, written by node-init.sh (python -m poltergust.deploy "
-              "luigid-config).\n" + LUIGID_CONFIG, end="")
-        return 0
     unknown = sorted({flag for _, flag, _ in args.value} - set(VM_RULES))
     if unknown:
         parser.error(f"--value: no rule for {', '.join(unknown)} (known: {', '.join(VM_RULES)})")

@@ -23,6 +23,7 @@ from poltergust.environments import parse_size
 from poltergust.launch.sandbox import RunAsError
 from poltergust.launch.users import UserPool
 from poltergust.layout import Location, safe_name
+from poltergust.luigid.configuration import LuigidConfigError, parse_fragment
 from poltergust.node.notify import NotifyTarget, notify_target
 from poltergust.option import Check, SettingError, add_options, boolean, markdown_table, option, options_of
 
@@ -69,6 +70,11 @@ class Settings:
     embedded_scheduler_port: int = field(default=8082, metadata=option(
         "embedded-scheduler-port", parse=int, metavar="PORT",
         help="port of the local luigid used without `--scheduler-url`"))
+    scheduler_config: str = field(default="", metadata=option(
+        "scheduler-config", metavar="FILE",
+        help="a luigi configuration file (`[scheduler]`, `[resources]`, `[task_history]`, ...) for the local luigid "
+             "this node starts without `--scheduler-url`, merged with the settings the fleet needs; checked at "
+             "start (see Luigi on the fleet)"))
     project: str = field(default="", metadata=option(
         "project", metavar="PROJECT", fallback=lambda environ: environ.get("GOOGLE_CLOUD_PROJECT", ""),
         shown_default="`GOOGLE_CLOUD_PROJECT`",
@@ -267,6 +273,7 @@ def settings_from(values: Mapping[str, Any], environ: MutableMapping[str, str]) 
         "topic": values["topic"] or f"poltergust-{locations[0].bucket.rsplit('/', 1)[-1]}",
         "share_key": _share_key(values["share_environments"], values["share_environments_key_env"], environ),
         "run_as": _run_as(values["run_as"], values["run_as_pool"]),
+        "scheduler_config": _scheduler_config(values["scheduler_config"], values["scheduler_url"]),
         "notify": notify_target(values["notify_url"], environ.get("DB_URL")),
     }
     fields = {_FIELD_OF[dest]: value for dest, value in values.items()}
@@ -298,6 +305,21 @@ def _share_key(sharing: bool, name: str | None, environ: MutableMapping[str, str
                            f"{'is not set' if not key else 'is too short'}; it must hold a key of at least 16 "
                            "characters")
     return key.encode()
+
+
+def _scheduler_config(path: str, scheduler_url: str) -> str:
+    """The --scheduler-config file's text, checked now so that a key luigid would not take stops the node first."""
+    if not path:
+        return ""
+    if scheduler_url:
+        raise SettingError("scheduler-config", "only for the local luigid started without --scheduler-url; the "
+                           "fleet's luigid takes its configuration from the deploy (poltergust-luigid-config)")
+    try:
+        text = Path(path).expanduser().read_text()
+        parse_fragment(text)
+    except (OSError, UnicodeDecodeError, LuigidConfigError) as exc:
+        raise SettingError("scheduler-config", f"{path}: {exc}", f"--scheduler-config {path}: {exc}") from None
+    return text
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ replaced by a recorder. The script creates the venv, installs the wheel with
 unit. The test then starts the unit's ExecStart with the unit's environment,
 umask, state directory modes and capability bounding set, as systemd would
 (only the listen addresses become loopback ports), and runs a pipeline through
-the booted luigid and node: the node as root with `--run-as poltergust-run
---run-as-pool 4` (the users tests/run.sh creates), the build and the pipeline
-as users of that pool. The scheduler's
+the booted luigid (with the deploy's luigid configuration) and node: the node as
+root with `--run-as poltergust-run --run-as-pool 4` (the users tests/run.sh
+creates), the build and the pipeline as users of that pool. The scheduler's
 dashboard answers on its port, listing that pipeline.
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ import pytest
 import yaml
 
 from deploy_fixtures.fake_metadata import FakeMetadata
-from harness import PROJECT, ROOT, TOPIC, WHEELHOUSE, Bucket, FakeGcs, PubSubEmulator, Server, free_port, wait_for
+from harness import (PROJECT, ROOT, TOPIC, WHEELHOUSE, Bucket, FakeGcs, PubSubEmulator, Server, free_port,
+                     resource_totals, wait_for)
 
 pytestmark = pytest.mark.deploy
 
@@ -208,7 +209,8 @@ def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
     node_root = Path(tempfile.mkdtemp(prefix="poltergust-boot-"))
     os.chmod(node_root, 0o755)
     metadata = FakeMetadata({"poltergust-role": "scheduler", **release_attributes,
-                             "poltergust-path": bucket.url("pipeline")}, PROJECT)
+                             "poltergust-path": bucket.url("pipeline"),
+                             "poltergust-luigid-config": "[resources]\nwarehouse = 2\n"}, PROJECT)
     try:
         # The scheduler VM: luigid and the dashboard.
         scheduler = Boot(tmp_path, "scheduler", metadata, gcs)
@@ -223,6 +225,19 @@ def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
         luigid_url = f"http://127.0.0.1:{luigid_port}"
         wait_for(lambda: luigid.check_alive() or http_status(f"{luigid_url}/api/task_list?data=%7B%7D") == 200,
                  60, "the booted luigid to answer")
+        # The deploy's luigid configuration, merged with the fleet's settings, is what the booted luigid holds.
+        assert resource_totals(luigid_url) == {"warehouse": 2}
+        luigi_cfg = scheduler.root / "etc/poltergust/luigi.cfg"
+        assert "[resources]\nwarehouse = 2\n" in luigi_cfg.read_text()
+        assert "worker_disconnect_delay = 30\n" in luigi_cfg.read_text()
+        # A reboot with a key luigid must not take stops before anything is rewritten, naming attribute and key.
+        metadata.attributes["poltergust-luigid-config"] = "[scheduler]\nstate_path = /tmp/elsewhere\n"
+        written = luigi_cfg.read_text()
+        scheduler.run()
+        assert scheduler.result.returncode == 2, scheduler.result.stderr
+        assert ("error: metadata attribute poltergust-luigid-config: [scheduler] state_path: Poltergust sets "
+                "luigid's state file itself") in scheduler.result.stderr
+        assert scheduler.systemctl() == [] and luigi_cfg.read_text() == written
         dashboard_port = free_port()
         dashboard = scheduler.start("poltergust-dashboard.service", tmp_path / "dashboard.log",
                                     {"STORAGE_EMULATOR_HOST": gcs.url},

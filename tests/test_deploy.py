@@ -240,6 +240,29 @@ def test_create_makes_everything_once_then_nothing(tmp_path: Path) -> None:
     assert "creating:" not in second.stderr
 
 
+def test_create_hands_luigids_configuration_to_the_scheduler_vm(tmp_path: Path) -> None:
+    fake = FakeGcloud(tmp_path)
+    manifest = make_release(tmp_path / "dist")
+    config = tmp_path / "luigid.cfg"
+    config.write_text("[resources]\nwarehouse = 2\n")
+    result, calls = fake.run(CREATE, *create_args(manifest), f"--luigid-config={config}")
+    assert result.returncode == 0, result.stderr
+    scheduler = find(mutations(calls), "compute", "instances", "create", "poltergust-scheduler")
+    assert metadata_of(scheduler)["poltergust-luigid-config"] == "[resources]\nwarehouse = 2"
+    # The same again changes nothing; a changed file updates the VM's metadata, applied at its next boot.
+    result, calls = fake.run(CREATE, *create_args(manifest), f"--luigid-config={config}")
+    assert result.returncode == 0 and mutations(calls) == [], result.stderr
+    config.write_text("[resources]\nwarehouse = 3\n")
+    result, calls = fake.run(CREATE, *create_args(manifest), f"--luigid-config={config}")
+    assert result.returncode == 0, result.stderr
+    assert metadata_of(find(mutations(calls), "instances", "add-metadata", "poltergust-scheduler")) == {
+        "poltergust-luigid-config": "[resources]\nwarehouse = 3"}
+    assert "gcloud compute instances reset poltergust-scheduler" in result.stderr
+    config.write_text("[resources]\na|b = 1\n")
+    result, _ = fake.run(CREATE, *create_args(manifest), f"--luigid-config={config}")
+    assert result.returncode != 0 and "may not contain '|'" in result.stderr
+
+
 def test_a_new_release_rolls_the_nodes_and_repoints_the_scheduler(tmp_path: Path) -> None:
     fake = FakeGcloud(tmp_path)
     assert fake.run(CREATE, *create_args(make_release(tmp_path / "one")))[0].returncode == 0

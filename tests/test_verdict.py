@@ -45,6 +45,17 @@ def test_a_task_that_failed_here_stays_failed_once_luigid_queues_it_again() -> N
     assert verdict(graph, ROOT, failed_here={"A"}) == Verdict("failed", failed=[("A", "A()")])
 
 
+def test_a_task_the_users_retry_policy_retries_keeps_the_pipeline_busy() -> None:
+    """poltergust.luigid marks a failed task `retrying` while its retry_count (the user's) is not used up."""
+    retrying = {**task("FAILED", name="A"), "retrying": True}
+    graph = {ROOT: task("PENDING", "A", "B"), "A": retrying, "B": task("DONE")}
+    assert verdict(graph, ROOT) == Verdict("busy", retrying=1)
+    queued_again = {**task("PENDING", name="A"), "retrying": True}
+    assert verdict({**graph, "A": queued_again}, ROOT, failed_here={"A"}) == Verdict("busy", takeable=1)
+    disabled = {**task("DISABLED", name="A"), "retrying": False}
+    assert verdict({**graph, "A": disabled}, ROOT) == Verdict("failed", failed=[("A", "A()")])
+
+
 def test_a_pending_task_nobody_may_run_is_not_takeable() -> None:
     graph = {ROOT: task("PENDING", "E"), "E": task("PENDING", runnable=False)}
     assert verdict(graph, ROOT).state == "stuck"
@@ -54,3 +65,18 @@ def test_display_names_as_luigi_shows_them() -> None:
     assert display_name("X__1", {"display_name": "examples.X()", "name": "examples.X"}) == "examples.X()"
     assert display_name("Data__2", {"name": "Data", "params": {"b": "2", "a": "1"}}) == "Data(a=1, b=2)"
     assert display_name("Gone__3", {"status": "UNKNOWN"}) == "Gone__3"
+
+
+def test_poltergust_luigid_marks_the_tasks_its_retry_policy_retries() -> None:
+    """The `retrying` the verdict reads: set while a task's own (or [scheduler]) retry_count is not used up."""
+    from poltergust.luigid.server import PipelineScheduler
+
+    scheduler = PipelineScheduler()
+    scheduler.add_task(worker="w", task_id=ROOT, family="Root", deps=["A", "B"], status="PENDING")
+    scheduler.add_task(worker="w", task_id="A", family="A", status="FAILED", retry_policy_dict={"retry_count": 2})
+    scheduler.add_task(worker="w", task_id="B", family="B", status="FAILED")  # luigid's default: no user policy
+    assert {task_id: task["retrying"] for task_id, task in scheduler.dep_graph(ROOT).items()} == {
+        ROOT: False, "A": True, "B": False}
+    scheduler.add_task(worker="w", task_id="A", family="A", status="FAILED", retry_policy_dict={"retry_count": 2})
+    graph = scheduler.dep_graph(ROOT)
+    assert graph["A"]["status"] == "DISABLED" and not graph["A"]["retrying"]

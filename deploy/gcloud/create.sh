@@ -32,6 +32,8 @@ IMAGE_PROJECT=${POLTERGUST_IMAGE_PROJECT:-debian-cloud}
 SUBNET_CIDR=${POLTERGUST_SUBNET_CIDR:-10.42.0.0/24}
 MAX_CONCURRENT=${POLTERGUST_MAX_CONCURRENT:-4}
 RELEASE=${POLTERGUST_RELEASE:-}
+LUIGID_CONFIG=${POLTERGUST_LUIGID_CONFIG:-}
+LUIGID_CONFIG_TEXT=""
 read -r -a SECRETS <<<"${POLTERGUST_SECRETS:-}"
 IAP_SSH=${POLTERGUST_IAP_SSH:-1}
 
@@ -64,6 +66,10 @@ Settings of this script:
                             secret of this project the nodes put into their
                             environment as NAME (for {{NAME}}); repeatable
   --subnet-cidr CIDR        POLTERGUST_SUBNET_CIDR  (default: 10.42.0.0/24)
+  --luigid-config FILE      POLTERGUST_LUIGID_CONFIG  a luigi configuration file for
+                            luigid ([scheduler], [resources], ...), checked and
+                            merged with the fleet's settings when the luigid VM
+                            boots (an existing VM: at its next boot)
   --no-iap-ssh              POLTERGUST_IAP_SSH=0  no firewall rule for ssh through IAP
   -h, --help                this text
 EOF
@@ -80,7 +86,7 @@ parse_args() {
             -h|--help) usage; exit 0 ;;
             --no-iap-ssh) IAP_SSH=0; shift; continue ;;
             --min-nodes|--max-nodes|--nodes|--node-machine-type|--scheduler-machine-type|\
-            --max-concurrent|--release|--secret|--subnet-cidr) flag_arg "$@" ;;
+            --max-concurrent|--release|--secret|--subnet-cidr|--luigid-config) flag_arg "$@" ;;
             --package|--version) die "${1%%=*} is gone: the VMs install the release built from this checkout (see --release)" ;;
             *) die "unknown argument: $1 (see --help)" ;;
         esac
@@ -94,6 +100,7 @@ parse_args() {
             --release) RELEASE=$VALUE ;;
             --secret) SECRETS+=("$VALUE") ;;
             --subnet-cidr) SUBNET_CIDR=$VALUE ;;
+            --luigid-config) LUIGID_CONFIG=$VALUE ;;
         esac
         shift "$SHIFT"
     done
@@ -105,6 +112,12 @@ check_settings() {
     [[ "$MAX_CONCURRENT" =~ ^[1-9][0-9]{0,3}$ ]] || die "--max-concurrent must be 1 to 9999"
     ((MIN_NODES <= MAX_NODES)) || die "--min-nodes ($MIN_NODES) is larger than --max-nodes ($MAX_NODES)"
     [[ -f "$INIT_SCRIPT" ]] || die "node init script not found: $INIT_SCRIPT"
+    if [[ -n "$LUIGID_CONFIG" ]]; then
+        [[ -f "$LUIGID_CONFIG" ]] || die "--luigid-config: no such file: $LUIGID_CONFIG"
+        LUIGID_CONFIG_TEXT=$(<"$LUIGID_CONFIG")
+        # The metadata flags below separate attributes with "|".
+        [[ "$LUIGID_CONFIG_TEXT" != *"|"* ]] || die "--luigid-config $LUIGID_CONFIG: the file may not contain '|'"
+    fi
     local secret
     for secret in "${SECRETS[@]}"; do
         [[ "$secret" =~ ^[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_-]+$ ]] ||
@@ -295,6 +308,15 @@ print(items.get("poltergust-wheel-sha256"), items.get("poltergust-lock-sha256"),
                 "applied at its next boot: gcloud compute instances reset $SCHEDULER_VM --zone=$ZONE --project=$PROJECT"
             gc compute instances add-metadata "$SCHEDULER_VM" --zone="$ZONE" --metadata="^|^$settings"
         fi
+        if [[ -n "$LUIGID_CONFIG" ]] && [[ "$(gc compute instances describe "$SCHEDULER_VM" --zone="$ZONE" \
+            --format=json | python3 -c 'import json, sys
+items = {i["key"]: i["value"] for i in json.load(sys.stdin).get("metadata", {}).get("items", [])}
+print(items.get("poltergust-luigid-config", ""))')" != "$LUIGID_CONFIG_TEXT" ]]; then
+            log "updating: luigid's configuration on $SCHEDULER_VM, applied at its next boot (a restart of luigid):" \
+                "gcloud compute instances reset $SCHEDULER_VM --zone=$ZONE --project=$PROJECT"
+            gc compute instances add-metadata "$SCHEDULER_VM" --zone="$ZONE" \
+                --metadata="^|^poltergust-luigid-config=$LUIGID_CONFIG_TEXT"
+        fi
         return
     fi
     gc compute instances create "$SCHEDULER_VM" --zone="$ZONE" \
@@ -305,7 +327,7 @@ print(items.get("poltergust-wheel-sha256"), items.get("poltergust-lock-sha256"),
         --boot-disk-size="$SCHEDULER_DISK_SIZE" \
         --shielded-secure-boot --shielded-vtpm --shielded-integrity-monitoring \
         --metadata-from-file="startup-script=$INIT_SCRIPT" \
-        --metadata="$metadata"
+        --metadata="$metadata${LUIGID_CONFIG:+|poltergust-luigid-config=$LUIGID_CONFIG_TEXT}"
 }
 
 create_nodes() {

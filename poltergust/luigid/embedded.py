@@ -2,7 +2,9 @@
 
 The first local node starts a real `luigid` on loopback (state in its data
 dir); nodes started later on the same machine find it answering and join it.
-The node that started it stops it when it exits.
+The node that started it stops it when it exits. Its configuration is the
+fleet's settings merged with the node's `--scheduler-config` file (see
+`configuration`); a node joining a luigid already running takes that one as it is.
 """
 from __future__ import annotations
 
@@ -18,18 +20,11 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from poltergust import locks
+from poltergust.luigid.configuration import luigid_config
 
 log = logging.getLogger(__name__)
 
-LUIGID_CONFIG = """\
-[scheduler]
-# Free the tasks of a node that vanished (scaled in, crashed) after 30 s
-# instead of 60 s, so that other nodes take them over sooner; check on every
-# request rather than once a minute.
-worker_disconnect_delay = 30
-prune_on_get_work = true
-"""
-"""luigid's configuration, here and on the fleet's scheduler VM (`python -m poltergust.deploy luigid-config`)."""
+DEFAULT_PORT = 8082
 
 
 def _answers(url: str) -> bool:
@@ -41,14 +36,16 @@ def _answers(url: str) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def embedded_scheduler(data_dir: Path, port: int) -> AsyncIterator[str]:
-    """Yield the URL of a local luigid, started here unless one already answers."""
+async def embedded_scheduler(data_dir: Path, port: int = DEFAULT_PORT, config: str = "") -> AsyncIterator[str]:
+    """Yield the URL of a local luigid, started here unless one already answers; `config`: the user's fragment."""
     url = f"http://127.0.0.1:{port}"
     # Nodes starting at the same moment take turns: the first starts luigid, the others find it.
     async with locks.held(Path(tempfile.gettempdir()) / f"poltergust-luigid-{port}.lock"):
-        process = None if await asyncio.to_thread(_answers, url) else await _start_luigid(data_dir, port, url)
+        process = None if await asyncio.to_thread(_answers, url) else await _start_luigid(data_dir, port, url, config)
     if process is None:
-        log.info("using the luigi scheduler already running at %s", url)
+        log.info("using the luigi scheduler already running at %s%s", url,
+                 " (with its own configuration: --scheduler-config applies only to a luigid started here)"
+                 if config else "")
         yield url
         return
     try:
@@ -61,10 +58,10 @@ async def embedded_scheduler(data_dir: Path, port: int) -> AsyncIterator[str]:
             await process.wait()
 
 
-async def _start_luigid(data_dir: Path, port: int, url: str) -> asyncio.subprocess.Process:
+async def _start_luigid(data_dir: Path, port: int, url: str, config: str) -> asyncio.subprocess.Process:
     state = data_dir / "luigid"
     state.mkdir(parents=True, exist_ok=True)
-    (state / "luigi.cfg").write_text(LUIGID_CONFIG)
+    (state / "luigi.cfg").write_text(luigid_config(config))
     with (state / "luigid.log").open("ab") as output:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "poltergust.luigid",

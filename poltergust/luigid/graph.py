@@ -6,7 +6,9 @@ stands. `verdict` reads it the way a plain single-process luigi run would end:
 done when the root task is DONE; failed once a task FAILED or is DISABLED
 and nothing else runs or could be taken (a single process goes on with every
 other task it can run after one fails); busy while anything runs or could be
-taken.
+taken, or a failed task waits to be retried under a retry policy the user set
+(`retrying` in poltergust.luigid's graph: luigi's keep-alive workers, which
+the nodes' are, retry such a task after `retry_delay`).
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ class Verdict:
     running: int = 0
     takeable: int = 0
     """Pending tasks a worker of the pipeline could start right now."""
+    retrying: int = 0
+    """Failed tasks luigid will queue again under the user's retry policy."""
     failed: list[tuple[str, str]] = field(default_factory=list)
     """(task id, display name) of the FAILED and DISABLED tasks, and of those that failed on this node."""
 
@@ -43,26 +47,28 @@ def verdict(graph: Mapping[str, Mapping[str, Any]], root: str, failed_here: Coll
     """The pipeline's state; `failed_here`: tasks this node saw fail, still failed once luigid queues them again.
 
     luigid puts a FAILED task back to PENDING after its retry delay; a single
-    luigi process would not run it again, so neither does the verdict.
+    luigi process would not run it again, so neither does the verdict, unless
+    the user's retry policy says it is to be retried (`retrying`).
     """
     if root not in graph:
         return Verdict("unknown")
     if graph[root].get("status") == "DONE":
         return Verdict("done")
     running = sum(1 for task in graph.values() if task.get("status") == "RUNNING")
+    retrying = sum(1 for task in graph.values() if task.get("retrying") and task.get("status") == "FAILED")
     failed = sorted((task_id, display_name(task_id, task)) for task_id, task in graph.items()
-                    if task.get("status") in ("FAILED", "DISABLED")
-                    or (task.get("status") == "PENDING" and task_id in failed_here))
+                    if not task.get("retrying") and (task.get("status") in ("FAILED", "DISABLED")
+                                                     or (task.get("status") == "PENDING" and task_id in failed_here)))
     failed_ids = {task_id for task_id, _ in failed}
     takeable = sum(
         1 for task_id, task in graph.items()
         if task.get("status") == "PENDING" and task_id not in failed_ids and task.get("runnable", True)
         and all(graph.get(dep, {}).get("status") == "DONE" for dep in task.get("deps", ()))
     )
-    if failed and not running and not takeable:
+    if failed and not running and not takeable and not retrying:
         return Verdict("failed", failed=failed)
-    if running or takeable:
-        return Verdict("busy", running=running, takeable=takeable, failed=failed)
+    if running or takeable or retrying:
+        return Verdict("busy", running=running, takeable=takeable, retrying=retrying, failed=failed)
     return Verdict("stuck")
 
 

@@ -6,7 +6,10 @@ takes any pending task, including another pipeline's whose module its
 environment lacks. Here an assistant whose worker id carries a pipeline tag
 (`poltergust:TAG:NODE`) is given only tasks that a worker of the same pipeline
 scheduled, and the task graph says which pending tasks a worker could run
-(`runnable`: an external task's data, for instance, is waited for, not run).
+(`runnable`: an external task's data, for instance, is waited for, not run),
+and whether a failed task is to be retried under a retry policy the user set
+(`retrying`: a `retry_count` below luigid's unbounded default, per task or in
+`[scheduler]`, not yet used up).
 Everything else is luigid as shipped: same flags, API and pages.
 Nodes ask for `poltergust_features` and do without assistants on a plain luigid.
 """
@@ -16,10 +19,13 @@ import sys
 from typing import Any, Sequence
 
 import luigi.cmdline
+import luigi.scheduler
 import luigi.server
 from luigi.scheduler import Scheduler, rpc_method
 
 WORKER_PREFIX = "poltergust"
+UNSET_RETRY_COUNT = dict(luigi.scheduler.scheduler.get_params())["retry_count"]._default
+"""luigid's default retry_count (practically unbounded): a task with it has no retry policy of the user's."""
 
 
 def pipeline_tag(worker_id: str) -> str | None:
@@ -49,13 +55,23 @@ class PipelineScheduler(Scheduler):
 
     def _serialize_task(self, task_id: str, include_deps: bool = True, deps: Any = None) -> dict[str, Any]:
         serialized = super()._serialize_task(task_id, include_deps, deps)
-        serialized["runnable"] = bool(getattr(self._state.get_task(task_id), "runnable", True))
+        task = self._state.get_task(task_id)
+        serialized["runnable"] = bool(getattr(task, "runnable", True))
+        serialized["retrying"] = _retrying(task)
         return serialized
 
     @rpc_method()
     def poltergust_features(self, **kwargs: Any) -> dict[str, bool]:
         """What this scheduler adds to luigid's, for nodes to check."""
         return {"pipeline_assistants": True}
+
+
+def _retrying(task: Any) -> bool:
+    """A task that failed and that luigid will queue again under the user's retry policy (not yet DISABLED)."""
+    policy = getattr(task, "retry_policy", None)
+    if task is None or policy is None or task.status not in ("FAILED", "PENDING"):
+        return False
+    return 0 < task.num_failures() < policy.retry_count < UNSET_RETRY_COUNT
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -262,7 +262,7 @@ async def serve(settings: Settings) -> None:
     async with contextlib.AsyncExitStack() as stack:
         if not settings.scheduler_url:
             url = await stack.enter_async_context(
-                embedded_scheduler(settings.data_dir, settings.embedded_scheduler_port))
+                embedded_scheduler(settings.data_dir, settings.embedded_scheduler_port, settings.scheduler_config))
             settings = dataclasses.replace(settings, scheduler_url=url)
         events = await stack.enter_async_context(
             open_events(settings.locations, settings.node_name, settings.project, settings.topic,

@@ -33,6 +33,7 @@ from poltergust.run.command import Outcome, luigi_command, luigi_environ, node_e
 from poltergust.run.log import LogMirror, RunLog
 from poltergust.run.membership import CallForHelp, Membership
 from poltergust.run.participation import Participation
+from poltergust.run.worker_config import LuigiSettingError, write_run_config
 from poltergust.secret_env import SecretEnv
 from poltergust.settings import Settings
 from poltergust.storage import Blob, NotFound, ObjectStore, StorageError, TooLarge
@@ -222,6 +223,10 @@ class Run:
                 work_directory(self.settings.data_dir / "work", safe_name(self.name), run_as))
             if run_as is not None:
                 env["HOME"] = str(cwd)
+            try:
+                write_run_config(cwd, config.luigi, env)
+            except LuigiSettingError as exc:
+                raise ConfigError(key.url(), exc.problem, exc.key) from None
             warm = context.warm if config.warm else None
             start = warm.launcher(env_path, spec, config, runlog.note, run_as) if warm is not None else spawner(run_as)
             outcome = await Participation(command, env=env, cwd=cwd, runlog=runlog, scheduler_url=scheduler,

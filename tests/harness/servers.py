@@ -137,13 +137,14 @@ class FakeGcs(Server):
 
 
 class Luigid(Server):
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, config_text: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
-        config = workdir / "luigid.cfg"
+        config = self.config_path = workdir / "luigid.cfg"
         # A short disconnect delay frees a killed node's tasks quickly (see DESIGN.md).
-        config.write_text("[scheduler]\nworker_disconnect_delay = 10\nprune_on_get_work = true\nretry_delay = 1\n")
+        config.write_text(config_text or
+                          "[scheduler]\nworker_disconnect_delay = 10\nprune_on_get_work = true\nretry_delay = 1\n")
         super().__init__(
             "luigid",
             [sys.executable, "-m", "poltergust.luigid", "--address", "127.0.0.1",
@@ -159,6 +160,12 @@ class Luigid(Server):
         query = urllib.parse.quote(json.dumps({"status": status}))
         with urllib.request.urlopen(f"{self.url}/api/task_list?data={query}") as response:
             return json.loads(response.read())["response"]
+
+
+def resource_totals(luigid_url: str) -> dict[str, int]:
+    """A luigid's resources and their totals, as it holds them (from its `[resources]`)."""
+    with urllib.request.urlopen(f"{luigid_url}/api/resource_list", timeout=5) as response:
+        return {r["name"]: r["num_total"] for r in json.loads(response.read())["response"]}
 
 
 class Node(Server):

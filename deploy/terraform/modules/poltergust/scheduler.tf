@@ -53,6 +53,8 @@ resource "google_compute_instance" "scheduler" {
     poltergust-wheel-sha256 = local.release_metadata.wheel_sha256
     poltergust-lock-url     = local.release_metadata.lock_url
     poltergust-lock-sha256  = local.release_metadata.lock_sha256
+    # luigid's own settings, checked and merged with the fleet's at boot (see node-init.sh).
+    poltergust-luigid-config = var.luigid_config
     # ssh only with OS Login (IAM-controlled), never with keys in metadata.
     enable-oslogin         = "TRUE"
     block-project-ssh-keys = "TRUE"

@@ -112,6 +112,12 @@ variable "node_max_concurrent" {
   }
 }
 
+variable "luigid_config" {
+  description = "A luigi configuration fragment for luigid ([scheduler], [resources], [task_history], ...), e.g. file(\"luigid.cfg\"). The scheduler VM checks it at boot against what luigid reads and what Poltergust sets itself, and merges it with the fleet's settings; a change applies at the VM's next boot."
+  type        = string
+  default     = ""
+}
+
 variable "node_disk_size_gb" {
   description = "Boot disk of each node: holds the pipelines' environments and luigi working files."
   type        = number
