@@ -721,7 +721,7 @@ EOF
 # luigid's configuration: the fleet's settings (see poltergust.luigid.configuration)
 # merged with poltergust-luigid-config, checked by the installed release.
 write_luigid_config() {
-    local merge=("$(release_python)" -P -m poltergust.luigid.configuration merge "$TMP/luigid.cfg")
+    local merge=("$ROOT$RELEASE/venv/bin/python" -P -m poltergust.luigid.configuration merge "$TMP/luigid.cfg")
     attribute poltergust-luigid-config >"$TMP/luigid.cfg"
     if ((DRY_RUN)); then
         log "dry-run, would run: ${merge[*]} (and write /etc/poltergust/luigi.cfg)"
