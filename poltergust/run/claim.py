@@ -23,6 +23,7 @@ from poltergust.layout import RunKey, pipeline_name, result_name
 from poltergust.node import metrics
 from poltergust.node.notify import Notifier
 from poltergust.run.log import RunLog
+from poltergust.run.summary import document_summary
 from poltergust.storage import Blob, NotFound, ObjectInfo, ObjectStore, PreconditionFailed, StorageError
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ async def complete(store: ObjectStore, claimed: ObjectInfo, body: bytes) -> bool
     reports the run as finished.
     """
     outcome = claimed.metadata[OUTCOME_KEY]
-    await store.write(result_name(claimed.name, outcome), body, content_type=YAML_TYPE)
+    # The overview's columns ride along as metadata, so that the dashboard draws it from a listing.
+    await store.write(result_name(claimed.name, outcome), body, metadata=document_summary(body), content_type=YAML_TYPE)
     # GCS enforces ifGenerationMatch on delete; its emulator does not, so look
     # first: a config re-uploaded meanwhile is a new submission and must stay.
     try:
