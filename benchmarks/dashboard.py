@@ -260,7 +260,8 @@ def main() -> int:
     print("| backend | results | request | time (ms) |\n| --- | --- | --- | --- |")
     for backend, kind, request, seconds in rows:
         print(f"| {backend} | {kind} | {request} | {seconds * 1000:.0f} |")
-    print("\nStorage requests of one cold overview on the emulator (counted in a separate pass):\n")
+    print("\n### Storage requests of one cold overview on the GCS emulator\n")
+    print("Counted through a proxy, in a pass of their own.\n")
     print("| results | requests | by kind |\n| --- | --- | --- |")
     for kind, counts in requests.items():
         print(f"| {kind} | {sum(counts.values())} | "
