@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 import yaml
+from stack import ROOT, GatedProxy, Server, _http_ok, free_port, wait_for
+from test_node import result, submit
 
 from poltergust.dashboard import charts
 from poltergust.dashboard.pipelines import SNAPSHOT_SECONDS, PipelineList
@@ -28,8 +30,6 @@ from poltergust.run import claim
 from poltergust.run.summary import REASON_CHARS, document_summary, summary_from_metadata, summary_metadata
 from poltergust.storage import Blob, ObjectInfo
 from poltergust.storage.local import LocalStore
-from stack import ROOT, GatedProxy, Server, _http_ok, free_port, wait_for
-from test_node import result, submit
 
 NOW = datetime(2026, 5, 1, 12, 0, 30, 250000, tzinfo=timezone.utc)
 CONFIG = b"environment: ../environment/e.yaml\ntask: {name: Report, module: reports}\n"
