@@ -9,8 +9,7 @@ a viewer's browser asks for: the overview cold (a fresh dashboard: first
 listing, plus, without summaries, the result files of the first page and of
 the latency chart read), within the shared listing's lifetime, warm (a
 refresh once that listing has expired: listing again, anything read before
-cached), filtered by state and by name, a far page, and one pipeline's page;
-then the overview's listing by itself, the floor under cold and warm.
+cached), filtered by state and by name, a far page, and one pipeline's page.
 On the emulator it also counts the storage requests of one cold overview,
 through a counting proxy in a separate pass (so that the proxy's own cost is
 not in the times). Prints Markdown tables; nothing is asserted about the
@@ -40,9 +39,8 @@ from _procs import free_port, wait_for  # noqa: E402
 from _proxy import CountingProxy  # noqa: E402
 
 from poltergust.dashboard.pipelines import gather_limited  # noqa: E402
-from poltergust.layout import Location  # noqa: E402
 from poltergust.run import claim  # noqa: E402
-from poltergust.storage import GcsStore, ObjectInfo, ObjectStore, open_store  # noqa: E402
+from poltergust.storage import GcsStore, ObjectInfo, ObjectStore  # noqa: E402
 from poltergust.storage.local import LocalStore  # noqa: E402
 
 WAITING = 5
@@ -182,23 +180,7 @@ def measure(backend: str, kind: str, path: str, env: dict[str, str], workdir: Pa
         rows.append((backend, kind, f"page {max(1, count // 100)}" + (" (result files not read before)"
                                                                       if kind == OLD else ""), seconds))
         rows.append((backend, kind, "one pipeline's page", get(base + "/pipeline?path=0&name=report-00010")[0]))
-    rows.append((backend, kind, "the overview's listing alone (`store.list`, in this process)",
-                 time_listing(path, env)))
     return rows
-
-
-def time_listing(path: str, env: dict[str, str]) -> float:
-    """How long the listing the overview starts with takes by itself: the floor under cold and warm."""
-    location = Location.parse(path)
-    os.environ.update(env)
-
-    async def listing() -> float:
-        async with open_store(location.bucket) as store:
-            began = time.perf_counter()
-            await store.list(location.prefix, glob="*.yaml")
-            return time.perf_counter() - began
-
-    return asyncio.run(listing())
 
 
 def count_requests(kind: str, path: str, emulator_url: str, workdir: Path, count: int) -> dict[str, int]:
