@@ -279,3 +279,24 @@ def test_overview_of_finished_pipelines_is_listings_only_on_the_emulator(
     assert warm_pipelines == [("list", "pipeline/")], \
         f"a refresh lists again and reads nothing (the old result's section is cached): {warm}"
     assert "on node-old" in page_again
+
+
+def test_local_listing_reads_each_generations_metadata_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local backend keeps metadata in side files; a dashboard lists thousands of them every few seconds."""
+    store = LocalStore(tmp_path)
+    reads: list[str] = []
+    read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self.name) or read_text(self, *a, **k))
+
+    async def run() -> list[list[ObjectInfo]]:
+        await store.write("pipeline/a.done.yaml", b"x", metadata={"poltergust-result-outcome": "done"})
+        listings = [await store.list("pipeline/"), await store.list("pipeline/")]
+        await store.write("pipeline/a.done.yaml", b"y", metadata={"poltergust-result-outcome": "error"})
+        listings.append(await store.list("pipeline/"))
+        return listings
+
+    first, second, rewritten = asyncio.run(run())
+    assert first[0].metadata == second[0].metadata == {"poltergust-result-outcome": "done"}
+    assert rewritten[0].metadata == {"poltergust-result-outcome": "error"}, "a new generation, its own metadata"
+    side_files = [name for name in reads if name.endswith(".meta.json")]
+    assert len(side_files) == 2, f"each generation's side file read once (by its write), by no listing: {side_files}"
