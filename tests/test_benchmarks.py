@@ -112,14 +112,20 @@ def test_quick_benchmark_measures_everything(tmp_path: Path) -> None:
 
 
 def test_dashboard_benchmark_runs_and_counts_right(tmp_path: Path) -> None:
-    """Quick mode: 500 finished pipelines on a local directory and on the emulator; the benchmark itself
-    checks the counts the overview shows, and prints (never asserts) how long each page took."""
+    """Quick mode: 500 finished pipelines on a local directory and on the emulator, with and without summaries
+    on the result objects; the benchmark itself checks the counts the overview shows, and prints (never asserts)
+    how long each page took and how many storage requests a cold overview made."""
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dashboard.py"), "--quick", "--workdir",
                              str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = markdown_tables(result.stdout)["Dashboard with 500 finished pipelines and 5 waiting"]
     assert {row[0] for row in rows} == {"local directory", "GCS emulator"}
-    assert len(rows) == 14 and all(number(row[2]) > 0 for row in rows)
+    assert {row[1] for row in rows} == {"summaries", "old format"}
+    assert len(rows) == 28 and all(number(row[3]) > 0 for row in rows)
+    requests = {row[0]: row[2] for row in markdown_tables(result.stdout)["Storage requests of one cold overview on the GCS "
+                                                                  "emulator"]}
+    assert re.fullmatch(r"list \d+", requests["summaries"]), "with summaries, a cold overview only lists"
+    assert "download" in requests["old format"]
     assert leftovers(tmp_path) == []
 
 

@@ -143,7 +143,7 @@ def create_app(dashboard: Dashboard) -> web.Application:
         everything = await dashboard.pipelines.all()
         now = datetime.now(timezone.utc)
         recent = charts.recent_finished(everything, now)
-        await dashboard.pipelines.read_sections(recent)
+        await dashboard.pipelines.read_sections(charts.unsummarised(recent))
         nodes, node_problems = await dashboard.nodes()
         return render(
             "pipelines.html", request, page=page, state=state, query=query, states=STATES,

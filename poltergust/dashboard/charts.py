@@ -20,7 +20,7 @@ HOURS = 24
 WIDTH, HEIGHT = 520, 150
 LEFT, RIGHT, TOP, BOTTOM = 34, 8, 10, 22
 PICKUP_SAMPLE = 200
-"""Newest finished runs whose result files are read for the latency chart."""
+"""Newest finished runs without a summary in the listing whose result files are read for the latency chart."""
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,15 @@ def finished_per_hour(pipelines: Iterable[Pipeline], now: datetime) -> list[Hour
 
 
 def recent_finished(pipelines: Iterable[Pipeline], now: datetime) -> list[Pipeline]:
-    """The newest finished pipelines of the chart's window, whose result files the latency chart needs."""
+    """The finished pipelines of the chart's window."""
     since = hours(now)[0]
-    return [p for p in pipelines if p.result is not None and p.updated >= since][:PICKUP_SAMPLE]
+    return [p for p in pipelines if p.result is not None and p.updated >= since]
+
+
+def unsummarised(pipelines: Iterable[Pipeline]) -> list[Pipeline]:
+    """The newest pipelines whose result objects carry no summary (written before they did): the latency chart
+    reads their files, a bounded number of them."""
+    return [p for p in pipelines if p.result is not None and not p.section][:PICKUP_SAMPLE]
 
 
 def pickup_per_hour(pipelines: Iterable[Pipeline], now: datetime) -> list[Hour]:

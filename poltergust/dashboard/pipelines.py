@@ -5,8 +5,10 @@ results (`delimiter=/` and a `matchGlob`, as GCS offers them), gives every
 pipeline's state but the running/queued split; that comes from the logs of
 each waiting config's generation (a node uploads its log as it starts). The
 listing is shared by every viewer for a couple of seconds, so ten people
-watching cost what one does, and result files are read only for the rows on
-screen (and for the chart), once: a result file's generation never changes.
+watching cost what one does. A finished pipeline's columns come with the
+listing too, as its result object's metadata (`run.summary`); only a result
+written before that is read, once, when it is on screen (or in the chart):
+a result file's generation never changes.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from poltergust import layout
 from poltergust.run import claim
 from poltergust.config import ConfigError, load_yaml
 from poltergust.run.log_index import node_logs
+from poltergust.run.summary import summary_from_metadata
 from poltergust.storage import ObjectInfo, ObjectStore, StorageError
 
 T = TypeVar("T")
@@ -50,7 +53,7 @@ class Pipeline:
     nodes: list[str] = field(default_factory=list)
     """Nodes running the config's current generation."""
     section: dict[str, Any] = field(default_factory=dict)
-    """The result's `poltergust:` section, once read."""
+    """The result's `poltergust:` section: its summary from the listing, or the file's once read."""
 
     @property
     def finishing(self) -> str | None:
@@ -154,7 +157,8 @@ def group(path: int, bucket: str, prefix: str, objects: Iterable[ObjectInfo]) ->
             continue
         state, result = max(((state, kinds[state]) for state in ("done", "error") if state in kinds),
                             key=lambda pair: pair[1].updated)
-        pipelines.append(Pipeline(path, bucket, name, state, result.updated, result=result))
+        pipelines.append(Pipeline(path, bucket, name, state, result.updated, result=result,
+                                  section=summary_from_metadata(result.metadata)))
     return pipelines
 
 
@@ -218,7 +222,7 @@ class PipelineList:
         return Page(rows, len(matching), counts, number, pages)
 
     async def read_sections(self, pipelines: list[Pipeline]) -> None:
-        """Fill the result section of finished pipelines, reading each result file at most once."""
+        """Fill the result section of finished pipelines the listing has no summary of, reading each file once."""
         await gather_limited([lambda p=pipeline: self._read_section(p) for pipeline in pipelines
                               if pipeline.result is not None and not pipeline.section])
 

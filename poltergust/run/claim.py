@@ -30,6 +30,7 @@ from poltergust.config import ConfigError, load_yaml
 from poltergust.layout import RunKey, pipeline_name, result_name, run_marker
 from poltergust.node import metrics
 from poltergust.node.notify import Notifier
+from poltergust.run.summary import document_summary
 from poltergust.storage import Blob, NotFound, ObjectInfo, ObjectStore, PreconditionFailed, StorageError
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ async def complete(store: ObjectStore, key: RunKey, outcome: str, body: bytes) -
     claim on its behalf may both write the (same) result, but only one of them
     reports the run as finished.
     """
-    await store.write(result_name(key.name, outcome), body, content_type=YAML_TYPE)
+    # The overview's columns ride along as metadata, so that the dashboard draws it from a listing.
+    await store.write(result_name(key.name, outcome), body, metadata=document_summary(body), content_type=YAML_TYPE)
     # GCS enforces ifGenerationMatch on delete; its emulator does not, so look
     # first: a config re-uploaded meanwhile is a new submission and must stay.
     try:

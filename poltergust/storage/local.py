@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 HIDDEN = ".poltergust"
 """Per-directory folder for locks, metadata and temporary files; never listed."""
+METADATA_CACHED = 100_000
 
 
 class LocalStore(ClosingStore):
@@ -44,6 +45,9 @@ class LocalStore(ClosingStore):
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._metadata: dict[tuple[str, int], dict[str, str]] = {}
+        """Custom metadata read, by object and generation: a generation's side file never changes, and a listing
+        of thousands of results with metadata would otherwise read every side file again."""
 
     def _path(self, name: str) -> Path:
         path = (self.root / name).resolve()
@@ -161,11 +165,16 @@ class LocalStore(ClosingStore):
     # -- helpers -----------------------------------------------------------
 
     def _info(self, name: str, stat: os.stat_result) -> ObjectInfo:
-        metadata_path = self._metadata_path(self.root / name, stat.st_mtime_ns)
-        try:
-            metadata = json.loads(metadata_path.read_text())
-        except (FileNotFoundError, ValueError):
-            metadata = {}
+        metadata = self._metadata.get((name, stat.st_mtime_ns))
+        if metadata is None:
+            try:
+                metadata = json.loads(self._metadata_path(self.root / name, stat.st_mtime_ns).read_text())
+            except (FileNotFoundError, ValueError):
+                metadata = {}
+            if metadata:  # written before the object got this generation, so final once found
+                if len(self._metadata) >= METADATA_CACHED:
+                    self._metadata.clear()
+                self._metadata[(name, stat.st_mtime_ns)] = metadata
         return ObjectInfo(name, stat.st_mtime_ns, datetime.fromtimestamp(stat.st_mtime, timezone.utc), metadata,
                           stat.st_size)
 
