@@ -253,9 +253,10 @@ class OurNode(Node):
     """The harness's node with a health port: ready once /healthz answers; stopped by `stop_all()` if not before,
     together with every process it started (a forked luigi runs in a session of its own)."""
 
-    def __init__(self, name: str, workdir: Path, args: Sequence[str], env: Mapping[str, str]) -> None:
+    def __init__(self, name: str, workdir: Path, args: Sequence[str], env: Mapping[str, str],
+                 entry: Sequence[str] = ("poltergust.async_worker",)) -> None:
         self.http_port = free_port()
-        super().__init__(name, workdir, ["--http-port", str(self.http_port), *args], env)
+        super().__init__(name, workdir, ["--http-port", str(self.http_port), *args], env, entry)
         register(self.stop)
 
     def ready(self) -> bool:
