@@ -143,15 +143,18 @@ def test_create_makes_everything_once_then_nothing(tmp_path: Path) -> None:
 
     assert_flags(find(created, "services", "enable"), "compute.googleapis.com", "pubsub.googleapis.com")
     assert_flags(find(created, "buckets", "create", "gs://my-bucket"),
-                 "--uniform-bucket-level-access", "--public-access-prevention", "--location=europe-west4")
+                 "--uniform-bucket-level-access", "--public-access-prevention", "--location=europe-west4",
+                 "--soft-delete-duration=0")
     find(created, "pubsub", "topics", "create", "poltergust-my-bucket")
     assert_flags(find(created, "notifications", "create", "gs://my-bucket"),
                  "--topic=projects/my-proj/topics/poltergust-my-bucket",
                  "--event-types=OBJECT_FINALIZE,OBJECT_DELETE", "--object-prefix=pipeline/",
                  "--payload-format=json")
     # The storage service agent may publish to the topic.
-    assert_flags(find(created, "topics", "add-iam-policy-binding", "--role=roles/pubsub.publisher"),
-                 "--member=serviceAccount:service-123456@gs-project-accounts.iam.gserviceaccount.com")
+    find(created, "topics", "add-iam-policy-binding", "--role=roles/pubsub.publisher",
+         "--member=serviceAccount:service-123456@gs-project-accounts.iam.gserviceaccount.com")
+    # The nodes publish calls for help on that topic, and only there.
+    find(created, "topics", "add-iam-policy-binding", "poltergust-my-bucket", "--role=roles/pubsub.publisher", NODE)
     find(created, "iam", "service-accounts", "create", "poltergust-node")
     find(created, "iam", "service-accounts", "create", "poltergust-scheduler")
 
@@ -178,8 +181,8 @@ def test_create_makes_everything_once_then_nothing(tmp_path: Path) -> None:
     role = find(created, "iam", "roles", "create", "poltergust_node_subscriptions")
     assert_flags(role, "--permissions=pubsub.subscriptions.consume,pubsub.subscriptions.create,"
                        "pubsub.subscriptions.delete,pubsub.subscriptions.get")
-    assert_flags(find(created, "projects", "add-iam-policy-binding", "my-proj"), NODE,
-                 "--role=projects/my-proj/roles/poltergust_node_subscriptions")
+    find(created, "projects", "add-iam-policy-binding", "my-proj", NODE,
+         "--role=projects/my-proj/roles/poltergust_node_subscriptions")
     assert not [c for c in created if "projects" in c and any("roles/pubsub.editor" in w or "roles/editor" in w
                                                                for w in c)]
 
@@ -209,14 +212,17 @@ def test_create_makes_everything_once_then_nothing(tmp_path: Path) -> None:
         "poltergust-path": "gs://my-bucket/pipeline", "poltergust-scheduler-url": "http://10.42.0.2:8082",
         "poltergust-topic": "poltergust-my-bucket", "poltergust-project": "my-proj",
         "poltergust-backlog-subscription": "poltergust-backlog", "poltergust-max-concurrent": "4",
+        "poltergust-retire-after": "900", "poltergust-min-nodes": "2",
         "enable-oslogin": "TRUE", "block-project-ssh-keys": "TRUE",
     }
     assert_flags(template, f"--metadata-from-file=startup-script={NODE_INIT}")
     assert_flags(template, "--no-address", "--service-account=poltergust-node@my-proj.iam.gserviceaccount.com")
     mig = find(created, "instance-groups", "managed", "create", "poltergust-nodes")
-    assert_flags(mig, "--region=europe-west4", "--health-check=poltergust-node-health", "--size=2")
+    assert_flags(mig, "--region=europe-west4", "--health-check=poltergust-node-health", "--size=2",
+                 "--instance-redistribution-type=NONE")
     assert_flags(find(created, "subscriptions", "create", "poltergust-backlog"), "--topic=poltergust-my-bucket",
-                 '--message-filter=(attributes.bucketId = "my-bucket" AND hasPrefix(attributes.objectId, "pipeline/"))',
+                 '--message-filter=attributes.eventType = "OBJECT_FINALIZE" AND (attributes.bucketId = "my-bucket"'
+                 ' AND hasPrefix(attributes.objectId, "pipeline/"))',
                  "--expiration-period=never")
     # Scaled on the backlog (one node per --max-concurrent configs), not on CPU.
     autoscaling = find(created, "set-autoscaling", "poltergust-nodes")
@@ -224,9 +230,14 @@ def test_create_makes_everything_once_then_nothing(tmp_path: Path) -> None:
                  "--update-stackdriver-metric=pubsub.googleapis.com/subscription/num_undelivered_messages",
                  "--stackdriver-metric-filter=resource.type = pubsub_subscription"
                  " AND resource.label.subscription_id = poltergust-backlog",
-                 "--stackdriver-metric-single-instance-assignment=4",
-                 "--scale-in-control=max-scaled-in-replicas=1,time-window=600")
-    assert not [w for w in autoscaling if "cpu" in w]
+                 "--stackdriver-metric-single-instance-assignment=4", "--mode=only-scale-out")
+    assert not [w for w in autoscaling if "cpu" in w or "scale-in" in w]
+    # An idle node deletes itself from its group: a custom role with exactly that, on that group only.
+    assert_flags(find(created, "iam", "roles", "create", "poltergust_node_retires"),
+                 "--permissions=compute.instanceGroupManagers.get,compute.instanceGroupManagers.update")
+    assert_flags(find(created, "projects", "add-iam-policy-binding", "--role=projects/my-proj/roles/poltergust_node_retires"),
+                 NODE, '--condition=expression=resource.name == "projects/my-proj/regions/europe-west4/'
+                       'instanceGroupManagers/poltergust-nodes",title=only-the-node-group')
     # Nothing anywhere installs a package by name.
     assert not [w for c in calls for w in c if "poltergust-package" in w]
     # The IAP tunnel to luigid's page and the dashboard.
@@ -379,7 +390,11 @@ def test_teardown_deletes_everything_but_the_bucket_once(tmp_path: Path) -> None
                   ("subscriptions", "delete", "projects/my-proj/subscriptions/poltergust-node-abcd"),
                   ("notifications", "delete"),
                   ("topics", "delete", "poltergust-my-bucket"),
-                  ("projects", "remove-iam-policy-binding", "my-proj"),
+                  ("projects", "remove-iam-policy-binding", "my-proj",
+                   "--role=projects/my-proj/roles/poltergust_node_subscriptions"),
+                  ("projects", "remove-iam-policy-binding", "my-proj",
+                   "--role=projects/my-proj/roles/poltergust_node_retires"),
+                  ("iam", "roles", "delete", "poltergust_node_retires"),
                   ("buckets", "remove-iam-policy-binding", "--role=roles/storage.objectUser", "--all"),
                   ("iam", "roles", "delete", "poltergust_node_subscriptions"),
                   ("service-accounts", "delete", "poltergust-node@my-proj.iam.gserviceaccount.com")]:
