@@ -235,7 +235,8 @@ def test_create_makes_everything_once_then_nothing(tmp_path: Path) -> None:
     # An idle node deletes itself from its group: a custom role with exactly that, on that group only.
     assert_flags(find(created, "iam", "roles", "create", "poltergust_node_retires"),
                  "--permissions=compute.instanceGroupManagers.get,compute.instanceGroupManagers.update")
-    assert_flags(find(created, "projects", "add-iam-policy-binding", "--role=projects/my-proj/roles/poltergust_node_retires"),
+    assert_flags(find(created, "projects", "add-iam-policy-binding",
+                      "--role=projects/my-proj/roles/poltergust_node_retires"),
                  NODE, '--condition=expression=resource.name == "projects/my-proj/regions/europe-west4/'
                        'instanceGroupManagers/poltergust-nodes",title=only-the-node-group')
     # Nothing anywhere installs a package by name.

@@ -106,7 +106,8 @@ def backlog_filter(locations: Iterable[Location]) -> str:
     """
     finalize = 'attributes.eventType = "OBJECT_FINALIZE"'
     where = subscription_filter(locations)
-    combined = f"{finalize} AND ({where})" if where else finalize
+    where = f"({where})" if " OR " in where else where
+    combined = f"{finalize} AND {where}" if where else finalize
     return combined if len(combined.encode()) <= MAX_FILTER_BYTES else finalize
 
 
