@@ -101,6 +101,23 @@ def test_checkov_passes_with_explained_skips() -> None:
     assert skips, "expected the documented skips in the Terraform files"
 
 
+def test_terraform_settings_fit_long_runs() -> None:
+    """Read where terraform validate cannot run here: provider range, the group, the autoscaler, the bucket."""
+    module = TERRAFORM_DIR / "modules" / "poltergust"
+    for versions in (module / "versions.tf", TERRAFORM_DIR / "example" / "versions.tf"):
+        # metric.filter and metric.single_instance_assignment of the autoscaler are GA from 5.21.
+        assert re.search(r'version\s*=\s*">= 5\.21, < 7\.0"', versions.read_text()), versions
+    nodes = (module / "nodes.tf").read_text()
+    update_policy = re.search(r"update_policy \{(.*?)\n  \}", nodes, re.S).group(1)
+    assert re.search(r'instance_redistribution_type\s*=\s*"NONE"', update_policy)
+    autoscaling = re.search(r"autoscaling_policy \{(.*?)\n  \}", nodes, re.S).group(1)
+    assert re.search(r'\bmode\s*=\s*"ONLY_SCALE_OUT"', autoscaling) and "scale_in_control" not in autoscaling
+    bucket = re.search(r'resource "google_storage_bucket" "poltergust" \{(.*?)\n\}', (module / "main.tf").read_text(),
+                       re.S).group(1)
+    assert re.search(r"soft_delete_policy \{\s*retention_duration_seconds\s*=\s*0\s*\}", bucket)
+    assert re.search(r"versioning \{\s*enabled\s*=\s*false\s*\}", bucket)
+
+
 def test_shellcheck() -> None:
     shellcheck = shutil.which("shellcheck")
     if not shellcheck:
@@ -351,6 +368,9 @@ def test_create_help_and_bad_settings(tmp_path: Path) -> None:
      "belongs to project number 999"),
     ({"public-access-prevention": True}, "no uniform bucket-level access"),
     ({"uniform-bucket-level-access": True}, "does not enforce public access prevention"),
+    # A deleted config would be OBJECT_ARCHIVE, which the notification does not publish.
+    ({"uniform-bucket-level-access": True, "public-access-prevention": True, "versioning": True},
+     "has object versioning on"),
 ])
 def test_create_refuses_a_bucket_it_cannot_trust(tmp_path: Path, bucket: dict, message: str) -> None:
     fake = FakeGcloud(tmp_path)
@@ -358,6 +378,36 @@ def test_create_refuses_a_bucket_it_cannot_trust(tmp_path: Path, bucket: dict, m
     result, calls = fake.run(CREATE, *create_args(make_release(tmp_path / "dist")))
     assert result.returncode != 0 and message in result.stderr, result.stderr
     assert [c for c in mutations(calls) if "services" not in c] == []
+
+
+def test_a_reused_bucket_with_soft_delete_and_an_old_backlog_filter_are_named(tmp_path: Path) -> None:
+    """Neither is changed (soft delete may protect other data; a new backlog would drop waiting configs)."""
+    fake = FakeGcloud(tmp_path)
+    manifest = make_release(tmp_path / "dist")
+    old_filter = '(attributes.bucketId = "my-bucket" AND hasPrefix(attributes.objectId, "pipeline/"))'
+
+    def reused(db: dict) -> None:
+        db["resources"]["storage/buckets:gs://my-bucket"] = {
+            "uniform-bucket-level-access": True, "public-access-prevention": True}  # GCS's default soft delete
+        db["resources"]["pubsub/subscriptions:poltergust-backlog"] = {"message-filter": old_filter}
+
+    fake.edit(reused)
+    result, calls = fake.run(CREATE, *create_args(manifest))
+    assert result.returncode == 0, result.stderr
+    assert "keeps deleted and overwritten objects for 604800s" in result.stderr
+    assert "--soft-delete-duration=0" in result.stderr
+    assert "poltergust-backlog has filter" in result.stderr
+    assert "subscriptions delete poltergust-backlog" in result.stderr
+    changed = mutations(calls)
+    assert not [c for c in changed if matches(c, ("buckets", "update")) or matches(c, ("buckets", "create"))]
+    assert not [c for c in changed if "subscriptions" in c]
+    # A bucket without soft delete and the new filter: no warning.
+    fake.edit(lambda db: db["resources"]["storage/buckets:gs://my-bucket"].__setitem__("soft-delete-duration", "0"))
+    fake.edit(lambda db: db["resources"]["pubsub/subscriptions:poltergust-backlog"].__setitem__(
+        "message-filter", 'attributes.eventType = "OBJECT_FINALIZE" AND (attributes.bucketId = "my-bucket" AND '
+                          'hasPrefix(attributes.objectId, "pipeline/"))'))
+    result, calls = fake.run(CREATE, *create_args(manifest))
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
 
 
 def test_an_old_subscription_role_gets_the_delete_permission(tmp_path: Path) -> None:
