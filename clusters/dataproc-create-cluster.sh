@@ -16,7 +16,7 @@
 #     the node grants: roles/dataproc.worker (which DataProc needs; its object
 #     access is confined by a condition to gs://mycluster outside
 #     _poltergust/dist/), read and write on the bucket except the release,
-#     subscriber on the topic, and the custom project role
+#     subscriber and publisher (calls for help) on the topic, and the custom project role
 #     poltergust_dataproc_node (create, read and delete its own subscription);
 #   - a network mycluster-net (subnet with Private Google Access, Cloud Router
 #     and Cloud NAT for the package installs, no external addresses) whose
@@ -77,8 +77,9 @@ log "project $PROJECT, region $REGION, cluster $CLUSTER with $WORKERS workers, r
 if have "bucket $BUCKET_URL" storage buckets describe "$BUCKET_URL"; then
     check_bucket "$BUCKET_URL"
 else
+    # No soft delete: every overwritten log and heartbeat would be kept for 7 days.
     gc storage buckets create "$BUCKET_URL" --location="$REGION" \
-        --uniform-bucket-level-access --public-access-prevention
+        --uniform-bucket-level-access --public-access-prevention --soft-delete-duration=0
 fi
 
 have "topic $TOPIC" pubsub topics describe "$TOPIC" ||
@@ -127,6 +128,8 @@ else
     log "creating: subscriber grant on $TOPIC"
     retry gc pubsub topics add-iam-policy-binding "$TOPIC" --member="$MEMBER" --role=roles/pubsub.subscriber >/dev/null
 fi
+# Calls for help are published on the same topic (pubsub.topics.publish).
+grant_on_topic "$TOPIC" roles/pubsub.publisher "$MEMBER"
 # DataProc's agent needs roles/dataproc.worker on the project; the condition
 # keeps the object access that role brings to this bucket, outside the release.
 WORKER_CONDITION="resource.type != \"storage.googleapis.com/Object\" || (resource.name.startsWith(\"projects/_/buckets/$CLUSTER/objects/\") && $(not_the_release "$CLUSTER"))"

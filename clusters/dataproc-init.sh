@@ -47,9 +47,15 @@ trap 'rm -rf "$metadata_dir"' EXIT
 mkdir -p "$metadata_dir/instance/attributes"
 put() { printf '%s' "$2" >"$metadata_dir/instance/attributes/$1"; }
 put poltergust-role "$poltergust_role"
-put poltergust-scheduler-url "http://$master:$LUIGID_PORT"
-for name in poltergust-path poltergust-topic poltergust-project poltergust-wheel-url \
-    poltergust-wheel-sha256 poltergust-lock-url poltergust-lock-sha256 poltergust-luigid-config; do
+names=(poltergust-path poltergust-wheel-url poltergust-wheel-sha256 poltergust-lock-url poltergust-lock-sha256)
+# Only a node reads these (tests/test_deploy_consistency.py).
+if [[ "$poltergust_role" == node ]]; then
+    put poltergust-scheduler-url "http://$master:$LUIGID_PORT"
+    names+=(poltergust-topic poltergust-project)
+else
+    names+=(poltergust-luigid-config)
+fi
+for name in "${names[@]}"; do
     value=$(attribute "$name")
     # Left out when empty, so that node-init.sh applies its own default or
     # names the missing attribute.

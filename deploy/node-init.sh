@@ -44,6 +44,10 @@
 #   poltergust-backlog-subscription
 #                             optional: the backlog subscription all nodes share
 #                             (its undelivered count drives the autoscaler)
+#   poltergust-retire-after   optional: seconds without a run after which the
+#                             node removes itself from its managed instance
+#                             group (poltergust-retire.service); unset or 0: never
+#   poltergust-min-nodes      optional: it never shrinks the group below this
 #   poltergust-allowed-environment-prefix
 #                             optional: gs:// prefixes environment files may come
 #                             from (default, decided by the node: the path's buckets)
@@ -130,6 +134,7 @@ readonly STATE_DIR="/var/lib/poltergust"
 readonly CACHE_DIR="/var/cache/poltergust"
 readonly NODE_ENV="/etc/poltergust/node.env"
 readonly NODE_UNIT="poltergust-node.service"
+readonly RETIRE_UNIT="poltergust-retire.service"
 readonly LUIGID_UNIT="poltergust-luigid.service"
 readonly LUIGID_PORT=8082
 readonly DASHBOARD_UNIT="poltergust-dashboard.service"
@@ -318,6 +323,12 @@ read_node_settings() {
     [[ -n "$PROJECT" ]] || PROJECT=$(metadata_get project/project-id || true)
     MAX_CONCURRENT=$(attribute poltergust-max-concurrent)
     BACKLOG=$(attribute poltergust-backlog-subscription)
+    RETIRE_AFTER=$(attribute poltergust-retire-after)
+    MIN_NODES=$(attribute poltergust-min-nodes)
+    [[ "$RETIRE_AFTER" =~ ^[0-9]{0,7}$ ]] ||
+        bad_metadata poltergust-retire-after "must be a number of seconds, got '$RETIRE_AFTER'"
+    [[ "$MIN_NODES" =~ ^[0-9]{0,4}$ ]] || bad_metadata poltergust-min-nodes "must be 0 or more, got '$MIN_NODES'"
+
     ALLOWED_ENV_PREFIXES_RAW=$(attribute poltergust-allowed-environment-prefix)
     local prefixes
     read -r -a prefixes <<<"$ALLOWED_ENV_PREFIXES_RAW"
@@ -826,6 +837,41 @@ WantedBy=multi-user.target
 EOF
 }
 
+# Scale-in without taking busy nodes: once the node has had no run for
+# poltergust-retire-after seconds, poltergust.node.retire deletes this VM from
+# its group (never below poltergust-min-nodes). Without the setting, a unit of
+# an earlier boot goes.
+write_retire_unit() {
+    if [[ -z "$RETIRE_AFTER" || "$RETIRE_AFTER" == 0 ]]; then
+        if [[ -f "$ROOT/etc/systemd/system/$RETIRE_UNIT" ]]; then
+            run systemctl disable --now "$RETIRE_UNIT"
+            rm -f "$ROOT/etc/systemd/system/$RETIRE_UNIT"
+        fi
+        return
+    fi
+    local words=("$RELEASE/venv/bin/python" -P -m poltergust.node.retire
+        --metrics-url "http://127.0.0.1:$HEALTH_PORT/metrics" --after "$RETIRE_AFTER" --min-nodes "${MIN_NODES:-0}")
+    write_file "/etc/systemd/system/$RETIRE_UNIT" 0644 <<EOF
+# Written by poltergust node-init.sh from the instance metadata; rewritten on every boot.
+[Unit]
+Description=Poltergust node retirement (an idle node leaves its managed instance group)
+After=$NODE_UNIT
+
+[Service]
+Type=simple
+DynamicUser=yes
+WorkingDirectory=$RELEASE
+ExecStart=$(exec_line "${words[@]}")
+Restart=on-failure
+RestartSec=60
+$(strict_hardening)
+
+[Install]
+WantedBy=multi-user.target
+EOF
+    start_unit "$RETIRE_UNIT"
+}
+
 # A dashboard from an earlier boot goes when poltergust-path is gone.
 remove_dashboard_unit() {
     log "no poltergust-path in the metadata: not running the dashboard"
@@ -868,6 +914,7 @@ main() {
         write_secrets
         write_node_unit
         start_unit "$NODE_UNIT"
+        write_retire_unit
     fi
     prune_releases
     log "done: $ROLE configured with release $RELEASE_ID"

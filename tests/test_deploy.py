@@ -103,6 +103,23 @@ def test_checkov_passes_with_explained_skips() -> None:
     assert skips, "expected the documented skips in the Terraform files"
 
 
+def test_terraform_settings_fit_long_runs() -> None:
+    """Read where terraform validate cannot run here: provider range, the group, the autoscaler, the bucket."""
+    module = TERRAFORM_DIR / "modules" / "poltergust"
+    for versions in (module / "versions.tf", TERRAFORM_DIR / "example" / "versions.tf"):
+        # metric.filter and metric.single_instance_assignment of the autoscaler are GA from 5.21.
+        assert re.search(r'version\s*=\s*">= 5\.21, < 7\.0"', versions.read_text()), versions
+    nodes = (module / "nodes.tf").read_text()
+    update_policy = re.search(r"update_policy \{(.*?)\n  \}", nodes, re.S).group(1)
+    assert re.search(r'instance_redistribution_type\s*=\s*"NONE"', update_policy)
+    autoscaling = re.search(r"autoscaling_policy \{(.*?)\n  \}", nodes, re.S).group(1)
+    assert re.search(r'\bmode\s*=\s*"ONLY_SCALE_OUT"', autoscaling) and "scale_in_control" not in autoscaling
+    bucket = re.search(r'resource "google_storage_bucket" "poltergust" \{(.*?)\n\}', (module / "main.tf").read_text(),
+                       re.S).group(1)
+    assert re.search(r"soft_delete_policy \{\s*retention_duration_seconds\s*=\s*0\s*\}", bucket)
+    assert re.search(r"versioning \{\s*enabled\s*=\s*false\s*\}", bucket)
+
+
 def test_shellcheck() -> None:
     shellcheck = shutil.which("shellcheck")
     if not shellcheck:
@@ -145,15 +162,18 @@ def test_create_makes_everything_once_then_nothing(tmp_path: Path) -> None:
 
     assert_flags(find(created, "services", "enable"), "compute.googleapis.com", "pubsub.googleapis.com")
     assert_flags(find(created, "buckets", "create", "gs://my-bucket"),
-                 "--uniform-bucket-level-access", "--public-access-prevention", "--location=europe-west4")
+                 "--uniform-bucket-level-access", "--public-access-prevention", "--location=europe-west4",
+                 "--soft-delete-duration=0")
     find(created, "pubsub", "topics", "create", "poltergust-my-bucket")
     assert_flags(find(created, "notifications", "create", "gs://my-bucket"),
                  "--topic=projects/my-proj/topics/poltergust-my-bucket",
                  "--event-types=OBJECT_FINALIZE,OBJECT_DELETE", "--object-prefix=pipeline/",
                  "--payload-format=json")
     # The storage service agent may publish to the topic.
-    assert_flags(find(created, "topics", "add-iam-policy-binding", "--role=roles/pubsub.publisher"),
-                 "--member=serviceAccount:service-123456@gs-project-accounts.iam.gserviceaccount.com")
+    find(created, "topics", "add-iam-policy-binding", "--role=roles/pubsub.publisher",
+         "--member=serviceAccount:service-123456@gs-project-accounts.iam.gserviceaccount.com")
+    # The nodes publish calls for help on that topic, and only there.
+    find(created, "topics", "add-iam-policy-binding", "poltergust-my-bucket", "--role=roles/pubsub.publisher", NODE)
     find(created, "iam", "service-accounts", "create", "poltergust-node")
     find(created, "iam", "service-accounts", "create", "poltergust-scheduler")
 
@@ -180,8 +200,8 @@ def test_create_makes_everything_once_then_nothing(tmp_path: Path) -> None:
     role = find(created, "iam", "roles", "create", "poltergust_node_subscriptions")
     assert_flags(role, "--permissions=pubsub.subscriptions.consume,pubsub.subscriptions.create,"
                        "pubsub.subscriptions.delete,pubsub.subscriptions.get")
-    assert_flags(find(created, "projects", "add-iam-policy-binding", "my-proj"), NODE,
-                 "--role=projects/my-proj/roles/poltergust_node_subscriptions")
+    find(created, "projects", "add-iam-policy-binding", "my-proj", NODE,
+         "--role=projects/my-proj/roles/poltergust_node_subscriptions")
     assert not [c for c in created if "projects" in c and any("roles/pubsub.editor" in w or "roles/editor" in w
                                                                for w in c)]
 
@@ -211,14 +231,17 @@ def test_create_makes_everything_once_then_nothing(tmp_path: Path) -> None:
         "poltergust-path": "gs://my-bucket/pipeline", "poltergust-scheduler-url": "http://10.42.0.2:8082",
         "poltergust-topic": "poltergust-my-bucket", "poltergust-project": "my-proj",
         "poltergust-backlog-subscription": "poltergust-backlog", "poltergust-max-concurrent": "4",
+        "poltergust-retire-after": "900", "poltergust-min-nodes": "2",
         "enable-oslogin": "TRUE", "block-project-ssh-keys": "TRUE",
     }
     assert_flags(template, f"--metadata-from-file=startup-script={NODE_INIT}")
     assert_flags(template, "--no-address", "--service-account=poltergust-node@my-proj.iam.gserviceaccount.com")
     mig = find(created, "instance-groups", "managed", "create", "poltergust-nodes")
-    assert_flags(mig, "--region=europe-west4", "--health-check=poltergust-node-health", "--size=2")
+    assert_flags(mig, "--region=europe-west4", "--health-check=poltergust-node-health", "--size=2",
+                 "--instance-redistribution-type=NONE")
     assert_flags(find(created, "subscriptions", "create", "poltergust-backlog"), "--topic=poltergust-my-bucket",
-                 '--message-filter=(attributes.bucketId = "my-bucket" AND hasPrefix(attributes.objectId, "pipeline/"))',
+                 '--message-filter=attributes.eventType = "OBJECT_FINALIZE" AND (attributes.bucketId = "my-bucket"'
+                 ' AND hasPrefix(attributes.objectId, "pipeline/"))',
                  "--expiration-period=never")
     # Scaled on the backlog (one node per --max-concurrent configs), not on CPU.
     autoscaling = find(created, "set-autoscaling", "poltergust-nodes")
@@ -226,9 +249,15 @@ def test_create_makes_everything_once_then_nothing(tmp_path: Path) -> None:
                  "--update-stackdriver-metric=pubsub.googleapis.com/subscription/num_undelivered_messages",
                  "--stackdriver-metric-filter=resource.type = pubsub_subscription"
                  " AND resource.label.subscription_id = poltergust-backlog",
-                 "--stackdriver-metric-single-instance-assignment=4",
-                 "--scale-in-control=max-scaled-in-replicas=1,time-window=600")
-    assert not [w for w in autoscaling if "cpu" in w]
+                 "--stackdriver-metric-single-instance-assignment=4", "--mode=only-scale-out")
+    assert not [w for w in autoscaling if "cpu" in w or "scale-in" in w]
+    # An idle node deletes itself from its group: a custom role with exactly that, on that group only.
+    assert_flags(find(created, "iam", "roles", "create", "poltergust_node_retires"),
+                 "--permissions=compute.instanceGroupManagers.get,compute.instanceGroupManagers.update")
+    assert_flags(find(created, "projects", "add-iam-policy-binding",
+                      "--role=projects/my-proj/roles/poltergust_node_retires"),
+                 NODE, '--condition=expression=resource.name == "projects/my-proj/regions/europe-west4/'
+                       'instanceGroupManagers/poltergust-nodes",title=only-the-node-group')
     # Nothing anywhere installs a package by name.
     assert not [w for c in calls for w in c if "poltergust-package" in w]
     # The IAP tunnel to luigid's page and the dashboard.
@@ -364,6 +393,9 @@ def test_create_help_and_bad_settings(tmp_path: Path) -> None:
      "belongs to project number 999"),
     ({"public-access-prevention": True}, "no uniform bucket-level access"),
     ({"uniform-bucket-level-access": True}, "does not enforce public access prevention"),
+    # A deleted config would be OBJECT_ARCHIVE, which the notification does not publish.
+    ({"uniform-bucket-level-access": True, "public-access-prevention": True, "versioning": True},
+     "has object versioning on"),
 ])
 def test_create_refuses_a_bucket_it_cannot_trust(tmp_path: Path, bucket: dict, message: str) -> None:
     fake = FakeGcloud(tmp_path)
@@ -371,6 +403,36 @@ def test_create_refuses_a_bucket_it_cannot_trust(tmp_path: Path, bucket: dict, m
     result, calls = fake.run(CREATE, *create_args(make_release(tmp_path / "dist")))
     assert result.returncode != 0 and message in result.stderr, result.stderr
     assert [c for c in mutations(calls) if "services" not in c] == []
+
+
+def test_a_reused_bucket_with_soft_delete_and_an_old_backlog_filter_are_named(tmp_path: Path) -> None:
+    """Neither is changed (soft delete may protect other data; a new backlog would drop waiting configs)."""
+    fake = FakeGcloud(tmp_path)
+    manifest = make_release(tmp_path / "dist")
+    old_filter = '(attributes.bucketId = "my-bucket" AND hasPrefix(attributes.objectId, "pipeline/"))'
+
+    def reused(db: dict) -> None:
+        db["resources"]["storage/buckets:gs://my-bucket"] = {
+            "uniform-bucket-level-access": True, "public-access-prevention": True}  # GCS's default soft delete
+        db["resources"]["pubsub/subscriptions:poltergust-backlog"] = {"message-filter": old_filter}
+
+    fake.edit(reused)
+    result, calls = fake.run(CREATE, *create_args(manifest))
+    assert result.returncode == 0, result.stderr
+    assert "keeps deleted and overwritten objects for 604800s" in result.stderr
+    assert "--soft-delete-duration=0" in result.stderr
+    assert "poltergust-backlog has filter" in result.stderr
+    assert "subscriptions delete poltergust-backlog" in result.stderr
+    changed = mutations(calls)
+    assert not [c for c in changed if matches(c, ("buckets", "update")) or matches(c, ("buckets", "create"))]
+    assert not [c for c in changed if "subscriptions" in c]
+    # A bucket without soft delete and the new filter: no warning.
+    fake.edit(lambda db: db["resources"]["storage/buckets:gs://my-bucket"].__setitem__("soft-delete-duration", "0"))
+    fake.edit(lambda db: db["resources"]["pubsub/subscriptions:poltergust-backlog"].__setitem__(
+        "message-filter", 'attributes.eventType = "OBJECT_FINALIZE" AND (attributes.bucketId = "my-bucket" AND '
+                          'hasPrefix(attributes.objectId, "pipeline/"))'))
+    result, calls = fake.run(CREATE, *create_args(manifest))
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
 
 
 def test_an_old_subscription_role_gets_the_delete_permission(tmp_path: Path) -> None:
@@ -404,7 +466,11 @@ def test_teardown_deletes_everything_but_the_bucket_once(tmp_path: Path) -> None
                   ("subscriptions", "delete", "projects/my-proj/subscriptions/poltergust-node-abcd"),
                   ("notifications", "delete"),
                   ("topics", "delete", "poltergust-my-bucket"),
-                  ("projects", "remove-iam-policy-binding", "my-proj"),
+                  ("projects", "remove-iam-policy-binding", "my-proj",
+                   "--role=projects/my-proj/roles/poltergust_node_subscriptions"),
+                  ("projects", "remove-iam-policy-binding", "my-proj",
+                   "--role=projects/my-proj/roles/poltergust_node_retires"),
+                  ("iam", "roles", "delete", "poltergust_node_retires"),
                   ("buckets", "remove-iam-policy-binding", "--role=roles/storage.objectUser", "--all"),
                   ("iam", "roles", "delete", "poltergust_node_subscriptions"),
                   ("service-accounts", "delete", "poltergust-node@my-proj.iam.gserviceaccount.com")]:

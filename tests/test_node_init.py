@@ -42,6 +42,7 @@ NODE_METADATA = {
 NODE_UNIT = "etc/systemd/system/poltergust-node.service"
 LUIGID_UNIT = "etc/systemd/system/poltergust-luigid.service"
 DASHBOARD_UNIT = "etc/systemd/system/poltergust-dashboard.service"
+RETIRE_UNIT = "etc/systemd/system/poltergust-retire.service"
 SCHEDULER_METADATA = {"poltergust-role": "scheduler", **RELEASE_METADATA}
 # A dry run installs no release: the metadata is checked with this python's poltergust (the checkout's).
 DRY_RUN_ENV = {"POLTERGUST_DRY_RUN_PYTHON": sys.executable}
@@ -99,6 +100,31 @@ def test_node_unit_runs_the_release_with_the_metadata_values(tmp_path: Path) -> 
     # Dry-run: nothing installed, systemctl only announced.
     assert "would run: systemctl enable poltergust-node.service" in result.stderr
     assert f"would install {RELEASE_METADATA['poltergust-wheel-url']} (sha256 {'a' * 64})" in result.stderr
+
+
+def test_an_idle_node_retires_only_with_the_setting(tmp_path: Path) -> None:
+    """poltergust-retire-after starts poltergust.node.retire on the node's own /metrics; without it, nothing."""
+    result, root = run_init(tmp_path, {**NODE_METADATA, "poltergust-retire-after": "900",
+                                       "poltergust-min-nodes": "2"})
+    assert result.returncode == 0, result.stderr
+    unit = (root / RETIRE_UNIT).read_text()
+    assert unit_value(unit, "ExecStart") == [
+        f"{RELEASE}/venv/bin/python -P -m poltergust.node.retire --metrics-url http://127.0.0.1:8080/metrics "
+        "--after 900 --min-nodes 2"]
+    assert "--http-port 8080 " in unit_value((root / NODE_UNIT).read_text(), "ExecStart")[0]
+    assert unit_value(unit, "DynamicUser") == ["yes"]
+    assert "would run: systemctl restart poltergust-retire.service" in result.stderr
+    # A later boot without the setting (or with 0) removes it.
+    metadata = tmp_path / "metadata"
+    for value in ("0", None):
+        attribute = metadata / "instance" / "attributes" / "poltergust-retire-after"
+        attribute.write_text(value) if value else attribute.unlink()
+        (root / RETIRE_UNIT).write_text("[Service]\n")
+        again = subprocess.run(["bash", str(NODE_INIT), "--dry-run", "--root", str(root)], capture_output=True,
+                               text=True, timeout=60, env={**os.environ, "POLTERGUST_METADATA_DIR": str(metadata)})
+        assert again.returncode == 0, again.stderr
+        assert "would run: systemctl disable --now poltergust-retire.service" in again.stderr
+        assert not (root / RETIRE_UNIT).exists()
 
 
 def test_node_defaults_come_from_the_path_and_the_project_metadata(tmp_path: Path) -> None:
@@ -232,6 +258,8 @@ CHECKED_BEFORE_PYTHON = {"poltergust-role", "poltergust-wheel-url", "poltergust-
         ({"poltergust-package": "poltergust==1.2.3"}, "poltergust-package"),
         ({"poltergust-max-concurrent": "many"}, "poltergust-max-concurrent"),
         ({"poltergust-backlog-subscription": "bad name; rm"}, "poltergust-backlog-subscription"),
+        ({"poltergust-retire-after": "15m"}, "poltergust-retire-after"),
+        ({"poltergust-min-nodes": "-1"}, "poltergust-min-nodes"),
         ({"poltergust-wheel-url": None}, "poltergust-wheel-url"),
         ({"poltergust-wheel-url": "http://example.invalid/poltergust-0.1.0-py3-none-any.whl"},
          "poltergust-wheel-url"),
@@ -323,6 +351,8 @@ UNITS = {
     "`poltergust-luigid.service`": (SCHEDULER_METADATA, LUIGID_UNIT, HARDENING, 2.0),
     "`poltergust-dashboard.service`": (
         {**SCHEDULER_METADATA, "poltergust-path": "gs://my-bucket/pipeline"}, DASHBOARD_UNIT, HARDENING, 2.0),
+    "`poltergust-retire.service`": (
+        {**NODE_METADATA, "poltergust-retire-after": "900"}, RETIRE_UNIT, HARDENING, 2.0),
 }
 
 

@@ -31,6 +31,7 @@ IMAGE_FAMILY=${POLTERGUST_IMAGE_FAMILY:-debian-12}
 IMAGE_PROJECT=${POLTERGUST_IMAGE_PROJECT:-debian-cloud}
 SUBNET_CIDR=${POLTERGUST_SUBNET_CIDR:-10.42.0.0/24}
 MAX_CONCURRENT=${POLTERGUST_MAX_CONCURRENT:-4}
+IDLE_MINUTES=${POLTERGUST_IDLE_MINUTES:-15}
 RELEASE=${POLTERGUST_RELEASE:-}
 LUIGID_CONFIG=${POLTERGUST_LUIGID_CONFIG:-}
 LUIGID_CONFIG_TEXT=""
@@ -60,6 +61,9 @@ Settings of this script:
   --max-concurrent N        POLTERGUST_MAX_CONCURRENT  pipelines one node runs at once;
                             the autoscaler runs one node per N configs waiting or
                             running in the backlog subscription (default: 4)
+  --idle-minutes N          POLTERGUST_IDLE_MINUTES  a node with no run for N minutes
+                            removes itself from the group, never below --min-nodes
+                            (the autoscaler only adds nodes); 0: never (default: 15)
   --release FILE            POLTERGUST_RELEASE  release.json of a release made by
                             deploy/build-release.sh (default: build one now)
   --secret NAME=SECRET      POLTERGUST_SECRETS (space-separated)  a Secret Manager
@@ -86,7 +90,7 @@ parse_args() {
             -h|--help) usage; exit 0 ;;
             --no-iap-ssh) IAP_SSH=0; shift; continue ;;
             --min-nodes|--max-nodes|--nodes|--node-machine-type|--scheduler-machine-type|\
-            --max-concurrent|--release|--secret|--subnet-cidr|--luigid-config) flag_arg "$@" ;;
+            --max-concurrent|--idle-minutes|--release|--secret|--subnet-cidr|--luigid-config) flag_arg "$@" ;;
             --package|--version) die "${1%%=*} is gone: the VMs install the release built from this checkout (see --release)" ;;
             *) die "unknown argument: $1 (see --help)" ;;
         esac
@@ -97,6 +101,7 @@ parse_args() {
             --node-machine-type) NODE_MACHINE_TYPE=$VALUE ;;
             --scheduler-machine-type) SCHEDULER_MACHINE_TYPE=$VALUE ;;
             --max-concurrent) MAX_CONCURRENT=$VALUE ;;
+            --idle-minutes) IDLE_MINUTES=$VALUE ;;
             --release) RELEASE=$VALUE ;;
             --secret) SECRETS+=("$VALUE") ;;
             --subnet-cidr) SUBNET_CIDR=$VALUE ;;
@@ -110,6 +115,7 @@ check_settings() {
     [[ "$MIN_NODES" =~ ^[0-9]+$ ]] || die "--min-nodes must be 0 or more"
     [[ "$MAX_NODES" =~ ^[1-9][0-9]*$ ]] || die "--max-nodes must be 1 or more"
     [[ "$MAX_CONCURRENT" =~ ^[1-9][0-9]{0,3}$ ]] || die "--max-concurrent must be 1 to 9999"
+    [[ "$IDLE_MINUTES" =~ ^[0-9]{1,4}$ ]] || die "--idle-minutes must be 0 to 9999"
     ((MIN_NODES <= MAX_NODES)) || die "--min-nodes ($MIN_NODES) is larger than --max-nodes ($MAX_NODES)"
     [[ -f "$INIT_SCRIPT" ]] || die "node init script not found: $INIT_SCRIPT"
     if [[ -n "$LUIGID_CONFIG" ]]; then
@@ -146,12 +152,12 @@ create_bucket_and_topic() {
     if have "bucket $BUCKET_URL" storage buckets describe "$BUCKET_URL"; then
         check_bucket "$BUCKET_URL"
     else
+        # No soft delete: every overwritten log, heartbeat and marker would be
+        # kept (and billed) for 7 days. No versioning (check_bucket says why).
         gc storage buckets create "$BUCKET_URL" --location="$REGION" \
-            --uniform-bucket-level-access --public-access-prevention
+            --uniform-bucket-level-access --public-access-prevention --soft-delete-duration=0
     fi
     upload_release "$BUCKET_URL"
-    # No versioning: on a versioned bucket a deleted config produces
-    # OBJECT_ARCHIVE instead of the OBJECT_DELETE the nodes cancel runs on.
 
     have "topic $TOPIC" pubsub topics describe "$TOPIC" ||
         gc pubsub topics create "$TOPIC"
@@ -181,13 +187,23 @@ create_bucket_and_topic() {
             --payload-format=json --skip-topic-setup
     fi
 
-    # The backlog: one message per config until a node finished it; filtered
-    # like the nodes' own subscriptions, never expiring (with zero nodes it is
-    # the autoscaler's only signal).
-    have "subscription $BACKLOG" pubsub subscriptions describe "$BACKLOG" ||
-        gc pubsub subscriptions create "$BACKLOG" --topic="$TOPIC" \
-            --message-filter="(attributes.bucketId = \"$BUCKET\" AND hasPrefix(attributes.objectId, \"$PIPELINE_PREFIX/\"))" \
+    # The backlog: one message per config until a node finished it, never
+    # expiring (with zero nodes it is the autoscaler's only signal). Only
+    # uploads under the prefix (poltergust.events.pubsub.backlog_filter):
+    # deletes and calls for help must not wake nodes. Pub/Sub filters have no
+    # suffix match: other uploads there (results) pass, and nodes ack them.
+    local filter current
+    filter="attributes.eventType = \"OBJECT_FINALIZE\" AND (attributes.bucketId = \"$BUCKET\" AND hasPrefix(attributes.objectId, \"$PIPELINE_PREFIX/\"))"
+    if have "subscription $BACKLOG" pubsub subscriptions describe "$BACKLOG"; then
+        # A filter cannot be changed; replacing the subscription would drop the waiting configs' messages.
+        current=$(gc pubsub subscriptions describe "$BACKLOG" --format='value(filter)')
+        [[ "$current" == "$filter" ]] || log "warning:  $BACKLOG has filter '$current', which wakes nodes for" \
+            "deletes and calls for help; when no config waits, delete it and run this script again:" \
+            "gcloud pubsub subscriptions delete $BACKLOG --project=$PROJECT"
+    else
+        gc pubsub subscriptions create "$BACKLOG" --topic="$TOPIC" --message-filter="$filter" \
             --ack-deadline=60 --message-retention-duration=7d --expiration-period=never
+    fi
 }
 
 create_service_accounts() {
@@ -204,17 +220,24 @@ create_service_accounts() {
 #   roles/storage.objectUser on everything but _poltergust/dist/ (pipelines
 #   run as the node and must not replace the release the next VM installs);
 # - attach subscriptions to this topic: roles/pubsub.subscriber on the topic;
+# - publish calls for help on this topic: roles/pubsub.publisher on the topic;
 # - its own subscription, from creation to deletion: a custom project role
 #   with only pubsub.subscriptions.create/.consume/.get/.delete. Subscriptions
 #   belong to the project, not the topic, and Pub/Sub IAM conditions cannot
 #   match names, so this is as narrow as Pub/Sub allows;
+# - remove itself from the group when idle: a custom role with only
+#   compute.instanceGroupManagers.get/.update, on the nodes' group only;
 # - the secrets named with --secret: roles/secretmanager.secretAccessor on each.
 # The scheduler VM reads the bucket, never writes: its release from
 # _poltergust/dist/, and for the dashboard the pipeline prefix and _poltergust/.
 # Listing is checked on the bucket, not on object names, so no condition can
 # narrow that read to those prefixes.
+# Every grant is checked against the calls the code makes: deploy/permissions.yaml
+# and tests/test_permissions.py.
 grant_permissions() {
     ensure_subscription_role "$ROLE_ID" "Poltergust node subscriptions"
+    ensure_role "$RETIRE_ROLE_ID" "Poltergust node retires itself" "$RETIRE_PERMISSIONS" \
+        "Read the nodes' managed instance group and delete one of its instances (the caller itself)"
     grant_on_bucket "$BUCKET_URL" roles/storage.objectViewer "$NODE_MEMBER"
     grant_on_bucket "$BUCKET_URL" roles/storage.objectUser "$NODE_MEMBER" "$(not_the_release "$BUCKET")" \
         not-the-release
@@ -225,6 +248,15 @@ grant_permissions() {
         log "creating: subscriber grant on $TOPIC"
         retry gc pubsub topics add-iam-policy-binding "$TOPIC" \
             --member="$NODE_MEMBER" --role=roles/pubsub.subscriber >/dev/null
+    fi
+    grant_on_topic "$TOPIC" roles/pubsub.publisher "$NODE_MEMBER"
+    local group="projects/$PROJECT/regions/$REGION/instanceGroupManagers/$MIG"
+    if binding_exists "$RETIRE_ROLE" "$NODE_MEMBER" "$PROJECT" projects; then
+        log "exists:   $RETIRE_ROLE grant on $group"
+    else
+        log "creating: $RETIRE_ROLE grant on $group"
+        retry gc projects add-iam-policy-binding "$PROJECT" --member="$NODE_MEMBER" --role="$RETIRE_ROLE" \
+            --condition="expression=resource.name == \"$group\",title=only-the-node-group" >/dev/null
     fi
     if binding_exists "$ROLE" "$NODE_MEMBER" "$PROJECT" projects; then
         log "exists:   $ROLE grant on project $PROJECT"
@@ -343,6 +375,7 @@ create_nodes() {
     metadata="^|^poltergust-role=node|$(release_metadata)|poltergust-path=$PIPELINE_URL"
     metadata+="|poltergust-scheduler-url=$SCHEDULER_URL|poltergust-topic=$TOPIC|poltergust-project=$PROJECT"
     metadata+="|poltergust-backlog-subscription=$BACKLOG|poltergust-max-concurrent=$MAX_CONCURRENT"
+    metadata+="|poltergust-retire-after=$((IDLE_MINUTES * 60))|poltergust-min-nodes=$MIN_NODES"
     ((${#SECRETS[@]} == 0)) || metadata+="|poltergust-secrets=${SECRETS[*]}"
     metadata+="|enable-oslogin=TRUE|block-project-ssh-keys=TRUE"
     checksum=$( { printf '%s\n' "$metadata" "$NODE_MACHINE_TYPE" "$NODE_DISK_SIZE" "$IMAGE_FAMILY" \
@@ -370,11 +403,12 @@ create_nodes() {
                 --version="template=$template" --max-surge=3 --max-unavailable=0
         fi
     else
-        # First boot installs the release: give it 10 minutes
-        # before autohealing judges /healthz.
+        # First boot installs the release: give it 10 minutes before
+        # autohealing judges /healthz. Never move nodes between zones to even
+        # them out: that deletes busy nodes.
         gc compute instance-groups managed create "$MIG" --region="$REGION" \
             --template="$template" --size="$MIN_NODES" --base-instance-name="$NAME-node" \
-            --health-check="$HEALTH_CHECK" --initial-delay=600
+            --health-check="$HEALTH_CHECK" --initial-delay=600 --instance-redistribution-type=NONE
     fi
 
     local autoscaler
@@ -385,14 +419,15 @@ create_nodes() {
     else
         log "creating: autoscaling of $MIG ($MIN_NODES-$MAX_NODES nodes, one per $MAX_CONCURRENT configs in $BACKLOG)"
         # A per-group metric: the backlog's undelivered messages exist while no
-        # node runs, so the group scales from and to zero. A node scaled in gets
-        # SIGTERM and hands its configs back; at most one node goes per 10 minutes.
+        # node runs, so the group scales out from zero. The autoscaler only
+        # adds nodes (it would scale in busy ones): an idle node removes itself
+        # after --idle-minutes (poltergust.node.retire).
         gc compute instance-groups managed set-autoscaling "$MIG" --region="$REGION" \
             --min-num-replicas="$MIN_NODES" --max-num-replicas="$MAX_NODES" \
             --update-stackdriver-metric=pubsub.googleapis.com/subscription/num_undelivered_messages \
             --stackdriver-metric-filter="resource.type = pubsub_subscription AND resource.label.subscription_id = $BACKLOG" \
             --stackdriver-metric-single-instance-assignment="$MAX_CONCURRENT" --cool-down-period=300 \
-            --scale-in-control=max-scaled-in-replicas=1,time-window=600
+            --mode=only-scale-out
     fi
 }
 

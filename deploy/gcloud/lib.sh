@@ -92,6 +92,8 @@ derive_names() {
     NODE_MEMBER="serviceAccount:$NODE_SA"
     ROLE_ID="${NAME//-/_}_node_subscriptions"
     ROLE="projects/$PROJECT/roles/$ROLE_ID"
+    RETIRE_ROLE_ID="${NAME//-/_}_node_retires"
+    RETIRE_ROLE="projects/$PROJECT/roles/$RETIRE_ROLE_ID"
     SCHEDULER_VM="$NAME-scheduler"
     SCHEDULER_ADDRESS="$NAME-scheduler"
     HEALTH_CHECK="$NAME-node-health"
@@ -223,12 +225,17 @@ release_metadata() {
 }
 
 # An existing bucket must be this project's, with uniform bucket-level access
-# (object-name IAM conditions need it) and public access prevention.
+# (object-name IAM conditions need it) and public access prevention, and
+# without versioning: there a deleted config is OBJECT_ARCHIVE, which the
+# notification does not publish (cancel-by-delete would not work), and every
+# overwritten log would stay as a noncurrent version. Its soft delete policy
+# is left as it is (it may protect other data): a warning says what it costs.
 check_bucket() {
-    local bucket_url=$1 info number uniform prevention ours
+    local bucket_url=$1 info number uniform prevention versioning soft_delete ours
     info=$(gc storage buckets describe "$bucket_url" --raw \
-        --format='value(projectNumber,iamConfiguration.uniformBucketLevelAccess.enabled,iamConfiguration.publicAccessPrevention)')
-    read -r number uniform prevention <<<"$info"
+        --format='value[separator="|"](projectNumber,iamConfiguration.uniformBucketLevelAccess.enabled,iamConfiguration.publicAccessPrevention,versioning.enabled,softDeletePolicy.retentionDurationSeconds)')
+    # "|", not tabs: empty fields (no versioning block) must keep their place.
+    IFS='|' read -r number uniform prevention versioning soft_delete <<<"$info"
     ours=$(gc projects describe "$PROJECT" --format='value(projectNumber)')
     [[ "$number" == "$ours" ]] ||
         die "bucket $bucket_url belongs to project number $number, not to $PROJECT ($ours): choose another bucket name"
@@ -236,6 +243,25 @@ check_bucket() {
         "turn it on: gcloud storage buckets update $bucket_url --uniform-bucket-level-access"
     [[ "$prevention" == enforced ]] || die "bucket $bucket_url does not enforce public access prevention;" \
         "turn it on: gcloud storage buckets update $bucket_url --public-access-prevention"
+    [[ "$versioning" != [Tt]rue ]] || die "bucket $bucket_url has object versioning on: a deleted config" \
+        "would not cancel its run (OBJECT_ARCHIVE is not published) and every log refresh would be kept;" \
+        "turn it off: gcloud storage buckets update $bucket_url --no-versioning"
+    if [[ "${soft_delete:-0}" =~ ^[1-9] ]]; then
+        log "warning:  bucket $bucket_url keeps deleted and overwritten objects for ${soft_delete}s (soft delete):" \
+            "every log refresh and heartbeat is kept and billed that long; if nothing else needs it:" \
+            "gcloud storage buckets update $bucket_url --soft-delete-duration=0"
+    fi
+}
+
+# Grant ROLE on topic TOPIC to MEMBER, once.
+grant_on_topic() {
+    local topic=$1 role=$2 member=$3
+    if binding_exists "$role" "$member" "$topic" pubsub topics; then
+        log "exists:   $role grant for ${member#*:} on $topic"
+    else
+        log "creating: $role grant for ${member#*:} on $topic"
+        retry gc pubsub topics add-iam-policy-binding "$topic" --member="$member" --role="$role" >/dev/null
+    fi
 }
 
 # Grant ROLE on the bucket to MEMBER, once; with CONDITION (an IAM condition
@@ -262,10 +288,19 @@ not_the_release() { printf '!resource.name.startsWith("projects/_/buckets/%s/obj
 # creation to deletion at a clean shutdown.
 readonly SUBSCRIPTION_PERMISSIONS="pubsub.subscriptions.consume,pubsub.subscriptions.create,pubsub.subscriptions.delete,pubsub.subscriptions.get"
 
+# The permissions of the node's retire role: read its group, delete itself from it.
+readonly RETIRE_PERMISSIONS="compute.instanceGroupManagers.get,compute.instanceGroupManagers.update"
+
 # Create custom role $1 (an id in PROJECT) with SUBSCRIPTION_PERMISSIONS, or
 # bring an existing one (or one deleted by a teardown) up to them.
 ensure_subscription_role() {
-    local id=$1 title=$2 deleted permissions
+    ensure_role "$1" "$2" "$SUBSCRIPTION_PERMISSIONS" "Create a Pub/Sub subscription, read from it and delete it"
+}
+
+# Create custom role $1 titled $2 with permissions $3 (comma-separated,
+# sorted) and description $4, or bring an existing (or deleted) one up to them.
+ensure_role() {
+    local id=$1 title=$2 wanted=$3 description=$4 deleted permissions
     if deleted=$(gc iam roles describe "$id" --format='value(deleted)' 2>/dev/null); then
         if [[ "$deleted" == [Tt]rue ]]; then
             # A deleted role lingers for 7 days; its id cannot be reused.
@@ -273,16 +308,15 @@ ensure_subscription_role() {
             gc iam roles undelete "$id" >/dev/null
         fi
         permissions=$(gc iam roles describe "$id" --format='value(includedPermissions)')
-        if [[ "${permissions//;/,}" == "$SUBSCRIPTION_PERMISSIONS" ]]; then
+        if [[ "${permissions//;/,}" == "$wanted" ]]; then
             log "exists:   custom role $id"
         else
-            log "updating: custom role $id to $SUBSCRIPTION_PERMISSIONS"
-            gc iam roles update "$id" --permissions="$SUBSCRIPTION_PERMISSIONS" >/dev/null
+            log "updating: custom role $id to $wanted"
+            gc iam roles update "$id" --permissions="$wanted" >/dev/null
         fi
     else
         log "creating: custom role $id"
-        gc iam roles create "$id" --title="$title" \
-            --description="Create a Pub/Sub subscription, read from it and delete it" \
-            --permissions="$SUBSCRIPTION_PERMISSIONS" --stage=GA >/dev/null
+        gc iam roles create "$id" --title="$title" --description="$description" \
+            --permissions="$wanted" --stage=GA >/dev/null
     fi
 }

@@ -149,6 +149,11 @@ delete_iam() {
         gc projects remove-iam-policy-binding "$PROJECT" --member="$NODE_MEMBER" \
             --role="$ROLE" --condition=None >/dev/null
     fi
+    if binding_exists "$RETIRE_ROLE" "$NODE_MEMBER" "$PROJECT" projects; then
+        log "deleting: $RETIRE_ROLE grant on project $PROJECT"
+        gc projects remove-iam-policy-binding "$PROJECT" --member="$NODE_MEMBER" --role="$RETIRE_ROLE" \
+            --all >/dev/null
+    fi
     local grant role member
     for grant in "roles/storage.objectUser $NODE_MEMBER" "roles/storage.objectViewer $NODE_MEMBER" \
         "roles/storage.objectViewer serviceAccount:$SCHEDULER_SA"; do
@@ -161,14 +166,16 @@ delete_iam() {
         fi
     done
 
-    local deleted
-    if deleted=$(gc iam roles describe "$ROLE_ID" --format='value(deleted)' 2>/dev/null) &&
-        [[ "$deleted" != [Tt]rue ]]; then
-        log "deleting: custom role $ROLE"
-        gc iam roles delete "$ROLE_ID" >/dev/null
-    else
-        log "absent:   custom role $ROLE"
-    fi
+    local deleted id
+    for id in "$ROLE_ID" "$RETIRE_ROLE_ID"; do
+        if deleted=$(gc iam roles describe "$id" --format='value(deleted)' 2>/dev/null) &&
+            [[ "$deleted" != [Tt]rue ]]; then
+            log "deleting: custom role projects/$PROJECT/roles/$id"
+            gc iam roles delete "$id" >/dev/null
+        else
+            log "absent:   custom role projects/$PROJECT/roles/$id"
+        fi
+    done
 
     local account
     for account in "$NODE_SA" "$SCHEDULER_SA"; do

@@ -81,6 +81,19 @@ def subscription_filter(locations: Iterable[Location]) -> str:
     return buckets if len(buckets.encode()) <= MAX_FILTER_BYTES else ""
 
 
+def backlog_filter(locations: Iterable[Location]) -> str:
+    """Only uploads under these locations: the backlog must not wake nodes for deletes or calls for help.
+
+    Pub/Sub filters have no suffix match, so other uploads under a prefix (result
+    files) pass too; the backlog acks them at once.
+    """
+    finalize = 'attributes.eventType = "OBJECT_FINALIZE"'
+    where = subscription_filter(locations)
+    where = f"({where})" if " OR " in where else where
+    combined = f"{finalize} AND {where}" if where else finalize
+    return combined if len(combined.encode()) <= MAX_FILTER_BYTES else finalize
+
+
 def default_subscription(node_name: str, topic: str, locations: Iterable[Location]) -> str:
     """A subscription id of its own for this node, topic and set of prefixes.
 

@@ -21,7 +21,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
 from poltergust.backoff import Backoff
-from poltergust.events.pubsub import parse_notification, subscription_filter
+from poltergust.events.pubsub import backlog_filter, parse_notification
 from poltergust.layout import Location, RunKey
 from poltergust.settings import Settings
 from poltergust.storage import NotFound, ObjectStore, StorageError
@@ -48,11 +48,15 @@ class RunTable(Protocol):
 
 def ensure_subscription(subscriber: pubsub_v1.SubscriberClient, subscription: str, topic: str,
                         locations: list[Location], ack_deadline: int) -> None:
-    """Create the backlog subscription if missing: never expiring, keeping messages as long as Pub/Sub allows."""
+    """Create the backlog subscription if missing: never expiring, keeping messages as long as Pub/Sub allows.
+
+    Only config uploads belong in it (`backlog_filter`); an existing one with another filter is used but named in
+    the log, because Pub/Sub cannot change a subscription's filter.
+    """
     request = {
         "name": subscription,
         "topic": topic,
-        "filter": subscription_filter(locations),
+        "filter": backlog_filter(locations),
         "ack_deadline_seconds": ack_deadline,
         "expiration_policy": {},
         "message_retention_duration": {"seconds": RETENTION_SECONDS},
@@ -61,6 +65,11 @@ def ensure_subscription(subscriber: pubsub_v1.SubscriberClient, subscription: st
         subscriber.create_subscription(request=request)
         log.info("created backlog subscription %s on %s", subscription, topic)
     except gexc.AlreadyExists:
+        existing = subscriber.get_subscription(request={"subscription": subscription}).filter
+        if existing != request["filter"]:
+            log.warning("backlog subscription %s has filter %r, not %r: it wakes nodes for events that are no "
+                        "config upload; terraform apply replaces it, or delete it and run deploy/gcloud/create.sh "
+                        "again", subscription, existing, request["filter"])
         log.info("using backlog subscription %s", subscription)
 
 

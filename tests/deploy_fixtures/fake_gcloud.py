@@ -219,10 +219,15 @@ def describe(db: dict, key: str, fmt: str) -> str:
     if fmt == "json":
         items = metadata_items(str(resource.get("metadata", "")))
         return json.dumps({"metadata": {"items": [{"key": k, "value": v} for k, v in items.items()]}})
-    if fmt.startswith("value(projectNumber,"):  # storage buckets describe --raw
+    if fmt.startswith('value[separator="|"](projectNumber,'):  # storage buckets describe --raw
         uniform = "True" if resource.get("uniform-bucket-level-access") else "False"
         prevention = "enforced" if resource.get("public-access-prevention") else "inherited"
-        return "\t".join((str(resource.get("project-number", PROJECT_NUMBER)), uniform, prevention))
+        versioning = "True" if resource.get("versioning") else ""
+        soft_delete = str(resource.get("soft-delete-duration", "604800"))  # GCS's default: 7 days
+        return "|".join((str(resource.get("project-number", PROJECT_NUMBER)), uniform, prevention, versioning,
+                         soft_delete))
+    if fmt == "value(filter)":  # pubsub subscriptions describe
+        return str(resource.get("message-filter", ""))
     if fmt == "value(includedPermissions)":
         return str(resource.get("permissions", "")).replace(",", ";")
     if fmt == "value(status)":  # a VM runs for two looks, then has powered off ($FAKE_GCLOUD_STATUS: always that)

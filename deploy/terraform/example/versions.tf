@@ -3,8 +3,9 @@ terraform {
 
   required_providers {
     google = {
-      source  = "hashicorp/google"
-      version = ">= 5.0, < 7.0"
+      source = "hashicorp/google"
+      # metric.filter and metric.single_instance_assignment of the autoscaler are GA from 5.21.
+      version = ">= 5.21, < 7.0"
     }
   }
 }

@@ -1,7 +1,9 @@
 # Service accounts and what they may do. The nodes get exactly what a node
-# does and nothing project-wide beyond creating, reading and deleting Pub/Sub
-# subscriptions; the scheduler may only read the bucket (the release it
-# installs, and what its dashboard shows).
+# does (deploy/permissions.yaml lists every call and the permission it needs;
+# tests/test_permissions.py checks these grants against it) and nothing
+# project-wide beyond creating, reading and deleting Pub/Sub subscriptions and
+# removing themselves from their group; the scheduler may only read the bucket
+# (the release it installs, and what its dashboard shows).
 
 resource "google_service_account" "node" {
   project      = var.project_id
@@ -105,6 +107,44 @@ resource "google_pubsub_topic_iam_member" "node_attaches" {
   topic   = google_pubsub_topic.bucket_events.name
   role    = "roles/pubsub.subscriber"
   member  = local.node_member
+}
+
+# A node that needs help publishes a call for help (eventType POLTERGUST_HELP)
+# on the same topic, so that it reaches every node's subscription: that is
+# pubsub.topics.publish, granted on this topic only.
+resource "google_pubsub_topic_iam_member" "node_publishes_help" {
+  project = var.project_id
+  topic   = google_pubsub_topic.bucket_events.name
+  role    = "roles/pubsub.publisher"
+  member  = local.node_member
+}
+
+# An idle node removes itself from the group (node-init.sh's retire timer,
+# poltergust.node.retire): the group's deleteInstances, which needs
+# compute.instanceGroupManagers.update, and .get to read the group's target
+# size (a node never retires below node_min_count). Both on the nodes' group
+# only, by an IAM condition on its name.
+resource "google_project_iam_custom_role" "node_retires" {
+  project     = var.project_id
+  role_id     = "${replace(var.name, "-", "_")}_node_retires"
+  title       = "Poltergust node retires itself"
+  description = "Read the nodes' managed instance group and delete one of its instances (the caller itself)."
+  permissions = [
+    "compute.instanceGroupManagers.get",
+    "compute.instanceGroupManagers.update",
+  ]
+}
+
+resource "google_project_iam_member" "node_retires" {
+  project = var.project_id
+  role    = google_project_iam_custom_role.node_retires.id
+  member  = local.node_member
+
+  condition {
+    title       = "only-the-node-group"
+    description = "The nodes' own regional managed instance group."
+    expression  = "resource.name == \"projects/${var.project_id}/regions/${var.region}/instanceGroupManagers/${var.name}-nodes\""
+  }
 }
 
 locals {

@@ -30,7 +30,7 @@ data "google_compute_zones" "up" {
 # The bucket
 
 resource "google_storage_bucket" "poltergust" {
-  #checkov:skip=CKV_GCP_78:Versioning must stay off: on a versioned bucket GCS sends OBJECT_ARCHIVE instead of OBJECT_DELETE when a config is deleted, and the nodes cancel runs on OBJECT_DELETE. Soft delete still protects against mistakes.
+  #checkov:skip=CKV_GCP_78:Versioning must stay off: on a versioned bucket GCS sends OBJECT_ARCHIVE instead of OBJECT_DELETE when a config is deleted, which the notification does not publish, and every log refresh would keep an old version.
   #checkov:skip=CKV_GCP_62:Access logs would need a second bucket; use Cloud Audit Logs (Data Access logs for storage.googleapis.com) if you need to know who touched which object.
   project                     = var.project_id
   name                        = local.bucket_name
@@ -42,6 +42,13 @@ resource "google_storage_bucket" "poltergust" {
 
   versioning {
     enabled = false
+  }
+
+  # No soft delete: the nodes overwrite their logs, heartbeats and run markers
+  # all the time, and soft delete would keep (and bill) every overwritten
+  # generation for 7 days. Result files stay until result_days.
+  soft_delete_policy {
+    retention_duration_seconds = 0
   }
 
   # Run logs and run markers are the nodes' own bookkeeping: kept for a while, then deleted.
@@ -92,12 +99,16 @@ resource "google_pubsub_topic_iam_member" "gcs_publishes_events" {
 
 # The backlog: one message per config until a node finished it, shared by
 # all nodes; its undelivered count drives the autoscaler (see nodes.tf).
-# Filtered like the nodes' own subscriptions (poltergust.events.pubsub).
+# Only uploads (OBJECT_FINALIZE) under the pipeline prefix: deletes and calls
+# for help must not wake nodes. The same filter as a node creates
+# (poltergust.events.pubsub.backlog_filter). Pub/Sub filters have no suffix
+# match, so other uploads under the prefix (result files) pass too; a node
+# acknowledges them at once.
 resource "google_pubsub_subscription" "backlog" {
   project                    = var.project_id
   name                       = "${var.name}-backlog"
   topic                      = google_pubsub_topic.bucket_events.id
-  filter                     = "(attributes.bucketId = \"${local.bucket_name}\" AND hasPrefix(attributes.objectId, \"${var.pipeline_prefix}/\"))"
+  filter                     = "attributes.eventType = \"OBJECT_FINALIZE\" AND (attributes.bucketId = \"${local.bucket_name}\" AND hasPrefix(attributes.objectId, \"${var.pipeline_prefix}/\"))"
   ack_deadline_seconds       = 60
   message_retention_duration = "604800s"
 

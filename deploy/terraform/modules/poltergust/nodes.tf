@@ -1,6 +1,7 @@
 # The nodes: an instance template booting node-init.sh, a regional managed
 # instance group (spread over the region's zones) that replaces nodes whose
-# /healthz stops answering, and a CPU-based autoscaler.
+# /healthz stops answering, and an autoscaler on the backlog that only scales
+# out (idle nodes retire themselves).
 
 resource "google_compute_instance_template" "node" {
   project      = var.project_id
@@ -36,18 +37,20 @@ resource "google_compute_instance_template" "node" {
   # Read by node-init.sh: the release to install, and the node's settings.
   # Secrets are named here, never their values (node-init.sh reads those).
   metadata = {
-    poltergust-role           = "node"
-    poltergust-path           = local.pipeline_url
-    poltergust-scheduler-url  = local.scheduler_url
-    poltergust-topic          = google_pubsub_topic.bucket_events.name
-    poltergust-project        = var.project_id
-    poltergust-backlog        = google_pubsub_subscription.backlog.name
-    poltergust-max-concurrent = tostring(var.node_max_concurrent)
-    poltergust-secrets        = join(" ", [for name, id in var.node_secrets : "${name}=${id}"])
-    poltergust-wheel-url      = local.release_metadata.wheel_url
-    poltergust-wheel-sha256   = local.release_metadata.wheel_sha256
-    poltergust-lock-url       = local.release_metadata.lock_url
-    poltergust-lock-sha256    = local.release_metadata.lock_sha256
+    poltergust-role                 = "node"
+    poltergust-path                 = local.pipeline_url
+    poltergust-scheduler-url        = local.scheduler_url
+    poltergust-topic                = google_pubsub_topic.bucket_events.name
+    poltergust-project              = var.project_id
+    poltergust-backlog-subscription = google_pubsub_subscription.backlog.name
+    poltergust-max-concurrent       = tostring(var.node_max_concurrent)
+    poltergust-retire-after         = tostring(var.node_idle_minutes * 60)
+    poltergust-min-nodes            = tostring(var.node_min_count)
+    poltergust-secrets              = join(" ", [for name, id in var.node_secrets : "${name}=${id}"])
+    poltergust-wheel-url            = local.release_metadata.wheel_url
+    poltergust-wheel-sha256         = local.release_metadata.wheel_sha256
+    poltergust-lock-url             = local.release_metadata.lock_url
+    poltergust-lock-sha256          = local.release_metadata.lock_sha256
     # ssh only with OS Login (IAM-controlled), never with keys in metadata.
     enable-oslogin         = "TRUE"
     block-project-ssh-keys = "TRUE"
@@ -97,6 +100,8 @@ resource "google_compute_region_instance_group_manager" "nodes" {
     minimal_action        = "REPLACE"
     max_surge_fixed       = 3 # a regional group needs 0 or at least its zone count
     max_unavailable_fixed = 0
+    # Never move nodes between zones to even them out: that deletes busy nodes.
+    instance_redistribution_type = "NONE"
   }
 }
 
@@ -121,15 +126,12 @@ resource "google_compute_region_autoscaler" "nodes" {
       single_instance_assignment = var.node_max_concurrent
     }
 
-    # A node being scaled in gets SIGTERM: it stops its runs and hands their
-    # backlog messages back, so another node takes them over at once. Still,
-    # remove at most one node per 10 minutes.
-    scale_in_control {
-      time_window_sec = 600
-      max_scaled_in_replicas {
-        fixed = 1
-      }
-    }
+    # The autoscaler only adds nodes: it picks the nodes it scales in without
+    # regard to the pipelines they run. An idle node removes itself instead
+    # (poltergust-retire-after, poltergust.node.retire): after
+    # node_idle_minutes without a run it deletes itself from the group, never
+    # below node_min_count.
+    mode = "ONLY_SCALE_OUT"
   }
 
   lifecycle {

@@ -118,6 +118,17 @@ variable "luigid_config" {
   default     = ""
 }
 
+variable "node_idle_minutes" {
+  description = "A node with no run for this many minutes deletes itself from the group (the autoscaler only scales out), never below node_min_count; 0: nodes never retire."
+  type        = number
+  default     = 15
+
+  validation {
+    condition     = var.node_idle_minutes >= 0
+    error_message = "node_idle_minutes must be 0 or more."
+  }
+}
+
 variable "node_disk_size_gb" {
   description = "Boot disk of each node: holds the pipelines' environments and luigi working files."
   type        = number
