@@ -7,17 +7,22 @@ environment lacks. Here an assistant whose worker id carries a pipeline tag
 (`poltergust:TAG:NODE`) is given only tasks that a worker of the same pipeline
 scheduled, and the task graph says which pending tasks a worker could run
 (`runnable`: an external task's data, for instance, is waited for, not run).
-Everything else is luigid as shipped: same flags, API and pages.
+Requests from a browser on another site are refused (see `guard`: `--allowed-host NAME`, repeatable,
+adds a name nodes reach it by). Everything else is luigid as shipped: same flags, API and pages.
 Nodes ask for `poltergust_features` and do without assistants on a plain luigid.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Any, Sequence
 
 import luigi.cmdline
 import luigi.server
 from luigi.scheduler import Scheduler, rpc_method
+
+from poltergust.hosts import allowed_hosts
+from poltergust.luigid.guard import Guarded
 
 WORKER_PREFIX = "poltergust"
 
@@ -59,11 +64,19 @@ class PipelineScheduler(Scheduler):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    serve = luigi.server.run
+    given = list(sys.argv[1:] if argv is None else argv)
+    ours = argparse.ArgumentParser(add_help=False)
+    ours.add_argument("--allowed-host", action="append", default=[])
+    extra, rest = ours.parse_known_args(given)  # luigid's own parser does not know the flag
+    listening = argparse.ArgumentParser(add_help=False)
+    listening.add_argument("--address")
+    hosts = allowed_hosts(extra.allowed_host, listening.parse_known_args(rest)[0].address)
+    serve, build = luigi.server.run, luigi.server.app
 
     def run(*args: Any, scheduler: Scheduler | None = None, **kwargs: Any) -> None:
         serve(*args, scheduler=scheduler or PipelineScheduler(), **kwargs)
 
-    luigi.server.run = run  # luigid's own command line, with this scheduler
-    luigi.cmdline.luigid(list(sys.argv[1:] if argv is None else argv))
+    luigi.server.run = run  # luigid's own command line, with this scheduler, behind the guard
+    luigi.server.app = lambda scheduler: Guarded(build(scheduler), hosts)
+    luigi.cmdline.luigid(rest)
 

@@ -29,7 +29,8 @@ from poltergust.node import metrics
 from poltergust.node.log_format import CURRENT_RUN
 from poltergust.node.notify import Notifier
 from poltergust.run import claim
-from poltergust.run.command import Outcome, luigi_command, luigi_environ, node_extra_environ, worker_id
+from poltergust.run.command import (Outcome, confirm_command, luigi_command, luigi_environ, node_extra_environ,
+                                      worker_id)
 from poltergust.run.log import LogMirror, RunLog
 from poltergust.run.membership import Membership
 from poltergust.run.participation import Participation
@@ -238,7 +239,8 @@ class Run:
             start = warm.launcher(env_path, spec, config, runlog.note) if warm is not None else spawner(run_as)
             return await Participation(command, env=env, cwd=cwd, runlog=runlog, scheduler_url=scheduler,
                                        outage_limit=self.settings.outage_limit, assistant=assistant,
-                                       recruit=self.membership.recruit, start=start).run()
+                                       recruit=self.membership.recruit, start=start,
+                                       confirm=confirm_command(env_path / "bin" / "python", config)).run()
 
     def _environment_object(self, url: str) -> tuple[str, str]:
         allowed = self.settings.environment_prefixes
