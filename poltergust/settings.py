@@ -63,6 +63,8 @@ class Settings:
     notify: NotifyTarget | None = None
     secret_env: list[str] = field(default_factory=list)
     """Node variables that are secrets beyond those found by name (see `secret_env`)."""
+    file_secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    """Secrets read from --secrets-file at start: like node variables named by --secret-env, never in os.environ."""
     allowed_environment_prefixes: list[str] = field(default_factory=list)
     """URL prefixes environment files may come from; empty means the pipelines' own buckets."""
     run_as: RunAs | None = None
@@ -159,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("secret-env", "a node variable that is a secret: never passed to pipelines, masked in every log and result "
                       "(besides {{NAME}} references and names with TOKEN, SECRET, PASSWORD...); repeatable",
         action="append", metavar="NAME")
+    add("secrets-file", "a file of NAME=VALUE lines read at start (systemd's LoadCredential=, say), so that "
+                        "secrets never sit in the node's environment: each NAME counts as a --secret-env variable "
+                        "(for {{NAME}} in environment files and --share-environments-key-env)", metavar="PATH")
     add("run-as", "run pipelines as this unprivileged user, each in a private working directory (the node must "
                   "run as root); without it pipelines share the node's user and trust domain", metavar="USER")
     add("allowed-environment-prefix", "URL prefix environment files may be read from; repeatable "
@@ -208,7 +213,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         parser.error(f"--backlog-ack-deadline: must be 10 to 600 seconds (got {args.backlog_ack_deadline})")
     if args.start_stale_after < 3:
         parser.error(f"--start-stale-after: must be at least 3 seconds (got {args.start_stale_after:g})")
-    share_key = _share_key(args, parser)
+    file_secrets = _file_secrets(args.secrets_file, parser) if args.secrets_file else {}
+    share_key = _share_key(args, parser, file_secrets)
     try:
         run_as = RunAs.lookup(args.run_as) if args.run_as else None
     except RunAsError as exc:
@@ -242,7 +248,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         log_upload_interval=args.log_upload_interval,
         heartbeat_interval=args.heartbeat_interval,
         notify=notify_target(args.notify_url, os.environ.get("DB_URL")),
-        secret_env=args.secret_env,
+        secret_env=[*args.secret_env, *file_secrets],
+        file_secrets=file_secrets,
         run_as=run_as,
         allowed_environment_prefixes=allowed,
         warm=args.warm,
@@ -256,10 +263,29 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     )
 
 
-def _share_key(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bytes | None:
+def _file_secrets(path: str, parser: argparse.ArgumentParser) -> dict[str, str]:
+    """NAME=VALUE lines of --secrets-file (blank lines and # comments skipped); exits naming a bad line."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error(f"--secrets-file {path}: cannot read it: {exc}")
+    secrets = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, equals, value = line.partition("=")
+        if not equals or not name.isidentifier():
+            parser.error(f"--secrets-file {path}: line {number} is not NAME=VALUE")  # the value is never shown
+        secrets[name] = value
+    return secrets
+
+
+def _share_key(args: argparse.Namespace, parser: argparse.ArgumentParser,
+               file_secrets: dict[str, str]) -> bytes | None:
     """The key signing shared environments, taken out of the node's environment; None when not sharing."""
     name = args.share_environments_key_env
     key = os.environ.pop(name, "") if name else ""
+    key = file_secrets.get(name, key) if name else key
     if not args.share_environments:
         return None
     if not name:
