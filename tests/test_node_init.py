@@ -43,10 +43,14 @@ SCHEDULER_METADATA = {"poltergust-role": "scheduler", **RELEASE_METADATA}
 
 
 def run_init(tmp_path: Path, attributes: dict[str, str], project_id: str | None = "metadata-project",
-             script: Path = NODE_INIT) -> tuple[subprocess.CompletedProcess[str], Path]:
+             script: Path = NODE_INIT, instance: dict[str, str] | None = None,
+             ) -> tuple[subprocess.CompletedProcess[str], Path]:
     metadata = tmp_path / "metadata"
     shutil.rmtree(metadata, ignore_errors=True)
     (metadata / "instance" / "attributes").mkdir(parents=True)
+    for key, value in (instance or {}).items():  # other instance/ keys, such as network-interfaces/0/ip
+        (metadata / "instance" / key).parent.mkdir(parents=True, exist_ok=True)
+        (metadata / "instance" / key).write_text(value + "\n")
     for name, value in attributes.items():
         (metadata / "instance" / "attributes" / name).write_text(value + "\n")
     if project_id is not None:
@@ -80,7 +84,8 @@ def test_node_unit_runs_the_release_with_the_metadata_values(tmp_path: Path) -> 
     disk_mib = shutil.disk_usage(root).total // 2**20
     assert abs(int(cache) - disk_mib // 2) <= 1 and 1024 <= int(free) <= 5120
     assert unit_value(unit, "WorkingDirectory") == [RELEASE]
-    assert unit_value(unit, "EnvironmentFile") == ["-/etc/poltergust/node.env"]
+    assert unit_value(unit, "EnvironmentFile") == [] and unit_value(unit, "LoadCredential") == []
+    assert "--secret" not in exec_start[0]
     assert unit_value(unit, "Restart") == ["on-failure"]
     assert unit_value(unit, "KillSignal") == ["SIGTERM"]
     # Longer than the node's graceful shutdown (~10 s).
@@ -116,8 +121,8 @@ def test_node_takes_several_paths_and_optional_settings(tmp_path: Path) -> None:
     assert unit_value(unit, "ExecStart")[0].endswith(" --env-cache-size 20G --min-free-disk 3G --run-as poltergust-run")
     assert "Environment=POLTERGUST_MAX_CONCURRENT=2" in unit
     assert "Environment=POLTERGUST_BACKLOG_SUBSCRIPTION=poltergust-backlog" in unit
-    assert "would read projects/my-project/secrets/gh-token/versions/latest into /etc/poltergust/node.env as TOKEN" \
-        in result.stderr
+    assert "would read projects/my-project/secrets/gh-token/versions/latest into /etc/poltergust/node.secrets as " \
+        "TOKEN" in result.stderr
     assert "would read projects/p-1/secrets/db/versions/latest" in result.stderr
 
 
@@ -158,13 +163,37 @@ def test_scheduler_role_gets_luigid_and_no_node(tmp_path: Path) -> None:
     unit = (root / LUIGID_UNIT).read_text()
     assert unit_value(unit, "ExecStart") == [
         f"{RELEASE}/venv/bin/python -P -m poltergust.luigid --port 8082 --address 0.0.0.0 "
-        "--state-path /var/lib/poltergust-luigid/state.pickle"]
+        "--state-path /var/lib/poltergust-luigid/state.pickle"], "no names but loopback known: luigid's default"
     assert unit_value(unit, "DynamicUser") == ["yes"]
     assert unit_value(unit, "Environment").count("LUIGI_CONFIG_PATH=/etc/poltergust/luigi.cfg") == 1
     cfg = (root / "etc/poltergust/luigi.cfg").read_text()
     assert "[scheduler]" in cfg
     assert re.search(r"^worker_disconnect_delay = 30$", cfg, re.M)
     assert "would run: systemctl enable poltergust-luigid.service" in result.stderr
+
+
+def test_luigid_answers_the_names_nodes_reach_it_by_and_no_other(tmp_path: Path) -> None:
+    """Nodes use the scheduler's internal address (or DNS name); luigid refuses other Host names (guard)."""
+    result, root = run_init(tmp_path, SCHEDULER_METADATA, instance={
+        "network-interfaces/0/ip": "10.42.0.2", "hostname": "sched.europe-west1-b.c.my-project.internal"})
+    assert result.returncode == 0, result.stderr
+    assert unit_value((root / LUIGID_UNIT).read_text(), "ExecStart")[0].endswith(
+        "--state-path /var/lib/poltergust-luigid/state.pickle --allowed-host 10.42.0.2 "
+        "--allowed-host sched.europe-west1-b.c.my-project.internal --allowed-host sched")
+
+
+def test_every_installed_secret_is_a_secret_env_read_from_a_credential(tmp_path: Path) -> None:
+    """Secret Manager values never sit in the node's environment: a credential file, each name --secret-env."""
+    result, root = run_init(tmp_path, {**NODE_METADATA, "poltergust-secrets": "GH_PAT=gh-pat PYPI_PASS=pypi"})
+    assert result.returncode == 0, result.stderr
+    unit = (root / NODE_UNIT).read_text()
+    exec_start = unit_value(unit, "ExecStart")[0]
+    assert " --secret-env GH_PAT --secret-env PYPI_PASS --secrets-file %d/node-secrets --env-cache-size " \
+        in exec_start
+    assert unit_value(unit, "LoadCredential") == ["node-secrets:/etc/poltergust/node.secrets"]
+    assert unit_value(unit, "EnvironmentFile") == []
+    assert "would read projects/my-project/secrets/pypi/versions/latest into /etc/poltergust/node.secrets as " \
+        "PYPI_PASS" in result.stderr
 
 
 def test_scheduler_with_a_path_runs_the_dashboard_on_loopback(tmp_path: Path) -> None:
