@@ -67,6 +67,9 @@ class Settings:
     """Secrets read from --secrets-file at start: like node variables named by --secret-env, never in os.environ."""
     allowed_environment_prefixes: list[str] = field(default_factory=list)
     """URL prefixes environment files may come from; empty means the pipelines' own buckets."""
+    pipeline_service_account: str = ""
+    """Runs get this account's tokens from a metadata endpoint of their own (see `run.credentials`); empty: none."""
+    iam_credentials_url: str = "https://iamcredentials.googleapis.com"
     run_as: RunAs | None = None
     """Run luigi as this unprivileged user (the node runs as root); None: as the node's own user."""
     warm: bool = True
@@ -164,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("secrets-file", "a file of NAME=VALUE lines read at start (systemd's LoadCredential=, say), so that "
                         "secrets never sit in the node's environment: each NAME counts as a --secret-env variable "
                         "(for {{NAME}} in environment files and --share-environments-key-env)", metavar="PATH")
+    add("pipeline-service-account", "give each run Google credentials of this service account (not the node's): "
+                                    "a metadata endpoint on loopback, in the run's GCE_METADATA_HOST, serving "
+                                    "tokens the node mints by impersonation (default: none)", metavar="EMAIL")
+    add("iam-credentials-url", "the IAM Credentials API that mints those tokens",
+        default="https://iamcredentials.googleapis.com", metavar="URL")
     add("run-as", "run pipelines as this unprivileged user, each in a private working directory (the node must "
                   "run as root); without it pipelines share the node's user and trust domain", metavar="USER")
     add("allowed-environment-prefix", "URL prefix environment files may be read from; repeatable "
@@ -251,6 +259,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         secret_env=[*args.secret_env, *file_secrets],
         file_secrets=file_secrets,
         run_as=run_as,
+        pipeline_service_account=args.pipeline_service_account or "",
+        iam_credentials_url=args.iam_credentials_url,
         allowed_environment_prefixes=allowed,
         warm=args.warm,
         warm_idle_seconds=args.warm_idle_seconds,

@@ -31,6 +31,7 @@ from poltergust.node.notify import Notifier
 from poltergust.run import claim
 from poltergust.run.command import (Outcome, confirm_command, luigi_command, luigi_environ, node_extra_environ,
                                       worker_id)
+from poltergust.run.credentials import Impersonation, metadata_endpoint
 from poltergust.run.log import LogMirror, RunLog
 from poltergust.run.membership import Membership
 from poltergust.run.participation import Participation
@@ -232,7 +233,11 @@ class Run:
         if uploaded is not None:
             metrics.PICKUP_SECONDS.observe(max(0.0, (_now() - uploaded).total_seconds()))
         run_as = self.settings.run_as
-        async with work_directory(self.settings.data_dir / "work", safe_name(self.name), run_as) as cwd:
+        async with contextlib.AsyncExitStack() as stack:
+            if self.settings.pipeline_service_account:
+                env.update(await self._metadata_endpoint(stack, runlog))
+            cwd = await stack.enter_async_context(
+                work_directory(self.settings.data_dir / "work", safe_name(self.name), run_as))
             if run_as is not None:
                 env["HOME"] = str(cwd)
             warm = context.warm if config.warm else None
@@ -241,6 +246,14 @@ class Run:
                                        outage_limit=self.settings.outage_limit, assistant=assistant,
                                        recruit=self.membership.recruit, start=start,
                                        confirm=confirm_command(env_path / "bin" / "python", config)).run()
+
+    async def _metadata_endpoint(self, stack: contextlib.AsyncExitStack, runlog: RunLog) -> dict[str, str]:
+        """The run's own metadata endpoint, with the pipeline service account's tokens (see `credentials`)."""
+        minter = Impersonation(self.settings.pipeline_service_account, self.settings.iam_credentials_url,
+                               self.context.secrets.environ.get("GCE_METADATA_HOST"))
+        host = await stack.enter_async_context(metadata_endpoint(minter, self.settings.project, runlog.add_secret))
+        runlog.note(f"Google credentials: {minter.email}, from a metadata endpoint at {host}")
+        return {"GCE_METADATA_HOST": host, "GCE_METADATA_IP": host}
 
     def _environment_object(self, url: str) -> tuple[str, str]:
         allowed = self.settings.environment_prefixes

@@ -1,3 +1,3 @@
 from setuptools import setup
 
-setup(name="poltergust-testpipes", version="1.1", py_modules=["poltergust_testpipes"], install_requires=["luigi"])
+setup(name="poltergust-testpipes", version="1.2", py_modules=["poltergust_testpipes"], install_requires=["luigi"])
