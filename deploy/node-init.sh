@@ -112,6 +112,7 @@ readonly CACHE_DIR="/var/cache/poltergust"
 readonly NODE_SECRETS="/etc/poltergust/node.secrets"
 readonly OLD_NODE_ENV="/etc/poltergust/node.env"  # where secrets were an environment file before
 readonly NODE_UNIT="poltergust-node.service"
+readonly RUN_FIREWALL="/etc/poltergust/runs.nft"
 readonly LUIGID_UNIT="poltergust-luigid.service"
 readonly LUIGID_PORT=8082
 readonly DASHBOARD_UNIT="poltergust-dashboard.service"
@@ -405,14 +406,14 @@ install_system_packages() {
     # Debian's python3 lacks venv/ensurepip until python3-venv is installed;
     # git and the build tools are for the pipelines' environments.
     local ok='import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 11))'
-    if command -v git >/dev/null && python3 -c "$ok" 2>/dev/null; then
+    if command -v git >/dev/null && command -v nft >/dev/null && python3 -c "$ok" 2>/dev/null; then
         return
     fi
     [[ -z "$ROOT" ]] || die "python3 (3.11 or newer, with venv) and git are needed; --root installs no packages"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update
     apt-get install -y --no-install-recommends \
-        python3 python3-venv python3-dev build-essential git ca-certificates curl
+        python3 python3-venv python3-dev build-essential git ca-certificates curl nftables
     python3 -c "$ok" || die "python3 is older than 3.11: the units run python -P (use Debian 12 or newer)"
 }
 
@@ -503,6 +504,39 @@ create_user() {
     if [[ -n "$RUN_AS" && -z "$ROOT" ]]; then
         [[ $(id -u "$RUN_AS") != 0 ]] || die "poltergust-run-as names $RUN_AS, which has user id 0"
         command -v setpriv >/dev/null || die "--run-as needs setpriv (Debian package util-linux)"
+    fi
+}
+
+# Pipelines never reach the metadata server, whose tokens are the node's
+# service account's (every secret, every bucket): a firewall rule for the
+# pipelines' user (owner match), loaded on every boot. Runs that need Google
+# credentials get a pipeline service account's instead (--pipeline-service-account).
+write_run_firewall() {
+    if [[ -z "$RUN_AS" ]]; then
+        log "poltergust-run-as is none: pipelines run as the node's user and can reach the metadata server"
+        rm -f "$ROOT$RUN_FIREWALL"
+        return
+    fi
+    local uid
+    uid=$(id -u "$RUN_AS" 2>/dev/null) || uid="\"$RUN_AS\""  # --root: the user may not exist here
+    write_file "$RUN_FIREWALL" 0644 <<EOF
+# Written by poltergust node-init.sh on every boot: processes of the pipelines'
+# user ($RUN_AS) cannot reach the metadata server (169.254.169.254, also known
+# as metadata.google.internal, and its IPv6 address).
+table inet poltergust_runs
+delete table inet poltergust_runs
+table inet poltergust_runs {
+    chain output {
+        type filter hook output priority filter; policy accept;
+        meta skuid $uid ip daddr 169.254.169.254 counter reject
+        meta skuid $uid ip6 daddr fd20:ce::254 counter reject
+    }
+}
+EOF
+    if [[ -n "$ROOT" ]]; then
+        log "--root: not loading $RUN_FIREWALL"
+    else
+        run nft -f "$RUN_FIREWALL"
     fi
 }
 
@@ -873,6 +907,7 @@ main() {
         fi
     else
         create_user
+        write_run_firewall
         write_secrets
         write_node_unit
         start_unit "$NODE_UNIT"

@@ -9,6 +9,7 @@ DataProc's metadata over.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -389,3 +390,50 @@ def test_dataproc_init_maps_roles_onto_node_init(tmp_path: Path, dataproc_role: 
         assert unit_value((root / NODE_UNIT).read_text(), "ExecStart")[0].startswith(
             f"{RELEASE}/venv/bin/python -P -m poltergust.async_worker --path gs://mycluster/pipeline "
             "--scheduler-url http://mycluster-m:8082 --topic poltergust-mycluster --project my-proj ")
+
+
+NETNS_PROBE = r"""
+import encodings.idna, json, os, socket, subprocess, sys  # (idna: imported while still root)
+rules, uid = sys.argv[1], int(sys.argv[2])
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+subprocess.run(["ip", "addr", "add", "169.254.169.254/32", "dev", "lo"], check=True)
+subprocess.run(["nft", "-f", rules], check=True)
+subprocess.run(["nft", "-f", rules], check=True)  # again, as on every boot
+servers = [socket.create_server((host, 80)) for host in ("169.254.169.254", "127.0.0.1")]
+
+def reaches(host):
+    try:
+        socket.create_connection((host, 80), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+read, write = os.pipe()
+if os.fork() == 0:
+    try:
+        os.setgroups([]); os.setgid(uid); os.setuid(uid)
+        os.write(write, json.dumps({h: reaches(h) for h in ("169.254.169.254", "127.0.0.1")}).encode())
+    finally:
+        os._exit(0)
+os.wait()
+print(json.dumps({"run user": json.loads(os.read(read, 1000)), "node": reaches("169.254.169.254")}))
+"""
+
+
+def test_runs_cannot_reach_the_metadata_server(tmp_path: Path) -> None:
+    """The rule for the pipelines' user, rendered, and loaded in a network namespace of its own when possible."""
+    result, root = run_init(tmp_path, {**NODE_METADATA, "poltergust-run-as": "nobody"})
+    assert result.returncode == 0, result.stderr
+    rules = (root / "etc/poltergust/runs.nft").read_text()
+    assert "meta skuid 65534 ip daddr 169.254.169.254 counter reject" in rules
+    assert "meta skuid 65534 ip6 daddr fd20:ce::254 counter reject" in rules
+    assert "--root: not loading /etc/poltergust/runs.nft" in result.stderr
+    result, root = run_init(tmp_path, {**NODE_METADATA, "poltergust-run-as": "none"})
+    assert not (root / "etc/poltergust/runs.nft").exists()
+    if os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("unshare"):
+        pytest.skip("loading the rule needs root, nft (Debian package nftables) and unshare")
+    (tmp_path / "runs.nft").write_text(rules)
+    probe = subprocess.run(["unshare", "--net", "python3", "-c", NETNS_PROBE, str(tmp_path / "runs.nft"), "65534"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    assert json.loads(probe.stdout) == {"run user": {"169.254.169.254": False, "127.0.0.1": True}, "node": True}
