@@ -55,6 +55,11 @@
 #                             unit hands it over with LoadCredential= (never in
 #                             the node's environment) and names each as
 #                             --secret-env NAME. Secret values never go into metadata.
+#   poltergust-pipeline-service-account
+#                             optional: EMAIL of the service account whose
+#                             tokens runs get (--pipeline-service-account; the
+#                             node's account needs roles/iam.serviceAccountTokenCreator
+#                             on it); without it runs have no Google credentials
 #   poltergust-env-cache-size, poltergust-min-free-disk
 #                             optional: override what is derived from the disk
 #                             size (half of it; 5% of it, 1G to 5G)
@@ -360,6 +365,10 @@ read_node_settings() {
             bad_metadata poltergust-secrets "'$entry' is not NAME=SECRET_ID or NAME=projects/P/secrets/S[/versions/V]"
         SECRETS+=("$entry")
     done
+
+    PIPELINE_SA=$(attribute poltergust-pipeline-service-account)
+    [[ -z "$PIPELINE_SA" || "$PIPELINE_SA" =~ ^[a-z][a-z0-9-]{4,29}@[a-z0-9.:-]+\.iam\.gserviceaccount\.com$ ]] ||
+        bad_metadata poltergust-pipeline-service-account "'$PIPELINE_SA' is not a service account email"
 
     ENV_CACHE_SIZE=$(attribute poltergust-env-cache-size)
     MIN_FREE_DISK=$(attribute poltergust-min-free-disk)
@@ -676,6 +685,7 @@ node_exec_start() {
     for entry in "${SECRETS[@]}"; do
         words+=(--secret-env "${entry%%=*}")
     done
+    [[ -z "$PIPELINE_SA" ]] || words+=(--pipeline-service-account "$PIPELINE_SA")
     exec_line "${words[@]}"
     # %d: the unit's credentials directory (LoadCredential=), a specifier exec_line would escape.
     ((!${#SECRETS[@]})) || printf ' --secrets-file %%d/node-secrets'

@@ -437,3 +437,13 @@ def test_runs_cannot_reach_the_metadata_server(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=60)
     assert probe.returncode == 0, probe.stderr
     assert json.loads(probe.stdout) == {"run user": {"169.254.169.254": False, "127.0.0.1": True}, "node": True}
+
+
+def test_a_pipeline_service_account_in_metadata_becomes_the_flag(tmp_path: Path) -> None:
+    email = "pipelines@my-project.iam.gserviceaccount.com"
+    result, root = run_init(tmp_path, {**NODE_METADATA, "poltergust-pipeline-service-account": email})
+    assert result.returncode == 0, result.stderr
+    assert f" --pipeline-service-account {email} --env-cache-size " in \
+        unit_value((root / NODE_UNIT).read_text(), "ExecStart")[0]
+    result, _ = run_init(tmp_path, {**NODE_METADATA, "poltergust-pipeline-service-account": "me@example.com"})
+    assert result.returncode == 2 and "poltergust-pipeline-service-account" in result.stderr

@@ -34,6 +34,7 @@ MAX_CONCURRENT=${POLTERGUST_MAX_CONCURRENT:-4}
 RELEASE=${POLTERGUST_RELEASE:-}
 read -r -a SECRETS <<<"${POLTERGUST_SECRETS:-}"
 IAP_SSH=${POLTERGUST_IAP_SSH:-1}
+PIPELINE_SA=${POLTERGUST_PIPELINE_SERVICE_ACCOUNT:-}
 
 usage() {
     cat <<EOF
@@ -63,6 +64,9 @@ Settings of this script:
   --secret NAME=SECRET      POLTERGUST_SECRETS (space-separated)  a Secret Manager
                             secret of this project the nodes put into their
                             environment as NAME (for {{NAME}}); repeatable
+  --pipeline-service-account EMAIL  POLTERGUST_PIPELINE_SERVICE_ACCOUNT  the service
+                            account whose tokens pipelines get (the nodes may mint
+                            tokens for it alone; default: none, no Google credentials)
   --subnet-cidr CIDR        POLTERGUST_SUBNET_CIDR  (default: 10.42.0.0/24)
   --no-iap-ssh              POLTERGUST_IAP_SSH=0  no firewall rule for ssh through IAP
   -h, --help                this text
@@ -94,6 +98,7 @@ parse_args() {
             --release) RELEASE=$VALUE ;;
             --secret) SECRETS+=("$VALUE") ;;
             --subnet-cidr) SUBNET_CIDR=$VALUE ;;
+            --pipeline-service-account) PIPELINE_SA=$VALUE ;;
         esac
         shift "$SHIFT"
     done
@@ -231,6 +236,14 @@ grant_permissions() {
                 --member="$NODE_MEMBER" --role=roles/secretmanager.secretAccessor >/dev/null
         fi
     done
+    [[ -n "$PIPELINE_SA" ]] || return 0
+    if binding_exists roles/iam.serviceAccountTokenCreator "$NODE_MEMBER" "$PIPELINE_SA" iam service-accounts; then
+        log "exists:   token creator grant on $PIPELINE_SA"
+    else
+        log "creating: token creator grant on $PIPELINE_SA (pipelines' tokens, minted by the nodes)"
+        retry gc iam service-accounts add-iam-policy-binding "$PIPELINE_SA" \
+            --member="$NODE_MEMBER" --role=roles/iam.serviceAccountTokenCreator >/dev/null
+    fi
 }
 
 # A VPC of its own: nothing but the rules below lets traffic in, so luigid is
@@ -322,6 +335,7 @@ create_nodes() {
     metadata+="|poltergust-scheduler-url=$SCHEDULER_URL|poltergust-topic=$TOPIC|poltergust-project=$PROJECT"
     metadata+="|poltergust-backlog-subscription=$BACKLOG|poltergust-max-concurrent=$MAX_CONCURRENT"
     ((${#SECRETS[@]} == 0)) || metadata+="|poltergust-secrets=${SECRETS[*]}"
+    [[ -z "$PIPELINE_SA" ]] || metadata+="|poltergust-pipeline-service-account=$PIPELINE_SA"
     metadata+="|enable-oslogin=TRUE|block-project-ssh-keys=TRUE"
     checksum=$( { printf '%s\n' "$metadata" "$NODE_MACHINE_TYPE" "$NODE_DISK_SIZE" "$IMAGE_FAMILY" \
         "$IMAGE_PROJECT" "$SUBNET" "$NODE_SA"; cat "$INIT_SCRIPT"; } | cksum | cut -d' ' -f1)
