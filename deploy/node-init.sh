@@ -54,9 +54,16 @@
 #   poltergust-secrets        optional: NAME=SECRET ..., Secret Manager secrets
 #                             (SECRET is an id in poltergust-project, or
 #                             projects/P/secrets/S[/versions/V]) written to
-#                             /etc/poltergust/node.env (mode 0600) as NAME=value
-#                             for {{NAME}} in environment files. Secret values
-#                             never go into metadata.
+#                             /etc/poltergust/node.secrets (root, mode 0600) as
+#                             NAME=value for {{NAME}} in environment files; the
+#                             unit hands it over with LoadCredential= (never in
+#                             the node's environment) and names each as
+#                             --secret-env NAME. Secret values never go into metadata.
+#   poltergust-pipeline-service-account
+#                             optional: EMAIL of the service account whose
+#                             tokens runs get (--pipeline-service-account; the
+#                             node's account needs roles/iam.serviceAccountTokenCreator
+#                             on it); without it runs have no Google credentials
 #   poltergust-env-cache-size, poltergust-min-free-disk
 #                             optional: override what is derived from the disk
 #                             size (half of it; 5% of it, 1G to 5G)
@@ -132,9 +139,11 @@ readonly DEFAULT_RUN_AS="poltergust-run"
 readonly RUN_AS_POOL=4  # pipeline users USER-1 ... USER-4: one per run or build at a time (--run-as-pool)
 readonly STATE_DIR="/var/lib/poltergust"
 readonly CACHE_DIR="/var/cache/poltergust"
-readonly NODE_ENV="/etc/poltergust/node.env"
+readonly NODE_SECRETS="/etc/poltergust/node.secrets"
+readonly OLD_NODE_ENV="/etc/poltergust/node.env"  # where secrets were an environment file before
 readonly NODE_UNIT="poltergust-node.service"
 readonly RETIRE_UNIT="poltergust-retire.service"
+readonly RUN_FIREWALL="/etc/poltergust/runs.nft"
 readonly LUIGID_UNIT="poltergust-luigid.service"
 readonly LUIGID_PORT=8082
 readonly DASHBOARD_UNIT="poltergust-dashboard.service"
@@ -335,6 +344,10 @@ read_node_settings() {
     ALLOWED_ENV_PREFIXES="${prefixes[*]}"
     SECRETS_RAW=$(attribute poltergust-secrets)
     read -r -a SECRETS <<<"$SECRETS_RAW"
+
+    PIPELINE_SA=$(attribute poltergust-pipeline-service-account)
+    [[ -z "$PIPELINE_SA" || "$PIPELINE_SA" =~ ^[a-z][a-z0-9-]{4,29}@[a-z0-9.:-]+\.iam\.gserviceaccount\.com$ ]] ||
+        bad_metadata poltergust-pipeline-service-account "'$PIPELINE_SA' is not a service account email"
     ENV_CACHE_SIZE=$(attribute poltergust-env-cache-size)
     MIN_FREE_DISK=$(attribute poltergust-min-free-disk)
 }
@@ -417,7 +430,8 @@ install_system_packages() {
     # Debian's python3 lacks venv/ensurepip until python3-venv is installed;
     # git and the build tools are for the pipelines' environments.
     local ok='import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 11))'
-    if command -v git >/dev/null && python3 -c "$ok" 2>/dev/null && { [[ -z "$RUN_AS" ]] || command -v bwrap >/dev/null; }
+    if command -v git >/dev/null && command -v nft >/dev/null && python3 -c "$ok" 2>/dev/null &&
+        { [[ -z "$RUN_AS" ]] || command -v bwrap >/dev/null; }
     then
         return
     fi
@@ -425,7 +439,7 @@ install_system_packages() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get update
     apt-get install -y --no-install-recommends \
-        python3 python3-venv python3-dev build-essential git ca-certificates curl bubblewrap
+        python3 python3-venv python3-dev build-essential git ca-certificates curl bubblewrap nftables
     python3 -c "$ok" || die "python3 is older than 3.11: the units run python -P (use Debian 12 or newer)"
 }
 
@@ -530,22 +544,62 @@ create_user() {
     fi
 }
 
-# Secrets named in metadata, from Secret Manager into the node's environment
-# file (read by systemd as root, never by the node's user).
+# Pipelines never reach the metadata server, whose tokens are the node's
+# service account's (every secret, every bucket): a firewall rule for the
+# pipelines' user (owner match), loaded on every boot. Runs that need Google
+# credentials get a pipeline service account's instead (--pipeline-service-account).
+write_run_firewall() {
+    if [[ -z "$RUN_AS" ]]; then
+        log "poltergust-run-as is none: pipelines run as the node's user and can reach the metadata server"
+        rm -f "$ROOT$RUN_FIREWALL"
+        return
+    fi
+    local user uid rules=""
+    for user in "$RUN_AS" $(seq -f "$RUN_AS-%g" "$RUN_AS_POOL"); do
+        uid=$(id -u "$user" 2>/dev/null) || uid="\"$user\""  # --root: the user may not exist here
+        rules+="        meta skuid $uid ip daddr 169.254.169.254 counter reject"$'\n'
+        rules+="        meta skuid $uid ip6 daddr fd20:ce::254 counter reject"$'\n'
+    done
+    write_file "$RUN_FIREWALL" 0644 <<EOF
+# Written by poltergust node-init.sh on every boot: processes of the pipelines'
+# users ($RUN_AS and its pool, $RUN_AS-1 ... $RUN_AS-$RUN_AS_POOL) cannot reach the
+# metadata server (169.254.169.254, also known as metadata.google.internal, and
+# its IPv6 address).
+table inet poltergust_runs
+delete table inet poltergust_runs
+table inet poltergust_runs {
+    chain output {
+        type filter hook output priority filter; policy accept;
+${rules%$'\n'}
+    }
+}
+EOF
+    if [[ -n "$ROOT" ]]; then
+        log "--root: not loading $RUN_FIREWALL"
+    else
+        run nft -f "$RUN_FIREWALL"
+    fi
+}
+
+# Secrets named in metadata, from Secret Manager into the node's secrets file
+# (root's, 0600): the unit passes it as a systemd credential, which the node
+# reads at start (--secrets-file), so no secret is in its environment, where
+# a process of its user could read it in /proc/PID/environ.
 write_secrets() {
+    rm -f "$ROOT$OLD_NODE_ENV"
     if ((!${#SECRETS[@]})); then
-        rm -f "$ROOT$NODE_ENV"
+        rm -f "$ROOT$NODE_SECRETS"
         return
     fi
     local entry name secret status header
-    : >"$TMP/node.env"
+    : >"$TMP/node.secrets"
     for entry in "${SECRETS[@]}"; do
         name=${entry%%=*}
         secret=${entry#*=}
         [[ "$secret" == projects/* ]] || secret="projects/$PROJECT/secrets/$secret"
         [[ "$secret" == */versions/* ]] || secret+="/versions/latest"
         if ((DRY_RUN)); then
-            log "dry-run, would read $secret into $NODE_ENV as $name"
+            log "dry-run, would read $secret into $NODE_SECRETS as $name"
             continue
         fi
         header=$(auth_header)
@@ -553,18 +607,16 @@ write_secrets() {
             -o "$TMP/secret.json" -w '%{http_code}' "$SECRETS_URL/v1/$secret:access") || status=000
         [[ "$status" == 200 ]] || die "cannot read $secret for $name (HTTP status $status): the node's" \
             "service account needs roles/secretmanager.secretAccessor on it"
-        python3 - "$TMP/secret.json" "$name" >>"$TMP/node.env" <<'EOF' || die "secret for $name is unusable"
+        python3 - "$TMP/secret.json" "$name" >>"$TMP/node.secrets" <<'EOF' || die "secret for $name is unusable"
 import base64, json, sys
 value = base64.b64decode(json.load(open(sys.argv[1]))["payload"]["data"]).decode()
 if any(c in value for c in "\n\r\0"):
-    sys.exit(f"the value of {sys.argv[2]} has a line break or NUL byte, which an environment file cannot hold")
-for char in '\\"`$':
-    value = value.replace(char, "\\" + char)
-print(f'{sys.argv[2]}="{value}"')
+    sys.exit(f"the value of {sys.argv[2]} has a line break or NUL byte, which a NAME=VALUE line cannot hold")
+print(f"{sys.argv[2]}={value}")
 EOF
     done
     rm -f "$TMP/secret.json"
-    ((DRY_RUN)) || write_file "$NODE_ENV" 0600 <"$TMP/node.env"
+    ((DRY_RUN)) || write_file "$NODE_SECRETS" 0600 <"$TMP/node.secrets"
 }
 
 # ---------------------------------------------------------------------------
@@ -659,7 +711,7 @@ exec_line() {
 }
 
 node_exec_start() {
-    local words=("$RELEASE/venv/bin/python" -P -m poltergust.async_worker) path
+    local words=("$RELEASE/venv/bin/python" -P -m poltergust.async_worker) path entry
     for path in "${PATHS[@]}"; do
         words+=(--path "$path")
     done
@@ -668,7 +720,16 @@ node_exec_start() {
     words+=(--project "$PROJECT" --http-host "$HEALTH_HOST" --http-port "$HEALTH_PORT"
         --env-cache-size "$ENV_CACHE_SIZE" --min-free-disk "$MIN_FREE_DISK")
     [[ -z "$RUN_AS" ]] || words+=(--run-as "$RUN_AS" --run-as-pool "$RUN_AS_POOL")
+    for entry in "${SECRETS[@]}"; do
+        words+=(--secret-env "${entry%%=*}")
+    done
+    [[ -z "$PIPELINE_SA" ]] || words+=(--pipeline-service-account "$PIPELINE_SA")
     exec_line "${words[@]}"
+    # %d: the unit's credentials directory (LoadCredential=), a specifier exec_line would escape.
+    ((!${#SECRETS[@]})) || printf ' --secrets-file %%d/node-secrets'
+    words=(--env-cache-size "$ENV_CACHE_SIZE" --min-free-disk "$MIN_FREE_DISK")
+    [[ -z "$RUN_AS" ]] || words+=(--run-as "$RUN_AS")
+    printf ' %s' "$(exec_line "${words[@]}")"
 }
 
 write_node_unit() {
@@ -682,7 +743,12 @@ write_node_unit() {
     if [[ -n "$ALLOWED_ENV_PREFIXES" ]]; then
         optional+="Environment=\"POLTERGUST_ALLOWED_ENVIRONMENT_PREFIX=$ALLOWED_ENV_PREFIXES\""$'\n'
     fi
-    local identity home=$STATE_DIR confinement
+    local identity home=$STATE_DIR confinement credential=""
+    if ((${#SECRETS[@]})); then
+        credential="# Secrets for {{NAME}} in environment files, from Secret Manager: a file the node"$'\n'
+        credential+="# reads at start (--secrets-file), never in its environment."$'\n'
+        credential+="LoadCredential=node-secrets:$NODE_SECRETS"$'\n'
+    fi
     if [[ -n "$RUN_AS" ]]; then
         identity="# Root, confined below, so that each run starts as $RUN_AS (--run-as)."$'\n'
         identity+="CacheDirectory=poltergust"
@@ -711,9 +777,7 @@ Environment=HOME=$home
 Environment=PYTHONUNBUFFERED=1
 Environment=POLTERGUST_DATA_DIR=$STATE_DIR/data
 Environment=POLTERGUST_ENV_DIR=$STATE_DIR/environments
-${optional}# Secrets for {{NAME}} in environment files, from Secret Manager (mode 0600).
-EnvironmentFile=-$NODE_ENV
-ExecStart=$(node_exec_start)
+${optional}${credential}ExecStart=$(node_exec_start)
 # SIGTERM goes to the node only (KillMode=mixed): it stops taking work, stops
 # its luigi children and exits 0 within seconds. Whatever is left when it has
 # exited, or when TimeoutStopSec runs out, gets SIGKILL.
@@ -743,6 +807,21 @@ write_luigid_config() {
     write_file /etc/poltergust/luigi.cfg 0644 <"$TMP/luigi.cfg"
 }
 
+# The names nodes reach luigid by (--scheduler-url: its internal address, or
+# its internal DNS name): luigid refuses any other Host, and any foreign
+# Origin, so that no web page can call it through the operator's tunnel.
+luigid_exec_start() {
+    local words=("$RELEASE/venv/bin/python" -P -m poltergust.luigid --port "$LUIGID_PORT" --address 0.0.0.0
+        --state-path /var/lib/poltergust-luigid/state.pickle) name
+    for name in "$(metadata_get instance/network-interfaces/0/ip || true)" \
+                "$(metadata_get instance/hostname || true)"; do
+        [[ "$name" =~ ^[A-Za-z0-9.:-]+$ ]] || continue
+        words+=(--allowed-host "$name")
+        [[ "$name" != *.* || "$name" =~ ^[0-9.]+$ ]] || words+=(--allowed-host "${name%%.*}")
+    done
+    exec_line "${words[@]}"
+}
+
 write_scheduler_files() {
     write_luigid_config
     write_file "/etc/systemd/system/$LUIGID_UNIT" 0644 <<EOF
@@ -760,7 +839,7 @@ WorkingDirectory=$RELEASE
 Environment=HOME=/var/lib/poltergust-luigid
 Environment=LUIGI_CONFIG_PATH=/etc/poltergust/luigi.cfg
 # Listens on all interfaces: the firewall admits only the nodes.
-ExecStart=$RELEASE/venv/bin/python -P -m poltergust.luigid --port $LUIGID_PORT --address 0.0.0.0 --state-path /var/lib/poltergust-luigid/state.pickle
+ExecStart=$(luigid_exec_start)
 KillSignal=SIGTERM
 TimeoutStopSec=60
 Restart=on-failure
@@ -911,6 +990,7 @@ main() {
         fi
     else
         create_user
+        write_run_firewall
         write_secrets
         write_node_unit
         start_unit "$NODE_UNIT"

@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--scheduler-url", default="", metavar="URL", help="luigid, to link each pipeline's task graph")
     command.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     command.add_argument("--port", type=int, default=8090, help="port to listen on (default: %(default)s)")
+    command.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                         help="a name the dashboard is reached by besides loopback and --host (the Host header "
+                              "of other names is refused); repeatable")
     return parser
 
 
@@ -176,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dashboard":
             from poltergust.dashboard import serve
 
-            return asyncio.run(serve(args.path, args.scheduler_url, args.host, args.port)) or 0
+            return asyncio.run(serve(args.path, args.scheduler_url, args.host, args.port, args.allowed_host)) or 0
         target = Location.parse(args.path)
         if args.command == "submit":
             return asyncio.run(submit(args.config, target, args.name, args.wait))

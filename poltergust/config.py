@@ -89,6 +89,12 @@ class _BoundedLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
 
+class _BoundedFastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """The same limits on libyaml's parser, for the dashboard's many small reads."""
+
+    construct_document = _BoundedLoader.construct_document
+
+
 def _flow_depth(text: str) -> int:
     """The deepest nesting of `[`/`{` (a cheap upper bound, quoted brackets included), checked before parsing."""
     depth = deepest = 0
@@ -116,8 +122,8 @@ def _check_size(root: yaml.Node, source: str) -> None:
                 stack.extend((key, value))
 
 
-def load_yaml(data: bytes, source: str) -> dict[str, Any]:
-    """Parse one YAML mapping, with size and structure limits."""
+def load_yaml(data: bytes, source: str, fast: bool = False) -> dict[str, Any]:
+    """Parse one YAML mapping, with size and structure limits (`fast`: with libyaml when installed)."""
     if len(data) > MAX_FILE_SIZE:
         raise ConfigError(source, f"file is {len(data)} bytes, the limit is {MAX_FILE_SIZE}")
     try:
@@ -128,7 +134,7 @@ def load_yaml(data: bytes, source: str) -> dict[str, Any]:
     if depth > MAX_DEPTH:
         raise ConfigError(source, f"nested too deeply ({depth} levels; the limit is {MAX_DEPTH})")
     try:
-        loader = _BoundedLoader(text)  # checks for unprintable characters right away
+        loader = (_BoundedFastLoader if fast else _BoundedLoader)(text)  # checks for unprintable characters right away
     except yaml.YAMLError as exc:
         raise ConfigError(source, f"invalid YAML: {exc}".splitlines()[0]) from None
     loader.name = source

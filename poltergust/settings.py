@@ -146,6 +146,19 @@ class Settings:
         "secret-env", metavar="NAME", repeatable=True,
         help="a node variable that is a secret: never passed to pipelines, masked in every log and result "
              "(besides `{{NAME}}` references and names with TOKEN, SECRET, PASSWORD...); repeatable"))
+    secrets_file: str = field(default="", metadata=option(
+        "secrets-file", metavar="PATH",
+        help="a file of `NAME=VALUE` lines read at start (systemd's `LoadCredential=`, say), so that secrets never "
+             "sit in the node's environment: each NAME counts as a `--secret-env` variable (for `{{NAME}}` in "
+             "environment files and `--share-environments-key-env`)"))
+    file_secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    """Secrets read from --secrets-file at start: like node variables named by --secret-env, never in os.environ."""
+    pipeline_service_account: str = field(default="", metadata=option(
+        "pipeline-service-account", metavar="EMAIL", shown_default="none",
+        help="give each run Google credentials of this service account (not the node's): a metadata endpoint on "
+             "loopback, in the run's `GCE_METADATA_HOST`, serving tokens the node mints by impersonation"))
+    iam_credentials_url: str = field(default="https://iamcredentials.googleapis.com", metadata=option(
+        "iam-credentials-url", metavar="URL", help="the IAM Credentials API that mints those tokens"))
     allowed_environment_prefixes: list[str] = field(default_factory=list, metadata=option(
         "allowed-environment-prefix", metavar="URL", repeatable=True,
         shown_default="the buckets of `--path`",
@@ -197,7 +210,8 @@ class Settings:
 
 OPTIONS = options_of(Settings)
 OPTION = {each.flag: each for each in OPTIONS}
-_FIELD_OF = {each.metadata["option"].dest: each.name for each in dataclasses.fields(Settings)}
+_FIELD_OF = {each.metadata["option"].dest: each.name
+             for each in dataclasses.fields(Settings) if "option" in each.metadata}
 
 
 def build_parser(environ: Mapping[str, str] | None = None,
@@ -265,13 +279,17 @@ def settings_from(values: Mapping[str, Any], environ: MutableMapping[str, str]) 
         env_dir = Path(values["env_dir"]).expanduser()
     else:
         env_dir = data_dir / "environments" if given_data_dir else DEFAULT_ROOT / "environments"
+    file_secrets = _file_secrets(values["secrets_file"]) if values["secrets_file"] else {}
     derived = {
         "locations": locations,
         "allowed_environment_prefixes": allowed,
         "data_dir": data_dir,
         "env_dir": env_dir,
         "topic": values["topic"] or f"poltergust-{locations[0].bucket.rsplit('/', 1)[-1]}",
-        "share_key": _share_key(values["share_environments"], values["share_environments_key_env"], environ),
+        "share_key": _share_key(values["share_environments"], values["share_environments_key_env"], environ,
+                                file_secrets),
+        "file_secrets": file_secrets,
+        "secret_env": [*values["secret_env"], *file_secrets],
         "run_as": _run_as(values["run_as"], values["run_as_pool"]),
         "scheduler_config": _scheduler_config(values["scheduler_config"], values["scheduler_url"]),
         "notify": notify_target(values["notify_url"], environ.get("DB_URL")),
@@ -290,9 +308,30 @@ def _run_as(user: str | None, pool: int) -> UserPool | None:
         raise SettingError("run-as", str(exc), str(exc)) from None
 
 
-def _share_key(sharing: bool, name: str | None, environ: MutableMapping[str, str]) -> bytes | None:
-    """The key signing shared environments, taken out of the node's environment; None when not sharing."""
+def _file_secrets(path: str) -> dict[str, str]:
+    """NAME=VALUE lines of --secrets-file (blank lines and # comments skipped); a bad line is named, never shown."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingError("secrets-file", f"{path}: cannot read it: {exc}", f"--secrets-file {path}: cannot read "
+                           f"it: {exc}") from None
+    secrets = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, equals, value = line.partition("=")
+        if not equals or not name.isidentifier():
+            raise SettingError("secrets-file", f"{path}: line {number} is not NAME=VALUE")
+        secrets[name] = value
+    return secrets
+
+
+def _share_key(sharing: bool, name: str | None, environ: MutableMapping[str, str],
+               file_secrets: dict[str, str]) -> bytes | None:
+    """The key signing shared environments, taken out of the node's environment (or --secrets-file); None when not
+    sharing."""
     key = environ.pop(name, "") if name else ""
+    key = file_secrets.get(name, key) if name else key
     if not sharing:
         return None
     if not name:

@@ -117,8 +117,9 @@ class Boot:
         return f"{self.root}{path}" if path.startswith(SYSTEM_PREFIXES) else path
 
     def start(self, unit_name: str, log: Path, extra_env: dict[str, str], listen: dict[str, str]) -> Server:
-        """Start the unit's ExecStart as systemd would: its Environment=, EnvironmentFile=, WorkingDirectory=,
-        UMask=, NoNewPrivileges=, CapabilityBoundingSet= (as root) and the modes of its state directories."""
+        """Start the unit's ExecStart as systemd would: its Environment=, EnvironmentFile=, LoadCredential=
+        (%d), WorkingDirectory=, UMask=, NoNewPrivileges=, CapabilityBoundingSet= (as root) and the modes of
+        its state directories."""
         unit = self.unit(unit_name)
         env = {"PATH": os.environ["PATH"], **extra_env}
         for value in directives(unit, "Environment"):
@@ -134,7 +135,14 @@ class Boot:
             for name in " ".join(directives(unit, f"{kind}Directory")).split():
                 Path(self.here(f"{base}/{name}")).mkdir(parents=True, exist_ok=True)
                 os.chmod(self.here(f"{base}/{name}"), mode)
-        words = [w.replace("$$", "$").replace("%%", "%") for w in shlex.split(directives(unit, "ExecStart")[0])]
+        credentials = Path(tempfile.mkdtemp(prefix="credentials-", dir=self.root))
+        for value in directives(unit, "LoadCredential"):
+            name, _, source = value.partition(":")
+            shutil.copyfile(self.here(source), credentials / name)
+            os.chmod(credentials / name, 0o400)
+        specifiers = {"%": "%", "d": str(credentials)}
+        words = [re.sub("%(.)", lambda m: specifiers[m[1]], w.replace("$$", "$"))
+                 for w in shlex.split(directives(unit, "ExecStart")[0])]
         words = [self.here(w) for w in words]
         for flag, value in listen.items():
             words[words.index(flag) + 1] = value
@@ -267,9 +275,9 @@ def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
         assert len(release_dirs) == 1 and (release_dirs[0] / ".installed").exists()
         assert installed(node, release_dirs[0]) == {**locked((release["dir"] / "requirements.lock").read_text()),
                                                     "poltergust": release["wheel"].split("-")[1]}
-        env_file = node.root / "etc/poltergust/node.env"
-        assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
-        assert parse_environment_file(env_file.read_text()) == {"BOOT_SECRET": SECRET}
+        secrets_file = node.root / "etc/poltergust/node.secrets"
+        assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+        assert secrets_file.read_text() == f"BOOT_SECRET={SECRET}\n"
 
         health_port = free_port()
         service = node.start("poltergust-node.service", tmp_path / "node.log",
@@ -279,6 +287,8 @@ def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
         servers.append(service)
         wait_for(lambda: service.check_alive() or http_status(f"http://127.0.0.1:{health_port}/healthz") == 200,
                  90, "the booted node's /healthz to answer 200")
+        assert SECRET.encode() not in Path(f"/proc/{service.process.pid}/environ").read_bytes(), \
+            "the node read its secrets from the credential file: none is in its initial environment"
 
         # What the pipeline may write: a directory open to all (its outputs normally go to the bucket).
         out = node_root / "out"

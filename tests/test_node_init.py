@@ -9,6 +9,7 @@ DataProc's metadata over.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -49,10 +50,14 @@ DRY_RUN_ENV = {"POLTERGUST_DRY_RUN_PYTHON": sys.executable}
 
 
 def run_init(tmp_path: Path, attributes: dict[str, str], project_id: str | None = "metadata-project",
-             script: Path = NODE_INIT) -> tuple[subprocess.CompletedProcess[str], Path]:
+             script: Path = NODE_INIT, instance: dict[str, str] | None = None,
+             ) -> tuple[subprocess.CompletedProcess[str], Path]:
     metadata = tmp_path / "metadata"
     shutil.rmtree(metadata, ignore_errors=True)
     (metadata / "instance" / "attributes").mkdir(parents=True)
+    for key, value in (instance or {}).items():  # other instance/ keys, such as network-interfaces/0/ip
+        (metadata / "instance" / key).parent.mkdir(parents=True, exist_ok=True)
+        (metadata / "instance" / key).write_text(value + "\n")
     for name, value in attributes.items():
         (metadata / "instance" / "attributes" / name).write_text(value + "\n")
     if project_id is not None:
@@ -86,7 +91,8 @@ def test_node_unit_runs_the_release_with_the_metadata_values(tmp_path: Path) -> 
     disk_mib = shutil.disk_usage(root).total // 2**20
     assert abs(int(cache) - disk_mib // 2) <= 1 and 1024 <= int(free) <= 5120
     assert unit_value(unit, "WorkingDirectory") == [RELEASE]
-    assert unit_value(unit, "EnvironmentFile") == ["-/etc/poltergust/node.env"]
+    assert unit_value(unit, "EnvironmentFile") == [] and unit_value(unit, "LoadCredential") == []
+    assert "--secret" not in exec_start[0]
     assert unit_value(unit, "Restart") == ["on-failure"]
     assert unit_value(unit, "KillSignal") == ["SIGTERM"]
     # Longer than the node's graceful shutdown (~10 s).
@@ -152,8 +158,8 @@ def test_node_takes_several_paths_and_optional_settings(tmp_path: Path) -> None:
                                                             "--run-as-pool 4")
     assert "Environment=POLTERGUST_MAX_CONCURRENT=2" in unit
     assert "Environment=POLTERGUST_BACKLOG_SUBSCRIPTION=poltergust-backlog" in unit
-    assert "would read projects/my-project/secrets/gh-token/versions/latest into /etc/poltergust/node.env as TOKEN" \
-        in result.stderr
+    assert "would read projects/my-project/secrets/gh-token/versions/latest into /etc/poltergust/node.secrets as " \
+        "TOKEN" in result.stderr
     assert "would read projects/p-1/secrets/db/versions/latest" in result.stderr
 
 
@@ -194,7 +200,7 @@ def test_scheduler_role_gets_luigid_and_no_node(tmp_path: Path) -> None:
     unit = (root / LUIGID_UNIT).read_text()
     assert unit_value(unit, "ExecStart") == [
         f"{RELEASE}/venv/bin/python -P -m poltergust.luigid --port 8082 --address 0.0.0.0 "
-        "--state-path /var/lib/poltergust-luigid/state.pickle"]
+        "--state-path /var/lib/poltergust-luigid/state.pickle"], "no names but loopback known: luigid's default"
     assert unit_value(unit, "DynamicUser") == ["yes"]
     assert unit_value(unit, "Environment").count("LUIGI_CONFIG_PATH=/etc/poltergust/luigi.cfg") == 1
     # luigid's configuration is checked and merged by the release, which a dry run does not install (the real
@@ -203,6 +209,30 @@ def test_scheduler_role_gets_luigid_and_no_node(tmp_path: Path) -> None:
             in result.stderr)
     assert not (root / "etc/poltergust/luigi.cfg").exists()
     assert "would run: systemctl enable poltergust-luigid.service" in result.stderr
+
+
+def test_luigid_answers_the_names_nodes_reach_it_by_and_no_other(tmp_path: Path) -> None:
+    """Nodes use the scheduler's internal address (or DNS name); luigid refuses other Host names (guard)."""
+    result, root = run_init(tmp_path, SCHEDULER_METADATA, instance={
+        "network-interfaces/0/ip": "10.42.0.2", "hostname": "sched.europe-west1-b.c.my-project.internal"})
+    assert result.returncode == 0, result.stderr
+    assert unit_value((root / LUIGID_UNIT).read_text(), "ExecStart")[0].endswith(
+        "--state-path /var/lib/poltergust-luigid/state.pickle --allowed-host 10.42.0.2 "
+        "--allowed-host sched.europe-west1-b.c.my-project.internal --allowed-host sched")
+
+
+def test_every_installed_secret_is_a_secret_env_read_from_a_credential(tmp_path: Path) -> None:
+    """Secret Manager values never sit in the node's environment: a credential file, each name --secret-env."""
+    result, root = run_init(tmp_path, {**NODE_METADATA, "poltergust-secrets": "GH_PAT=gh-pat PYPI_PASS=pypi"})
+    assert result.returncode == 0, result.stderr
+    unit = (root / NODE_UNIT).read_text()
+    exec_start = unit_value(unit, "ExecStart")[0]
+    assert " --secret-env GH_PAT --secret-env PYPI_PASS --secrets-file %d/node-secrets --env-cache-size " \
+        in exec_start
+    assert unit_value(unit, "LoadCredential") == ["node-secrets:/etc/poltergust/node.secrets"]
+    assert unit_value(unit, "EnvironmentFile") == []
+    assert "would read projects/my-project/secrets/pypi/versions/latest into /etc/poltergust/node.secrets as " \
+        "PYPI_PASS" in result.stderr
 
 
 def test_scheduler_with_a_path_runs_the_dashboard_on_loopback(tmp_path: Path) -> None:
@@ -435,3 +465,60 @@ def test_dataproc_init_maps_roles_onto_node_init(tmp_path: Path, dataproc_role: 
         assert unit_value((root / NODE_UNIT).read_text(), "ExecStart")[0].startswith(
             f"{RELEASE}/venv/bin/python -P -m poltergust.async_worker --path gs://mycluster/pipeline "
             "--scheduler-url http://mycluster-m:8082 --topic poltergust-mycluster --project my-proj ")
+
+
+NETNS_PROBE = r"""
+import encodings.idna, json, os, socket, subprocess, sys  # (idna: imported while still root)
+rules, uid = sys.argv[1], int(sys.argv[2])
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+subprocess.run(["ip", "addr", "add", "169.254.169.254/32", "dev", "lo"], check=True)
+subprocess.run(["nft", "-f", rules], check=True)
+subprocess.run(["nft", "-f", rules], check=True)  # again, as on every boot
+servers = [socket.create_server((host, 80)) for host in ("169.254.169.254", "127.0.0.1")]
+
+def reaches(host):
+    try:
+        socket.create_connection((host, 80), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+read, write = os.pipe()
+if os.fork() == 0:
+    try:
+        os.setgroups([]); os.setgid(uid); os.setuid(uid)
+        os.write(write, json.dumps({h: reaches(h) for h in ("169.254.169.254", "127.0.0.1")}).encode())
+    finally:
+        os._exit(0)
+os.wait()
+print(json.dumps({"run user": json.loads(os.read(read, 1000)), "node": reaches("169.254.169.254")}))
+"""
+
+
+def test_runs_cannot_reach_the_metadata_server(tmp_path: Path) -> None:
+    """The rule for the pipelines' user, rendered, and loaded in a network namespace of its own when possible."""
+    result, root = run_init(tmp_path, {**NODE_METADATA, "poltergust-run-as": "nobody"})
+    assert result.returncode == 0, result.stderr
+    rules = (root / "etc/poltergust/runs.nft").read_text()
+    assert "meta skuid 65534 ip daddr 169.254.169.254 counter reject" in rules
+    assert "meta skuid 65534 ip6 daddr fd20:ce::254 counter reject" in rules
+    assert "--root: not loading /etc/poltergust/runs.nft" in result.stderr
+    result, root = run_init(tmp_path, {**NODE_METADATA, "poltergust-run-as": "none"})
+    assert not (root / "etc/poltergust/runs.nft").exists()
+    if os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("unshare"):
+        pytest.skip("loading the rule needs root, nft (Debian package nftables) and unshare")
+    (tmp_path / "runs.nft").write_text(rules)
+    probe = subprocess.run(["unshare", "--net", "python3", "-c", NETNS_PROBE, str(tmp_path / "runs.nft"), "65534"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    assert json.loads(probe.stdout) == {"run user": {"169.254.169.254": False, "127.0.0.1": True}, "node": True}
+
+
+def test_a_pipeline_service_account_in_metadata_becomes_the_flag(tmp_path: Path) -> None:
+    email = "pipelines@my-project.iam.gserviceaccount.com"
+    result, root = run_init(tmp_path, {**NODE_METADATA, "poltergust-pipeline-service-account": email})
+    assert result.returncode == 0, result.stderr
+    assert f" --pipeline-service-account {email} --env-cache-size " in \
+        unit_value((root / NODE_UNIT).read_text(), "ExecStart")[0]
+    result, _ = run_init(tmp_path, {**NODE_METADATA, "poltergust-pipeline-service-account": "me@example.com"})
+    assert result.returncode == 2 and "poltergust-pipeline-service-account" in result.stderr

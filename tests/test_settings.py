@@ -19,7 +19,7 @@ FLAGS = [
     "subscription", "backlog-subscription", "backlog-ack-deadline", "backlog-max-lease", "env-cache-size",
     "share-environments", "share-environments-key-env", "max-concurrent", "rescan-interval", "outage-limit",
     "claim-grace", "start-stale-after", "log-upload-interval", "heartbeat-interval", "notify-url", "secret-env",
-    "allowed-environment-prefix", "run-as", "run-as-pool", "warm", "warm-idle-seconds", "warm-prestart", "min-free-disk",
+    "secrets-file", "pipeline-service-account", "iam-credentials-url", "allowed-environment-prefix", "run-as", "run-as-pool", "warm", "warm-idle-seconds", "warm-prestart", "min-free-disk",
     "http-host", "http-port", "log-level", "log-format",
 ]
 

@@ -37,6 +37,7 @@ LUIGID_CONFIG=${POLTERGUST_LUIGID_CONFIG:-}
 LUIGID_CONFIG_TEXT=""
 read -r -a SECRETS <<<"${POLTERGUST_SECRETS:-}"
 IAP_SSH=${POLTERGUST_IAP_SSH:-1}
+PIPELINE_SA=${POLTERGUST_PIPELINE_SERVICE_ACCOUNT:-}
 
 usage() {
     cat <<EOF
@@ -69,6 +70,9 @@ Settings of this script:
   --secret NAME=SECRET      POLTERGUST_SECRETS (space-separated)  a Secret Manager
                             secret of this project the nodes put into their
                             environment as NAME (for {{NAME}}); repeatable
+  --pipeline-service-account EMAIL  POLTERGUST_PIPELINE_SERVICE_ACCOUNT  the service
+                            account whose tokens pipelines get (the nodes may mint
+                            tokens for it alone; default: none, no Google credentials)
   --subnet-cidr CIDR        POLTERGUST_SUBNET_CIDR  (default: 10.42.0.0/24)
   --luigid-config FILE      POLTERGUST_LUIGID_CONFIG  a luigi configuration file for
                             luigid ([scheduler], [resources], ...), checked and
@@ -90,7 +94,8 @@ parse_args() {
             -h|--help) usage; exit 0 ;;
             --no-iap-ssh) IAP_SSH=0; shift; continue ;;
             --min-nodes|--max-nodes|--nodes|--node-machine-type|--scheduler-machine-type|\
-            --max-concurrent|--idle-minutes|--release|--secret|--subnet-cidr|--luigid-config) flag_arg "$@" ;;
+            --max-concurrent|--idle-minutes|--release|--secret|--subnet-cidr|--luigid-config|\
+            --pipeline-service-account) flag_arg "$@" ;;
             --package|--version) die "${1%%=*} is gone: the VMs install the release built from this checkout (see --release)" ;;
             *) die "unknown argument: $1 (see --help)" ;;
         esac
@@ -106,6 +111,7 @@ parse_args() {
             --secret) SECRETS+=("$VALUE") ;;
             --subnet-cidr) SUBNET_CIDR=$VALUE ;;
             --luigid-config) LUIGID_CONFIG=$VALUE ;;
+            --pipeline-service-account) PIPELINE_SA=$VALUE ;;
         esac
         shift "$SHIFT"
     done
@@ -276,6 +282,14 @@ grant_permissions() {
                 --member="$NODE_MEMBER" --role=roles/secretmanager.secretAccessor >/dev/null
         fi
     done
+    [[ -n "$PIPELINE_SA" ]] || return 0
+    if binding_exists roles/iam.serviceAccountTokenCreator "$NODE_MEMBER" "$PIPELINE_SA" iam service-accounts; then
+        log "exists:   token creator grant on $PIPELINE_SA"
+    else
+        log "creating: token creator grant on $PIPELINE_SA (pipelines' tokens, minted by the nodes)"
+        retry gc iam service-accounts add-iam-policy-binding "$PIPELINE_SA" \
+            --member="$NODE_MEMBER" --role=roles/iam.serviceAccountTokenCreator >/dev/null
+    fi
 }
 
 # A VPC of its own: nothing but the rules below lets traffic in, so luigid is
@@ -377,6 +391,7 @@ create_nodes() {
     metadata+="|poltergust-backlog-subscription=$BACKLOG|poltergust-max-concurrent=$MAX_CONCURRENT"
     metadata+="|poltergust-retire-after=$((IDLE_MINUTES * 60))|poltergust-min-nodes=$MIN_NODES"
     ((${#SECRETS[@]} == 0)) || metadata+="|poltergust-secrets=${SECRETS[*]}"
+    [[ -z "$PIPELINE_SA" ]] || metadata+="|poltergust-pipeline-service-account=$PIPELINE_SA"
     metadata+="|enable-oslogin=TRUE|block-project-ssh-keys=TRUE"
     checksum=$( { printf '%s\n' "$metadata" "$NODE_MACHINE_TYPE" "$NODE_DISK_SIZE" "$IMAGE_FAMILY" \
         "$IMAGE_PROJECT" "$SUBNET" "$NODE_SA"; cat "$INIT_SCRIPT"; } | cksum | cut -d' ' -f1)

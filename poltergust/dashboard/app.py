@@ -12,13 +12,14 @@ import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 from urllib.parse import urlencode
 
 import jinja2
 from aiohttp import web
 
 from poltergust import layout
+from poltergust.hosts import allowed_hosts, host_name
 from poltergust.node.heartbeat import Heartbeat, read_heartbeats, version
 from poltergust.run.log_index import log_parts, read_log
 from poltergust.storage import NotFound, ObjectStore, StorageError, open_store
@@ -112,9 +113,20 @@ def _link(request: web.Request, changes: dict[str, Any]) -> str:
     return f"{request.path}?{urlencode(query)}" if query else request.path
 
 
-def create_app(dashboard: Dashboard) -> web.Application:
+def host_check(hosts: frozenset[str]) -> Any:
+    """Refuse requests for a name the dashboard does not serve (a rebound name reads nothing)."""
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if host_name(request.headers.get("Host", "")) not in hosts:
+            raise web.HTTPForbidden(text=f"Host {request.headers.get('Host', '')!r} is not one of this dashboard's "
+                                         "names (see --allowed-host)\n")
+        return await handler(request)
+    return check
+
+
+def create_app(dashboard: Dashboard, hosts: frozenset[str] = allowed_hosts((), None)) -> web.Application:
     templates = _templates()
-    app = web.Application()
+    app = web.Application(middlewares=[host_check(hosts)])
 
     def render(name: str, request: web.Request, **context: Any) -> web.Response:
         context.update(paths=[location.url() for location in dashboard.locations], version=version(),
@@ -211,10 +223,10 @@ def create_app(dashboard: Dashboard) -> web.Application:
 
 @contextlib.asynccontextmanager
 async def dashboard_server(paths: list[str], scheduler_url: str = "", host: str = "127.0.0.1",
-                           port: int = 8090) -> AsyncIterator[str]:
-    """Serve the dashboard on the running loop; yields its URL."""
+                           port: int = 8090, allowed: Sequence[str] = ()) -> AsyncIterator[str]:
+    """Serve the dashboard on the running loop; yields its URL. `allowed`: names besides loopback and `host`."""
     dashboard = Dashboard(paths, scheduler_url)
-    runner = web.AppRunner(create_app(dashboard), access_log=None)
+    runner = web.AppRunner(create_app(dashboard, allowed_hosts(allowed, host)), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
@@ -224,8 +236,8 @@ async def dashboard_server(paths: list[str], scheduler_url: str = "", host: str 
         await dashboard.close()
 
 
-async def serve(paths: list[str], scheduler_url: str, host: str, port: int) -> None:
+async def serve(paths: list[str], scheduler_url: str, host: str, port: int, allowed: Sequence[str] = ()) -> None:
     """Serve until cancelled (Ctrl-C)."""
-    async with dashboard_server(paths, scheduler_url, host, port) as url:
+    async with dashboard_server(paths, scheduler_url, host, port, allowed) as url:
         print(f"dashboard: {url}  (reading {', '.join(paths)})", flush=True)
         await asyncio.Event().wait()

@@ -23,7 +23,7 @@ import yaml
 
 from poltergust import layout
 from poltergust.run import claim
-from poltergust.config import ConfigError, load_yaml
+from poltergust.config import MAX_FILE_SIZE, ConfigError, load_yaml
 from poltergust.run.log_index import node_logs
 from poltergust.run.summary import summary_from_metadata
 from poltergust.storage import ObjectInfo, ObjectStore, StorageError
@@ -34,7 +34,8 @@ SNAPSHOT_SECONDS = 2.0
 """How long one listing serves every viewer."""
 CONCURRENT_READS = 16
 SECTION_LIMIT = 16 * 1024
-FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+RESULT_LIMIT = 2 * MAX_FILE_SIZE
+"""A result file holds its config (at most MAX_FILE_SIZE) and the node's section: larger is not a node's."""
 
 
 @dataclass
@@ -237,7 +238,7 @@ class PipelineList:
 
     async def _fetch_section(self, bucket: str, result: ObjectInfo) -> dict[str, Any]:
         try:
-            blob = await self.stores[bucket].read(result.name, result.generation)
+            blob = await self.stores[bucket].read(result.name, result.generation, max_bytes=RESULT_LIMIT)
         except StorageError as exc:
             return {"unreadable": str(exc)}
         return section_of(blob.data, f"{bucket}/{result.name}")
@@ -248,15 +249,16 @@ def section_of(data: bytes, source: str) -> dict[str, Any]:
 
     Nodes write that section last and the log tail last in it, so only that
     slice is parsed when it can be found, with libyaml when there is one: the
-    list reads hundreds of these. The slice is small, so it needs none of the
-    limits `load_yaml` puts on whole files, which parses anything else.
+    list reads hundreds of these. Anyone who can write to the bucket can write
+    a result file, so the slice and the whole file get the limits configs get
+    (a 672-byte alias bomb would otherwise take the process's memory).
     """
     start = data.rfind(b"\npoltergust:\n")
     end = data.find(b"\n  log_tail:", start)
     piece = data[start + 1:end if end > 0 else None] if start >= 0 else b""
     try:
-        document = yaml.load(piece, Loader=FAST_LOADER) if 0 < len(piece) <= SECTION_LIMIT else {}
-    except yaml.YAMLError:
+        document = load_yaml(piece, source, fast=True) if 0 < len(piece) <= SECTION_LIMIT else {}
+    except ConfigError:
         document = {}
     if not isinstance(document, dict):
         document = {}

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import watchfiles
 
 from poltergust.layout import INTERNAL, Location, is_config_name
-from poltergust.storage.local import LocalStore
+from poltergust.storage.local import LocalStore, no_links, open_no_follow
 from poltergust.events.base import ClosingSource, Event
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ class LocalEvents(ClosingSource):
             return
         key = (location.bucket, name)
         try:
-            generation = path.stat().st_mtime_ns
+            info = os.lstat(path)
+            generation = info.st_mtime_ns if stat.S_ISREG(info.st_mode) else 0  # a link is no config
         except FileNotFoundError:
             generation = 0
         previous = self._known.get(key, 0)
@@ -106,7 +108,8 @@ class LocalEvents(ClosingSource):
 
     def _help(self, path: Path) -> None:
         try:
-            call = json.loads(path.read_text())
+            with os.fdopen(open_no_follow(path), "rb") as handle:
+                call = json.loads(handle.read(1 << 16))
             event = Event("help", call["bucket"], call["name"], int(call["generation"]), wanted=int(call["wanted"]),
                           wave=int(call["wave"]))
         except (OSError, ValueError, KeyError, TypeError):
@@ -117,8 +120,9 @@ class LocalEvents(ClosingSource):
         return await self._queue.get()
 
     async def call_for_help(self, bucket: str, name: str, generation: int, wanted: int, wave: int) -> None:
-        directory = Path(bucket[len("file://"):]) / HELP_DIRECTORY
-        await asyncio.to_thread(self._write_help, directory, json.dumps(
+        root = Path(bucket[len("file://"):]).resolve()
+        no_links(root, root / HELP_DIRECTORY)  # never write or delete calls in a folder elsewhere
+        await asyncio.to_thread(self._write_help, root / HELP_DIRECTORY, json.dumps(
             {"bucket": bucket, "name": name, "generation": generation, "wanted": wanted, "wave": wave}))
 
     @staticmethod
@@ -126,10 +130,11 @@ class LocalEvents(ClosingSource):
         directory.mkdir(parents=True, exist_ok=True)
         for old in directory.glob("*.json"):  # calls are heard at once or not at all: keep the folder small
             with contextlib.suppress(FileNotFoundError):
-                if time.time() - old.stat().st_mtime > HELP_KEPT_SECONDS:
+                if time.time() - old.lstat().st_mtime > HELP_KEPT_SECONDS:
                     old.unlink()
         temporary = directory / f".{uuid.uuid4().hex}.tmp"
-        temporary.write_text(body)
+        with os.fdopen(open_no_follow(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w") as handle:
+            handle.write(body)
         os.replace(temporary, directory / f"{uuid.uuid4().hex}.json")
 
     @property

@@ -10,11 +10,13 @@ scheduled, and the task graph says which pending tasks a worker could run
 and whether a failed task is to be retried under a retry policy the user set
 (`retrying`: a `retry_count` below luigid's unbounded default, per task or in
 `[scheduler]`, not yet used up).
-Everything else is luigid as shipped: same flags, API and pages.
+Requests from a browser on another site are refused (see `guard`: `--allowed-host NAME`, repeatable,
+adds a name nodes reach it by). Everything else is luigid as shipped: same flags, API and pages.
 Nodes ask for `poltergust_features` and do without assistants on a plain luigid.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Any, Sequence
 
@@ -22,6 +24,9 @@ import luigi.cmdline
 import luigi.scheduler
 import luigi.server
 from luigi.scheduler import Scheduler, rpc_method
+
+from poltergust.hosts import allowed_hosts
+from poltergust.luigid.guard import Guarded
 
 WORKER_PREFIX = "poltergust"
 UNSET_RETRY_COUNT = dict(luigi.scheduler.scheduler.get_params())["retry_count"]._default
@@ -75,11 +80,19 @@ def _retrying(task: Any) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    serve = luigi.server.run
+    given = list(sys.argv[1:] if argv is None else argv)
+    ours = argparse.ArgumentParser(add_help=False)
+    ours.add_argument("--allowed-host", action="append", default=[])
+    extra, rest = ours.parse_known_args(given)  # luigid's own parser does not know the flag
+    listening = argparse.ArgumentParser(add_help=False)
+    listening.add_argument("--address")
+    hosts = allowed_hosts(extra.allowed_host, listening.parse_known_args(rest)[0].address)
+    serve, build = luigi.server.run, luigi.server.app
 
     def run(*args: Any, scheduler: Scheduler | None = None, **kwargs: Any) -> None:
         serve(*args, scheduler=scheduler or PipelineScheduler(), **kwargs)
 
-    luigi.server.run = run  # luigid's own command line, with this scheduler
-    luigi.cmdline.luigid(list(sys.argv[1:] if argv is None else argv))
+    luigi.server.run = run  # luigid's own command line, with this scheduler, behind the guard
+    luigi.server.app = lambda scheduler: Guarded(build(scheduler), hosts)
+    luigi.cmdline.luigid(rest)
 

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import signal
 import tempfile
 from pathlib import Path
@@ -267,7 +268,9 @@ async def serve(settings: Settings) -> None:
         events = await stack.enter_async_context(
             open_events(settings.locations, settings.node_name, settings.project, settings.topic,
                         settings.subscription))
-        node = Node(settings, events, Environments(settings.env_dir, cache_size=settings.env_cache_size,
+        node_environ = {**os.environ, **settings.file_secrets}  # (file secrets stay out of os.environ)
+        node = Node(settings, events, Environments(settings.env_dir, node_environ,
+                                                   cache_size=settings.env_cache_size,
                                                    share=settings.share_environments, share_key=settings.share_key,
                                                    secret_names=settings.secret_env, builders=settings.run_as,
                                                    on_evict=lambda key: node.warm and node.warm.evicted(key)))

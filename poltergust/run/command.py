@@ -101,6 +101,28 @@ def luigi_command(python: Path, config: PipelineConfig, scheduler_url: str, work
     ]
 
 
+NOT_COMPLETE = 3
+CONFIRM_SCRIPT = """\
+import sys
+from luigi.cmdline_parser import CmdlineParser
+__import__(sys.argv[1])
+with CmdlineParser.global_instance(sys.argv[2:]) as parser:
+    task = parser.get_task_obj()
+sys.exit(0 if task.complete() else 3)
+"""
+"""Built from the same task arguments as luigi's command line, so it checks exactly the root task luigi runs."""
+
+
+def confirm_command(python: Path, config: PipelineConfig) -> list[str]:
+    """A command that exits 0 when the config's root task is complete by its own `complete()`, 3 when it is not.
+
+    luigid's task states are anyone's to set (any worker may report any task
+    DONE), so a node does not write done.yaml on luigid's word alone.
+    """
+    return [str(python), "-c", CONFIRM_SCRIPT, config.task.module, config.task.name,
+            *task_arguments(config.task.arguments)]
+
+
 def luigi_environ(
     node_environ: Mapping[str, str], environment: EnvironmentSpec, config: PipelineConfig,
     extra: Mapping[str, str],

@@ -29,7 +29,9 @@ from poltergust.node import metrics
 from poltergust.node.log_format import CURRENT_RUN
 from poltergust.node.notify import Notifier
 from poltergust.run import claim
-from poltergust.run.command import Outcome, luigi_command, luigi_environ, node_extra_environ, worker_id
+from poltergust.run.command import (Outcome, confirm_command, luigi_command, luigi_environ, node_extra_environ,
+                                      worker_id)
+from poltergust.run.credentials import Impersonation, metadata_endpoint
 from poltergust.run.log import LogMirror, RunLog
 from poltergust.run.membership import CallForHelp, Membership
 from poltergust.run.participation import Participation
@@ -219,6 +221,8 @@ class Run:
             if self.settings.run_as is not None:
                 run_as = await stack.enter_async_context(self.settings.run_as.lease(
                     lambda: runlog.note("waiting for a free pipeline user (all of --run-as-pool are taken)")))
+            if self.settings.pipeline_service_account:
+                env.update(await self._metadata_endpoint(stack, runlog))
             cwd = await stack.enter_async_context(
                 work_directory(self.settings.data_dir / "work", safe_name(self.name), run_as))
             if run_as is not None:
@@ -231,10 +235,19 @@ class Run:
             start = warm.launcher(env_path, spec, config, runlog.note, run_as) if warm is not None else spawner(run_as)
             outcome = await Participation(command, env=env, cwd=cwd, runlog=runlog, scheduler_url=scheduler,
                                           outage_limit=self.settings.outage_limit, assistant=assistant,
-                                          recruit=self.membership.recruit, start=start).run()
+                                          recruit=self.membership.recruit, start=start,
+                                          confirm=confirm_command(env_path / "bin" / "python", config)).run()
         if not outcome.ok:
             raise RunFailed(outcome.reason)
         return outcome
+
+    async def _metadata_endpoint(self, stack: contextlib.AsyncExitStack, runlog: RunLog) -> dict[str, str]:
+        """The run's own metadata endpoint, with the pipeline service account's tokens (see `credentials`)."""
+        minter = Impersonation(self.settings.pipeline_service_account, self.settings.iam_credentials_url,
+                               self.context.secrets.environ.get("GCE_METADATA_HOST"))
+        host = await stack.enter_async_context(metadata_endpoint(minter, self.settings.project, runlog.add_secret))
+        runlog.note(f"Google credentials: {minter.email}, from a metadata endpoint at {host}")
+        return {"GCE_METADATA_HOST": host, "GCE_METADATA_IP": host}
 
     def _environment_object(self, url: str) -> tuple[str, str]:
         allowed = self.settings.environment_prefixes

@@ -25,7 +25,7 @@ from poltergust.node import metrics
 from poltergust.backoff import Backoff
 from poltergust.luigid.graph import Luigid, SchedulerError, Verdict
 from poltergust.run.log import RunLog
-from poltergust.run.command import NOT_RUN, OTHERS_RUNNING, Outcome, exit_reason
+from poltergust.run.command import NOT_COMPLETE, NOT_RUN, OTHERS_RUNNING, Outcome, exit_reason
 from poltergust.launch import assistant
 from poltergust.launch.sandbox import Launcher
 from poltergust.launch.processes import run_streaming
@@ -51,7 +51,8 @@ Recruit = Callable[[int], None]
 class Participation:
     def __init__(self, command: list[str], *, env: Mapping[str, str], cwd: Path, runlog: RunLog,
                  scheduler_url: str, outage_limit: float, assistant: bool = False, recruit: Recruit | None = None,
-                 start: Launcher = run_streaming, max_backoff: float = 30.0) -> None:
+                 start: Launcher = run_streaming, max_backoff: float = 30.0,
+                 confirm: list[str] | None = None) -> None:
         self.command = command
         self.env = env
         self.cwd = cwd
@@ -64,6 +65,8 @@ class Participation:
         self.start = start
         """Starts luigi: `run_streaming`, or a warm pool's runner (see `warm`)."""
         self.max_backoff = max_backoff
+        self.confirm = confirm
+        """Checks the root task's own `complete()` before luigid's DONE is believed (see `command.confirm_command`)."""
         self.luigid = Luigid(scheduler_url)
         self.root: str | None = None
         self.failed_here: set[str] = set()
@@ -194,7 +197,7 @@ class Participation:
         it is scheduled anew, so this node takes part again instead.
         """
         if current.state == "done":
-            return Outcome(True)
+            return await self._confirmed()
         parts = []
         for task_id, name in current.failed[:3]:
             try:
@@ -210,6 +213,19 @@ class Participation:
         reason = f"a luigi task failed: {'; '.join(parts)}{more}"
         self.runlog.note(reason)
         return Outcome(False, self.runlog.mask(reason))
+
+    async def _confirmed(self) -> Outcome:
+        """Done only if the pipeline's own luigi finds the root task complete, whatever luigid says."""
+        if self.confirm is None:
+            return Outcome(True)
+        self.runlog.note("the scheduler says the root task is DONE; checking its complete() in the environment")
+        code = await self.start(self.confirm, env=self.env, cwd=self.cwd, sink=self.runlog.write)
+        if code == 0:
+            return Outcome(True)
+        why = "its complete() is False" if code == NOT_COMPLETE else f"checking its complete() failed (exit {code})"
+        reason = f"the luigi scheduler says the root task is DONE, but {why}: luigid's DONE was not confirmed"
+        self.runlog.note(reason)
+        return Outcome(False, reason)
 
 
 async def wait_for_scheduler(url: str, runlog: RunLog, limit: float) -> bool:

@@ -262,3 +262,24 @@ class Intrude(_Output):
             except OSError:
                 pass
         self._write(json.dumps(found))
+
+
+class Token(_Output):
+    """Asks the metadata server its environment names (GCE_METADATA_HOST) for a token, as client libraries do."""
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "token.json"))
+
+    def run(self):
+        import urllib.request
+
+        host = os.environ.get("GCE_METADATA_HOST", "metadata.google.internal")
+        seen = {"host": host, "ip": os.environ.get("GCE_METADATA_IP")}
+        for key, path in (("token", "instance/service-accounts/default/token"),
+                          ("email", "instance/service-accounts/default/email"), ("project", "project/project-id")):
+            request = urllib.request.Request(f"http://{host}/computeMetadata/v1/{path}",
+                                             headers={"Metadata-Flavor": "Google"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                seen[key] = response.read().decode()
+        print(f"got token {json.loads(seen['token'])['access_token']}", flush=True)
+        self._write(json.dumps(seen))

@@ -66,6 +66,17 @@ resource "google_secret_manager_secret_iam_member" "node_reads_secrets" {
   member    = local.node_member
 }
 
+# Pipelines' Google credentials: the nodes mint short-lived tokens of the
+# pipeline service account (IAM Credentials generateAccessToken) for each run's
+# own metadata endpoint; runs cannot reach the metadata server, so they never
+# hold the node's token. Token creation is granted on that one account only.
+resource "google_service_account_iam_member" "node_mints_pipeline_tokens" {
+  count              = var.pipeline_service_account == "" ? 0 : 1
+  service_account_id = "projects/${var.project_id}/serviceAccounts/${var.pipeline_service_account}"
+  role               = "roles/iam.serviceAccountTokenCreator"
+  member             = local.node_member
+}
+
 # Pub/Sub: each node creates its own subscription on the topic when it starts
 # (every node must see every event). Creating a subscription is checked in
 # two places:

@@ -37,20 +37,21 @@ resource "google_compute_instance_template" "node" {
   # Read by node-init.sh: the release to install, and the node's settings.
   # Secrets are named here, never their values (node-init.sh reads those).
   metadata = {
-    poltergust-role                 = "node"
-    poltergust-path                 = local.pipeline_url
-    poltergust-scheduler-url        = local.scheduler_url
-    poltergust-topic                = google_pubsub_topic.bucket_events.name
-    poltergust-project              = var.project_id
-    poltergust-backlog-subscription = google_pubsub_subscription.backlog.name
-    poltergust-max-concurrent       = tostring(var.node_max_concurrent)
-    poltergust-retire-after         = tostring(var.node_idle_minutes * 60)
-    poltergust-min-nodes            = tostring(var.node_min_count)
-    poltergust-secrets              = join(" ", [for name, id in var.node_secrets : "${name}=${id}"])
-    poltergust-wheel-url            = local.release_metadata.wheel_url
-    poltergust-wheel-sha256         = local.release_metadata.wheel_sha256
-    poltergust-lock-url             = local.release_metadata.lock_url
-    poltergust-lock-sha256          = local.release_metadata.lock_sha256
+    poltergust-role                     = "node"
+    poltergust-path                     = local.pipeline_url
+    poltergust-scheduler-url            = local.scheduler_url
+    poltergust-topic                    = google_pubsub_topic.bucket_events.name
+    poltergust-project                  = var.project_id
+    poltergust-backlog-subscription     = google_pubsub_subscription.backlog.name
+    poltergust-max-concurrent           = tostring(var.node_max_concurrent)
+    poltergust-retire-after             = tostring(var.node_idle_minutes * 60)
+    poltergust-min-nodes                = tostring(var.node_min_count)
+    poltergust-secrets                  = join(" ", [for name, id in var.node_secrets : "${name}=${id}"])
+    poltergust-pipeline-service-account = var.pipeline_service_account
+    poltergust-wheel-url                = local.release_metadata.wheel_url
+    poltergust-wheel-sha256             = local.release_metadata.wheel_sha256
+    poltergust-lock-url                 = local.release_metadata.lock_url
+    poltergust-lock-sha256              = local.release_metadata.lock_sha256
     # ssh only with OS Login (IAM-controlled), never with keys in metadata.
     enable-oslogin         = "TRUE"
     block-project-ssh-keys = "TRUE"

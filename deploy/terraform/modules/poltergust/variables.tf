@@ -170,6 +170,17 @@ variable "node_secrets" {
   }
 }
 
+variable "pipeline_service_account" {
+  description = "Email of the service account whose short-lived tokens pipelines get (from a metadata endpoint of their own; runs never reach the node's). The nodes' account may mint tokens for exactly this one. Empty: pipelines get no Google credentials."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.pipeline_service_account == "" || can(regex("^[a-z][a-z0-9-]{4,29}@[a-z0-9.:-]+\\.iam\\.gserviceaccount\\.com$", var.pipeline_service_account))
+    error_message = "pipeline_service_account is a service account email (NAME@PROJECT.iam.gserviceaccount.com)."
+  }
+}
+
 variable "enable_iap_ssh" {
   description = "Allow ssh to the VMs through Identity-Aware Proxy (35.235.240.0/20), e.g. for the tunnel to the scheduler's web page."
   type        = bool
