@@ -75,6 +75,8 @@ def test_a_settings_field_default_is_its_flag_default() -> None:
     """`Settings(...)` built directly (as tests do) gets the values a node started without flags gets."""
     parsed = vars(build_parser({}).parse_args([]))
     for field in dataclasses.fields(Settings):
+        if "option" not in field.metadata:
+            continue  # derived, not a flag (the secrets read from --secrets-file)
         option = field.metadata["option"]
         if field.default is not dataclasses.MISSING and option.fallback is None and field.name == option.dest:
             assert parsed[option.dest] == field.default, option.flag
