@@ -21,6 +21,7 @@ command -v curl >/dev/null || missing+=(curl)                    # the boot test
 command -v systemd-analyze >/dev/null || missing+=(systemd)      # ... and scores its units
 command -v setpriv >/dev/null || missing+=(util-linux)           # --run-as
 command -v bwrap >/dev/null || missing+=(bubblewrap)             # --run-as: each run and build in a sandbox
+command -v nft >/dev/null || missing+=(nftables)                # the deploy's rule that keeps runs off the metadata server
 command -v git >/dev/null || missing+=(git)                      # git dependencies (tests/test_git_credentials.py)
 if ((${#missing[@]})); then
     if [ "$(id -u)" -ne 0 ]; then
