@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from poltergust.dashboard.pipelines import section_of
-from stack import ROOT, Server, _http_ok, free_port
+from harness import ROOT, Server, http_ok, free_port
 
 BOMB = ("task: {name: T}\npoltergust:\n  outcome: error\n  l: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
         + "".join(f"  l{level}: &{chr(98 + level)} [{', '.join([f'*{chr(97 + level)}'] * 9)}]\n"
@@ -32,7 +32,7 @@ class Dashboard(Server):
         self.wait_ready()
 
     def ready(self) -> bool:
-        return _http_ok(f"http://127.0.0.1:{self.port}/")
+        return http_ok(f"http://127.0.0.1:{self.port}/")
 
     def get(self, path: str, host: str | None = None, timeout: float = 10) -> tuple[int, str]:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)

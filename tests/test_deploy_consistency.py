@@ -22,7 +22,7 @@ from deploy_fixtures.fake_metadata import FakeMetadata
 from deploy_fixtures.gcloud_harness import FakeGcloud, find, make_release, metadata_of
 from poltergust.node import retire
 from poltergust.settings import build_parser
-from stack import ROOT
+from harness import ROOT
 from test_node_init import NODE_INIT, NODE_METADATA, RETIRE_UNIT, SCHEDULER_METADATA, run_init, unit_value
 
 MODULE = ROOT / "deploy" / "terraform" / "modules" / "poltergust"

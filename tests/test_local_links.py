@@ -15,8 +15,8 @@ import pytest
 
 from poltergust.storage import NotFound, StorageError
 from poltergust.storage.local import LocalStore
-from stack import wait_for
-from test_node import result, submit
+from harness import wait_for
+from harness import result, submit
 
 VICTIM = "virtualenv: {}\ndependencies: [luigi]\n"
 

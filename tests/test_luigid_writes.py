@@ -13,8 +13,8 @@ import json
 import urllib.parse
 from pathlib import Path
 
-from stack import Luigid, wait_for
-from test_node import result, submit
+from harness import Luigid, wait_for
+from harness import result, submit
 
 
 def rpc(luigid: Luigid, method: str, data: dict, headers: dict[str, str] | None = None) -> tuple[int, str]:

@@ -19,9 +19,9 @@ import pytest
 from deploy_fixtures.gcloud_harness import FakeGcloud, make_release
 from permission_audit import (MODULE, Grant, Needs, audit, gcloud_grants, needs, pubsub_calls, role_permissions,
                               storage_row, terraform_grants)
-from stack import ROOT, GatedProxy
+from harness import ROOT, GatedProxy
 from test_dashboard import Dashboard
-from test_node import result, submit
+from harness import result, submit
 
 CREATE = ROOT / "deploy" / "gcloud" / "create.sh"
 DATAPROC = ROOT / "clusters" / "dataproc-create-cluster.sh"

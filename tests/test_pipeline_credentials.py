@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from test_node import result, submit
+from harness import result, submit
 
 NODE_TOKEN = "node-token-never-for-runs"
 PIPELINE_ACCOUNT = "pipelines@my-project.iam.gserviceaccount.com"

@@ -19,7 +19,7 @@ import pytest
 
 from deploy_fixtures.fake_metadata import FakeMetadata
 from poltergust.node import metrics
-from stack import ROOT, wait_for
+from harness import ROOT, wait_for
 
 GROUP = "projects/my-proj/regions/europe-west4/instanceGroupManagers/poltergust-nodes"
 CREATED_BY = "projects/123456789/regions/europe-west4/instanceGroupManagers/poltergust-nodes"

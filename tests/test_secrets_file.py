@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from poltergust.settings import parse_settings
-from test_node import result, submit
+from harness import result, submit
 
 VALUE = "file-secret-value-3"
 
