@@ -92,7 +92,9 @@ class _BoundedLoader(yaml.SafeLoader):
 class _BoundedFastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """The same limits on libyaml's parser, for the dashboard's many small reads."""
 
-    construct_document = _BoundedLoader.construct_document
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_size(node, self.name)
+        return super().construct_document(node)
 
 
 def _flow_depth(text: str) -> int:

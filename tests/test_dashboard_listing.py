@@ -29,6 +29,7 @@ from poltergust.node.notify import Notifier
 from poltergust.run import claim
 from poltergust.run.summary import REASON_CHARS, document_summary, summary_from_metadata, summary_metadata
 from poltergust.storage import Blob, ObjectInfo, ObjectStore
+from poltergust.storage import local
 from poltergust.storage.local import LocalStore
 
 NOW = datetime(2026, 5, 1, 12, 0, 30, 250000, tzinfo=timezone.utc)
@@ -293,6 +294,14 @@ def test_local_listing_reads_each_generations_metadata_once(tmp_path: Path, monk
     reads: list[str] = []
     read_text = Path.read_text
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self.name) or read_text(self, *a, **k))
+    opened = local.open_no_follow  # side files are opened without following links; count the reads
+
+    def open_no_follow(path: Path, flags: int = os.O_RDONLY, *rest: int) -> int:
+        if flags == os.O_RDONLY:
+            reads.append(Path(path).name)
+        return opened(path, flags, *rest)
+
+    monkeypatch.setattr(local, "open_no_follow", open_no_follow)
 
     async def run() -> list[list[ObjectInfo]]:
         await store.write("pipeline/a.done.yaml", b"x", metadata={"poltergust-result-outcome": "done"})
