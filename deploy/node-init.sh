@@ -556,7 +556,10 @@ write_run_firewall() {
     fi
     local user uid rules=""
     for user in "$RUN_AS" $(seq -f "$RUN_AS-%g" "$RUN_AS_POOL"); do
-        uid=$(id -u "$user" 2>/dev/null) || uid="\"$user\""  # --root: the user may not exist here
+        if ! uid=$(id -u "$user" 2>/dev/null); then
+            [[ "$user" == "$RUN_AS" ]] || continue  # a pool user not created (--root creates no system user)
+            uid="\"$user\""
+        fi
         rules+="        meta skuid $uid ip daddr 169.254.169.254 counter reject"$'\n'
         rules+="        meta skuid $uid ip6 daddr fd20:ce::254 counter reject"$'\n'
     done
@@ -717,9 +720,7 @@ node_exec_start() {
     done
     words+=(--scheduler-url "$SCHEDULER_URL")
     [[ -z "$TOPIC" ]] || words+=(--topic "$TOPIC")
-    words+=(--project "$PROJECT" --http-host "$HEALTH_HOST" --http-port "$HEALTH_PORT"
-        --env-cache-size "$ENV_CACHE_SIZE" --min-free-disk "$MIN_FREE_DISK")
-    [[ -z "$RUN_AS" ]] || words+=(--run-as "$RUN_AS" --run-as-pool "$RUN_AS_POOL")
+    words+=(--project "$PROJECT" --http-host "$HEALTH_HOST" --http-port "$HEALTH_PORT")
     for entry in "${SECRETS[@]}"; do
         words+=(--secret-env "${entry%%=*}")
     done
@@ -728,7 +729,7 @@ node_exec_start() {
     # %d: the unit's credentials directory (LoadCredential=), a specifier exec_line would escape.
     ((!${#SECRETS[@]})) || printf ' --secrets-file %%d/node-secrets'
     words=(--env-cache-size "$ENV_CACHE_SIZE" --min-free-disk "$MIN_FREE_DISK")
-    [[ -z "$RUN_AS" ]] || words+=(--run-as "$RUN_AS")
+    [[ -z "$RUN_AS" ]] || words+=(--run-as "$RUN_AS" --run-as-pool "$RUN_AS_POOL")
     printf ' %s' "$(exec_line "${words[@]}")"
 }
 

@@ -265,7 +265,7 @@ def test_a_fleet_boots_from_the_bucket_and_runs_a_pipeline(
         assert node.systemctl() == ["daemon-reload", "enable poltergust-node.service",
                                     "restart poltergust-node.service"]
         assert directives(node.unit("poltergust-node.service"), "ExecStart")[0].endswith(
-            f" --run-as {RUN_AS} --run-as-pool 4 --secret-env BOOT_SECRET --secrets-file %d/node-secrets")
+            f" --run-as {RUN_AS} --run-as-pool 4")
         assert f"--root: not creating the system user {RUN_AS}" in node.result.stderr
         assert metadata.refused == [], "every request carried Metadata-Flavor: Google (and the token)"
         assert SECRET not in node.result.stderr
