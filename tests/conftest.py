@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-
 from harness import PROJECT, ROOT, TOPIC, WHEELHOUSE, Bucket, FakeGcs, LocalBucket, Luigid, Node, PubSubEmulator
 
 STACK_FIXTURES = {"pubsub", "gcs", "luigid", "stack"}
