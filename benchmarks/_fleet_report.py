@@ -267,7 +267,8 @@ def _summary(costs: list[PipelineCost], idles: list[Idle]) -> list[str]:
     low = min(single)
     return [
         f"- Per pipeline, every node costs ≈ {fmt(storage_slope, 1)} storage requests, "
-        f"{fmt(slope('a', lambda c: c.watched), 1)} messages and {fmt(slope('a', lambda c: c.cpu_above_idle) * 1000, 0)}"
+        f"{fmt(slope('a', lambda c: c.watched), 1)} messages and "
+        f"{fmt(slope('a', lambda c: c.cpu_above_idle) * 1000, 0)}"
         " ms of CPU whether or not it runs anything: hearing of the config, reading it, trying the start marker, "
         "and hearing of the claim, the result and the removal (not reading them). That is O(N), the part DESIGN.md "
         f"allows (one notification and one read per node), at {fmt(storage_slope, 1)} requests and "

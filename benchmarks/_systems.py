@@ -366,7 +366,8 @@ class Original:
             ):
                 code = subprocess.run(command, check=False, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
                 if code:
-                    raise RuntimeError(f"installing {ORIGINAL_REQUIREMENT} failed; see {log}:\n{log.read_text()[-2000:]}")
+                    raise RuntimeError(f"installing {ORIGINAL_REQUIREMENT} failed; see {log}:\n"
+                                       f"{log.read_text()[-2000:]}")
         self.install_seconds = time.monotonic() - started
         self.adapter_dir.mkdir(parents=True, exist_ok=True)
         (self.adapter_dir / "bench_original_adapter.py").write_text(ADAPTER_MODULE)

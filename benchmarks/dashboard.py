@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the harness
 from harness import Proxy, free_port, wait_for  # noqa: E402
 
 from poltergust.dashboard.pipelines import gather_limited  # noqa: E402
-from poltergust.run import claim  # noqa: E402
 from poltergust.layout import RunKey  # noqa: E402
+from poltergust.run import claim  # noqa: E402
 from poltergust.storage import GcsStore, ObjectStore  # noqa: E402
 from poltergust.storage.local import LocalStore  # noqa: E402
 

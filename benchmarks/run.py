@@ -191,7 +191,8 @@ class Bench:
     def plain_run(self) -> dict[str, float]:
         """One plain `luigi --module bench_noop Noop --scheduler-url ...` in the pipelines' environment."""
         name = self.ws.name("plain")
-        command = [str(self.python), "-m", "luigi", "--module", "bench_noop", "Noop", "--out", str(self.ws.output(name)),
+        command = [str(self.python), "-m", "luigi", "--module", "bench_noop", "Noop",
+                   "--out", str(self.ws.output(name)),
                    "--scheduler-url", self.ws.scheduler_url, "--no-lock"]
         with (self.ws.logs / "plain-luigi.log").open("ab") as handle:
             started = time.time()
@@ -594,7 +595,8 @@ def machine_facts(bench: Bench) -> dict[str, str]:
     return {
         "nproc": str(bench.cores),
         **machine(),
-        "luigi": f"{bench.env_luigi} in the pipelines' environment; {bench.original.luigi_version} running the original",
+        "luigi": f"{bench.env_luigi} in the pipelines' environment; "
+                 f"{bench.original.luigi_version} running the original",
         "load average (1 min) at start / end": " / ".join(f"{load:.1f}" for load in bench.load),
         "sampled every 5 s during the run: median / max": (f"{p50(bench.load_samples):.1f} / "
                                                            f"{max(bench.load_samples, default=float('nan')):.1f}"),
@@ -720,7 +722,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--original-skip", type=_pairs, default=None,
                         help="KxN makespans the original is left out of, comma-separated (default 200x3, "
                              "which takes it minutes; quick: none); '' runs it everywhere")
-    parser.add_argument("--makespan-timeout", type=float, default=900.0, help="seconds before a makespan gives up (default 900)")
+    parser.add_argument("--makespan-timeout", type=float, default=900.0,
+                        help="seconds before a makespan gives up (default 900)")
     parser.add_argument("--idle-seconds", type=float, help="idle window of measure 3 (default 60; quick 5)")
     parser.add_argument("--emulator-trials", type=int, help="pickups on the emulator stack (default 20; quick 3)")
     parser.add_argument("--in-flight", type=int, help="runs in flight for measure 6 (default 20; quick 3)")

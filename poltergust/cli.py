@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     command = commands.add_parser("dashboard", help="serve a read-only web view of pipelines, runs, logs and nodes")
     command.add_argument("--path", action="append", required=True, metavar="URL",
                          help="pipeline prefix the nodes watch: gs://BUCKET/PREFIX or a local directory; repeatable")
-    command.add_argument("--scheduler-url", default="", metavar="URL", help="luigid, to link each pipeline's task graph")
+    command.add_argument("--scheduler-url", default="", metavar="URL",
+                         help="luigid, to link each pipeline's task graph")
     command.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     command.add_argument("--port", type=int, default=8090, help="port to listen on (default: %(default)s)")
     command.add_argument("--allowed-host", action="append", default=[], metavar="NAME",

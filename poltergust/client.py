@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import yaml
 
-from poltergust.errors import PoltergustError
 from poltergust.config import ConfigError, PipelineConfig, load_yaml, parse_environment, parse_pipeline
+from poltergust.errors import PoltergustError
 from poltergust.layout import CONFIG_SUFFIX, Location, split_pipeline_object, split_url
 from poltergust.run.log_index import node_logs
 from poltergust.storage import NotFound, ObjectInfo, ObjectStore, StorageError, open_store

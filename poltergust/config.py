@@ -116,7 +116,8 @@ def _check_size(root: yaml.Node, source: str) -> None:
         node = stack.pop()
         seen += 1
         if seen > MAX_NODES:
-            raise ConfigError(source, f"document too complex (more than {MAX_NODES} YAML nodes after expanding aliases)")
+            raise ConfigError(source, f"document too complex (more than {MAX_NODES} YAML nodes after expanding "
+                                      "aliases)")
         if isinstance(node, yaml.SequenceNode):
             stack.extend(node.value)
         elif isinstance(node, yaml.MappingNode):
@@ -287,4 +288,5 @@ def _variables(document: Mapping[str, Any], source: str) -> dict[str, str]:
 def _kind(value: Any) -> str:
     if value is None:
         return "nothing"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), type(value).__name__)
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}
+    return names.get(type(value), type(value).__name__)

@@ -114,7 +114,7 @@ class RunKey(NamedTuple):
 
 def is_config_name(name: str, prefix: str) -> bool:
     """True for `PREFIX/NAME.config.yaml` directly under the prefix (no subfolders)."""
-    rest = name[len(prefix):] if name.startswith(prefix) else None
+    rest = name[len(prefix):] if name.startswith(prefix) else ""
     return bool(rest) and "/" not in rest and rest.endswith(CONFIG_SUFFIX) and len(rest) > len(CONFIG_SUFFIX)
 
 

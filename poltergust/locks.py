@@ -61,7 +61,7 @@ async def acquire(path: Path, shared: bool = False, poll: float = 0.05,
 
 @contextlib.asynccontextmanager
 async def held(path: Path, shared: bool = False, poll: float = 0.05,
-               on_wait: Callable[[], None] | None = None):  # type: ignore[no-untyped-def]
+               on_wait: Callable[[], None] | None = None):
     """`acquire` as an async context manager."""
     fd = await acquire(path, shared, poll, on_wait)
     try:

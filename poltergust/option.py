@@ -10,12 +10,12 @@ the backticks.
 """
 from __future__ import annotations
 
-from poltergust.errors import PoltergustError
-
 import argparse
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
+
+from poltergust.errors import PoltergustError
 
 Check = Callable[[Any], "str | None"]
 """A value's problem (said after the flag, e.g. "must be 10 to 600 seconds (got 5)"), or None when it is fine."""

@@ -6,19 +6,18 @@ of their own say so with `pytestmark`. `pytest -m "not stack"` runs the rest, wi
 """
 from __future__ import annotations
 
-import subprocess
 import os
+import subprocess
 import sys
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from harness import PROJECT, ROOT, TOPIC, WHEELHOUSE, Bucket, FakeGcs, LocalBucket, Luigid, Node, PubSubEmulator
 
 # deploy/node-init.sh --dry-run checks metadata with this Python, which must import poltergust.
 os.environ.setdefault("POLTERGUST_DRY_RUN_PYTHON", sys.executable)
-
-from harness import PROJECT, ROOT, TOPIC, WHEELHOUSE, Bucket, FakeGcs, LocalBucket, Luigid, Node, PubSubEmulator
 
 STACK_FIXTURES = {"pubsub", "gcs", "luigid", "stack"}
 """The fixtures that start the emulators or luigid."""

@@ -64,5 +64,9 @@ python -m pip download --quiet --no-binary :all: --no-deps --dest .sdists "luigi
 # shellcheck disable=SC1091
 source tests/setup/deploy-tools.sh
 
+# Lint and types first: a quick answer (tests/test_lint.py runs them again inside pytest).
+python -m ruff check poltergust tests benchmarks
+python -m mypy
+
 # shellcheck disable=SC2317  # reached: deploy-tools.sh returns when sourced
 python -m pytest -q "$@"

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from harness import WHEELHOUSE, wait_for
 
 from poltergust.config import parse_environment
 from poltergust.environments import Environments, archive, plan
 from poltergust.environments.archive import ArchiveRefused, Limits
-from harness import WHEELHOUSE, wait_for
 
 KEY_VARIABLE = "TEST_ARCHIVE_SHARE_KEY"
 SECRET = b"archive-test-key-" + os.urandom(16).hex().encode()

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 from google.cloud import pubsub_v1
-
-from poltergust.node.backlog import ensure_subscription
-from poltergust.layout import Location
-from poltergust.settings import parse_settings
 from harness import PROJECT, TOPIC, result, results, submit, wait_for
+
+from poltergust.layout import Location
+from poltergust.node.backlog import ensure_subscription
+from poltergust.settings import parse_settings
 
 SLEEP = {"name": "Sleep", "module": "poltergust_testpipes"}
 TOUCH = {"name": "Touch", "module": "poltergust_testpipes"}

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from harness import ROOT, leftovers
 from harness.markdown import number, tables
 

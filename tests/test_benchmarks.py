@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from harness import ROOT, leftovers
 from harness.markdown import number
 from harness.markdown import tables as markdown_tables
@@ -122,8 +121,8 @@ def test_dashboard_benchmark_runs_and_counts_right(tmp_path: Path) -> None:
     assert {row[0] for row in rows} == {"local directory", "GCS emulator"}
     assert {row[1] for row in rows} == {"summaries", "old format"}
     assert len(rows) == 28 and all(number(row[3]) > 0 for row in rows)
-    requests = {row[0]: row[2] for row in markdown_tables(result.stdout)["Storage requests of one cold overview on the GCS "
-                                                                  "emulator"]}
+    counted = markdown_tables(result.stdout)["Storage requests of one cold overview on the GCS emulator"]
+    requests = {row[0]: row[2] for row in counted}
     assert re.fullmatch(r"list \d+", requests["summaries"]), "with summaries, a cold overview only lists"
     assert "download" in requests["old format"]
     assert leftovers(tmp_path) == []

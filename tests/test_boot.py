@@ -34,10 +34,20 @@ from typing import Iterator
 
 import pytest
 import yaml
-
 from deploy_fixtures.fake_metadata import FakeMetadata
-from harness import (PROJECT, ROOT, TOPIC, WHEELHOUSE, Bucket, FakeGcs, PubSubEmulator, Server, free_port,
-                     resource_totals, wait_for)
+from harness import (
+    PROJECT,
+    ROOT,
+    TOPIC,
+    WHEELHOUSE,
+    Bucket,
+    FakeGcs,
+    PubSubEmulator,
+    Server,
+    free_port,
+    resource_totals,
+    wait_for,
+)
 
 pytestmark = pytest.mark.deploy
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from harness import ROOT, WHEELHOUSE, Node, Server, free_port, http_ok, poltergust, result, submit, wait_for
 
 

@@ -15,12 +15,11 @@ from typing import Callable, Iterator
 from zoneinfo import ZoneInfo
 
 import pytest
+from harness import ROOT, Server, free_port, http_ok, result, submit, wait_for
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 from poltergust.dashboard.screenshot import chrome, sample_bucket
-from harness import ROOT, Server, free_port, http_ok, result, submit, wait_for
-
 
 VIEWER_ZONE = "Asia/Kolkata"
 """Not UTC, and half an hour off: times must be shown in the viewer's zone."""
@@ -139,7 +138,8 @@ def test_pipelines_in_every_state_filters_live_log_and_a_silent_node(
     assert counts == {"queued": "1", "running": "1", "done": "1", "error": "1"}
     assert browser.find_element(By.ID, "zone").text in (VIEWER_ZONE, "Asia/Calcutta")  # ICU's older name
     stamp, text = browser.execute_script(
-        "const t = document.querySelector('tr[data-pipeline=good] time'); return [t.getAttribute('datetime'), t.textContent]")
+        "const t = document.querySelector('tr[data-pipeline=good] time'); "
+        "return [t.getAttribute('datetime'), t.textContent]")
     local = datetime.fromisoformat(stamp).astimezone(ZoneInfo(VIEWER_ZONE))
     assert f":{local.minute:02d}" in text and "UTC" not in text, f"{stamp} shown as {text}"
 

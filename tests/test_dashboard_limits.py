@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import ROOT, Server, free_port, http_ok
 
 from poltergust.dashboard.pipelines import section_of
-from harness import ROOT, Server, http_ok, free_port
 
 BOMB = ("task: {name: T}\npoltergust:\n  outcome: error\n  l: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
         + "".join(f"  l{level}: &{chr(98 + level)} [{', '.join([f'*{chr(97 + level)}'] * 9)}]\n"

@@ -28,8 +28,7 @@ from poltergust.layout import Location, RunKey
 from poltergust.node.notify import Notifier
 from poltergust.run import claim
 from poltergust.run.summary import REASON_CHARS, document_summary, summary_from_metadata, summary_metadata
-from poltergust.storage import Blob, ObjectInfo, ObjectStore
-from poltergust.storage import local
+from poltergust.storage import Blob, ObjectInfo, ObjectStore, local
 from poltergust.storage.local import LocalStore
 
 NOW = datetime(2026, 5, 1, 12, 0, 30, 250000, tzinfo=timezone.utc)

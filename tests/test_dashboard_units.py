@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from poltergust.node import heartbeat
 from poltergust import layout
 from poltergust.dashboard import charts
 from poltergust.dashboard.details import summarise
 from poltergust.dashboard.pipelines import group
+from poltergust.node import heartbeat
 from poltergust.storage import GcsStore
 from poltergust.storage.local import LocalStore
 
@@ -125,8 +125,7 @@ def test_charts_count_finished_runs_and_pickup_by_hour(tmp_path: Path) -> None:
     now = datetime(2024, 5, 1, 12, 30, tzinfo=timezone.utc)
     store = LocalStore(tmp_path)
     objects = []
-    for index, (name, minutes) in enumerate([("a.done.yaml", 10), ("b.error.yaml", 20), ("c.done.yaml", 70),
-                                             ("d.done.yaml", 60 * 30)]):
+    for name, minutes in [("a.done.yaml", 10), ("b.error.yaml", 20), ("c.done.yaml", 70), ("d.done.yaml", 60 * 30)]:
         path = tmp_path / "pipeline" / name
         path.parent.mkdir(exist_ok=True)
         path.write_text("x")

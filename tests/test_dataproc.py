@@ -9,9 +9,15 @@ import hashlib
 from pathlib import Path
 
 import pytest
-
-from deploy_fixtures.gcloud_harness import (FakeGcloud, assert_flags, find, make_release, metadata_of, mutations,
-                                            release_attributes)
+from deploy_fixtures.gcloud_harness import (
+    FakeGcloud,
+    assert_flags,
+    find,
+    make_release,
+    metadata_of,
+    mutations,
+    release_attributes,
+)
 
 pytestmark = pytest.mark.deploy
 

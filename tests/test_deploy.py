@@ -17,9 +17,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from deploy_fixtures.gcloud_harness import (FakeGcloud, assert_flags, find, make_release, matches, metadata_of,
-                                            mutations, release_attributes)
+from deploy_fixtures.gcloud_harness import (
+    FakeGcloud,
+    assert_flags,
+    find,
+    make_release,
+    matches,
+    metadata_of,
+    mutations,
+    release_attributes,
+)
 
 pytestmark = pytest.mark.deploy
 

@@ -17,13 +17,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from deploy_fixtures.fake_metadata import FakeMetadata
 from deploy_fixtures.gcloud_harness import FakeGcloud, find, make_release, metadata_of
-from poltergust.node import retire
-from poltergust.settings import build_parser
 from harness import ROOT
 from test_node_init import NODE_INIT, NODE_METADATA, RETIRE_UNIT, SCHEDULER_METADATA, run_init, unit_value
+
+from poltergust.node import retire
+from poltergust.settings import build_parser
 
 MODULE = ROOT / "deploy" / "terraform" / "modules" / "poltergust"
 FULL = {"node": {**NODE_METADATA, "poltergust-max-concurrent": "4", "poltergust-backlog-subscription": "backlog",

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from harness import WHEELHOUSE, GatedProxy, get_in_task, offline, pipe_task, result, run_log, run_logs, submit, wait_for
 
 from poltergust.config import parse_environment
 from poltergust.environments import Environments, interpreters, parse_size, plan
 from poltergust.environments import archive as env_archive
 from poltergust.environments.plan import installer_settings
-from poltergust.storage.local import LocalStore
 from poltergust.run.log import RunLog
-from harness import WHEELHOUSE, GatedProxy, get_in_task, offline, pipe_task, result, run_log, run_logs, submit, wait_for
+from poltergust.storage.local import LocalStore
 
 VERSION = "import sys; print('%d.%d' % sys.version_info[:2])"
 KEY_LENGTH = 32

@@ -28,9 +28,8 @@ from typing import Iterator
 
 import pytest
 import yaml
-from uv import find_uv_bin
-
 from harness import free_port, wait_for
+from uv import find_uv_bin
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "top_artists"

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from harness import Faults, Proxy, result, results, submit, wait_for
 
 GCS = pytest.mark.parametrize("backend", ["gcs"], indirect=True)

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 from google.cloud import pubsub_v1
+from harness import PROJECT, ROOT, TOPIC, Bucket, wait_for
+from pubsub_filter import FilterError, compile_filter, passes
 
-from harness import PROJECT, TOPIC
 from poltergust.events.pubsub import PubSubEvents, backlog_filter, subscription_filter
 from poltergust.layout import Location
-from pubsub_filter import FilterError, compile_filter, passes
-from harness import ROOT, Bucket, wait_for
 
 MAIN_TF = ROOT / "deploy" / "terraform" / "modules" / "poltergust" / "main.tf"
 CREATE = ROOT / "deploy" / "gcloud" / "create.sh"

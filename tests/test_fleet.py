@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from google.cloud import pubsub_v1
-
 from harness import PROJECT, TOPIC, alive, free_port, result, results, scrape, submit, wait_for
 
 

@@ -21,9 +21,19 @@ import pytest
 import yaml
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
-
-from harness import (PROJECT, TOPIC, Bucket, GatedProxy, Luigid, Node, PubSubEmulator, free_port, result, submit,
-                     wait_for)
+from harness import (
+    PROJECT,
+    TOPIC,
+    Bucket,
+    GatedProxy,
+    Luigid,
+    Node,
+    PubSubEmulator,
+    free_port,
+    result,
+    submit,
+    wait_for,
+)
 
 GCS = pytest.mark.parametrize("backend", ["gcs"], indirect=True)
 

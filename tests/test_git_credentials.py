@@ -17,13 +17,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from harness import WHEELHOUSE, get_in_task, offline, pipe_task, result, run_log, run_logs, submit, wait_for
 
 from poltergust.config import parse_environment
 from poltergust.environments import EnvironmentBuildError, Environments, git_credentials
 from poltergust.environments.interpreters import Interpreter
 from poltergust.environments.plan import Plan
 from poltergust.run.log import RunLog
-from harness import WHEELHOUSE, get_in_task, offline, pipe_task, result, run_log, run_logs, submit, wait_for
 
 TOKEN = f"tok-{os.urandom(8).hex()}"
 WRONG = f"wrong-{os.urandom(8).hex()}"

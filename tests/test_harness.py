@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from harness import ROOT, Fault, Proxy, wait_for
 
 

@@ -5,15 +5,15 @@ from datetime import datetime, timezone
 
 import pytest
 import yaml
+from harness import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from poltergust.config import ConfigError, parse_environment, parse_pipeline
 from poltergust.events.pubsub import parse_notification
-from poltergust.run.claim import Result, result_document
 from poltergust.layout import Location
 from poltergust.layout import safe_name as _safe
-from harness import wait_for
+from poltergust.run.claim import Result, result_document
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20))
 documents = st.recursive(scalars, lambda inner: st.one_of(

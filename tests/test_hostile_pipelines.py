@@ -11,7 +11,6 @@ from urllib.parse import quote
 
 import pytest
 import yaml
-
 from harness import free_port, offline, pipe_task, result, submit, wait_for
 
 TOKEN = "ghp_SuperSecret/Token+42"
@@ -76,7 +75,8 @@ def test_nested_and_oversized_configs_end_as_errors_once(start_node, bucket, tmp
     assert "nested.config.yaml: nested too deeply" in nested
     huge = result(bucket, "huge", "error")["poltergust"]["reason"]
     assert "huge.config.yaml" in huge and "at most 262144 bytes" in huge
-    wait_for(lambda: not bucket.exists("pipeline/nested.config.yaml") and not bucket.exists("pipeline/huge.config.yaml"),
+    wait_for(lambda: not bucket.exists("pipeline/nested.config.yaml")
+             and not bucket.exists("pipeline/huge.config.yaml"),
              30, "both configs to be moved to their results")
     scans = node.output().count("scanned:")
     wait_for(lambda: node.output().count("scanned:") >= scans + 2, 30, "two more rescans")
@@ -140,8 +140,8 @@ def test_run_as_keeps_pipelines_out_of_the_cache_and_the_node(
         out.mkdir(mode=0o777)
         os.chmod(out, 0o777)
         envs, data = root / "environments", root / "data"
-        node = start_node("node-a", "--run-as", RUN_AS, "--data-dir", str(data), "--env-dir", str(envs),
-                          "--warm", warm)
+        start_node("node-a", "--run-as", RUN_AS, "--data-dir", str(data), "--env-dir", str(envs),
+                   "--warm", warm)
         shutil.copytree(wheelhouse, root / "wheels")
         bucket.upload("environment/sys.yaml", "virtualenv:\n  python: /usr/bin/python3\n"
                       + environment_yaml.replace(str(wheelhouse), str(root / "wheels")))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from harness import free_port, scrape, wait_for
 
 PIPELINES = 200

@@ -12,11 +12,10 @@ import os
 from pathlib import Path
 
 import pytest
+from harness import result, submit, wait_for
 
 from poltergust.storage import NotFound, StorageError
 from poltergust.storage.local import LocalStore
-from harness import wait_for
-from harness import result, submit
 
 VICTIM = "virtualenv: {}\ndependencies: [luigi]\n"
 

@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Mapping
 
 import pytest
+from harness import poltergust, result, submit, wait_for
 
 from poltergust import layout
-from poltergust.dashboard.details import DetailsReader, MAX_SHOWN
+from poltergust.dashboard.details import MAX_SHOWN, DetailsReader
 from poltergust.run.log import LogMirror, RunLog
 from poltergust.run.log_index import PART_SIZE, log_parts, node_logs, part_name, read_log
 from poltergust.storage import LocalStore, ObjectInfo, open_store
-
-from harness import poltergust, result, submit, wait_for
 
 CONFIG = "pipeline/long.config.yaml"
 NAME = layout.log_name(CONFIG, 7, "node-a")

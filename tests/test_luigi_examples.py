@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from uv import find_uv_bin
-
 from harness import WHEELHOUSE, Luigid, Node, result, submit, wait_for
 from harness.luigi_examples import ROOT_VARIABLE, build_wheel, find_sdist, missing_sdist_message
+from uv import find_uv_bin
+
 from poltergust.run.command import RETCODE_OPTIONS
 
 NODES = ("node-a", "node-b", "node-c")

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from harness import Luigid, Node, resource_totals, result, submit, wait_for
 
 from poltergust.luigid.configuration import luigid_config
-from harness import Luigid, Node, resource_totals, result, submit, wait_for
 
 FRAGMENT = ("[resources]\nacc_db = 2\n"
             "[scheduler]\nretry_count = 3\nretry_delay = 1\nworker_disconnect_delay = 10\n")

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import LocalBucket, Node, free_port, resource_totals
 
 from poltergust.luigid.configuration import FLEET_DEFAULTS, LuigidConfigError, luigid_config, parse_fragment
 from poltergust.settings import parse_settings
-from harness import LocalBucket, Node, free_port, resource_totals
 
 
 def _read(text: str) -> dict[str, dict[str, str]]:

@@ -13,8 +13,7 @@ import json
 import urllib.parse
 from pathlib import Path
 
-from harness import Luigid, wait_for
-from harness import result, submit
+from harness import Luigid, result, submit, wait_for
 
 
 def rpc(luigid: Luigid, method: str, data: dict, headers: dict[str, str] | None = None) -> tuple[int, str]:

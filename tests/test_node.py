@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-
 from harness import result, submit, wait_for
+
 
 def test_uploaded_config_runs_to_done(start_node, bucket, environment_yaml: str, tmp_path: Path) -> None:
     node = start_node("node-a")

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from harness import PROJECT, TOPIC, Bucket, Node, PubSubEmulator, free_port, result, scrape, submit, wait_for
 
 TOUCH = {"name": "Touch", "module": "poltergust_testpipes"}

@@ -15,13 +15,21 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from deploy_fixtures.gcloud_harness import FakeGcloud, make_release
-from permission_audit import (MODULE, Grant, Needs, audit, gcloud_grants, needs, pubsub_calls, role_permissions,
-                              storage_row, terraform_grants)
-from harness import ROOT, GatedProxy
+from harness import ROOT, GatedProxy, result, submit
+from permission_audit import (
+    MODULE,
+    Grant,
+    Needs,
+    audit,
+    gcloud_grants,
+    needs,
+    pubsub_calls,
+    role_permissions,
+    storage_row,
+    terraform_grants,
+)
 from test_dashboard import Dashboard
-from harness import result, submit
 
 CREATE = ROOT / "deploy" / "gcloud" / "create.sh"
 DATAPROC = ROOT / "clusters" / "dataproc-create-cluster.sh"

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from harness import result, submit
 
 NODE_TOKEN = "node-token-never-for-runs"

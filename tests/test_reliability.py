@@ -6,7 +6,6 @@ import signal
 from pathlib import Path
 
 import yaml
-
 from harness import alive, result, results, submit, wait_for
 
 SLEEP = {"name": "Sleep", "module": "poltergust_testpipes"}

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from deploy_fixtures.fake_metadata import FakeMetadata
-from poltergust.node import metrics
 from harness import ROOT, wait_for
+
+from poltergust.node import metrics
 
 GROUP = "projects/my-proj/regions/europe-west4/instanceGroupManagers/poltergust-nodes"
 CREATED_BY = "projects/123456789/regions/europe-west4/instanceGroupManagers/poltergust-nodes"

@@ -25,7 +25,6 @@ from typing import Iterator
 
 import pytest
 import yaml
-
 from harness import WHEELHOUSE, result, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("bwrap") is None,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from harness import result, submit
 
 from poltergust.settings import parse_settings
-from harness import result, submit
 
 VALUE = "file-secret-value-3"
 

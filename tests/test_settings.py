@@ -15,12 +15,13 @@ from poltergust.settings import DEFAULT_ROOT, OPTIONS, Settings, build_parser, p
 ROOT = Path(__file__).resolve().parent.parent
 
 FLAGS = [
-    "path", "node-name", "data-dir", "env-dir", "scheduler-url", "embedded-scheduler-port", "scheduler-config", "project", "topic",
-    "subscription", "backlog-subscription", "backlog-ack-deadline", "backlog-max-lease", "env-cache-size",
-    "share-environments", "share-environments-key-env", "max-concurrent", "rescan-interval", "outage-limit",
-    "claim-grace", "start-stale-after", "log-upload-interval", "heartbeat-interval", "notify-url", "secret-env",
-    "secrets-file", "pipeline-service-account", "iam-credentials-url", "allowed-environment-prefix", "run-as", "run-as-pool", "warm", "warm-idle-seconds", "warm-prestart", "min-free-disk",
-    "http-host", "http-port", "log-level", "log-format",
+    "path", "node-name", "data-dir", "env-dir", "scheduler-url", "embedded-scheduler-port", "scheduler-config",
+    "project", "topic", "subscription", "backlog-subscription", "backlog-ack-deadline", "backlog-max-lease",
+    "env-cache-size", "share-environments", "share-environments-key-env", "max-concurrent", "rescan-interval",
+    "outage-limit", "claim-grace", "start-stale-after", "log-upload-interval", "heartbeat-interval", "notify-url",
+    "secret-env", "secrets-file", "pipeline-service-account", "iam-credentials-url", "allowed-environment-prefix",
+    "run-as", "run-as-pool", "warm", "warm-idle-seconds", "warm-prestart", "min-free-disk", "http-host", "http-port",
+    "log-level", "log-format",
 ]
 
 

@@ -15,9 +15,9 @@ from poltergust.environments import Environments, plan
 from poltergust.events.pubsub import parse_notification
 from poltergust.layout import Location, RunKey, is_config_name, split_url
 from poltergust.node.notify import Notifier
+from poltergust.run.command import task_arguments
 from poltergust.run.execute import Run, RunContext
 from poltergust.run.log import RunLog
-from poltergust.run.command import task_arguments
 from poltergust.secret_env import SecretEnv
 from poltergust.settings import Settings
 from poltergust.storage import Blob, ObjectInfo, PreconditionFailed, StorageError

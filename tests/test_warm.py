@@ -15,7 +15,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from harness import WHEELHOUSE, free_port, result, run_log, submit, wait_for
 
 FORKED = "luigi forked from the environment's warm interpreter"

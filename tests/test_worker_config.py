@@ -5,10 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
+from harness import result, submit
 
 from poltergust.config import ConfigError, parse_pipeline
 from poltergust.run.worker_config import LuigiSettingError, write_run_config
-from harness import result, submit
 
 SOURCE = "gs://b/pipeline/p.config.yaml"
 BASE = "environment: e.yaml\ntask: {name: T, module: m}\n"

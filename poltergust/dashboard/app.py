@@ -19,13 +19,13 @@ import jinja2
 from aiohttp import web
 
 from poltergust import layout
+from poltergust.dashboard import charts
+from poltergust.dashboard.details import DetailsReader
+from poltergust.dashboard.pipelines import STATES, PipelineList
 from poltergust.hosts import allowed_hosts, host_name
 from poltergust.node.heartbeat import Heartbeat, read_heartbeats, version
 from poltergust.run.log_index import log_parts, read_log
 from poltergust.storage import NotFound, ObjectStore, StorageError, open_store
-from poltergust.dashboard import charts
-from poltergust.dashboard.details import DetailsReader
-from poltergust.dashboard.pipelines import STATES, PipelineList
 
 HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 50
@@ -98,7 +98,7 @@ def _seconds(value: float | None) -> str:
     return f"{int(value // 3600)} h {int(value % 3600 // 60)} min"
 
 
-def _size(value: int) -> str:
+def _size(value: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if value < 1000 or unit == "TB":
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"

@@ -8,20 +8,21 @@ covers earlier submissions too, whose result files were overwritten since.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import quote
 
 import aiohttp
 
 from poltergust import layout
 from poltergust.config import ConfigError, TaskSpec, parse_pipeline
+from poltergust.dashboard.pipelines import LruCache, Pipeline, gather_limited, group, section_of
 from poltergust.run.log_index import NodeLog, node_logs, read_log
 from poltergust.storage import NotFound, ObjectInfo, ObjectStore, StorageError
-from poltergust.dashboard.pipelines import LruCache, Pipeline, gather_limited, group, section_of
 
 MAX_GENERATIONS = 20
 """Runs shown in the timeline; older ones are left out."""
@@ -137,7 +138,7 @@ class DetailsReader:
         details.shown = next((run for run in details.runs if run.generation == generation), None) \
             or (details.runs[0] if details.runs else None)
         if details.shown is not None:
-            texts = await gather_limited([lambda n=n: self._text(store, n.parts) for n in details.shown.nodes])
+            texts = await gather_limited([functools.partial(self._text, store, n.parts) for n in details.shown.nodes])
             details.logs = {n.node: text for n, text in zip(details.shown.nodes, texts)}
         if self.scheduler_url and details.task is not None:
             details.luigi_url = await self.luigi_link(details.task)
@@ -146,7 +147,7 @@ class DetailsReader:
     async def _runs(self, store: ObjectStore, logs: list[NodeLog], current: int | None) -> list[Run]:
         generations = sorted({log.generation for log in logs}, reverse=True)[:MAX_GENERATIONS]
         wanted = [log for log in logs if log.generation in generations]
-        summaries = await gather_limited([lambda log=log: self._summary(store, log) for log in wanted])
+        summaries = await gather_limited([functools.partial(self._summary, store, log) for log in wanted])
         runs = {generation: Run(generation, [], generation == current) for generation in generations}
         for log, (began, outcome, claimed) in zip(wanted, summaries):
             runs[log.generation].nodes.append(
@@ -235,7 +236,7 @@ class DetailsReader:
         return f"{base}#search__search={quote(task.name, safe='')}"
 
 
-def _same_params(params: Any, arguments: dict[str, Any]) -> bool:
+def _same_params(params: Any, arguments: Mapping[str, Any]) -> bool:
     """Whether luigid's serialised parameters agree with every argument the config gives."""
     if not isinstance(params, dict):
         return False

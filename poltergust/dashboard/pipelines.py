@@ -13,6 +13,7 @@ a result file's generation never changes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,8 +23,8 @@ from typing import Any, Awaitable, Callable, Iterable, TypeVar
 import yaml
 
 from poltergust import layout
-from poltergust.run import claim
 from poltergust.config import MAX_FILE_SIZE, ConfigError, load_yaml
+from poltergust.run import claim
 from poltergust.run.log_index import node_logs
 from poltergust.run.summary import summary_from_metadata
 from poltergust.storage import ObjectInfo, ObjectStore, StorageError
@@ -194,7 +195,7 @@ class PipelineList:
                 continue
             pipelines.extend(group(index, location.bucket, location.prefix, objects))
         waiting = [pipeline for pipeline in pipelines if pipeline.config is not None]
-        await gather_limited([lambda p=pipeline: self._find_nodes(p) for pipeline in waiting])
+        await gather_limited([functools.partial(self._find_nodes, pipeline) for pipeline in waiting])
         pipelines.sort(key=lambda pipeline: (pipeline.updated, pipeline.name), reverse=True)
         self.problems = problems
         return pipelines
@@ -224,7 +225,7 @@ class PipelineList:
 
     async def read_sections(self, pipelines: list[Pipeline]) -> None:
         """Fill the result section of finished pipelines the listing has no summary of, reading each file once."""
-        await gather_limited([lambda p=pipeline: self._read_section(p) for pipeline in pipelines
+        await gather_limited([functools.partial(self._read_section, pipeline) for pipeline in pipelines
                               if pipeline.result is not None and not pipeline.section])
 
     async def _read_section(self, pipeline: Pipeline) -> None:

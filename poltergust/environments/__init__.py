@@ -18,19 +18,19 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from poltergust.errors import PoltergustError
-from poltergust.launch.users import UserPool
-from poltergust.node import metrics
 from poltergust.config import EnvironmentSpec
-from poltergust.run.log import RunLog
-from poltergust.secret_env import SecretEnv
-from poltergust.storage import StorageError
 from poltergust.environments import plan
 from poltergust.environments.build import Builder
 from poltergust.environments.cache import Cache, parse_size
 from poltergust.environments.interpreters import Interpreter
 from poltergust.environments.plan import EnvironmentBuildError, Plan
 from poltergust.environments.share import Sharing
+from poltergust.errors import PoltergustError
+from poltergust.launch.users import UserPool
+from poltergust.node import metrics
+from poltergust.run.log import RunLog
+from poltergust.secret_env import SecretEnv
+from poltergust.storage import StorageError
 
 __all__ = ["Environments", "EnvironmentBuildError", "parse_size"]
 

@@ -200,7 +200,7 @@ def unpack(archive: Path, destination: Path, interpreter: str, metadata: Mapping
     try:
         with gzip.open(archive, "rb") as stream:
             bounded = _Bounded(stream, bytes_allowed + (members_allowed + 10) * 4096)
-            with tarfile.open(fileobj=bounded, mode="r:") as tar:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=bounded, mode="r:") as tar:
                 _Extraction(tar, destination, interpreter, members_allowed, bytes_allowed).run()
     except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as exc:
         raise ArchiveRefused(f"it cannot be unpacked: {exc}") from None
@@ -254,7 +254,7 @@ class _Extraction:
             member = self.tar.next()
             if member is None:
                 break
-            self.tar.members.clear()  # one member at a time: the count is bounded, memory too
+            self.tar.members.clear()  # type: ignore[attr-defined]  # one member at a time: the count is bounded, memory too
             self.members_left -= 1
             if self.members_left < 0:
                 raise ArchiveRefused("it holds more members than it declares")

@@ -36,15 +36,22 @@ from typing import AsyncIterator
 
 from uv import find_uv_bin
 
-from poltergust.node import metrics
-from poltergust.run.log import RunLog
-from poltergust.secret_env import SecretEnv
+from poltergust.environments import git_credentials
+from poltergust.environments.cache import Cache, disk_usage
+from poltergust.environments.plan import (
+    UV_IRRELEVANT,
+    UV_OPTIONS,
+    EnvironmentBuildError,
+    Plan,
+    installer_settings,
+    normalised,
+)
 from poltergust.launch.processes import run_streaming
 from poltergust.launch.sandbox import RunAs
 from poltergust.launch.users import UserPool
-from poltergust.environments import git_credentials
-from poltergust.environments.cache import Cache, disk_usage
-from poltergust.environments.plan import UV_IRRELEVANT, UV_OPTIONS, EnvironmentBuildError, Plan, installer_settings, normalised
+from poltergust.node import metrics
+from poltergust.run.log import RunLog
+from poltergust.secret_env import SecretEnv
 
 
 @dataclass(frozen=True)
@@ -270,7 +277,7 @@ def error_summary(lines: list[str]) -> str:
     """One line from an installer's output: its error message and causes, else its last line."""
     start = next((i for i, line in enumerate(lines)
                   if re.match(r"\s*(error|ERROR|×)[:\s]", line) or line.lstrip().startswith("×")), None)
-    chosen = lines[start:] if start is not None else [next((l for l in reversed(lines) if l.strip()), "")]
+    chosen = lines[start:] if start is not None else [next((line for line in reversed(lines) if line.strip()), "")]
     parts = [re.sub(r"\s+", " ", re.sub(r"^[\s×╰─▶│|:]*(error:|ERROR:|cause:|help:)?\s*", "", line)).strip()
              for line in chosen]
     text = ""

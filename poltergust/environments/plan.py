@@ -19,11 +19,11 @@ import re
 import shlex
 from typing import Mapping
 
-from poltergust.errors import RunFailed
 from poltergust.config import EnvironmentSpec
-from poltergust.masking import MIN_LENGTH, mask
 from poltergust.environments import git_credentials
 from poltergust.environments.interpreters import Interpreter, InterpreterNotFound, cached, find
+from poltergust.errors import RunFailed
+from poltergust.masking import MIN_LENGTH, mask
 
 FORMAT = 2
 """Bumped when the layout of an environment changes, so old ones are not mistaken for new ones."""

@@ -20,12 +20,22 @@ from pathlib import Path
 from typing import Callable
 
 from poltergust.config import EnvironmentSpec
+from poltergust.environments.archive import (
+    META_SIZE,
+    ArchiveRefused,
+    Limits,
+    SecretInEnvironment,
+    check_file,
+    check_metadata,
+    metadata_for,
+    pack,
+    unpack,
+)
+from poltergust.environments.cache import Cache, disk_usage
+from poltergust.environments.interpreters import Interpreter
 from poltergust.layout import archive_name, split_url
 from poltergust.run.log import RunLog
 from poltergust.storage import NotFound, StorageError, open_store
-from poltergust.environments.archive import META_SIZE, ArchiveRefused, Limits, SecretInEnvironment, check_file, check_metadata, metadata_for, pack, unpack
-from poltergust.environments.cache import Cache, disk_usage
-from poltergust.environments.interpreters import Interpreter
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +140,8 @@ class Sharing:
         """Wait for the uploads in progress (at most `timeout` seconds), saying which."""
         if not self._background:
             return
-        log.info("waiting%s for %d environment archive upload(s): %s", "" if timeout is None else f" up to {timeout:.0f}s",
+        log.info("waiting%s for %d environment archive upload(s): %s",
+                 "" if timeout is None else f" up to {timeout:.0f}s",
                  len(self._background), ", ".join(sorted(self._background.values())))
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._background:

@@ -5,10 +5,10 @@ rescan covers anything a lost event would have said.
 """
 from __future__ import annotations
 
-from poltergust.layout import Location
 from poltergust.events.base import Event, EventSource
 from poltergust.events.local import LocalEvents
 from poltergust.events.pubsub import PubSubEvents, default_subscription
+from poltergust.layout import Location
 
 __all__ = ["Event", "EventSource", "LocalEvents", "PubSubEvents", "open_events"]
 

@@ -57,7 +57,7 @@ class ClosingSource:
     async def close(self, delete: bool = False) -> None:
         pass
 
-    async def __aenter__(self):  # type: ignore[no-untyped-def]
+    async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc: Any) -> None:

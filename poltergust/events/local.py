@@ -17,9 +17,9 @@ from pathlib import Path
 
 import watchfiles
 
+from poltergust.events.base import ClosingSource, Event
 from poltergust.layout import INTERNAL, Location, is_config_name
 from poltergust.storage.local import LocalStore, no_links, open_no_follow
-from poltergust.events.base import ClosingSource, Event
 
 log = logging.getLogger(__name__)
 

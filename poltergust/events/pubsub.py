@@ -23,9 +23,9 @@ from google.api_core import exceptions as gexc  # noqa: E402
 from google.cloud import pubsub_v1  # noqa: E402
 
 from poltergust.errors import PoltergustError
-from poltergust.node import metrics  # noqa: E402
-from poltergust.layout import CONFIG_SUFFIX, Location, is_config_name  # noqa: E402
 from poltergust.events.base import ClosingSource, Event, EventKind  # noqa: E402
+from poltergust.layout import CONFIG_SUFFIX, Location, is_config_name  # noqa: E402
+from poltergust.node import metrics  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,9 @@ MAX_FILTER_BYTES = 256
 """Pub/Sub refuses longer filters; a node then filters by bucket only (it filters every message itself too)."""
 HELP = "POLTERGUST_HELP"
 """A node's call for help, published on the notification topic so that it reaches every node's subscription."""
-EVENT_KINDS: dict[str, EventKind] = {"OBJECT_FINALIZE": "finalize", "OBJECT_DELETE": "delete", "OBJECT_ARCHIVE": "delete", HELP: "help"}
+EVENT_KINDS: dict[str, EventKind] = {
+    "OBJECT_FINALIZE": "finalize", "OBJECT_DELETE": "delete", "OBJECT_ARCHIVE": "delete", HELP: "help",
+}
 """In a versioned bucket an overwritten or deleted config is archived, not deleted: the same to a node."""
 
 
@@ -77,7 +79,8 @@ def subscription_filter(locations: Iterable[Location]) -> str:
     )
     if len(exact.encode()) <= MAX_FILTER_BYTES:
         return exact
-    buckets = " OR ".join(f'attributes.bucketId = "{bucket}"' for bucket in sorted({loc.bucket_name for loc in locations}))
+    names = sorted({loc.bucket_name for loc in locations})
+    buckets = " OR ".join(f'attributes.bucketId = "{bucket}"' for bucket in names)
     return buckets if len(buckets.encode()) <= MAX_FILTER_BYTES else ""
 
 

@@ -41,7 +41,7 @@ if __name__ == "__main__":
         sys.exit(main(sys.argv[1:]))
     except SystemExit:
         raise
-    except BaseException:  # noqa: B036 -- any crash must read as one, not as "done"
+    except BaseException:  # noqa: BLE001 -- any crash must read as one, not as "done"
         import traceback
 
         traceback.print_exc()

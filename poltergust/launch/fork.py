@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from poltergust.errors import PoltergustError
-from poltergust.node import metrics
 from poltergust.launch.processes import GRACE_SECONDS
+from poltergust.node import metrics
 
 Note = Callable[[str], None]
 

@@ -38,15 +38,15 @@ import time
 from pathlib import Path
 from typing import Awaitable, Callable, Mapping, Sequence
 
-from poltergust.node import metrics
 from poltergust.config import EnvironmentSpec, PipelineConfig
 from poltergust.launch.fork import Note, WarmUnavailable, fork_run
-from poltergust.launch.zygote import END_LEFTOVERS
-from poltergust.run.command import luigi_environ
-from poltergust.launch.sandbox import RunAs, Launcher, spawner
-from poltergust.launch.users import UserPool
-from poltergust.secret_env import SecretEnv
 from poltergust.launch.processes import GRACE_SECONDS
+from poltergust.launch.sandbox import Launcher, RunAs, spawner
+from poltergust.launch.users import UserPool
+from poltergust.launch.zygote import END_LEFTOVERS
+from poltergust.node import metrics
+from poltergust.run.command import luigi_environ
+from poltergust.secret_env import SecretEnv
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,8 @@ class WarmPool:
                     zygote.ready.set_result("")
                     self._idle_later(zygote)  # idle from when it serves: a slow start is not idleness
                 elif line.startswith(REFUSED):
-                    zygote.ready.set_result(f"the warm interpreter refused to serve: {json.loads(line.split(' ', 1)[1])}")
+                    why = json.loads(line.split(" ", 1)[1])
+                    zygote.ready.set_result(f"the warm interpreter refused to serve: {why}")
                 else:
                     said = [*said[-9:], line.rstrip()]
             while line := (await zygote.process.stdout.readline()).decode(errors="replace"):

@@ -64,8 +64,8 @@ def _sibling(name):
     """A standard-library module beside this file, loaded by path (this directory is not on sys.path)."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
     spec = importlib.util.spec_from_file_location("_poltergust_" + name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]  # the file is beside this one
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
 
 
@@ -84,7 +84,7 @@ def main(argv):
     for name in ["luigi", "luigi.cmdline", "luigi.configuration"] + preload:
         try:
             importlib.import_module(name)
-        except BaseException as exc:  # noqa: B036 -- whatever a module raises, the node must hear why
+        except BaseException as exc:  # noqa: BLE001 -- whatever a module raises, the node must hear why
             _refuse("cannot import {}: {}: {}".format(name, type(exc).__name__, exc))
     threads = _extra_threads()
     if threads:
@@ -134,7 +134,7 @@ def _config_parsers():
         from luigi.configuration import core
         parsers = set(core.PARSERS.values())
         for cls in parsers:
-            cls._instance, cls._config_paths  # noqa: B018 -- both must exist to be reset
+            cls._instance, cls._config_paths  # type: ignore[attr-defined]  # noqa: B018 -- both must exist to be reset
     except (ImportError, AttributeError):
         return None
     return parsers
@@ -380,7 +380,7 @@ class Zygote:
             os.close(null)
             os.close(output)
             code = RUN.run(request, self.pristine)
-        except BaseException:  # noqa: B036 -- the child must end here, never return into the zygote's loop
+        except BaseException:  # noqa: BLE001 -- the child must end here, never return into the zygote's loop
             traceback.print_exc()
         RUN.exit(report, code)
 

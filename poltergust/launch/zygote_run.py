@@ -42,13 +42,13 @@ def run(request, pristine):
 
 def _reset_luigi(pristine):
     """Forget the zygote's luigi configuration; read the run's (LUIGI_CONFIG_PATH, ./luigi.cfg) when used."""
-    from luigi.configuration import core
     from luigi import cmdline_parser
+    from luigi.configuration import core
 
     for cls, paths in pristine.items():
         cls._instance = None
         cls._config_paths = list(paths)
-    cmdline_parser.CmdlineParser._instance = None
+    cmdline_parser.CmdlineParser._instance = None  # noqa: SLF001 -- luigi keeps the parsed command line here
     if "LUIGI_CONFIG_PATH" in os.environ:
         core.add_config_path(os.environ["LUIGI_CONFIG_PATH"])
 
@@ -83,17 +83,17 @@ def exit(report, code):
         if shutdown is not None:
             shutdown()
         import atexit
-        atexit._run_exitfuncs()
-    except BaseException:  # noqa: B036
+        atexit._run_exitfuncs()  # noqa: SLF001 -- what a normal exit runs; the child leaves by os._exit
+    except BaseException:  # noqa: BLE001
         traceback.print_exc()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except BaseException:  # noqa: B036
+        except BaseException:  # noqa: BLE001
             pass
     try:
         report.sendall((json.dumps({"exit": code}) + "\n").encode())
-    except BaseException:  # noqa: B036
+    except BaseException:  # noqa: BLE001
         pass
     if code < 0:
         signal.signal(-code, signal.SIG_DFL)

@@ -29,7 +29,7 @@ from poltergust.hosts import allowed_hosts
 from poltergust.luigid.guard import Guarded
 
 WORKER_PREFIX = "poltergust"
-UNSET_RETRY_COUNT = dict(luigi.scheduler.scheduler.get_params())["retry_count"]._default
+UNSET_RETRY_COUNT = dict(luigi.scheduler.scheduler.get_params())["retry_count"]._default  # noqa: SLF001
 """luigid's default retry_count (practically unbounded): a task with it has no retry policy of the user's."""
 
 
@@ -89,8 +89,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     hosts = allowed_hosts(extra.allowed_host, listening.parse_known_args(rest)[0].address)
     serve, build = luigi.server.run, luigi.server.app
 
-    def run(*args: Any, scheduler: Scheduler | None = None, **kwargs: Any) -> None:
-        serve(*args, scheduler=scheduler or PipelineScheduler(), **kwargs)
+    def run(api_port: int = 8082, address: str | None = None, unix_socket: str | None = None,
+            scheduler: Scheduler | None = None) -> None:
+        serve(api_port, address, unix_socket, scheduler or PipelineScheduler())
 
     luigi.server.run = run  # luigid's own command line, with this scheduler, behind the guard
     luigi.server.app = lambda scheduler: Guarded(build(scheduler), hosts)

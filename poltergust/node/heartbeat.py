@@ -36,12 +36,18 @@ FINAL_WRITE_SECONDS = 5.0
 class _Settings(Protocol):
     """What the heartbeat needs from the node's settings."""
 
-    locations: list[layout.Location]
-    node_name: str
-    data_dir: os.PathLike[str]
-    env_dir: os.PathLike[str]
-    max_concurrent: int
-    heartbeat_interval: float
+    @property
+    def locations(self) -> list[layout.Location]: ...
+    @property
+    def node_name(self) -> str: ...
+    @property
+    def data_dir(self) -> os.PathLike[str]: ...
+    @property
+    def env_dir(self) -> os.PathLike[str]: ...
+    @property
+    def max_concurrent(self) -> int: ...
+    @property
+    def heartbeat_interval(self) -> float: ...
 
 
 @dataclass(frozen=True)

@@ -18,20 +18,20 @@ import signal
 import tempfile
 from pathlib import Path
 
-from poltergust.node import heartbeat, metrics
-from poltergust.node.backlog import Backlog
 from poltergust.backoff import Backoff
 from poltergust.environments import Environments
 from poltergust.events import Event, EventSource, open_events
-from poltergust.node.health import disk_shortage, health_server
+from poltergust.launch.sandbox import lock_down
+from poltergust.launch.warm import WarmPool
 from poltergust.layout import RunKey, is_config_name, safe_name
 from poltergust.locks import try_lock
+from poltergust.luigid.embedded import embedded_scheduler
+from poltergust.node import heartbeat, metrics
+from poltergust.node.backlog import Backlog
+from poltergust.node.health import disk_shortage, health_server
 from poltergust.node.notify import Notifier
 from poltergust.run.execute import Run, RunContext
-from poltergust.luigid.embedded import embedded_scheduler
-from poltergust.launch.sandbox import lock_down
 from poltergust.settings import Settings, default_data_dir
-from poltergust.launch.warm import WarmPool
 from poltergust.storage import ObjectStore, StorageError, open_store
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,11 @@ class Node:
             for store in self._stores.values():
                 await store.close()
             log.info("node %s stopped", self.settings.node_name)
+
+    def evicted(self, env_key: str) -> None:
+        """An environment left the cache: its warm interpreter goes too."""
+        if self.warm is not None:
+            self.warm.evicted(env_key)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -273,7 +278,7 @@ async def serve(settings: Settings) -> None:
                                                    cache_size=settings.env_cache_size,
                                                    share=settings.share_environments, share_key=settings.share_key,
                                                    secret_names=settings.secret_env, builders=settings.run_as,
-                                                   on_evict=lambda key: node.warm and node.warm.evicted(key)))
+                                                   on_evict=lambda key: node.evicted(key)))
         if settings.http_port:
             await stack.enter_async_context(health_server(node.problem, settings.http_host, settings.http_port))
         if settings.backlog_subscription:

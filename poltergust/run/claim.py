@@ -62,7 +62,10 @@ class Result:
         """The result a claim marker holds (to report a claim completed on another node's behalf)."""
         try:
             section = yaml.safe_load(body).get("poltergust", {})
-            return cls(outcome=metadata[OUTCOME_KEY], node=metadata.get(NODE_KEY, "?"),
+            outcome = claimed_outcome(metadata)
+            if outcome is None:
+                return None
+            return cls(outcome=outcome, node=metadata.get(NODE_KEY, "?"),
                        started=datetime.fromisoformat(section["started"]),
                        finished=datetime.fromisoformat(section["finished"]), reason=section.get("reason", ""),
                        generation=int(section.get("generation", 0)))
@@ -132,8 +135,10 @@ def claim_marker(key: RunKey) -> str:
 
 def claimed_outcome(metadata: Mapping[str, str]) -> ResultOutcome | None:
     outcome = metadata.get(OUTCOME_KEY)
-    if outcome == "done" or outcome == "error":
-        return outcome
+    if outcome == "done":
+        return "done"
+    if outcome == "error":
+        return "error"
     return None
 
 

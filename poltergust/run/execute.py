@@ -29,8 +29,7 @@ from poltergust.node import metrics
 from poltergust.node.log_format import CURRENT_RUN
 from poltergust.node.notify import Notifier
 from poltergust.run import claim
-from poltergust.run.command import (Outcome, confirm_command, luigi_command, luigi_environ, node_extra_environ,
-                                      worker_id)
+from poltergust.run.command import Outcome, confirm_command, luigi_command, luigi_environ, node_extra_environ, worker_id
 from poltergust.run.credentials import Impersonation, metadata_endpoint
 from poltergust.run.log import LogMirror, RunLog
 from poltergust.run.membership import CallForHelp, Membership

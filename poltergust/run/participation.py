@@ -18,17 +18,17 @@ import asyncio
 import logging
 import re
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
-from poltergust.node import metrics
 from poltergust.backoff import Backoff
-from poltergust.luigid.graph import Luigid, SchedulerError, Verdict
-from poltergust.run.log import RunLog
-from poltergust.run.command import NOT_COMPLETE, NOT_RUN, OTHERS_RUNNING, Outcome, exit_reason
 from poltergust.launch import assistant
-from poltergust.launch.sandbox import Launcher
 from poltergust.launch.processes import run_streaming
+from poltergust.launch.sandbox import Launcher
+from poltergust.luigid.graph import Luigid, SchedulerError, Verdict
+from poltergust.node import metrics
+from poltergust.run.command import NOT_COMPLETE, NOT_RUN, OTHERS_RUNNING, Outcome, exit_reason
+from poltergust.run.log import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +137,16 @@ class Participation:
                 failure.set()  # look now: the scheduler may queue it again within a second
 
         failure = asyncio.Event()
-        luigi = asyncio.create_task(self.start(self.command, env=self.env, cwd=self.cwd, sink=sink))
+        luigi: asyncio.Future[int] = asyncio.ensure_future(self.start(self.command, env=self.env, cwd=self.cwd,
+                                                                      sink=sink))
         over: Verdict | None = None
         stop_at = 0.0
         loop = asyncio.get_running_loop()
         try:
             while True:
-                failed = asyncio.ensure_future(failure.wait())
-                done, _ = await asyncio.wait({luigi, failed}, timeout=WATCH_SECONDS,
+                failed: asyncio.Future[Any] = asyncio.ensure_future(failure.wait())
+                watched: set[asyncio.Future[Any]] = {luigi, failed}
+                done, _ = await asyncio.wait(watched, timeout=WATCH_SECONDS,
                                              return_when=asyncio.FIRST_COMPLETED)
                 failed.cancel()
                 failure.clear()

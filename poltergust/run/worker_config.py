@@ -104,7 +104,8 @@ def read_shipped(path: Path) -> dict[str, dict[str, str]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise LuigiSettingError("LUIGI_CONFIG_PATH", f"cannot read {path}: {exc}") from None
     except configparser.Error as exc:
-        raise LuigiSettingError("LUIGI_CONFIG_PATH", f"{path} is not a luigi.cfg: {str(exc).splitlines()[0]}")
+        raise LuigiSettingError("LUIGI_CONFIG_PATH",
+                                f"{path} is not a luigi.cfg: {str(exc).splitlines()[0]}") from None
     shipped = {section: dict(parser.items(section)) for section in parser.sections()}
     for section, keys in shipped.items():
         for key in [None, *keys]:

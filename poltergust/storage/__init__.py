@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from poltergust.storage.base import Blob, ClosingStore, NotFound, ObjectInfo, ObjectStore, PreconditionFailed, StorageError, TooLarge
+from poltergust.storage.base import (
+    Blob,
+    ClosingStore,
+    NotFound,
+    ObjectInfo,
+    ObjectStore,
+    PreconditionFailed,
+    StorageError,
+    TooLarge,
+)
 from poltergust.storage.gcs import GcsStore
 from poltergust.storage.local import LocalStore
 

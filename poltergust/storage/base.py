@@ -1,6 +1,7 @@
 """The storage contract: errors, object descriptions and the `ObjectStore` protocol both backends follow."""
 from __future__ import annotations
 
+import builtins
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -54,12 +55,12 @@ class Blob:
 class ObjectStore(Protocol):
     """What the node needs from a bucket; one instance serves one bucket."""
 
-    async def list(self, prefix: str, *, glob: str | None = None, recursive: bool = False) -> list[ObjectInfo]:
+    async def list(self, prefix: str, *, glob: str | None = None, recursive: bool = False) -> builtins.list[ObjectInfo]:
         """Objects directly under `prefix` (or in sub-folders too, if `recursive`), optionally only names
         matching `glob` (relative to `prefix`)."""
 
     def pages(self, prefix: str, *, glob: str | None = None,
-              recursive: bool = False) -> AsyncIterator[list[ObjectInfo]]:
+              recursive: bool = False) -> AsyncIterator[builtins.list[ObjectInfo]]:
         """`list`, a page at a time, so that a huge prefix is never held in memory whole."""
 
     async def stat(self, name: str) -> ObjectInfo: ...
@@ -128,7 +129,7 @@ class ClosingStore:
     async def close(self) -> None:
         pass
 
-    async def __aenter__(self):  # type: ignore[no-untyped-def]
+    async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc: Any) -> None:

@@ -9,6 +9,7 @@ attempt itself: conditional writes and deletes then settle it (see `base`).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import fnmatch
 import json
 import logging
@@ -22,7 +23,14 @@ from gcloud.aio.storage import Storage as _GcsClient
 from poltergust.backoff import Backoff
 from poltergust.node.metrics import STORAGE_ERRORS
 from poltergust.storage.base import (
-    Blob, ClosingStore, NotFound, ObjectInfo, PreconditionFailed, StorageError, TooLarge, conditional_metadata,
+    Blob,
+    ClosingStore,
+    NotFound,
+    ObjectInfo,
+    PreconditionFailed,
+    StorageError,
+    TooLarge,
+    conditional_metadata,
     own_write,
 )
 
@@ -46,13 +54,13 @@ class GcsStore(ClosingStore):
         self.bucket = bucket
         self._retry_for = retry_for
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
-        self._client = _GcsClient(session=self._session)
+        self._client = _GcsClient(session=self._session)  # type: ignore[arg-type]  # gcloud-aio wraps it
 
-    async def list(self, prefix: str, *, glob: str | None = None, recursive: bool = False) -> list[ObjectInfo]:
+    async def list(self, prefix: str, *, glob: str | None = None, recursive: bool = False) -> builtins.list[ObjectInfo]:
         return [info async for page in self.pages(prefix, glob=glob, recursive=recursive) for info in page]
 
     async def pages(self, prefix: str, *, glob: str | None = None,
-                    recursive: bool = False) -> AsyncIterator[list[ObjectInfo]]:
+                    recursive: bool = False) -> AsyncIterator[builtins.list[ObjectInfo]]:
         """Objects under `prefix`, a page at a time, so a huge prefix is never held whole."""
         params: dict[str, str] = {"prefix": prefix, "fields": LIST_FIELDS, "maxResults": str(PAGE_SIZE)}
         if not recursive:

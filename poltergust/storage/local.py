@@ -22,6 +22,7 @@ Events for such a directory come from the file system: see `events.local`.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import errno
 import fnmatch
@@ -37,7 +38,14 @@ from typing import AsyncIterator, Mapping
 
 from poltergust.locks import locked
 from poltergust.storage.base import (
-    Blob, ClosingStore, NotFound, ObjectInfo, PreconditionFailed, StorageError, TooLarge, conditional_metadata,
+    Blob,
+    ClosingStore,
+    NotFound,
+    ObjectInfo,
+    PreconditionFailed,
+    StorageError,
+    TooLarge,
+    conditional_metadata,
 )
 
 log = logging.getLogger(__name__)
@@ -94,14 +102,14 @@ class LocalStore(ClosingStore):
         no_links(root, path.parent)
         return path
 
-    async def list(self, prefix: str, *, glob: str | None = None, recursive: bool = False) -> list[ObjectInfo]:
+    async def list(self, prefix: str, *, glob: str | None = None, recursive: bool = False) -> builtins.list[ObjectInfo]:
         return await asyncio.to_thread(self._list, prefix, glob, recursive)
 
     async def pages(self, prefix: str, *, glob: str | None = None,
-                    recursive: bool = False) -> AsyncIterator[list[ObjectInfo]]:
+                    recursive: bool = False) -> AsyncIterator[builtins.list[ObjectInfo]]:
         yield await self.list(prefix, glob=glob, recursive=recursive)
 
-    def _list(self, prefix: str, glob: str | None, recursive: bool) -> list[ObjectInfo]:
+    def _list(self, prefix: str, glob: str | None, recursive: bool) -> builtins.list[ObjectInfo]:
         root = self.root.resolve()
         top = root / prefix if prefix.endswith("/") else (root / prefix).parent
         try:

@@ -12,15 +12,36 @@ Test modules and benchmarks import shared helpers from here only, never from one
 """
 from harness.buckets import Bucket, LocalBucket, latest_log
 from harness.proxy import Fault, Faults, GatedProxy, Proxy, kind, luigid_call
-from harness.runs import (TIMEOUT, get_in_task, offline, pipe_task, poltergust, result, results, run_log, run_logs,
-                          scrape, submit)
-from harness.servers import (PROJECT, ROOT, TOPIC, WHEELHOUSE, FakeGcs, Luigid, Node, PubSubEmulator, Server,
-                             resource_totals)
+from harness.runs import (
+                          TIMEOUT,
+                          get_in_task,
+                          offline,
+                          pipe_task,
+                          poltergust,
+                          result,
+                          results,
+                          run_log,
+                          run_logs,
+                          scrape,
+                          submit,
+)
+from harness.servers import (
+                          PROJECT,
+                          ROOT,
+                          TOPIC,
+                          WHEELHOUSE,
+                          FakeGcs,
+                          Luigid,
+                          Node,
+                          PubSubEmulator,
+                          Server,
+                          resource_totals,
+)
 from harness.waits import alive, free_port, http_ok, leftovers, port_open, wait_for
 
 __all__ = [
     "Bucket", "LocalBucket", "latest_log", "Fault", "Faults", "GatedProxy", "Proxy", "kind", "luigid_call", "TIMEOUT",
     "get_in_task", "offline", "pipe_task", "poltergust", "result", "results", "run_log", "run_logs", "scrape", "submit",
-    "PROJECT", "ROOT", "TOPIC", "WHEELHOUSE", "FakeGcs", "Luigid", "Node", "PubSubEmulator", "Server", "resource_totals", "alive",
-    "free_port", "http_ok", "leftovers", "port_open", "wait_for",
+    "PROJECT", "ROOT", "TOPIC", "WHEELHOUSE", "FakeGcs", "Luigid", "Node", "PubSubEmulator", "Server",
+    "resource_totals", "alive", "free_port", "http_ok", "leftovers", "port_open", "wait_for",
 ]
