@@ -7,12 +7,15 @@
 # is ever looked up on the index without a hash.
 #
 # Usage: deploy/build-release.sh [--out-dir DIR] [--python-version V] [--platform P]
+#                                [--wheelhouse DIR]
 #
 #   --out-dir DIR         where releases go (default: deploy/dist)
 #   --python-version V    Python of the VMs the lock is resolved for
 #                         (default: 3.11.2, the python3 of Debian 12)
 #   --platform P          their platform, as uv's --python-platform
 #                         (default: x86_64-manylinux_2_36, Debian 12 on x86-64)
+#   --wheelhouse DIR      build and lock from the wheels in DIR only, never
+#                         the package index (uv has no variable for that)
 #
 # Writes DIR/VERSION/ (the wheel, requirements.lock, release.json) and
 # DIR/release.json, a copy of the newest release's manifest that the
@@ -25,8 +28,7 @@
 # last commit's time).
 #
 # Needs uv (the UV variable, else uv on PATH; `pip install uv`) and python3.
-# uv's own settings apply, e.g. UV_NO_INDEX=1 UV_FIND_LINKS=DIR to build
-# from a local wheelhouse. Only binary wheels enter the lock.
+# uv's own settings (UV_INDEX_URL, ...) apply. Only binary wheels enter the lock.
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -35,6 +37,7 @@ CHECKOUT=$(cd "$HERE/.." && pwd)
 OUT_DIR="$HERE/dist"
 PYTHON_VERSION=3.11.2
 PLATFORM=x86_64-manylinux_2_36
+SOURCES=()  # uv's options naming where packages come from
 
 log() { printf 'build-release: %s\n' "$*" >&2; }
 # sha256 of file $1 (python3, so that this runs where sha256sum is missing too).
@@ -43,12 +46,14 @@ die() { log "error: $*"; exit 1; }
 
 while (($#)); do
     case "$1" in
-        --out-dir|--python-version|--platform)
+        --out-dir|--python-version|--platform|--wheelhouse)
             [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"
             case "$1" in
                 --out-dir) OUT_DIR=$2 ;;
                 --python-version) PYTHON_VERSION=$2 ;;
                 --platform) PLATFORM=$2 ;;
+                --wheelhouse) [[ -d "$2" ]] || die "--wheelhouse: no such directory: $2"
+                              SOURCES=(--no-index --find-links "$(cd "$2" && pwd)") ;;
             esac
             shift 2 ;;
         -h|--help) sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -77,7 +82,7 @@ SOURCE_DATE_EPOCH=$(git -C "$CHECKOUT" log -1 --format=%ct 2>/dev/null || echo 3
 export SOURCE_DATE_EPOCH
 
 log "building the wheel"
-"$UV" build --quiet --wheel --out-dir "$WORK/wheel" "$WORK/src"
+"$UV" build --quiet "${SOURCES[@]}" --wheel --out-dir "$WORK/wheel" "$WORK/src"
 WHEEL_PATH=$(find "$WORK/wheel" -name 'poltergust-*.whl')
 [[ -f "$WHEEL_PATH" ]] || die "uv build made no poltergust wheel"
 WHEEL=${WHEEL_PATH##*/}
@@ -93,7 +98,7 @@ for requirement in metadata.get_all("Requires-Dist") or []:
         print(requirement)
 EOF
 log "locking its dependencies for Python $PYTHON_VERSION on $PLATFORM"
-(cd "$WORK" && "$UV" pip compile --quiet requirements.in --generate-hashes --only-binary :all: \
+(cd "$WORK" && "$UV" pip compile --quiet "${SOURCES[@]}" requirements.in --generate-hashes --only-binary :all: \
     --python-version "$PYTHON_VERSION" --python-platform "$PLATFORM" \
     --custom-compile-command "deploy/build-release.sh" --output-file requirements.lock)
 grep -q -- '--hash=sha256:' "$WORK/requirements.lock" || die "the lock file has no hashes"

@@ -67,8 +67,8 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> dict:
     subprocess.run(["bash", str(ROOT / "tests" / "setup" / "runtime-wheels.sh"), str(WHEELHOUSE)], check=True,
                    env={**os.environ, "PYTHON": sys.executable}, timeout=600)
     out = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "UV": str(UV), "UV_NO_INDEX": "1", "UV_FIND_LINKS": str(WHEELHOUSE)}
-    built = subprocess.run(["bash", str(BUILD_RELEASE), "--out-dir", str(out),
+    env = {**os.environ, "UV": str(UV)}
+    built = subprocess.run(["bash", str(BUILD_RELEASE), "--out-dir", str(out), "--wheelhouse", str(WHEELHOUSE),
                             "--python-version", platform.python_version()],
                            capture_output=True, text=True, env=env, timeout=300)
     assert built.returncode == 0, built.stderr
