@@ -20,7 +20,7 @@ import os
 import socket
 import struct
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from poltergust.errors import PoltergustError
 from poltergust.launch.processes import GRACE_SECONDS
@@ -34,10 +34,11 @@ class WarmUnavailable(PoltergustError):
 
 
 async def fork_run(control: socket.socket, argv: list[str], env: Mapping[str, str], cwd: Path,
-                   sink: Callable[[str], None], note: Note, stuck: Callable[[], None]) -> int:
+                   sink: Callable[[str], None], note: Note, stuck: Callable[[], None],
+                   fast: Mapping[str, Any] | None = None) -> int:
     """Have the warm interpreter holding `control`'s peer fork luigi with `argv`; stream its output to `sink`.
 
-    Returns luigi's exit code.
+    `fast`: the same run for luigi's fast start (`run.command.fast_start`). Returns luigi's exit code.
     """
     loop = asyncio.get_running_loop()
     read_end, write_end = os.pipe()
@@ -47,7 +48,8 @@ async def fork_run(control: socket.socket, argv: list[str], env: Mapping[str, st
         try:
             control.sendmsg([b"run"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                         array.array("i", [theirs.fileno(), child_end.fileno(), write_end]))])
-            payload = json.dumps({"argv": argv, "env": dict(env), "cwd": str(cwd)}).encode()
+            request = {"argv": argv, "env": dict(env), "cwd": str(cwd), **({"luigi": fast} if fast else {})}
+            payload = json.dumps(request).encode()
             connection.setblocking(False)
             await loop.sock_sendall(connection, struct.pack(">I", len(payload)) + payload)
         except OSError as exc:

@@ -36,7 +36,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from poltergust.config import EnvironmentSpec, PipelineConfig
 from poltergust.launch.fork import Note, WarmUnavailable, fork_run
@@ -96,19 +96,20 @@ class WarmPool:
     # -- the interface the node uses ----------------------------------------
 
     def launcher(self, env_path: Path, spec: EnvironmentSpec, config: PipelineConfig, note: Note,
-                 user: RunAs | None = None) -> Launcher:
+                 user: RunAs | None = None, fast: Mapping[str, Any] | None = None) -> Launcher:
         """A `sandbox.spawner` for luigi commands of this environment and config; other commands just spawn.
 
-        `user`: the run's lease from the pool (with `--run-as`).
+        `user`: the run's lease from the pool (with `--run-as`). `fast`: its luigi command for the
+        fast start (`run.command.fast_start`).
         """
         base = luigi_environ(self.secrets.without_secrets(), spec, dataclasses.replace(config, variables={}), {})
         if self.prestart:
             self._spawn_task(self._prestart(env_path, spec.preload, base))
-        return functools.partial(self.run, env_path, spec.preload, base, note, user)
+        return functools.partial(self.run, env_path, spec.preload, base, note, user, fast)
 
     async def run(self, env_path: Path, preload: Sequence[str], base: Mapping[str, str], note: Note,
-                  user: RunAs | None, command: Sequence[str], *, env: Mapping[str, str], cwd: Path,
-                  sink: Callable[[str], None]) -> int:
+                  user: RunAs | None, fast: Mapping[str, Any] | None, command: Sequence[str], *,
+                  env: Mapping[str, str], cwd: Path, sink: Callable[[str], None]) -> int:
         if list(command[:3]) != [str(env_path / "bin" / "python"), "-m", "luigi"]:
             return await spawner(user)(command, env=env, cwd=cwd, sink=sink)
         # With --run-as, HOME is each run's private directory: the child takes it, the interpreter need not.
@@ -120,7 +121,7 @@ class WarmPool:
                 zygote.idle.cancel()
             try:
                 return await fork_run(zygote.control, list(command[3:]), env, cwd, sink, note,
-                                      functools.partial(self._kill, zygote))
+                                      functools.partial(self._kill, zygote), fast)
             finally:
                 zygote.running -= 1
                 self._idle_later(zygote)

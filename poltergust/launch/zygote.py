@@ -11,23 +11,23 @@ from the node, is closed.
 
 There is no socket in the filesystem: FD is one end of a socketpair the node
 made (SOCK_SEQPACKET), inherited at start, and no run holds it. Per run, the
-node sends on it one message `run` carrying three descriptors: a stream
-socket (the run's connection to the zygote), a second one (the child's own
-report) and the write end of the run's output pipe. On the connection it
-then sends a 4-byte big-endian length and a JSON object `{"argv": [...],
-"env": {...}, "cwd": "..."}`, checked before use: anything else is answered
-with `{"error": ...}`, and the zygote serves on. The zygote forks and sends
-`{"pid": N}`; the child starts its own session, closes the connection,
-becomes dumpable, restores a fresh interpreter's signal handlers, takes the
-run's environment (all of it), working directory and output, resets luigi's
-configuration, reseeds `random` and runs luigi as `python -m luigi ARGV`
-would, sending `{"exit": CODE}` on its report socket just before exiting.
-The zygote reaps it and sends `{"status": CODE}` (negative: killed by that
-signal) on the connection, which the node trusts first (the child's own
-report counts only if the zygote died meanwhile; a run cannot write on the
-zygote's connection). When the node shuts the connection for writing (or
-closes it), the run is stopped: SIGTERM to its process group, SIGKILL after a
-grace period.
+node sends on it one message `run` carrying three descriptors: a stream socket
+(the run's connection to the zygote), a second one (the child's own report) and
+the write end of the run's output pipe. On the connection it then sends a
+4-byte big-endian length and a JSON object `{"argv": [...], "env": {...},
+"cwd": "...", "luigi": {...}}` (`luigi`, the fast start of `zygote_run`,
+optional), checked before use: anything else gets `{"error": ...}`, and the
+zygote serves on. The zygote forks and sends `{"pid": N}`; the child starts its
+own session, closes the connection, becomes dumpable, restores a fresh
+interpreter's signal handlers, takes the run's environment (all of it), working
+directory and output, resets luigi's configuration, reseeds `random` and runs
+luigi as `python -m luigi ARGV` would, sending `{"exit": CODE}` on its report
+socket just before exiting. The zygote reaps it and sends `{"status": CODE}`
+(negative: killed by that signal) on the connection, which the node trusts
+first (the child's own report counts only if the zygote died meanwhile; a run
+cannot write on the zygote's connection). When the node shuts the connection
+for writing (or closes it), the run is stopped: SIGTERM to its process group,
+SIGKILL after a grace period.
 
 With `--end-leftovers` (the node starts it so only in a PID namespace of its
 own, as a user of its own serving one run at a time), once no run is left

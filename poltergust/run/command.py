@@ -23,14 +23,15 @@ MISSING_DATA = 20
 TASK_FAILED = 30
 SCHEDULING_ERROR = 35
 CRASHED = assistant.CRASHED
-RETCODE_OPTIONS = [
-    "--retcode-already-running", str(OTHERS_RUNNING),
-    "--retcode-not-run", str(NOT_RUN),
-    "--retcode-missing-data", str(MISSING_DATA),
-    "--retcode-task-failed", str(TASK_FAILED),
-    "--retcode-scheduling-error", str(SCHEDULING_ERROR),
-    "--retcode-unhandled-exception", str(CRASHED),
-]
+RETCODES = {
+    "already_running": OTHERS_RUNNING,
+    "not_run": NOT_RUN,
+    "missing_data": MISSING_DATA,
+    "task_failed": TASK_FAILED,
+    "scheduling_error": SCHEDULING_ERROR,
+    "unhandled_exception": CRASHED,
+}
+RETCODE_SETTINGS = {key: str(code) for key, code in RETCODES.items()}
 REASONS = {
     MISSING_DATA: "an external dependency's data is missing",
     TASK_FAILED: "a luigi task failed",
@@ -48,23 +49,21 @@ class Outcome:
     reason: str = ""
 
 
-def task_arguments(arguments: Mapping[str, Any]) -> list[str]:
-    """Turn the config's task keys into luigi options.
+def task_parameters(arguments: Mapping[str, Any]) -> dict[str, str | bool]:
+    """The config's task keys as luigi's command line passes them: a string each, or True for a bare flag.
 
-    `key: value` becomes `--key value`; `true` a bare `--key`; `false` and
-    null leave the option out; lists and mappings are passed as JSON, which is
-    what luigi's List/Dict parameters parse.
+    `false` and null leave the key out; lists and mappings become JSON, which
+    is what luigi's List/Dict parameters parse.
     """
+    return {key: value if value is True else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            for key, value in arguments.items() if value is not None and value is not False}
+
+
+def task_arguments(arguments: Mapping[str, Any]) -> list[str]:
+    """The config's task keys as luigi options: `key: value` is `--key value`, `true` a bare `--key`."""
     options: list[str] = []
-    for key, value in arguments.items():
-        if value is None or value is False:
-            continue
-        if value is True:
-            options.append(f"--{key}")
-        elif isinstance(value, (list, dict)):
-            options += [f"--{key}", json.dumps(value)]
-        else:
-            options += [f"--{key}", str(value)]
+    for key, value in task_parameters(arguments).items():
+        options += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     return options
 
 
@@ -73,32 +72,67 @@ def worker_id(tag: str, node: str) -> str:
     return f"poltergust:{tag}:{node}"
 
 
-def luigi_command(python: Path, config: PipelineConfig, scheduler_url: str, worker: str,
-                  assistant: bool = False, pure: bool = False) -> list[str]:
-    """`python -m luigi ...` for the config's root task, as one worker of the pipeline.
+def node_settings(scheduler_url: str, worker: str, assistant: bool = False) -> dict[str, dict[str, str]]:
+    """luigi's settings the node gives one worker of a pipeline (section -> key -> value), flags or not.
 
     The worker stays while its tasks wait on others (keep-alive) and asks for
     work every few tenths of a second, so a task freed by another node is
     taken within a second. An `assistant` (on `poltergust.luigid`) also takes
     tasks other workers of the pipeline scheduled, such as those yielded from
-    `run()`. A `pure` assistant (a node that answered a call for help, so the
-    graph is scheduled already) runs `launch/assistant.py` with the same
-    arguments: it takes free tasks without adding the graph again.
+    `run()`. `run.worker_config` refuses each of these in a pipeline's own settings.
     """
+    return {
+        "core": {
+            "scheduler_url": scheduler_url,
+            "no_lock": "true",  # nodes sharing a host, and re-runs, must not trip over luigi's per-host lock
+            "log_level": "INFO",  # a kept-alive worker says at DEBUG, several times a second, that it waits
+            **({"assistant": "true"} if assistant else {}),
+        },
+        "worker": {"id": worker, "keep_alive": "true", "wait_interval": "0.2", "wait_jitter": "0.3"},
+        "retcode": dict(RETCODE_SETTINGS),
+    }
+
+
+def _flags(settings: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """luigi's command-line flags for `settings`: `[core] key` is `--key`, `[section] key` is `--section-key`."""
+    flags: list[str] = []
+    for section, keys in settings.items():
+        for key, value in keys.items():
+            flag = "--" + (key if section == "core" else f"{section}_{key}").replace("_", "-")
+            flags += [flag] if value == "true" else [flag, value]
+    return flags
+
+
+RETCODE_OPTIONS = _flags({"retcode": RETCODE_SETTINGS})
+"""Exit codes as `python -m luigi` options."""
+
+
+def luigi_command(python: Path, config: PipelineConfig, scheduler_url: str, worker: str,
+                  assistant: bool = False, pure: bool = False) -> list[str]:
+    """`python -m luigi ...` for the config's root task, as one worker of the pipeline (see `node_settings`).
+
+    A `pure` assistant (a node that answered a call for help, so the graph is
+    scheduled already) runs `launch/assistant.py` with the same arguments: it
+    takes free tasks without adding the graph again, and its exit codes are its own.
+    """
+    settings = node_settings(scheduler_url, worker, assistant)
+    if pure:
+        del settings["retcode"]
     start = [str(python), str(ASSISTANT)] if pure else [str(python), "-m", "luigi"]
-    # --no-lock: nodes sharing a host, and re-runs, must not trip over luigi's per-host lock.
-    return [
-        *start,
-        "--module", config.task.module, config.task.name,
-        *task_arguments(config.task.arguments),
-        "--scheduler-url", scheduler_url,
-        "--no-lock",
-        "--log-level", "INFO",  # a kept-alive worker says at DEBUG, several times a second, that it waits
-        "--worker-id", worker,
-        "--worker-keep-alive", "--worker-wait-interval", "0.2", "--worker-wait-jitter", "0.3",
-        *(["--assistant"] if assistant else []),
-        *([] if pure else RETCODE_OPTIONS),  # a pure assistant's exit codes are its own
-    ]
+    return [*start, "--module", config.task.module, config.task.name, *task_arguments(config.task.arguments),
+            *_flags(settings)]
+
+
+def fast_start(config: PipelineConfig, scheduler_url: str, worker: str, assistant: bool = False) -> dict[str, Any]:
+    """The same luigi run as `luigi_command`, for a warm interpreter's child to start without luigi's parser.
+
+    The root task's parameters as its command line gives them (a string each;
+    `true` for a bare flag) and the node's settings; `launch/zygote_run.py`
+    builds the task with `from_str_params`, or falls back to the command line
+    where the two could differ.
+    """
+    return {"module": config.task.module, "task": config.task.name, "params": task_parameters(config.task.arguments),
+            "settings": node_settings(scheduler_url, worker, assistant)}
 
 
 NOT_COMPLETE = 3

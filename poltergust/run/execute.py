@@ -29,7 +29,15 @@ from poltergust.node import metrics
 from poltergust.node.log_format import CURRENT_RUN
 from poltergust.node.notify import Notifier
 from poltergust.run import claim
-from poltergust.run.command import Outcome, confirm_command, luigi_command, luigi_environ, node_extra_environ, worker_id
+from poltergust.run.command import (
+    Outcome,
+    confirm_command,
+    fast_start,
+    luigi_command,
+    luigi_environ,
+    node_extra_environ,
+    worker_id,
+)
 from poltergust.run.credentials import Impersonation, metadata_endpoint
 from poltergust.run.log import LogMirror, RunLog
 from poltergust.run.membership import CallForHelp, Membership
@@ -208,8 +216,8 @@ class Run:
         env_path = await context.environments.get(spec, runlog)
         scheduler = self.settings.scheduler_url
         assistant = not self.membership.started_here and await pipeline_assistants(scheduler)
-        command = luigi_command(env_path / "bin" / "python", config, scheduler,
-                                worker_id(run_tag(key), self.settings.node_name), assistant=assistant,
+        worker = worker_id(run_tag(key), self.settings.node_name)
+        command = luigi_command(env_path / "bin" / "python", config, scheduler, worker, assistant=assistant,
                                 pure=assistant and self.membership.helping)
         env = luigi_environ(context.secrets.without_secrets(), spec, config,
                             node_extra_environ(self.settings.node_name, key.url(), key.generation))
@@ -231,7 +239,9 @@ class Run:
             except LuigiSettingError as exc:
                 raise ConfigError(key.url(), exc.problem, exc.key) from None
             warm = context.warm if config.warm else None
-            start = warm.launcher(env_path, spec, config, runlog.note, run_as) if warm is not None else spawner(run_as)
+            start = (warm.launcher(env_path, spec, config, runlog.note, run_as,
+                                   fast_start(config, scheduler, worker, assistant)) if warm is not None
+                     else spawner(run_as))
             outcome = await Participation(command, env=env, cwd=cwd, runlog=runlog, scheduler_url=scheduler,
                                           outage_limit=self.settings.outage_limit, assistant=assistant,
                                           recruit=self.membership.recruit, start=start,

@@ -26,7 +26,8 @@ import tarfile
 import tokenize
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness.servers import ROOT
+
 SDISTS = Path(os.environ.get("POLTERGUST_TEST_SDISTS") or ROOT / ".sdists").resolve()
 ROOT_VARIABLE = "LUIGI_EXAMPLES_ROOT"
 MODULES = ("__init__", "dynamic_requirements", "per_task_retry_policy", "hello_world", "top_artists")
