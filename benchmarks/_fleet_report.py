@@ -100,6 +100,25 @@ class Idle:
         return self.cpu / (self.n * self.window)
 
 
+@dataclass
+class Busy:
+    """Several wide graphs uploaded at once on N nodes: what luigid does meanwhile."""
+
+    n: int
+    pipelines: int
+    makespan: float
+    """From the uploads until the last result exists."""
+    ideal: float
+    luigid_requests: int
+    luigid_cpu: float
+    latencies: list[float]
+    """Seconds luigid took to answer each request (measured at its proxy)."""
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
 def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     """Least-squares a + b·N."""
     if len(points) < 2:
@@ -189,9 +208,10 @@ def _over(value: float, limit: float) -> str:
 
 
 def _targets(costs: list[PipelineCost], ns: list[int]) -> tuple[list[list[str]], list[str]]:
-    """The issue's targets, judged on the medians at the largest N (and on 3 nodes for the wide graph)."""
-    top = max(ns)
-    runs, ones, wide = _groups(costs, "a")[top], _groups(costs, "a").get(1), _groups(costs, "b").get(3)
+    """The targets, judged on the medians at N=30 (the largest N if it did not run) and on 3 nodes."""
+    judged = 30 if 30 in ns else max(ns)
+    single, wide = _groups(costs, "a"), _groups(costs, "b")
+    runs, ones = single[judged], single.get(1)
     typical = _typical(runs)
     rows: list[list[str]] = []
     why: list[str] = []
@@ -203,51 +223,55 @@ def _targets(costs: list[PipelineCost], ns: list[int]) -> tuple[list[list[str]],
             why.append(f"- {name}: {measured}, against {required}: {_over(value, limit)}. {reason}")
 
     starts = _median(runs, lambda c: c.luigi_starts)
-    target(f"(a) luigi processes started, N={top}", "≤ 2", starts, 2, fmt(starts, 0),
+    target(f"(a) luigi processes started, N={judged}", "≤ 2", starts, 2, fmt(starts, 0),
            "Nodes join when the starter sees tasks in luigid that nobody runs and calls for help; see the run logs.")
     watched = _median(runs, lambda c: c.watched)
+    kinds = collections.Counter({kind: n for (kind, scope), n in typical.messages.items() if scope == "watched"})
+    target(f"(a) messages delivered, N={judged}", f"≤ 3 per node = {3 * judged}", watched, 3 * judged,
+           f"{fmt(watched, 0)} ({fmt(watched / judged, 1)} per node; the emulator, which ignores filters, delivered "
+           f"{fmt(_median(runs, lambda c: c.delivered), 0)})",
+           f"Per node: {_kinds(kinds, judged)}.")
+    storage = _median(runs, lambda c: c.storage_requests)
+    target(f"(a) storage requests, N={judged}", f"≤ 2 per node + 10 = {2 * judged + 10}", storage, 2 * judged + 10,
+           f"{fmt(storage, 0)} ({fmt(storage / judged, 1)} per node)",
+           f"By kind, per node (a typical run): {_kinds(typical.storage, judged)}. Every node reads the config "
+           "as two requests (its metadata, which says its size before anything is downloaded, then its content "
+           "at that generation) and tries the claim marker once: 3 per node. Two would need the size and "
+           "generation from the notification itself (a JSON_API_V1 payload) or a download capped by a range.")
     if ones:
         cpu, cpu_one = _median(runs, lambda c: c.cpu_above_idle), _median(ones, lambda c: c.cpu_above_idle)
-        slope = (cpu - cpu_one) / max(top - 1, 1)
-        delivered = _median(runs, lambda c: c.delivered)
-        target(f"(a) CPU-s above idle, N={top}", "≤ 2× N=1", cpu, 2 * cpu_one,
+        slope = (cpu - cpu_one) / max(judged - 1, 1)
+        target(f"(a) CPU-s above idle, N={judged}", "≤ 2× N=1", cpu, 2 * cpu_one,
                f"{fmt(cpu / cpu_one, 2)}× ({fmt(cpu, 2)} vs {fmt(cpu_one, 2)}; with idle: "
                f"{fmt(_median(runs, lambda c: c.cpu), 2)} vs {fmt(_median(ones, lambda c: c.cpu), 2)})",
                f"Each node that does not run the pipeline still costs ≈ {fmt(slope * 1000, 0)} ms of CPU in its own "
-               f"process: it hears of every write under the prefix (five messages), reads the config and tries "
-               f"the start marker. Part of it is the emulator's doing: it "
-               f"delivers {fmt(delivered / top, 1)} messages per node, where the subscriptions' filters would pass "
-               f"{fmt(watched / top, 1)}. Meeting the target here needs less than "
-               f"{fmt(cpu_one / max(top - 1, 1) * 1000, 0)} ms per node.")
-    kinds = collections.Counter({kind: n for (kind, scope), n in typical.messages.items() if scope == "watched"})
-    target(f"(a) messages delivered, N={top}", f"≤ 3·N = {3 * top}", watched, 3 * top,
-           f"{fmt(watched, 0)} ({fmt(watched / top, 1)} per node; the emulator, which ignores filters, delivered "
-           f"{fmt(_median(runs, lambda c: c.delivered), 0)})",
-           f"Per node: {_kinds(kinds, top)}. Every write under the pipeline prefix reaches every node (Pub/Sub "
-           "filters have no suffix match): the upload, the claim's conditional rewrite of the config (a finalize "
-           "and a delete of the old generation), the result file and the config's removal make 5; each call for "
-           "help adds one. Three per node needs a claim that leaves the config as it is (a create-if-absent "
-           "marker under `_poltergust/`, say).")
-    storage = _median(runs, lambda c: c.storage_requests)
-    target(f"(a) storage requests, N={top}", f"≤ 3·N + 20 = {3 * top + 20}", storage, 3 * top + 20,
-           f"{fmt(storage, 0)} ({fmt(storage / top, 1)} per node)",
-           f"By kind, per node (a typical run): {_kinds(typical.storage, top)}. Each node reads the config "
-           "(metadata and content) and tries the start marker once: 3 (the claim's rewrite is not read: its "
-           "notification shows the claim); the rest are the starter's (log, claim, result, removal) and "
-           "heartbeats that fell into the window.")
-    if wide and wide[0].ideal and wide[0].first_tasks:
-        b3 = _typical(wide)
-        makespan = _median(wide, lambda c: c.makespan)
-        target("(b) makespan on 3 nodes", "≤ 1.3× the ideal", makespan, 1.3 * b3.ideal,
-               f"{fmt(makespan / b3.ideal, 2)}× ({fmt(makespan, 1)} s vs {fmt(b3.ideal, 1)} s)",
+               f"process: it hears of the upload, the result and the removal, reads the config and tries the claim "
+               f"marker; the emulator, which ignores filters, makes it hear "
+               f"{fmt(_median(runs, lambda c: c.delivered) / judged, 1)} messages, not "
+               f"{fmt(watched / judged, 1)}. Meeting the target needs less than "
+               f"{fmt(cpu_one / max(judged - 1, 1) * 1000, 0)} ms per node.")
+    if 1 in wide and judged in wide:
+        alone = _median(wide[1], lambda c: c.luigid_requests)
+        joined = _typical(wide[judged])
+        helpers = max(joined.taking_part - 1, 0)
+        requests = _median(wide[judged], lambda c: c.luigid_requests)
+        limit = 2 * alone + 10 * helpers
+        target(f"(b) luigid requests, N={judged}", f"≤ 2× N=1 + 10 per helper = {fmt(limit, 0)}", requests, limit,
+               f"{fmt(requests, 0)} ({helpers} helpers; N=1: {fmt(alone, 0)})",
+               f"luigid calls of a typical run: {_kinds(joined.luigid)}.")
+    if wide.get(3) and wide[3][0].ideal and wide[3][0].first_tasks:
+        b3 = _typical(wide[3])
+        makespan = _median(wide[3], lambda c: c.makespan)
+        target("(b) makespan on 3 nodes", "≤ 1.2× the ideal", makespan, 1.2 * (b3.ideal or 0),
+               f"{fmt(makespan / (b3.ideal or 1), 2)}× ({fmt(makespan, 1)} s vs {fmt(b3.ideal or 0, 1)} s)",
                f"The first task started {fmt(b3.first_tasks[0], 1)} s after the upload (luigi's start and its "
                f"scheduling of the whole graph on the node that started the run); the helpers' first tasks at "
                f"{' and '.join(fmt(t, 1) + ' s' for t in b3.first_tasks[1:])} (the starter's first look at the "
-               f"graph, a second after its luigi reports the root task, its call for help, then each helper's own "
-               f"luigi start and walk of the graph); the last task ended at {fmt(b3.last_task or 0, 1)} s and the "
-               f"result was written at {fmt(b3.makespan, 1)} s. All of it on the same 2 cores that run the tasks: "
-               f"{fmt(b3.cpu, 1)} CPU-s of the nodes, {fmt(b3.other_cpu, 1)} of the rest of the machine (luigid, "
-               f"the emulators, the benchmark and whatever else ran) over the {fmt(b3.makespan, 0)} s.")
+               f"graph, its call for help, then each helper's own luigi start and first request for work); the "
+               f"last task ended at {fmt(b3.last_task or 0, 1)} s and the result was written at "
+               f"{fmt(b3.makespan, 1)} s. All of it on the same 2 cores that run the tasks: {fmt(b3.cpu, 1)} CPU-s "
+               f"of the nodes, {fmt(b3.other_cpu, 1)} of the rest of the machine (luigid, the emulators, the "
+               f"benchmark and whatever else ran) over the {fmt(b3.makespan, 0)} s.")
     return rows, why
 
 
@@ -257,30 +281,29 @@ def _summary(costs: list[PipelineCost], idles: list[Idle]) -> list[str]:
         return _fit([(n, _median(samples, measure)) for n, samples in _groups(costs, kind).items()])[1]
 
     single, wide = _groups(costs, "a"), _groups(costs, "b")
-    top = max(single)
+    top, low = max(single), min(single)
     makespans = {n: _median(samples, lambda c: c.makespan) for n, samples in wide.items()}
     fastest = min(makespans, key=makespans.__getitem__)
     joined = wide[top]
-    per_joiner = _median(joined, lambda c: c.luigid_requests / max(c.taking_part, 1))
+    helpers = _median(joined, lambda c: max(c.taking_part - 1, 0))
+    extra = _median(joined, lambda c: c.luigid_requests) - _median(wide[low], lambda c: c.luigid_requests)
     cpu_per_joiner = _median(joined, lambda c: c.cpu_above_idle / max(c.taking_part, 1))
-    storage_slope = slope("a", lambda c: c.storage_requests)
-    low = min(single)
     return [
-        f"- Per pipeline, every node costs ≈ {fmt(storage_slope, 1)} storage requests, "
+        f"- Per pipeline, every node costs ≈ {fmt(slope('a', lambda c: c.storage_requests), 1)} storage requests, "
         f"{fmt(slope('a', lambda c: c.watched), 1)} messages and "
-        f"{fmt(slope('a', lambda c: c.cpu_above_idle) * 1000, 0)}"
-        " ms of CPU whether or not it runs anything: hearing of the config, reading it, trying the start marker, "
-        "and hearing of the claim, the result and the removal (not reading them). That is O(N), the part DESIGN.md "
-        f"allows (one notification and one read per node), at {fmt(storage_slope, 1)} requests and "
-        f"{fmt(slope('a', lambda c: c.watched), 1)} messages per node where the targets allow 3.",
+        f"{fmt(slope('a', lambda c: c.cpu_above_idle) * 1000, 0)} ms of CPU whether or not it runs anything: "
+        "hearing of the upload, reading the config, trying the claim marker, and hearing of the result and the "
+        "removal (not reading them). That is O(N), the part DESIGN.md allows (one notification and one read per "
+        "node).",
         f"- A one-task pipeline starts luigi {fmt(_median(single[top], lambda c: c.luigi_starts), 0)} time(s) and "
         f"makes {fmt(_median(single[top], lambda c: c.luigid_requests), 0)} luigid requests at N={top} "
         f"(N={low}: {fmt(_median(single[low], lambda c: c.luigi_starts), 0)} and "
         f"{fmt(_median(single[low], lambda c: c.luigid_requests), 0)}).",
         f"- A wide graph takes every node that answers a call for help, up to its width: at N={top}, "
-        f"{fmt(_median(joined, lambda c: c.taking_part), 0)} nodes started luigi, each costing ≈ "
-        f"{fmt(per_joiner, 0)} luigid requests (every joining worker schedules the whole graph: one add_task per "
-        f"task) and {fmt(cpu_per_joiner, 2)} CPU-s. Its makespan was shortest at N={fastest} "
+        f"{fmt(helpers, 0)} helpers joined the starter, and luigid answered "
+        f"{fmt(extra / max(helpers, 1), 1)} requests more per helper than for the graph on one node (a helper asks "
+        f"for work and reports its tasks; it does not add the graph again); each node that ran luigi cost "
+        f"{fmt(cpu_per_joiner, 2)} CPU-s. The makespan was shortest at N={fastest} "
         f"({fmt(makespans[fastest], 1)} s): every node of this benchmark shares the same 2 cores, so beyond a few "
         "nodes more luigi processes cost more CPU than they save; on separate machines each brings its own.",
         f"- Idle nodes: {fmt(max(i.storage_per_node_minute for i in idles), 2)} storage requests per node-minute at "
@@ -291,8 +314,8 @@ def _summary(costs: list[PipelineCost], idles: list[Idle]) -> list[str]:
     ]
 
 
-def render(costs: list[PipelineCost], idles: list[Idle], args: argparse.Namespace, command: str, duration: float,
-           load: list[float]) -> str:
+def render(costs: list[PipelineCost], idles: list[Idle], busies: list[Busy], args: argparse.Namespace,
+           command: str, duration: float, load: list[float]) -> str:
     ns = sorted({c.n for c in costs})
     facts = {"nproc": str(len(os.sched_getaffinity(0))), **machine(),
              "load average (1 min) at start / end": " / ".join(f"{value:.1f}" for value in load)}
@@ -330,6 +353,14 @@ def render(costs: list[PipelineCost], idles: list[Idle], args: argparse.Namespac
         "modification time.", "",
         f"Storage requests at N={top}, by kind: {_kinds(worst['b'].storage)}; luigid calls: "
         f"{_kinds(worst['b'].luigid)}; messages: {_kinds(worst['b'].messages)}.", "",
+        f"### (c) {args.busy_pipelines} wide graphs at once: luigid under load", "",
+        table(["N", "pipelines", "makespan (s)", "ideal (s)", "luigid requests", "luigid CPU-s",
+               "luigid latency p50 (ms)", "p99 (ms)", "max (ms)"],
+              [[str(b.n), str(b.pipelines), fmt(b.makespan, 1), fmt(b.ideal, 1), str(b.luigid_requests),
+                fmt(b.luigid_cpu, 2), fmt(b.percentile(0.5) * 1000, 1), fmt(b.percentile(0.99) * 1000, 1),
+                fmt(max(b.latencies, default=float("nan")) * 1000, 1)] for b in busies]), "",
+        f"The {args.busy_pipelines} configs are uploaded together (from N={args.busy_from}: fewer nodes would take "
+        "minutes of task time); latency is luigid's time to answer each request, measured at its proxy.", "",
         "### Idle nodes", "",
         table(["N", "window (s)", "storage requests per node-minute", "luigid requests per node-minute",
                "CPU-s per node-minute", "subscriptions left after SIGTERM"],

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What one pipeline costs a fleet of N nodes, and what idle nodes cost, on the GCS + Pub/Sub emulators.
 
-    python benchmarks/fleet.py              # N = 1, 3, 10, 30; writes its section of benchmarks/README.md
+    python benchmarks/fleet.py              # N = 1, 3, 10, 30, 60; writes its section of benchmarks/README.md
     python benchmarks/fleet.py --quick      # N = 1, 3, a short idle window, a narrower graph; prints only
 
 N node processes (`python -m poltergust.async_worker` with default settings,
@@ -10,7 +10,9 @@ machine against fake-gcs-server, which publishes bucket notifications into
 Google's Pub/Sub emulator, and one luigid (`python -m poltergust.luigid`).
 Storage API and luigid each sit behind a counting proxy. For each N the
 nodes start and settle, sit idle for a window, then run (a) a one-task
-pipeline and (b) a graph of many independent 1 s tasks, one after the other.
+pipeline and (b) a graph of many independent 1 s tasks, one after the other,
+and (c, from N = 10) ten such graphs uploaded at once, to see luigid's CPU and
+request latency under load.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # the harness: the tests' starters of luigid and the emulators
 
-from _fleet_report import PERIODIC, Idle, PipelineCost, render  # noqa: E402
+from _fleet_report import PERIODIC, Busy, Idle, PipelineCost, render  # noqa: E402
 from _main import entry, log, run_benchmark  # noqa: E402
 from _procs import command_line, descendants, machine_cpu, register, tree_cpu  # noqa: E402
 from _systems import ROOT, OurNode, Ours, Workspace, clean_environ, node_default  # noqa: E402
@@ -96,6 +98,7 @@ class Fleet:
         self.env = clean_environ(PUBSUB_EMULATOR_HOST=self.pubsub.host, STORAGE_EMULATOR_HOST=self.storage.url)
         self.costs: list[PipelineCost] = []
         self.idles: list[Idle] = []
+        self.busies: list[Busy] = []
         self.load = [os.getloadavg()[0]]
 
     # -- nodes ---------------------------------------------------------------------
@@ -211,6 +214,22 @@ class Fleet:
             cost.first_tasks, cost.last_task = self._timeline(name, started)
         return cost
 
+    def busy(self, nodes: list[OurNode]) -> Busy:
+        """Several wide graphs uploaded at once: luigid's CPU and its answers' latency while they run."""
+        names = [self.ws.name(f"c{len(nodes)}-{i}") for i in range(self.args.busy_pipelines)]
+        before, answered = self.counts(nodes), len(self.scheduler.latencies())
+        started = time.time()
+        for name in names:
+            self.bucket.upload(f"pipeline/{name}.config.yaml", self.config("b", name))
+        for name in names:
+            self._wait_result(name, nodes)
+        makespan = time.time() - started
+        self.settle(nodes)
+        after = self.counts(nodes)
+        ideal = -(-len(names) * self.args.parts // len(nodes)) * self.args.seconds
+        return Busy(len(nodes), len(names), makespan, ideal, sum((after.luigid - before.luigid).values()),
+                    after.luigid_cpu - before.luigid_cpu, self.scheduler.latencies()[answered:])
+
     def _timeline(self, name: str, started: float) -> tuple[list[float], float]:
         """When each node's first task of the wide graph started, and when its last task ended (after the upload).
 
@@ -283,6 +302,12 @@ class Fleet:
                 f"{cost.cpu:.1f} CPU-s, {cost.storage_requests} storage and {sum(cost.luigid.values())} luigid "
                 f"requests, {cost.delivered} messages delivered ({cost.watched} under the prefix)")
             self.costs.append(cost)
+        if count >= self.args.busy_from:
+            log(f"  {self.args.busy_pipelines} wide graphs at once")
+            busy = self.busy(nodes)
+            log(f"    {busy.makespan:.1f}s, {busy.luigid_requests} luigid requests, {busy.luigid_cpu:.1f} luigid "
+                f"CPU-s, p99 {busy.percentile(0.99) * 1000:.0f} ms")
+            self.busies.append(busy)
         idle.subscriptions_left = self.stop(nodes)
         self.idles.append(idle)
 
@@ -294,12 +319,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, help="write the tables here (default: the Fleet scale section of "
                                                       "benchmarks/README.md; with --quick: nowhere)")
     parser.add_argument("--nodes", type=lambda text: [int(n) for n in text.split(",") if n.strip()],
-                        help="N, node processes per round (default 1,3,10,30; quick 1,3)")
+                        help="N, node processes per round (default 1,3,10,30,60; quick 1,3)")
     parser.add_argument("--idle-seconds", type=float, help="idle window per round (default 60, a heartbeat interval; "
                                                          "quick 5)")
     parser.add_argument("--repeat", type=int, help="runs of the one-task pipeline (a) per N, and of the wide graph "
                                                    "(b) on 3 nodes; medians reported (default 3; quick 1)")
     parser.add_argument("--parts", type=int, help="tasks of the wide graph (b) (default 30; quick 6)")
+    parser.add_argument("--busy-pipelines", type=int, help="wide graphs uploaded at once in (c) (default 10; quick 2)")
+    parser.add_argument("--busy-from", type=int, help="the smallest N that runs (c) (default 10; quick 3)")
     parser.add_argument("--seconds", type=float, default=1.0, help="how long each of its tasks takes (default 1)")
     parser.add_argument("--pipeline-timeout", type=float, default=300.0, help="seconds before a pipeline gives up")
     parser.add_argument("--wheelhouse", type=Path,
@@ -307,8 +334,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="wheels the pipelines' environment installs luigi from (default: .wheelhouse)")
     parser.add_argument("--workdir", type=Path, help="keep everything here instead of a temporary directory")
     args = parser.parse_args(argv)
-    for name, full, quick in (("nodes", [1, 3, 10, 30], [1, 3]), ("idle_seconds", 60.0, 5.0), ("parts", 30, 6),
-                              ("repeat", 3, 1)):
+    for name, full, quick in (("nodes", [1, 3, 10, 30, 60], [1, 3]), ("idle_seconds", 60.0, 5.0), ("parts", 30, 6),
+                              ("repeat", 3, 1), ("busy_pipelines", 10, 2), ("busy_from", 10, 3)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     return args
@@ -327,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for count in args.nodes:
             fleet.round(count)
         fleet.load.append(os.getloadavg()[0])
-        return render(fleet.costs, fleet.idles, args, command, time.monotonic() - started, fleet.load)
+        return render(fleet.costs, fleet.idles, fleet.busies, args, command, time.monotonic() - started, fleet.load)
 
     return run_benchmark("fleet.py", args, argv, measure, readme=README, heading=HEADING, prefix="poltergust-fleet-")
 

@@ -165,10 +165,15 @@ def test_quick_fleet_benchmark_measures_every_count(tmp_path: Path) -> None:
         assert number(row[3]) == 0, "idle nodes make no luigid request"
         assert row[5] == "0", "stopped nodes leave no subscription behind"
 
+    busy = tables["(c) 2 wide graphs at once: luigid under load"]
+    assert [row[0] for row in busy] == ["3"], "(c) runs from N=3 in quick mode"
+    pipelines, makespan, ideal, requests = int(busy[0][1]), number(busy[0][2]), number(busy[0][3]), int(busy[0][4])
+    p50, p99, slowest = (number(cell) for cell in busy[0][6:9])
+    assert pipelines == 2 and makespan >= ideal > 0 and requests > 0 and 0 < p50 <= p99 <= slowest, busy
     growth = {row[0]: row for row in tables["What grows how"]}
     assert "(a) storage requests" in growth and "idle luigid requests per node-minute" in growth
     targets = tables["Targets"]
-    assert len(targets) == 5 and all(row[3] in ("met", "**missed**") for row in targets), targets
+    assert len(targets) == 6 and all(row[3] in ("met", "**missed**") for row in targets), targets
     assert ("Why targets are missed:" in text) == any(row[3] == "**missed**" for row in targets)
 
     assert readme.read_text() == before

@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -259,10 +260,11 @@ def test_overview_of_finished_pipelines_is_listings_only_on_the_emulator(
         page = get(dashboard.url + "/")
         cold = requests.since(mark)
 
+        mark = requests.mark()
+
         def refresh() -> tuple[str, list[tuple[str, str]]] | None:
-            mark = requests.mark()
             body = get(dashboard.url + "/")
-            made = requests.since(mark)
+            made = requests.since(mark)  # the new listing is made in the background: count from the first refresh
             return (body, made) if ("list", "pipeline/") in made else None
 
         # The shared listing expires after SNAPSHOT_SECONDS: refresh until the overview lists again.
@@ -281,10 +283,80 @@ def test_overview_of_finished_pipelines_is_listings_only_on_the_emulator(
                                  ("list", "pipeline/")], \
         "one listing of the pipelines, one read of the result without a summary, no other read"
     assert cold.count(("list", "_poltergust/nodes/")) == 1
-    warm_pipelines = [entry for entry in warm if not entry[1].startswith("_poltergust/nodes/")]
-    assert warm_pipelines == [("list", "pipeline/")], \
+    warm_pipelines = {entry for entry in warm if not entry[1].startswith("_poltergust/nodes/")}
+    assert warm_pipelines == {("list", "pipeline/")}, \
         f"a refresh lists again and reads nothing (the old result's section is cached): {warm}"
     assert "on node-old" in page_again
+
+
+class GatedStore(CountingStore):
+    """Listings wait for `open`: a slow bucket."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        super().__init__(store)
+        self.open = asyncio.Event()
+        self.open.set()
+        self.lists = 0
+
+    async def list(self, *args: Any, **kwargs: Any) -> list[ObjectInfo]:
+        self.lists += 1
+        await self.open.wait()
+        return await self.store.list(*args, **kwargs)
+
+
+def test_a_held_listing_is_shown_at_once_and_renewed_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A viewer never waits for a listing while the overview is watched; a change shows on a later refresh."""
+    from poltergust.dashboard import pipelines as module
+
+    store = LocalStore(tmp_path)
+    clock = [1000.0]
+    monkeypatch.setattr(module, "time", SimpleNamespace(monotonic=lambda: clock[0]))  # not the event loop's clock
+
+    async def run() -> None:
+        async def finished(name: str) -> None:
+            config = await store.write(f"pipeline/{name}.config.yaml", CONFIG)
+            await finish(store, config, run_result("done"))
+
+        await finished("first")
+        gated = GatedStore(store)
+        location = Location.parse(str(tmp_path / "pipeline"))
+        pipelines = PipelineList([location], {location.bucket: gated})
+        first = await pipelines.page(None, "", 1, 50)
+        assert [p.name for p in first.rows] == ["first"] and gated.lists == 1
+
+        await finished("second")
+        gated.open.clear()  # the bucket is slow from now on
+        clock[0] += module.SNAPSHOT_SECONDS + 1
+        held = await asyncio.wait_for(pipelines.page(None, "", 1, 50), 1)
+        assert [p.name for p in held.rows] == ["first"] and held.listed == first.listed, "the held listing, at once"
+        await wait_until(lambda: gated.lists == 2)
+        assert [p.name for p in (await asyncio.wait_for(pipelines.all(), 1))] == ["first"], "one listing at a time"
+        assert gated.lists == 2
+        gated.open.set()
+        await wait_until(lambda: len(pipelines._snapshot[2]) == 2)  # type: ignore[index]
+        renewed = await pipelines.page(None, "", 1, 50)
+        assert sorted(p.name for p in renewed.rows) == ["first", "second"] and renewed.listed > first.listed
+
+        await finished("third")
+        clock[0] += module.HELD_SECONDS + 1  # nobody watched for a minute: the page waits for a new listing
+        gated.open.clear()
+        waiting = asyncio.ensure_future(pipelines.page(None, "", 1, 50))
+        await wait_until(lambda: gated.lists == 3)
+        assert not waiting.done()
+        gated.open.set()
+        assert sorted(p.name for p in (await asyncio.wait_for(waiting, 5)).rows) == ["first", "second", "third"]
+        await pipelines.close()
+
+    asyncio.run(run())
+
+
+async def wait_until(condition: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
 
 
 def test_local_listing_reads_each_generations_metadata_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,6 +60,7 @@ class Dashboard:
             return self._nodes[1], self._nodes[2]
 
     async def close(self) -> None:
+        await self.pipelines.close()
         await self.details.close()
         for store in self.stores.values():
             await store.close()

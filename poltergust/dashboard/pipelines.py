@@ -5,7 +5,10 @@ results (`delimiter=/` and a `matchGlob`, as GCS offers them), gives every
 pipeline's state but the running/queued split; that comes from the logs of
 each waiting config's generation (a node uploads its log as it starts). The
 listing is shared by every viewer for a couple of seconds, so ten people
-watching cost what one does. A finished pipeline's columns come with the
+watching cost what one does; after that, while it is less than a minute old,
+a page is drawn from it at once and a new listing is made in the background
+for the next (pages refresh themselves every few seconds), so nobody waits
+for a listing while watching. A finished pipeline's columns come with the
 listing too, as its result object's metadata (`run.summary`); only a result
 written before that is read, once, when it is on screen (or in the chart):
 a result file's generation never changes.
@@ -13,6 +16,7 @@ a result file's generation never changes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections import OrderedDict
@@ -33,6 +37,8 @@ T = TypeVar("T")
 STATES = ("queued", "running", "done", "error")
 SNAPSHOT_SECONDS = 2.0
 """How long one listing serves every viewer."""
+HELD_SECONDS = 60.0
+"""A listing older than this is not shown: the page waits for a new one (nobody has watched for a while)."""
 CONCURRENT_READS = 16
 SECTION_LIMIT = 16 * 1024
 RESULT_LIMIT = 2 * MAX_FILE_SIZE
@@ -105,6 +111,8 @@ def moment(value: object) -> datetime | None:
 @dataclass
 class Page:
     rows: list[Pipeline]
+    listed: datetime
+    """When the listing the page is drawn from was made."""
     matching: int
     """Pipelines matching the filter, over all pages."""
     counts: dict[str, int]
@@ -170,18 +178,38 @@ class PipelineList:
     def __init__(self, locations: list[layout.Location], stores: dict[str, ObjectStore]) -> None:
         self.locations = locations
         self.stores = stores
-        self._snapshot: tuple[float, list[Pipeline]] | None = None
+        self._snapshot: tuple[float, datetime, list[Pipeline]] | None = None
         self._refreshing: asyncio.Lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
         self._sections: LruCache = LruCache(50_000)
         self.problems: list[str] = []
         """Prefixes that could not be listed at the last refresh."""
 
     async def all(self) -> list[Pipeline]:
-        async with self._refreshing:
-            if self._snapshot is None or time.monotonic() - self._snapshot[0] > SNAPSHOT_SECONDS:
-                pipelines = await self._list()
-                self._snapshot = (time.monotonic(), pipelines)
-            return self._snapshot[1]
+        return (await self.snapshot())[1]
+
+    async def snapshot(self) -> tuple[datetime, list[Pipeline]]:
+        """The pipelines and when they were listed: the held listing while it is fresh enough (see the module)."""
+        held = self._snapshot
+        if held is not None and time.monotonic() - held[0] <= HELD_SECONDS:
+            if time.monotonic() - held[0] > SNAPSHOT_SECONDS and (self._background is None or self._background.done()):
+                self._background = asyncio.create_task(self._refresh(SNAPSHOT_SECONDS))
+            return held[1], held[2]
+        await self._refresh(HELD_SECONDS)
+        assert self._snapshot is not None
+        return self._snapshot[1], self._snapshot[2]
+
+    async def _refresh(self, older_than: float) -> None:
+        async with self._refreshing:  # one listing at a time; whoever waited finds it made
+            if self._snapshot is None or time.monotonic() - self._snapshot[0] > older_than:
+                listed = datetime.now(timezone.utc)
+                self._snapshot = (time.monotonic(), listed, await self._list())
+
+    async def close(self) -> None:
+        if self._background is not None:
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background
 
     async def _list(self) -> list[Pipeline]:
         pipelines: list[Pipeline] = []
@@ -211,7 +239,7 @@ class PipelineList:
             pipeline.state = "running"
 
     async def page(self, state: str | None, query: str, number: int, size: int) -> Page:
-        pipelines = await self.all()
+        listed, pipelines = await self.snapshot()
         counts = {name: 0 for name in STATES}
         for pipeline in pipelines:
             counts[pipeline.state] += 1
@@ -221,7 +249,7 @@ class PipelineList:
         number = min(max(1, number), pages)
         rows = matching[(number - 1) * size: number * size]
         await self.read_sections(rows)
-        return Page(rows, len(matching), counts, number, pages)
+        return Page(rows, listed, len(matching), counts, number, pages)
 
     async def read_sections(self, pipelines: list[Pipeline]) -> None:
         """Fill the result section of finished pipelines the listing has no summary of, reading each file once."""

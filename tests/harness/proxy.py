@@ -13,6 +13,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -109,6 +110,7 @@ class Proxy:
         self._host, self._port = target.hostname or "127.0.0.1", target.port or 80
         self._lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
+        self._latencies: list[float] = []
         self._released = threading.Event()
         self.held = threading.Event()
         """Set once a request has been held back."""
@@ -135,11 +137,14 @@ class Proxy:
                 if fault is not None and not fault.forward:
                     self._fail(fault.status, "proxy fault")
                     return
+                started = time.perf_counter()
                 try:
                     status, reason, headers, data = self._forward(body)
                 except (OSError, http.client.HTTPException):
                     self.send_error(502)
                     return
+                with proxy._lock:
+                    proxy._latencies.append(time.perf_counter() - started)
                 if fault is not None:
                     self._fail(fault.status, "proxy fault: answer lost")
                     return
@@ -213,6 +218,11 @@ class Proxy:
     def counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+    def latencies(self) -> list[float]:
+        """Seconds the upstream took to answer each forwarded request, in the order they ended."""
+        with self._lock:
+            return list(self._latencies)
 
     def total(self) -> int:
         with self._lock:
