@@ -285,7 +285,9 @@ class Fleet:
         started = time.monotonic()
         nodes = self.start(count)
         subscribed = time.monotonic() - started
-        wait_for(lambda: all("scanned:" in node.output() for node in nodes), 60, "every node's first scan")
+        # Every node imports and subscribes on the same few cores: allow more time the more there are.
+        wait_for(lambda: all("scanned:" in node.output() for node in nodes), 60 + 3 * count,
+                 "every node's first scan")
         log(f"  ready in {subscribed:.1f}s (process start to subscribed), first scan done at "
             f"{time.monotonic() - started:.1f}s")
         self.settle(nodes)
@@ -328,7 +330,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--busy-pipelines", type=int, help="wide graphs uploaded at once in (c) (default 10; quick 2)")
     parser.add_argument("--busy-from", type=int, help="the smallest N that runs (c) (default 10; quick 3)")
     parser.add_argument("--seconds", type=float, default=1.0, help="how long each of its tasks takes (default 1)")
-    parser.add_argument("--pipeline-timeout", type=float, default=300.0, help="seconds before a pipeline gives up")
+    parser.add_argument("--pipeline-timeout", type=float, default=900.0,
+                        help="seconds before a pipeline gives up (default 900: (c) at N=60 is slow here)")
     parser.add_argument("--wheelhouse", type=Path,
                         default=Path(os.environ.get("POLTERGUST_TEST_WHEELHOUSE", ROOT / ".wheelhouse")),
                         help="wheels the pipelines' environment installs luigi from (default: .wheelhouse)")

@@ -69,4 +69,4 @@ python -m ruff check poltergust tests benchmarks
 python -m mypy
 
 # shellcheck disable=SC2317  # reached: deploy-tools.sh returns when sourced
-python -m pytest -q -rs "$@"
+python -m pytest -q -rs --durations=25 "$@"

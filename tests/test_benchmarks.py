@@ -120,7 +120,9 @@ def test_dashboard_benchmark_runs_and_counts_right(tmp_path: Path) -> None:
     rows = markdown_tables(result.stdout)["Dashboard with 500 finished pipelines and 5 waiting"]
     assert {row[0] for row in rows} == {"local directory", "GCS emulator"}
     assert {row[1] for row in rows} == {"summaries", "old format"}
-    assert len(rows) == 28 and all(number(row[3]) > 0 for row in rows)
+    assert len(rows) == 32 and all(number(row[3]) > 0 for row in rows)
+    assert sum(row[2] == "overview, warm: until a page shows the new listing" for row in rows) == 4, \
+        "a held listing is renewed in the background and shown"
     counted = markdown_tables(result.stdout)["Storage requests of one cold overview on the GCS emulator"]
     requests = {row[0]: row[2] for row in counted}
     assert re.fullmatch(r"list \d+", requests["summaries"]), "with summaries, a cold overview only lists"

@@ -25,11 +25,14 @@ from harness import (
     PROJECT,
     TOPIC,
     Bucket,
+    Fault,
     GatedProxy,
     Luigid,
     Node,
+    Proxy,
     PubSubEmulator,
     free_port,
+    luigid_call,
     result,
     submit,
     wait_for,
@@ -153,6 +156,41 @@ def test_a_wide_graph_spreads_over_nodes_that_answer_a_call_for_help(
     for text in wait_for(final_logs, 30, "the helpers' last log uploads").values():  # type: ignore[union-attr]
         assert "poltergust assistant of root task Fan_" in text, text[-2000:]
         assert not re.search(r"Informed scheduler that task\s+\S+\s+has status\s+PENDING", text), text[-2000:]
+
+
+@GCS
+def test_a_joined_node_whose_luigi_fails_leaves_the_run_to_its_starter(
+    start_node, bucket: Bucket, luigid: Luigid, pubsub: PubSubEmulator, env_dir: Path, environment_yaml: str,
+    tmp_path: Path,
+) -> None:
+    """A helper's own luigi failing while luigid cannot answer it (an overloaded luigid, here one that answers
+    that node 503) says nothing of the pipeline: the helper stands down, the starter ends the run done."""
+    starter = start_node(f"starter-{uuid.uuid4().hex[:6]}")
+    out = tmp_path / "fan"
+    submit(bucket, "joined", {"name": "Fan", "module": "poltergust_testpipes", "out-dir": str(out), "parts": 6,
+                              "seconds": 2}, environment_yaml,
+           luigi={"core": {"rpc-retry-attempts": 1, "rpc-connect-timeout": 2}})
+    wait_for(lambda: "this node starts generation" in starter.output(), 60, "the starter to start the run")
+    refused = Proxy(luigid.url, classify=luigid_call, fault=lambda method, path, body: Fault(503))
+    try:
+        name = f"joiner-{uuid.uuid4().hex[:6]}"
+        joiner = Node.launch(name, tmp_path, path=bucket.url("pipeline"), scheduler_url=refused.url,
+                             env_dir=env_dir, data_dir=tmp_path / name, pubsub_host=pubsub.host,
+                             storage_url=bucket.gcs.url, subscription=f"sub-{name}")
+        try:
+            done = result(bucket, "joined", "done")
+            assert done["poltergust"]["node"] == starter.node_name
+            assert "joining the run (call for help" in joiner.output(), joiner.output()[-3000:]
+            logs = f"_poltergust/logs/pipeline/joined/{done['poltergust']['generation']}/{joiner.node_name}"
+            wait_for(lambda: b"leaving the run to the node that started it"
+                     in b"".join(bucket.read(name) or b"" for name in bucket.names(logs)), 30,
+                     "the joiner's log to say it stood down")
+            assert refused.counts(), "the joiner's luigi reached luigid only through the refusing proxy"
+        finally:
+            joiner.stop()
+    finally:
+        refused.close()
+    assert {path.read_text() for path in out.glob("part-*.txt")} == {starter.node_name}
 
 
 def test_a_failed_reattach_is_retried_until_it_works(

@@ -47,6 +47,9 @@ ERROR_LINE = re.compile(r"^(?:[\w.]+(?:Error|Exception)|luigi\.[\w.]+|Traceback)
 class Outcome:
     ok: bool
     reason: str = ""
+    stood_down: bool = False
+    """This node's luigi failed where luigid could not say how the pipeline stands, on a node that did not
+    start the run: the run is left to its starter instead of ending as an error (see `participation`)."""
 
 
 def task_parameters(arguments: Mapping[str, Any]) -> dict[str, str | bool]:

@@ -145,6 +145,11 @@ class Run:
                 outcome = await self._outcome(config, runlog)
             finally:
                 uploader.cancel()
+            if outcome.stood_down:
+                runlog.note(f"this node's luigi failed ({outcome.reason}) while luigid could not say how the "
+                            "pipeline stands; leaving the run to the node that started it")
+                await mirror.upload()
+                return
             result = claim.Result(
                 outcome="done" if outcome.ok else "error", node=node, started=started, finished=_now(),
                 reason=outcome.reason, log_tail=runlog.tail(), generation=key.generation,
@@ -245,8 +250,9 @@ class Run:
             outcome = await Participation(command, env=env, cwd=cwd, runlog=runlog, scheduler_url=scheduler,
                                           outage_limit=self.settings.outage_limit, assistant=assistant,
                                           recruit=self.membership.recruit, start=start,
-                                          confirm=confirm_command(env_path / "bin" / "python", config)).run()
-        if not outcome.ok:
+                                          confirm=confirm_command(env_path / "bin" / "python", config),
+                                          responsible=self.membership.started_here).run()
+        if not outcome.ok and not outcome.stood_down:
             raise RunFailed(outcome.reason)
         return outcome
 

@@ -10,7 +10,8 @@ task is free for it.
 Without a graph (a plain luigid that pruned it, a root that never reached the
 scheduler), luigi's exit codes decide, as they would for a single process.
 A scheduler that cannot be reached is waited for (up to `outage_limit`)
-rather than counted as a failure of the pipeline.
+rather than counted as a failure of the pipeline; a joined node whose luigi
+fails while luigid cannot tell the graph's state stands down instead.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class Participation:
     def __init__(self, command: list[str], *, env: Mapping[str, str], cwd: Path, runlog: RunLog,
                  scheduler_url: str, outage_limit: float, assistant: bool = False, recruit: Recruit | None = None,
                  start: Launcher = run_streaming, max_backoff: float = 30.0,
-                 confirm: list[str] | None = None) -> None:
+                 confirm: list[str] | None = None, responsible: bool = True) -> None:
         self.command = command
         self.env = env
         self.cwd = cwd
@@ -67,6 +68,10 @@ class Participation:
         self.max_backoff = max_backoff
         self.confirm = confirm
         """Checks the root task's own `complete()` before luigid's DONE is believed (see `command.confirm_command`)."""
+        self.responsible = responsible
+        """This node started the run. A node that only joined it leaves the pipeline's fate to luigid's graph or
+        to the starter: its own luigi failing (an overloaded luigid, a local problem) says nothing of the
+        pipeline, which the starter's luigi meets too if the pipeline itself is broken."""
         self.luigid = Luigid(scheduler_url)
         self.root: str | None = None
         self.failed_here: set[str] = set()
@@ -119,6 +124,8 @@ class Participation:
             if not await scheduler_reachable(self.scheduler_url):
                 self.runlog.note("luigi failed while the scheduler was unreachable: not a failure of the pipeline")
                 continue
+            if not self.responsible:
+                return Outcome(False, exit_reason(code, self.runlog), stood_down=True)
             return Outcome(False, exit_reason(code, self.runlog))
 
     async def _luigi_while_watching(self) -> tuple[int | None, Verdict | None]:
