@@ -236,7 +236,7 @@ def _targets(costs: list[PipelineCost], ns: list[int]) -> tuple[list[list[str]],
            f"{fmt(storage, 0)} ({fmt(storage / judged, 1)} per node)",
            f"By kind, per node (a typical run): {_kinds(typical.storage, judged)}. Every node reads the config "
            "as two requests (its metadata, which says its size before anything is downloaded, then its content "
-           "at that generation) and tries the claim marker once: 3 per node. Two would need the size and "
+           "at that generation) and tries the start marker once: 3 per node. Two would need the size and "
            "generation from the notification itself (a JSON_API_V1 payload) or a download capped by a range.")
     if ones:
         cpu, cpu_one = _median(runs, lambda c: c.cpu_above_idle), _median(ones, lambda c: c.cpu_above_idle)
@@ -245,7 +245,7 @@ def _targets(costs: list[PipelineCost], ns: list[int]) -> tuple[list[list[str]],
                f"{fmt(cpu / cpu_one, 2)}× ({fmt(cpu, 2)} vs {fmt(cpu_one, 2)}; with idle: "
                f"{fmt(_median(runs, lambda c: c.cpu), 2)} vs {fmt(_median(ones, lambda c: c.cpu), 2)})",
                f"Each node that does not run the pipeline still costs ≈ {fmt(slope * 1000, 0)} ms of CPU in its own "
-               f"process: it hears of the upload, the result and the removal, reads the config and tries the claim "
+               f"process: it hears of the upload, the result and the removal, reads the config and tries the start "
                f"marker; the emulator, which ignores filters, makes it hear "
                f"{fmt(_median(runs, lambda c: c.delivered) / judged, 1)} messages, not "
                f"{fmt(watched / judged, 1)}. Meeting the target needs less than "
@@ -292,7 +292,7 @@ def _summary(costs: list[PipelineCost], idles: list[Idle]) -> list[str]:
         f"- Per pipeline, every node costs ≈ {fmt(slope('a', lambda c: c.storage_requests), 1)} storage requests, "
         f"{fmt(slope('a', lambda c: c.watched), 1)} messages and "
         f"{fmt(slope('a', lambda c: c.cpu_above_idle) * 1000, 0)} ms of CPU whether or not it runs anything: "
-        "hearing of the upload, reading the config, trying the claim marker, and hearing of the result and the "
+        "hearing of the upload, reading the config, trying the start marker, and hearing of the result and the "
         "removal (not reading them). That is O(N), the part DESIGN.md allows (one notification and one read per "
         "node).",
         f"- A one-task pipeline starts luigi {fmt(_median(single[top], lambda c: c.luigi_starts), 0)} time(s) and "

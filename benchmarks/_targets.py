@@ -69,7 +69,7 @@ def _makespan(bench: Any, plain_cpu: list[float]) -> list[Target]:
     k = 20
     ours_runs, orig_runs = bench.makespans.get(("ours", k, 1)), bench.makespans.get(("orig", k, 1))
     if not (ours_runs and orig_runs):
-        return [Target(f"makespan, K={k} on one node", "≥ 10× lower than the original; CPU ≤ 0.15 CPU-s per "
+        return [Target(f"makespan, K={k} on one node", "≥ 10× lower than the original; CPU ≤ 0.1 CPU-s per "
                        "pipeline", "not measured in this run (see --sizes, --nodes)", None)]
     o, g = _p50([m.seconds for m in ours_runs]), _p50([m.seconds for m in orig_runs])
     cpu = _p50([m.cpu / k for m in ours_runs])
@@ -96,13 +96,13 @@ def _makespan(bench: Any, plain_cpu: list[float]) -> list[Target]:
     if not target.met:
         target.why = cpu_story
     found.append(target)
-    target = Target("CPU per no-op pipeline, K=20 on one node (p50)", "≤ 0.15 CPU-s", f"{cpu:.3f} CPU-s", cpu <= 0.15)
+    target = Target("CPU per no-op pipeline, K=20 on one node (p50)", "≤ 0.1 CPU-s", f"{cpu:.3f} CPU-s", cpu <= 0.10)
     if not target.met:
-        target.why = cpu_story + (" Most of the forked luigi's time is luigi's own work before and after the task "
-                                  "(command-line parsing over every registered parameter, scheduler round trips, "
-                                  "the execution summary); in a profile of one forked run, about two thirds of it "
-                                  "went to building luigi's argparse parsers (nine builds, some 1 500 add_argument "
-                                  "calls), which no runner that runs luigi unchanged avoids.")
+        target.why = cpu_story + (f" The node's {own:.3f} CPU-s are its part of every pipeline (the file event, "
+                                  "reading the config and the environment file, the start marker, the log, the "
+                                  "claim and the result); the forked child's are luigi's own work around the task "
+                                  "(its worker, the scheduler round trips over HTTP, the execution summary), "
+                                  "without the command-line parser that the fast start skips.")
     found.append(target)
     return found
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import urllib.parse
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Callable, Iterator
 from zoneinfo import ZoneInfo
 
 import pytest
-from harness import ROOT, Server, free_port, http_ok, result, submit, wait_for
+from harness import Dashboard, result, submit, wait_for
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
@@ -31,21 +30,6 @@ def browser() -> Iterator[object]:
     driver.implicitly_wait(0)
     yield driver
     driver.quit()
-
-
-class Dashboard(Server):
-    """`poltergust dashboard` as a user starts it."""
-
-    def __init__(self, workdir: Path, path: str, env: dict[str, str], *extra: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__("dashboard", [sys.executable, "-m", "poltergust", "dashboard", "--path", path,
-                                       "--port", str(self.port), *extra],
-                         workdir / f"dashboard-{self.port}.log", env=env, cwd=ROOT)
-        self.wait_ready()
-
-    def ready(self) -> bool:
-        return http_ok(self.url + "/")
 
 
 @pytest.fixture

@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from deploy_fixtures.fake_metadata import FakeMetadata
 from deploy_fixtures.gcloud_harness import FakeGcloud, find, make_release, metadata_of
 from harness import ROOT
-from test_node_init import NODE_INIT, NODE_METADATA, RETIRE_UNIT, SCHEDULER_METADATA, run_init, unit_value
+from harness.node_init import NODE_INIT, NODE_METADATA, RETIRE_UNIT, SCHEDULER_METADATA, run_init, unit_value
 
 from poltergust.node import retire
 from poltergust.settings import build_parser
@@ -54,11 +55,13 @@ def init_reads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[set[
         tmp = tmp_path_factory.mktemp(role)
         status, stderr, asked = _dry_run(attributes, tmp)
         assert status == 0, stderr
-        required = set()
-        for key in sorted(asked - {"poltergust-role"}):
-            status, stderr, _ = _dry_run({k: v for k, v in attributes.items() if k != key}, tmp)
-            if status == 2 and f"metadata attribute {key}" in stderr:
-                required.add(key)
+        def refused_without(key: str, attributes: dict[str, str] = attributes, tmp: Path = tmp) -> bool:
+            status, stderr, _ = _dry_run({k: v for k, v in attributes.items() if k != key}, tmp / key)
+            return status == 2 and f"metadata attribute {key}" in stderr
+
+        keys = sorted(asked - {"poltergust-role"})
+        with ThreadPoolExecutor(4) as pool:  # one dry run per key left out: side by side, each in its own root
+            required = {key for key, refused in zip(keys, pool.map(refused_without, keys)) if refused}
         found[role] = (asked - {"poltergust-package"}, required | {"poltergust-role"})
     return found
 

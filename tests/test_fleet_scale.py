@@ -34,6 +34,7 @@ from harness import (
     free_port,
     luigid_call,
     result,
+    run_log,
     submit,
     wait_for,
 )
@@ -191,6 +192,44 @@ def test_a_joined_node_whose_luigi_fails_leaves_the_run_to_its_starter(
     finally:
         refused.close()
     assert {path.read_text() for path in out.glob("part-*.txt")} == {starter.node_name}
+
+
+@GCS
+def test_a_starter_whose_luigi_luigid_does_not_answer_runs_it_again_within_the_outage_limit(
+    bucket: Bucket, luigid: Luigid, pubsub: PubSubEmulator, env_dir: Path, environment_yaml: str, tmp_path: Path,
+) -> None:
+    """luigid accepting connections but failing luigi's calls (overloaded: 503 here) says nothing of the pipeline:
+    the starter runs luigi again, and ends the run as an error only once that lasts past `--outage-limit`."""
+    refusals = {"left": 2}
+
+    def refuse_add_task(method: str, path: str, body: bytes) -> Fault | None:
+        if luigid_call(method, path, body) != "add_task" or not refusals["left"]:
+            return None
+        refusals["left"] -= 1
+        return Fault(503)
+
+    silent = Proxy(luigid.url, classify=luigid_call, fault=refuse_add_task)
+    name = f"starter-{uuid.uuid4().hex[:6]}"
+    starter = Node.launch(name, tmp_path, "--outage-limit", "5", path=bucket.url("pipeline"),
+                          scheduler_url=silent.url, env_dir=env_dir, data_dir=tmp_path / name,
+                          pubsub_host=pubsub.host, storage_url=bucket.gcs.url, subscription=f"sub-{name}")
+    quick = {"core": {"rpc-retry-attempts": 1}}
+    try:
+        submit(bucket, "answered", {**TOUCH, "out-dir": str(tmp_path / "answered")}, environment_yaml, luigi=quick)
+        done = result(bucket, "answered", "done")
+        assert refusals["left"] == 0
+        log = run_log(tmp_path, name, "answered")
+        assert done["poltergust"]["node"] == name and log.count("luigi gave up on the scheduler") == 2, log[-3000:]
+
+        refusals["left"] = 1_000_000
+        submit(bucket, "unanswered", {**TOUCH, "out-dir": str(tmp_path / "unanswered")}, environment_yaml,
+               luigi=quick)
+        reason = result(bucket, "unanswered", "error")["poltergust"]["reason"]
+        assert reason.startswith(f"the luigi scheduler at {silent.url} did not answer luigi for 5s: "), reason
+        assert "RPCError" in reason
+    finally:
+        starter.stop()
+        silent.close()
 
 
 def test_a_failed_reattach_is_retried_until_it_works(

@@ -8,12 +8,15 @@ the tunnel (nor read it after rebinding a name to loopback).
 """
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import urllib.parse
 from pathlib import Path
 
 from harness import Luigid, result, submit, wait_for
+
+from poltergust.luigid import graph
 
 
 def rpc(luigid: Luigid, method: str, data: dict, headers: dict[str, str] | None = None) -> tuple[int, str]:
@@ -56,6 +59,32 @@ def test_a_done_root_task_is_confirmed_and_the_run_is_done(
     submit(bucket, "fan", {"name": "Fan", "module": "poltergust_testpipes", "out-dir": str(tmp_path / "fan"),
                            "parts": 2, "seconds": 0.1}, environment_yaml)
     assert result(bucket, "fan", "done")["poltergust"]["outcome"] == "done"
+
+
+def test_a_task_failed_without_an_explanation_reads_as_no_error(luigid: Luigid) -> None:
+    """A node reruns a task luigid failed for a vanished worker; it must not read `null` as the task's error.
+
+    luigid fails the running task of a worker it no longer hears from and
+    keeps the explanation of the task's last report: `null` after a DONE
+    (a task scheduled again, say by a worker that could not see its output).
+    """
+    def report(task_id: str, status: str, **extra: str) -> None:
+        status_code, body = rpc(luigid, "add_task", {"worker": "w", "task_id": task_id, "status": status, **extra})
+        assert status_code == 200, body
+
+    report("Part_1", "DONE", expl=json.dumps(None))
+    report("Part_1", "FAILED")
+    report("Part_2", "FAILED", expl=json.dumps("Traceback (most recent call last):\n  ...\nValueError: boom\n"))
+
+    async def errors() -> tuple[str, str]:
+        scheduler = graph.Luigid(f"http://127.0.0.1:{luigid.port}")
+        try:
+            return await scheduler.error("Part_1"), await scheduler.error("Part_2")
+        finally:
+            await scheduler.close()
+
+    assert json.loads(rpc(luigid, "fetch_error", {"task_id": "Part_1"})[1])["response"]["error"] == "null"
+    assert asyncio.run(errors()) == ("", "ValueError: boom")
 
 
 def test_a_cross_origin_call_is_refused_and_changes_nothing(luigid: Luigid) -> None:

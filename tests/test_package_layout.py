@@ -6,6 +6,7 @@ including those inside functions), so a cycle cannot hide behind a lazy import.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "poltergust"
@@ -171,3 +172,14 @@ def test_every_imported_package_is_declared() -> None:
                 if not owners & declared:
                     undeclared.add(f"{path.relative_to(PACKAGE)}: {name} ({', '.join(sorted(owners))})")
     assert sorted(undeclared) == []
+
+
+def test_every_test_the_readme_cites_exists() -> None:
+    """A guarantee whose test was renamed or removed must not go on citing it."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    cited = re.findall(r"(test_\w+\.py)`?::`?(test_\w+)", readme)
+    assert len(cited) > 20
+    tests = PACKAGE.parent / "tests"
+    missing = [f"{module}::{name}" for module, name in sorted(set(cited))
+               if not re.search(rf"^(async )?def {name}\(", (tests / module).read_text(), re.MULTILINE)]
+    assert missing == [], f"the README cites tests that do not exist: {missing}"

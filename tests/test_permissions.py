@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from deploy_fixtures.gcloud_harness import FakeGcloud, make_release
-from harness import ROOT, GatedProxy, result, submit
+from harness import ROOT, Dashboard, GatedProxy, result, submit
 from permission_audit import (
     MODULE,
     Grant,
@@ -29,7 +29,6 @@ from permission_audit import (
     storage_row,
     terraform_grants,
 )
-from test_dashboard import Dashboard
 
 CREATE = ROOT / "deploy" / "gcloud" / "create.sh"
 DATAPROC = ROOT / "clusters" / "dataproc-create-cluster.sh"

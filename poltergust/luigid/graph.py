@@ -108,13 +108,18 @@ class Luigid:
         return verdict(await self.graph(root), root, failed_here)
 
     async def error(self, task_id: str) -> str:
-        """The last line of a failed task's error (its exception), or empty."""
+        """The last line of a failed task's error (its exception), or empty when no worker gave one.
+
+        Workers send their explanation JSON-encoded. A task luigid fails itself,
+        because the worker running it vanished, keeps the explanation of its
+        last report: `null` when that was a DONE without a message.
+        """
         text = (await self.call("fetch_error", task_id=task_id)).get("error") or ""
-        if text.startswith('"'):  # workers send their explanation JSON-encoded
-            try:
-                text = str(json.loads(text))
-            except ValueError:
-                pass
+        try:
+            decoded = json.loads(text)
+        except ValueError:
+            decoded = text
+        text = "" if decoded is None else str(decoded)
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         return lines[-1] if lines else ""
 

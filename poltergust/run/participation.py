@@ -9,9 +9,11 @@ waits (asking luigid, not starting luigi again) and takes part again when a
 task is free for it.
 Without a graph (a plain luigid that pruned it, a root that never reached the
 scheduler), luigi's exit codes decide, as they would for a single process.
-A scheduler that cannot be reached is waited for (up to `outage_limit`)
-rather than counted as a failure of the pipeline; a joined node whose luigi
-fails while luigid cannot tell the graph's state stands down instead.
+A scheduler that cannot be reached, or accepts connections but does not
+answer luigi in time (an overloaded luigid), is waited for (up to
+`outage_limit`) rather than counted as a failure of the pipeline; a joined
+node whose luigi fails while luigid cannot tell the graph's state stands
+down instead.
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ from poltergust.launch import assistant
 from poltergust.launch.processes import run_streaming
 from poltergust.launch.sandbox import Launcher
 from poltergust.luigid.graph import Luigid, SchedulerError, Verdict
+from poltergust.masking import redact_url
 from poltergust.node import metrics
-from poltergust.run.command import NOT_COMPLETE, NOT_RUN, OTHERS_RUNNING, Outcome, exit_reason
+from poltergust.run.command import CRASHED, NOT_COMPLETE, NOT_RUN, OTHERS_RUNNING, Outcome, exit_reason
 from poltergust.run.log import RunLog
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,8 @@ ROOT_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status|"
 """luigi's first such line is about the root task: the one place its task id shows before it runs (an assistant,
 which schedules nothing, says it itself)."""
 FAILED_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status\s+FAILED")
+SCHEDULER_SILENT = re.compile(r"RPCError: Errors \(\d+ attempts?\) when connecting to remote scheduler")
+"""luigi gave up on the scheduler: its calls failed or went unanswered, whatever the pipeline."""
 WATCH_SECONDS = 1.0
 """How often a node asks luigid about its pipeline while it takes part (one request each time)."""
 EXIT_GRACE_SECONDS = 30.0
@@ -86,10 +91,13 @@ class Participation:
     async def _run(self) -> Outcome:
         attempt = 0
         not_run = 0
+        silent_since: float | None = None
+        """Since when luigi's attempts end, one after another, because luigid did not answer it."""
+        loop = asyncio.get_running_loop()
         backoff = Backoff(first=1.0, cap=self.max_backoff, jitter=(0.8, 1.2))
         while True:
             if not await wait_for_scheduler(self.scheduler_url, self.runlog, self.outage_limit):
-                return Outcome(False, f"the luigi scheduler at {self.scheduler_url} was unreachable for "
+                return Outcome(False, f"the luigi scheduler at {redact_url(self.scheduler_url)} was unreachable for "
                                       f"{self.outage_limit:.0f}s")
             attempt += 1
             if attempt > 1:
@@ -100,6 +108,9 @@ class Participation:
                 self.runlog.note(f"luigi exited with code {code}")
             if code == 0:
                 return Outcome(True)  # luigi itself saw the root task complete
+            reason = exit_reason(code, self.runlog) if code is not None else ""
+            silent = code == CRASHED and SCHEDULER_SILENT.search(reason) is not None
+            silent_since = (loop.time() if silent_since is None else silent_since) if silent else None
             current = settled or await self._verdict()
             if current.state == "busy":
                 current = await self._wait_while_others_work()
@@ -125,8 +136,16 @@ class Participation:
                 self.runlog.note("luigi failed while the scheduler was unreachable: not a failure of the pipeline")
                 continue
             if not self.responsible:
-                return Outcome(False, exit_reason(code, self.runlog), stood_down=True)
-            return Outcome(False, exit_reason(code, self.runlog))
+                return Outcome(False, reason, stood_down=True)
+            if silent_since is None:
+                return Outcome(False, reason)
+            if loop.time() - silent_since >= self.outage_limit:
+                return Outcome(False, f"the luigi scheduler at {redact_url(self.scheduler_url)} did not answer "
+                                      f"luigi for {self.outage_limit:.0f}s: {reason}")
+            delay = backoff.next()
+            self.runlog.note("luigi gave up on the scheduler, which accepts connections but did not answer it: "
+                             f"not a failure of the pipeline; running luigi again in {delay:.0f}s")
+            await asyncio.sleep(delay)
 
     async def _luigi_while_watching(self) -> tuple[int | None, Verdict | None]:
         """Run luigi once, watching luigid; returns luigi's exit code (None if stopped) and a final verdict.
@@ -248,13 +267,13 @@ async def wait_for_scheduler(url: str, runlog: RunLog, limit: float) -> bool:
         if loop.time() + delay > deadline:
             return False
         if not waited:
-            runlog.note(f"the luigi scheduler at {url} is unreachable; waiting up to {limit:.0f}s")
-            log.warning("luigi scheduler %s unreachable; waiting", url)
+            runlog.note(f"the luigi scheduler at {redact_url(url)} is unreachable; waiting up to {limit:.0f}s")
+            log.warning("luigi scheduler %s unreachable; waiting", redact_url(url))
             waited = True
         await asyncio.sleep(delay)
     if waited:
         runlog.note("the luigi scheduler is reachable again")
-        log.info("luigi scheduler %s reachable again", url)
+        log.info("luigi scheduler %s reachable again", redact_url(url))
     return True
 
 

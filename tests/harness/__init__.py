@@ -2,7 +2,9 @@
 
 Test modules and benchmarks import shared helpers from here only, never from one another:
 
-- `servers`: the Pub/Sub emulator, fake-gcs-server, luigid and nodes (`Node.launch`), as child processes
+- `servers`: the Pub/Sub emulator, fake-gcs-server, luigid, nodes (`Node.launch`) and the dashboard,
+  as child processes
+- `node_init`: deploy/node-init.sh run dry
 - `buckets`: a bucket on the emulator, or a local directory, read independently of the code under test
 - `proxy`: one HTTP proxy that counts, holds back or fails requests
 - `waits`: `wait_for` a condition, free ports, processes left behind
@@ -30,6 +32,7 @@ from harness.servers import (
                           ROOT,
                           TOPIC,
                           WHEELHOUSE,
+                          Dashboard,
                           FakeGcs,
                           Luigid,
                           Node,
@@ -42,6 +45,6 @@ from harness.waits import alive, free_port, http_ok, leftovers, port_open, wait_
 __all__ = [
     "Bucket", "LocalBucket", "latest_log", "Fault", "Faults", "GatedProxy", "Proxy", "kind", "luigid_call", "TIMEOUT",
     "get_in_task", "offline", "pipe_task", "poltergust", "result", "results", "run_log", "run_logs", "scrape", "submit",
-    "PROJECT", "ROOT", "TOPIC", "WHEELHOUSE", "FakeGcs", "Luigid", "Node", "PubSubEmulator", "Server",
+    "PROJECT", "ROOT", "TOPIC", "WHEELHOUSE", "Dashboard", "FakeGcs", "Luigid", "Node", "PubSubEmulator", "Server",
     "resource_totals", "alive", "free_port", "http_ok", "leftovers", "port_open", "wait_for",
 ]

@@ -162,6 +162,21 @@ class Luigid(Server):
             return json.loads(response.read())["response"]
 
 
+class Dashboard(Server):
+    """`poltergust dashboard` as a user starts it."""
+
+    def __init__(self, workdir: Path, path: str, env: dict[str, str], *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__("dashboard", [sys.executable, "-m", "poltergust", "dashboard", "--path", path,
+                                       "--port", str(self.port), *extra],
+                         workdir / f"dashboard-{self.port}.log", env=env, cwd=ROOT)
+        self.wait_ready()
+
+    def ready(self) -> bool:
+        return http_ok(self.url + "/")
+
+
 def resource_totals(luigid_url: str) -> dict[str, int]:
     """A luigid's resources and their totals, as it holds them (from its `[resources]`)."""
     with urllib.request.urlopen(f"{luigid_url}/api/resource_list", timeout=5) as response:
