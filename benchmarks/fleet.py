@@ -331,7 +331,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--busy-from", type=int, help="the smallest N that runs (c) (default 10; quick 3)")
     parser.add_argument("--seconds", type=float, default=1.0, help="how long each of its tasks takes (default 1)")
     parser.add_argument("--pipeline-timeout", type=float, default=900.0,
-                        help="seconds before a pipeline gives up (default 900: (c) at N=60 is slow here)")
+                        help="seconds before a pipeline gives up (default 900)")
     parser.add_argument("--wheelhouse", type=Path,
                         default=Path(os.environ.get("POLTERGUST_TEST_WHEELHOUSE", ROOT / ".wheelhouse")),
                         help="wheels the pipelines' environment installs luigi from (default: .wheelhouse)")

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from harness import ROOT
 from harness.node_init import (
     CLUSTERS,
     DASHBOARD_UNIT,
@@ -27,7 +28,6 @@ from harness.node_init import (
     RELEASE,
     RELEASE_METADATA,
     RETIRE_UNIT,
-    ROOT,
     SCHEDULER_METADATA,
     run_init,
     unit_value,

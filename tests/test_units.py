@@ -18,6 +18,7 @@ from poltergust.node.notify import Notifier
 from poltergust.run.command import task_arguments
 from poltergust.run.execute import Run, RunContext
 from poltergust.run.log import RunLog
+from poltergust.run.participation import Participation
 from poltergust.secret_env import SecretEnv
 from poltergust.settings import Settings
 from poltergust.storage import Blob, ObjectInfo, PreconditionFailed, StorageError
@@ -191,3 +192,11 @@ async def test_completing_a_stale_claim_notifies_once(tmp_path: Path) -> None:
         await run.execute()
     assert (tmp_path / "pipeline" / "x.done.yaml").exists() and not (tmp_path / "pipeline" / "x.config.yaml").exists()
     assert [(p["outcome"], p["node"]) for p in sent] == [("done", "node-dead")]
+
+
+async def test_a_scheduler_urls_password_reaches_neither_the_run_log_nor_the_reason(tmp_path: Path) -> None:
+    runlog = RunLog(tmp_path / "run.log")
+    outcome = await Participation(["luigi"], env={}, cwd=tmp_path, runlog=runlog, outage_limit=1,
+                                  scheduler_url="http://ops:hunter2secret@127.0.0.1:9").run()
+    assert outcome.reason.startswith("the luigi scheduler at http://****@127.0.0.1:9 was unreachable"), outcome.reason
+    assert "unreachable; waiting" in runlog.tail() and "hunter2secret" not in runlog.tail() + outcome.reason

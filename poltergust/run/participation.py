@@ -261,19 +261,20 @@ async def wait_for_scheduler(url: str, runlog: RunLog, limit: float) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
     backoff = Backoff(first=0.5, cap=15.0)
+    shown = redact_url(url)
     waited = False
     while not await scheduler_reachable(url):
         delay = backoff.next()
         if loop.time() + delay > deadline:
             return False
         if not waited:
-            runlog.note(f"the luigi scheduler at {redact_url(url)} is unreachable; waiting up to {limit:.0f}s")
-            log.warning("luigi scheduler %s unreachable; waiting", redact_url(url))
+            runlog.note(f"the luigi scheduler at {shown} is unreachable; waiting up to {limit:.0f}s")
+            log.warning("luigi scheduler %s unreachable; waiting", shown)
             waited = True
         await asyncio.sleep(delay)
     if waited:
         runlog.note("the luigi scheduler is reachable again")
-        log.info("luigi scheduler %s reachable again", redact_url(url))
+        log.info("luigi scheduler %s reachable again", shown)
     return True
 
 
