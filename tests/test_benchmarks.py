@@ -6,9 +6,6 @@ and nodes of both systems, and measures every figure on tiny sizes; the fleet
 benchmark (benchmarks/fleet.py) runs 1 and 3 nodes on the emulators. Only the
 shape of the results and what holds at any speed are checked here, never the
 timings.
-Quick mode installs luigi-poltergust 0.0.5 from the package index, starts
-luigid, the emulators and nodes of every system (Poltergust warm and spawn, the
-original), and measures every figure on tiny sizes. Only the shape of the result is checked here, never the timings.
 """
 from __future__ import annotations
 

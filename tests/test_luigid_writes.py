@@ -14,7 +14,7 @@ import json
 import urllib.parse
 from pathlib import Path
 
-from harness import Luigid, result, submit, wait_for
+from harness import Luigid, result, run_log, submit, wait_for
 
 from poltergust.luigid import graph
 
@@ -50,6 +50,9 @@ def test_a_root_task_another_worker_says_is_done_ends_as_an_error(
     error = result(bucket, "victim", "error")
     assert "luigid's DONE was not confirmed" in error["poltergust"]["reason"]
     assert not bucket.exists("pipeline/victim.done.yaml") and not (out / "slept.txt").exists()
+    log = run_log(tmp_path, "node-a", "victim")
+    assert log.index("checking its complete()") < log.index("stopping this node's luigi"), \
+        "a DONE this node did not report is checked at once, not after its luigi had time to exit"
 
 
 def test_a_done_root_task_is_confirmed_and_the_run_is_done(

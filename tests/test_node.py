@@ -55,6 +55,32 @@ def test_failing_task_ends_as_error_and_the_node_goes_on(
     result(bucket, "after", "done")
 
 
+def test_a_pipeline_that_cannot_go_on_ends_as_a_single_luigi_would(
+    start_node, bucket, environment_yaml: str, tmp_path: Path,
+) -> None:
+    """A missing external input, a complete() that raises: luigi alone exits, so the run ends as that error
+    instead of the nodes' kept-alive workers waiting for the pipeline's timeout."""
+    start_node("node-a")
+    missing, present = tmp_path / "missing", tmp_path / "present"
+    present.mkdir()
+    (present / "input.txt").write_text("data\n")
+    for name, out in (("missing", missing), ("present", present)):
+        submit(bucket, name, {"name": "NeedsInput", "module": "poltergust_testpipes", "out-dir": str(out)},
+               environment_yaml)
+    submit(bucket, "undecided", {"name": "NeedsUndecidable", "module": "poltergust_testpipes",
+                                 "out-dir": str(tmp_path / "undecided")}, environment_yaml)
+
+    reason = result(bucket, "missing", "error")["poltergust"]["reason"]
+    assert reason == f"an external dependency's data is missing: Input(path={missing / 'input.txt'})", reason
+    assert (missing / "touch.txt").exists() and not (missing / "used.txt").exists(), \
+        "what could run ran first, as in a single luigi process"
+    assert result(bucket, "present", "done")["poltergust"]["outcome"] == "done"
+    reason = result(bucket, "undecided", "error")["poltergust"]["reason"]
+    assert reason.startswith("luigi could not schedule the tasks (complete() or requires() raised) for "
+                             "Undecidable(): ") and reason.endswith("ValueError: the catalogue cannot be reached"), \
+        reason
+
+
 def test_bad_input_ends_as_error_with_a_clear_reason(
     start_node, bucket, environment_yaml: str, tmp_path: Path,
 ) -> None:

@@ -61,6 +61,16 @@ def test_a_pending_task_nobody_may_run_is_not_takeable() -> None:
     assert verdict(graph, ROOT).state == "stuck"
 
 
+def test_stuck_says_why_once_the_graph_is_scheduled() -> None:
+    """An external task whose data is missing, a task whose complete() raised; a dependency luigid knows only by
+    id (a worker is still adding the graph) says nothing yet."""
+    graph = {ROOT: task("PENDING", "E", "U", "T"), "E": task("PENDING", name="E", runnable=False),
+             "U": task("UNKNOWN", name="U", runnable=False), "T": task("DONE", name="T")}
+    assert verdict(graph, ROOT) == Verdict("stuck", missing=[("E", "E()")], undecided=[("U", "U()")])
+    assert verdict({**graph, "T": task("UNKNOWN")}, ROOT) == Verdict("stuck")
+    assert verdict({**graph, "T": task("PENDING", name="T")}, ROOT) == Verdict("busy", takeable=1)
+
+
 def test_display_names_as_luigi_shows_them() -> None:
     assert display_name("X__1", {"display_name": "examples.X()", "name": "examples.X"}) == "examples.X()"
     assert display_name("Data__2", {"name": "Data", "params": {"b": "2", "a": "1"}}) == "Data(a=1, b=2)"

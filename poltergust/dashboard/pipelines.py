@@ -30,7 +30,7 @@ from poltergust import layout
 from poltergust.config import MAX_FILE_SIZE, ConfigError, load_yaml
 from poltergust.run import claim
 from poltergust.run.log_index import node_logs
-from poltergust.run.summary import summary_from_metadata
+from poltergust.run.summary import moment, summary_from_metadata
 from poltergust.storage import ObjectInfo, ObjectStore, StorageError
 
 T = TypeVar("T")
@@ -94,18 +94,6 @@ class Pipeline:
     @property
     def reason(self) -> str:
         return str(self.section.get("reason") or self.section.get("unreadable") or "") if self.result else ""
-
-
-def moment(value: object) -> datetime | None:
-    """A time from a result section (ISO text, or a YAML timestamp), always with a zone."""
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-    if not isinstance(value, datetime):
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 @dataclass

@@ -8,13 +8,16 @@ and nothing else runs or could be taken (a single process goes on with every
 other task it can run after one fails); busy while anything runs or could be
 taken, or a failed task waits to be retried under a retry policy the user set
 (`retrying` in poltergust.luigid's graph: luigi's keep-alive workers, which
-the nodes' are, retry such a task after `retry_delay`).
+the nodes' are, retry such a task after `retry_delay`); stuck when nothing
+can move, which ends the pipeline once the graph shows why: an external
+task's data is missing, or a task's complete() raised (a single luigi
+process exits then; the nodes' keep-alive workers would wait for ever).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Collection, Literal, Mapping
+from typing import Any, Callable, Collection, Literal, Mapping
 from urllib.parse import quote
 
 import aiohttp
@@ -29,6 +32,8 @@ class SchedulerError(PoltergustError):
 
 VerdictState = Literal["done", "failed", "busy", "stuck", "unknown"]
 """done, failed, busy (tasks run, or wait to be taken), stuck (nothing can move), unknown (no graph)."""
+Tasks = list[tuple[str, str]]
+"""(task id, display name) of some of the graph's tasks."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,12 @@ class Verdict:
     """Pending tasks a worker of the pipeline could start right now."""
     retrying: int = 0
     """Failed tasks luigid will queue again under the user's retry policy."""
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    """(task id, display name) of the FAILED and DISABLED tasks, and of those that failed on this node."""
+    failed: Tasks = field(default_factory=list)
+    """The FAILED and DISABLED tasks, and those that failed on this node."""
+    missing: Tasks = field(default_factory=list)
+    """External tasks whose data is missing: no worker may run them (PENDING, not runnable)."""
+    undecided: Tasks = field(default_factory=list)
+    """Tasks whose complete() or requires() raised in the worker that scheduled them (UNKNOWN, with a family)."""
 
 
 def verdict(graph: Mapping[str, Mapping[str, Any]], root: str, failed_here: Collection[str] = ()) -> Verdict:
@@ -69,7 +78,15 @@ def verdict(graph: Mapping[str, Mapping[str, Any]], root: str, failed_here: Coll
         return Verdict("failed", failed=failed)
     if running or takeable or retrying:
         return Verdict("busy", running=running, takeable=takeable, retrying=retrying, failed=failed)
-    return Verdict("stuck")
+    if any(task.get("status") == "UNKNOWN" and not task.get("name") for task in graph.values()):
+        return Verdict("stuck")  # a dependency luigid knows only by id: a worker is still scheduling the graph
+    return Verdict("stuck", missing=_named(graph, lambda task: task.get("status") == "PENDING"
+                                           and not task.get("runnable", True)),
+                   undecided=_named(graph, lambda task: task.get("status") == "UNKNOWN"))
+
+
+def _named(graph: Mapping[str, Mapping[str, Any]], which: Callable[[Mapping[str, Any]], bool]) -> Tasks:
+    return sorted((task_id, display_name(task_id, task)) for task_id, task in graph.items() if which(task))
 
 
 def display_name(task_id: str, task: Mapping[str, Any]) -> str:

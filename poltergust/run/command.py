@@ -178,12 +178,16 @@ def luigi_environ(
 def exit_reason(code: int, runlog: RunLog) -> str:
     """Why luigi failed, from its exit code and the last error line of its output."""
     reason = REASONS.get(code, f"luigi exited with code {code}")
-    lines = runlog.lines()
-    detail = next((m.group(0) for line in reversed(lines) if (m := ERROR_LINE.match(line.strip()))
-                   and not line.strip().startswith("Traceback")), "")
+    detail = last_error(runlog)
     if "No module named" in detail or "ModuleNotFoundError" in detail:
         reason = "luigi could not import the pipeline's module"
     return f"{reason}: {detail[:300]}" if detail else reason
+
+
+def last_error(runlog: RunLog) -> str:
+    """The last error line (an exception, not a traceback's first line) of luigi's output, or empty."""
+    return next((m.group(0) for line in reversed(runlog.lines()) if (m := ERROR_LINE.match(line.strip()))
+                 and not line.strip().startswith("Traceback")), "")
 
 
 def node_extra_environ(node_name: str, config_url: str, generation: int) -> dict[str, str]:

@@ -9,6 +9,9 @@ waits (asking luigid, not starting luigi again) and takes part again when a
 task is free for it.
 Without a graph (a plain luigid that pruned it, a root that never reached the
 scheduler), luigi's exit codes decide, as they would for a single process.
+When nothing can move because an external task's data is missing or a
+task's complete() raised, the run ends as the error a single luigi process
+would exit with (the nodes' kept-alive workers would otherwise wait for ever).
 A scheduler that cannot be reached, or accepts connections but does not
 answer luigi in time (an overloaded luigid), is waited for (up to
 `outage_limit`) rather than counted as a failure of the pipeline; a joined
@@ -31,7 +34,18 @@ from poltergust.launch.sandbox import Launcher
 from poltergust.luigid.graph import Luigid, SchedulerError, Verdict
 from poltergust.masking import redact_url
 from poltergust.node import metrics
-from poltergust.run.command import CRASHED, NOT_COMPLETE, NOT_RUN, OTHERS_RUNNING, Outcome, exit_reason
+from poltergust.run.command import (
+    CRASHED,
+    MISSING_DATA,
+    NOT_COMPLETE,
+    NOT_RUN,
+    OTHERS_RUNNING,
+    REASONS,
+    SCHEDULING_ERROR,
+    Outcome,
+    exit_reason,
+    last_error,
+)
 from poltergust.run.log import RunLog
 
 log = logging.getLogger(__name__)
@@ -41,12 +55,16 @@ ROOT_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status|"
 """luigi's first such line is about the root task: the one place its task id shows before it runs (an assistant,
 which schedules nothing, says it itself)."""
 FAILED_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status\s+FAILED")
+DONE_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status\s+DONE")
 SCHEDULER_SILENT = re.compile(r"RPCError: Errors \(\d+ attempts?\) when connecting to remote scheduler")
 """luigi gave up on the scheduler: its calls failed or went unanswered, whatever the pipeline."""
 WATCH_SECONDS = 1.0
 """How often a node asks luigid about its pipeline while it takes part (one request each time)."""
 EXIT_GRACE_SECONDS = 30.0
-"""How long a worker that is not an assistant gets to exit by itself once the pipeline is over."""
+"""How long a worker that is not an assistant gets to exit by itself once the pipeline is over (its root task's
+`complete()` is checked meanwhile: a DONE this node did not report and the task does not confirm ends it at once)."""
+STUCK_CHECKS = 3
+"""Verdicts in a row that say nothing can move before the run ends (luigid's graph changes a task at a time)."""
 MAX_NOT_RUN = 5
 """Consecutive runs with nothing to do and nothing running elsewhere before giving up."""
 
@@ -81,6 +99,10 @@ class Participation:
         self.root: str | None = None
         self.failed_here: set[str] = set()
         """Tasks this node's luigi reported FAILED (luigid may already have queued them again)."""
+        self.done_here: set[str] = set()
+        """Tasks this node's luigi reported DONE."""
+        self.confirmation: Outcome | None = None
+        """What the root task's `complete()` said of luigid's DONE, once checked."""
 
     async def run(self) -> Outcome:
         try:
@@ -111,6 +133,8 @@ class Participation:
             reason = exit_reason(code, self.runlog) if code is not None else ""
             silent = code == CRASHED and SCHEDULER_SILENT.search(reason) is not None
             silent_since = (loop.time() if silent_since is None else silent_since) if silent else None
+            if settled is not None and settled.state == "stuck":
+                return Outcome(False, self._stuck_reason(settled))
             current = settled or await self._verdict()
             if current.state == "busy":
                 current = await self._wait_while_others_work()
@@ -161,23 +185,31 @@ class Participation:
             if match := FAILED_LINE.search(line):
                 self.failed_here.add(match.group(1))
                 failure.set()  # look now: the scheduler may queue it again within a second
+            elif match := DONE_LINE.search(line):
+                self.done_here.add(match.group(1))
 
         failure = asyncio.Event()
         luigi: asyncio.Future[int] = asyncio.ensure_future(self.start(self.command, env=self.env, cwd=self.cwd,
                                                                       sink=sink))
         over: Verdict | None = None
         stop_at = 0.0
+        checking: asyncio.Future[Outcome] | None = None
+        stuck = 0
         loop = asyncio.get_running_loop()
         try:
             while True:
                 failed: asyncio.Future[Any] = asyncio.ensure_future(failure.wait())
-                watched: set[asyncio.Future[Any]] = {luigi, failed}
+                watched: set[asyncio.Future[Any]] = {luigi, failed} | ({checking} if checking else set())
                 done, _ = await asyncio.wait(watched, timeout=WATCH_SECONDS,
                                              return_when=asyncio.FIRST_COMPLETED)
                 failed.cancel()
                 failure.clear()
                 if luigi in done:
                     return luigi.result(), over
+                if checking is not None and checking in done:
+                    if not checking.result().ok:
+                        stop_at = loop.time()  # luigid's DONE is not confirmed: no reason to wait for this luigi
+                    checking = None
                 if over is not None:
                     if loop.time() >= stop_at:
                         self.runlog.note(f"the scheduler says the pipeline is {over.state}: stopping this node's luigi")
@@ -187,16 +219,20 @@ class Participation:
                 if self.failed_here and current.state == "unknown":
                     # Without a graph, as a single luigi process would: a failed task ends the run.
                     current = Verdict("failed", failed=[(task, task) for task in sorted(self.failed_here)])
-                if current.state in ("done", "failed"):
+                stuck = stuck + 1 if current.state == "stuck" and (current.missing or current.undecided) else 0
+                if current.state in ("done", "failed") or stuck >= STUCK_CHECKS:
                     over = current
-                    grace = 0.0 if self.assistant or current.state == "failed" else EXIT_GRACE_SECONDS
+                    grace = 0.0 if self.assistant or current.state != "done" else EXIT_GRACE_SECONDS
                     stop_at = loop.time() + grace
+                    if grace and self.root not in self.done_here:
+                        checking = asyncio.ensure_future(self._confirmed())
                 elif current.state == "busy" and current.takeable > 0 and self.recruit is not None:
                     self.recruit(current.takeable)
         finally:
-            if not luigi.done():
-                luigi.cancel()
-                await asyncio.gather(luigi, return_exceptions=True)
+            for future in (luigi, checking):
+                if future is not None and not future.done():
+                    future.cancel()
+                    await asyncio.gather(future, return_exceptions=True)
 
     async def _verdict(self) -> Verdict:
         if self.root is None:
@@ -237,13 +273,31 @@ class Participation:
         if not parts:
             self.runlog.note("a worker running a task of this pipeline vanished; running its tasks again")
             return None
-        more = f" (and {len(current.failed) - len(parts)} more)" if len(current.failed) > len(parts) else ""
+        more = _more(current.failed, len(parts))
         reason = f"a luigi task failed: {'; '.join(parts)}{more}"
         self.runlog.note(reason)
         return Outcome(False, self.runlog.mask(reason))
 
+    def _stuck_reason(self, current: Verdict) -> str:
+        """Why nothing can move, in the words of the exit code a single luigi process would end with."""
+        parts = []
+        if current.missing:
+            parts.append(f"{REASONS[MISSING_DATA]}: {_listed(current.missing)}")
+        if current.undecided:
+            detail = last_error(self.runlog)
+            parts.append(f"{REASONS[SCHEDULING_ERROR]} for {_listed(current.undecided)}"
+                         + (f": {detail[:300]}" if detail else ""))
+        reason = "; ".join(parts)
+        self.runlog.note(reason)
+        return self.runlog.mask(reason)
+
     async def _confirmed(self) -> Outcome:
         """Done only if the pipeline's own luigi finds the root task complete, whatever luigid says."""
+        if self.confirmation is None:
+            self.confirmation = await self._check_complete()
+        return self.confirmation
+
+    async def _check_complete(self) -> Outcome:
         if self.confirm is None:
             return Outcome(True)
         self.runlog.note("the scheduler says the root task is DONE; checking its complete() in the environment")
@@ -254,6 +308,14 @@ class Participation:
         reason = f"the luigi scheduler says the root task is DONE, but {why}: luigid's DONE was not confirmed"
         self.runlog.note(reason)
         return Outcome(False, reason)
+
+
+def _listed(tasks: list[tuple[str, str]], shown: int = 3) -> str:
+    return ", ".join(name for _, name in tasks[:shown]) + _more(tasks, shown)
+
+
+def _more(tasks: list[tuple[str, str]], shown: int) -> str:
+    return f" (and {len(tasks) - shown} more)" if len(tasks) > shown else ""
 
 
 async def wait_for_scheduler(url: str, runlog: RunLog, limit: float) -> bool:

@@ -38,9 +38,9 @@ def summary_metadata(section: Mapping[str, Any]) -> dict[str, str]:
         return {}
     metadata = {OUTCOME: str(outcome), NODE: _bounded(str(section.get("node") or "?"), NODE_CHARS)}
     for key in TIMES:
-        moment = _moment(section.get(key))
-        if moment is not None:
-            metadata[PREFIX + key] = moment.isoformat()
+        when = moment(section.get(key))
+        if when is not None:
+            metadata[PREFIX + key] = when.isoformat()
     duration = section.get("duration_seconds")
     if isinstance(duration, (int, float)) and not isinstance(duration, bool):
         metadata[DURATION] = repr(float(duration))
@@ -57,9 +57,9 @@ def summary_from_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
         return {}
     section: dict[str, Any] = {"outcome": outcome, "node": _bounded(metadata.get(NODE) or "?", NODE_CHARS)}
     for key in TIMES:
-        moment = _moment(metadata.get(PREFIX + key))
-        if moment is not None:
-            section[key] = moment
+        when = moment(metadata.get(PREFIX + key))
+        if when is not None:
+            section[key] = when
     try:
         section["duration_seconds"] = float(metadata[DURATION])
     except (KeyError, ValueError):
@@ -100,7 +100,7 @@ def _bounded(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _moment(value: object) -> datetime | None:
+def moment(value: object) -> datetime | None:
     """A time as ISO text or a YAML timestamp, in UTC (a time without a zone is taken as UTC)."""
     if isinstance(value, str):
         try:

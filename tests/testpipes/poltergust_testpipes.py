@@ -94,6 +94,44 @@ class Fail(_Output):
         raise RuntimeError("this task fails on purpose")
 
 
+class Input(luigi.ExternalTask):
+    """Data another system writes: luigi only checks that it is there."""
+
+    path = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(self.path)
+
+
+class NeedsInput(_Output):
+    """Needs `input.txt`, written by nobody in the pipeline, and a task that can run meanwhile."""
+
+    def requires(self):
+        return [Input(path=os.path.join(self.out_dir, "input.txt")), Touch(out_dir=self.out_dir)]
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "used.txt"))
+
+    def run(self):
+        self._write(_node())
+
+
+class Undecidable(luigi.Task):
+    def complete(self):
+        raise ValueError("the catalogue cannot be reached")
+
+
+class NeedsUndecidable(_Output):
+    def requires(self):
+        return Undecidable()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.out_dir, "decided.txt"))
+
+    def run(self):
+        self._write(_node())
+
+
 class Sleep(_Output):
     """Marks that it started, then sleeps: for cancellation and shutdown tests."""
 
