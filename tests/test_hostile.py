@@ -1,6 +1,7 @@
 """Hostile input: arbitrary YAML, odd object names, traversal attempts. Nothing crashes, nothing is lost."""
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
 import pytest
@@ -47,6 +48,16 @@ def test_odd_names_never_escape(name: str, generation: str) -> None:
                                 "objectGeneration": generation}, [Location.parse("gs://b/pipeline")])
     if event is not None:
         assert event.name.startswith("pipeline/") and "/" not in event.name[len("pipeline/"):]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=300), documents.map(lambda d: json.dumps(d).encode())))
+def test_any_payload_is_at_most_a_hint_about_its_own_object(data: bytes) -> None:
+    event = parse_notification({"eventType": "OBJECT_FINALIZE", "bucketId": "b", "objectId": "pipeline/x.config.yaml",
+                                "objectGeneration": "5", "payloadFormat": "JSON_API_V1"},
+                               [Location.parse("gs://b/pipeline")], data)
+    assert event is not None and event.generation == 5
+    assert event.info is None or (event.info.name, event.info.generation) == ("pipeline/x.config.yaml", 5)
 
 
 names = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1, max_size=40) \

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 from datetime import datetime, timezone
@@ -94,6 +95,29 @@ def test_notifications_are_filtered_to_our_configs() -> None:
                     {"objectGeneration": "nope"}):
         assert parse_notification({**attributes, **changed}, locations) is None
     assert not is_config_name("pipeline/.config.yaml", "pipeline/")
+
+
+def test_an_uploads_payload_describes_its_config_only_if_it_names_the_same_generation() -> None:
+    """A JSON_API_V1 payload (the object resource) spares a node the config's metadata request; it is a hint."""
+    locations = [Location.parse("gs://b/pipeline")]
+    attributes = {"eventType": "OBJECT_FINALIZE", "bucketId": "b", "objectId": "pipeline/x.config.yaml",
+                  "objectGeneration": "5", "payloadFormat": "JSON_API_V1"}
+    resource = {"name": "pipeline/x.config.yaml", "generation": "5", "size": "42",
+                "updated": "2026-12-04T04:51:15.696Z", "metadata": {"k": "v"}}
+
+    def info(data: bytes, **changed: str):
+        event = parse_notification({**attributes, **changed}, locations, data)
+        assert event is not None and event.kind == "finalize" and event.generation == 5
+        return event.info
+
+    described = info(json.dumps(resource).encode())
+    assert described is not None and (described.name, described.generation, described.size) == (
+        "pipeline/x.config.yaml", 5, 42)
+    assert described.updated.isoformat() == "2026-12-04T04:51:15.696000+00:00"
+    for payload in ({**resource, "generation": "4"}, {**resource, "name": "pipeline/y.config.yaml"}, ["x"], {}):
+        assert info(json.dumps(payload).encode()) is None, payload
+    assert info(b"not json") is None and info(b"") is None
+    assert info(json.dumps(resource).encode(), payloadFormat="NONE") is None
 
 
 def test_locations_and_urls(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from poltergust.storage.base import ObjectInfo
+
 EventKind = Literal["finalize", "delete", "help"]
 """A config generation written, gone (deleted, replaced or archived), or a call for help for its run."""
 
@@ -23,6 +25,9 @@ class Event:
     """For a call for help: how many more nodes the run could use."""
     wave: int = 0
     """For a call for help: its number within the run (each call has its own helper places)."""
+    info: ObjectInfo | None = None
+    """For an upload: the config as the notification describes it (its size), which spares the node a request
+    before it reads the config."""
 
 
 class EventSource(Protocol):

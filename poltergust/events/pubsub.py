@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -26,6 +27,8 @@ from poltergust.errors import PoltergustError
 from poltergust.events.base import ClosingSource, Event, EventKind  # noqa: E402
 from poltergust.layout import CONFIG_SUFFIX, Location, is_config_name  # noqa: E402
 from poltergust.node import metrics  # noqa: E402
+from poltergust.storage.base import ObjectInfo  # noqa: E402
+from poltergust.storage.gcs import object_info  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +48,8 @@ class SubscriptionMismatch(PoltergustError):
     """An existing subscription of that name listens to another topic or with another filter."""
 
 
-def parse_notification(attributes: Mapping[str, str], locations: Iterable[Location]) -> Event | None:
-    """Turn a GCS notification's attributes into an `Event`, or None (the payload is not needed)."""
+def parse_notification(attributes: Mapping[str, str], locations: Iterable[Location], data: bytes = b"") -> Event | None:
+    """Turn a GCS notification into an `Event`, or None; an upload's JSON_API_V1 payload gives its `info`."""
     kind = EVENT_KINDS.get(attributes.get("eventType", ""))
     bucket, name = "gs://" + attributes.get("bucketId", ""), attributes.get("objectId", "")
     if kind is None or not name.endswith(CONFIG_SUFFIX):
@@ -57,10 +60,22 @@ def parse_notification(attributes: Mapping[str, str], locations: Iterable[Locati
         generation = int(attributes["objectGeneration"])
         replaced = attributes.get("overwrittenByGeneration")
         return Event(kind, bucket, name, generation, int(replaced) if replaced else None,
-                     wanted=int(attributes.get("poltergustWanted", 0)), wave=int(attributes.get("poltergustWave", 0)))
+                     wanted=int(attributes.get("poltergustWanted", 0)), wave=int(attributes.get("poltergustWave", 0)),
+                     info=_payload_info(attributes, data, name, generation) if kind == "finalize" else None)
     except (KeyError, ValueError):
         log.warning("ignoring malformed notification for %s: %r", name, dict(attributes))
         return None
+
+
+def _payload_info(attributes: Mapping[str, str], data: bytes, name: str, generation: int) -> ObjectInfo | None:
+    """The object a JSON_API_V1 payload describes, if it is the one the attributes name; else None."""
+    if attributes.get("payloadFormat") != "JSON_API_V1" or not data:
+        return None
+    try:
+        info = object_info(json.loads(data))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return info if info.name == name and info.generation == generation else None
 
 
 def delivery_labels(attributes: Mapping[str, str], locations: Iterable[Location]) -> tuple[str, str]:
@@ -170,7 +185,7 @@ class PubSubEvents(ClosingSource):
     def _on_message(self, message: pubsub_v1.subscriber.message.Message) -> None:
         # Runs on a client thread: hand over to the loop and return at once.
         metrics.EVENTS_RECEIVED.labels(*delivery_labels(message.attributes, self._locations)).inc()
-        event = parse_notification(message.attributes, self._locations)
+        event = parse_notification(message.attributes, self._locations, message.data)
         if event is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
         message.ack()

@@ -24,7 +24,7 @@ from poltergust.backoff import Backoff
 from poltergust.events.pubsub import backlog_filter, parse_notification
 from poltergust.layout import Location, RunKey
 from poltergust.settings import Settings
-from poltergust.storage import NotFound, ObjectStore, StorageError
+from poltergust.storage import NotFound, ObjectInfo, ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class RunTable(Protocol):
 
     stopping: asyncio.Event
 
-    def schedule(self, key: RunKey, found_at_start: bool = False) -> bool: ...
+    def schedule(self, key: RunKey, found_at_start: bool = False, info: ObjectInfo | None = None) -> bool: ...
 
     def task(self, key: RunKey) -> asyncio.Task[None] | None: ...
 
@@ -140,16 +140,17 @@ class Backlog:
 
     def _on_message(self, message: Any) -> None:
         # Runs on a client thread: a message that is not a config upload for us is done with at once.
-        event = parse_notification(message.attributes, self.settings.locations)
+        event = parse_notification(message.attributes, self.settings.locations, message.data)
         if event is None or event.kind != "finalize" or self._loop is None:
             message.ack()
             return
-        self._loop.call_soon_threadsafe(self._hold, RunKey(event.bucket, event.name, event.generation), message)
+        self._loop.call_soon_threadsafe(self._hold, RunKey(event.bucket, event.name, event.generation), message,
+                                        event.info)
 
     def _stopping(self) -> bool:
         return self._closing or self.node.stopping.is_set()
 
-    def _hold(self, key: RunKey, message: Any) -> None:
+    def _hold(self, key: RunKey, message: Any, info: ObjectInfo | None = None) -> None:
         if key in self._held or self._stopping():
             # A redelivery joins the held one. While stopping, `close` hands it back once the stream stopped:
             # a nack now could come straight back to this node.
@@ -158,7 +159,7 @@ class Backlog:
         self._held[key] = [message]
         # As if found by a first scan: a redelivered message may be one this node's earlier self held (see
         # `membership.take_start`); the run is taken back only if its start marker names this node.
-        self.node.schedule(key, True)
+        self.node.schedule(key, True, info)
         log.info("backlog: holding %s#%d", key.url(), key.generation)
         task = asyncio.create_task(self._release_when_done(key))
         self._watchers.add(task)

@@ -32,7 +32,7 @@ from poltergust.node.health import disk_shortage, health_server
 from poltergust.node.notify import Notifier
 from poltergust.run.execute import Run, RunContext
 from poltergust.settings import Settings, default_data_dir
-from poltergust.storage import ObjectStore, StorageError, open_store
+from poltergust.storage import ObjectInfo, ObjectStore, StorageError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class Node:
             async for page in self.store(location.bucket).pages(location.prefix, glob="*.config.yaml"):
                 for info in page:
                     if is_config_name(info.name, location.prefix):
-                        scheduled += self.schedule(RunKey(location.bucket, info.name, info.generation), first)
+                        scheduled += self.schedule(RunKey(location.bucket, info.name, info.generation), first, info)
         self._scanned = True
         return scheduled
 
@@ -191,7 +191,7 @@ class Node:
         log.debug("event %s %s#%d%s", event.kind, key.url(), key.generation,
                   " (already in progress)" if key in self._runs else "")
         if event.kind == "finalize":
-            self.schedule(key)
+            self.schedule(key, info=event.info)
             return
         run = self._runs.get(key)
         if run is None:
@@ -203,15 +203,15 @@ class Node:
             log.info("%s generation %d was %s: stopping its run", key.url(), key.generation, why)
             run.task.cancel()
 
-    def schedule(self, key: RunKey, found_at_start: bool = False) -> bool:
+    def schedule(self, key: RunKey, found_at_start: bool = False, info: ObjectInfo | None = None) -> bool:
         """Start a run of `key` unless one is in flight (or the node is stopping); True if started.
 
         `found_at_start`: found by the node's first scan (or redelivered by the backlog), so a run this node
-        may have started before a crash.
+        may have started before a crash. `info`: the config as the event or the listing described it.
         """
         if key in self._runs or self.stopping.is_set():
             return False
-        run = Run(key, self._context, found_at_start)
+        run = Run(key, self._context, found_at_start, info)
         run.task = asyncio.create_task(run.execute(), name=f"run {key.url()}#{key.generation}")
         self._runs[key] = run
         run.task.add_done_callback(lambda _: self._runs.pop(key, None))

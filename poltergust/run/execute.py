@@ -45,7 +45,7 @@ from poltergust.run.participation import Participation
 from poltergust.run.worker_config import LuigiSettingError, write_run_config
 from poltergust.secret_env import SecretEnv
 from poltergust.settings import Settings
-from poltergust.storage import Blob, NotFound, ObjectStore, StorageError, TooLarge
+from poltergust.storage import Blob, NotFound, ObjectInfo, ObjectStore, StorageError, TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,11 @@ class RunContext:
 
 
 class Run:
-    def __init__(self, key: RunKey, context: RunContext, found_at_start: bool = False) -> None:
+    def __init__(self, key: RunKey, context: RunContext, found_at_start: bool = False,
+                 info: ObjectInfo | None = None) -> None:
         self.key = key
+        self.info = info
+        """The config as an event or a listing described it: reading it then takes one request, not two."""
         self.context = context
         self.settings = context.settings
         self.store = context.stores(key.bucket)
@@ -99,7 +102,7 @@ class Run:
         key = self.key
         CURRENT_RUN.set((key.url(), key.generation))
         try:
-            config = await self.store.read(key.name, key.generation, max_bytes=MAX_FILE_SIZE)
+            config = await self.store.read(key.name, key.generation, max_bytes=MAX_FILE_SIZE, known=self.info)
         except NotFound:
             log.debug("%s#%d is gone (finished, replaced or deleted): nothing to do", key.url(), key.generation)
             return

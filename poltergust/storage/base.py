@@ -65,8 +65,13 @@ class ObjectStore(Protocol):
 
     async def stat(self, name: str) -> ObjectInfo: ...
 
-    async def read(self, name: str, generation: int | None = None, *, max_bytes: int | None = None) -> Blob:
-        """One generation of an object; `TooLarge` (before downloading it) if it exceeds `max_bytes`."""
+    async def read(self, name: str, generation: int | None = None, *, max_bytes: int | None = None,
+                   known: ObjectInfo | None = None) -> Blob:
+        """One generation of an object; `TooLarge` (before downloading it) if it exceeds `max_bytes`.
+
+        `known`: that generation as a notification or a listing described it. A store may then skip asking
+        for it, but never reads more than `max_bytes` on its word (it is a hint, as events are).
+        """
 
     async def read_to(self, name: str, path: Path, generation: int, limit: int) -> int:
         """Stream one generation of an object into the file `path` (never whole in memory).

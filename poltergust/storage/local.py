@@ -139,7 +139,8 @@ class LocalStore(ClosingStore):
             raise NotFound(f"{self.root}/{name} does not exist")
         return self._info(name, os.lstat(path))
 
-    async def read(self, name: str, generation: int | None = None, *, max_bytes: int | None = None) -> Blob:
+    async def read(self, name: str, generation: int | None = None, *, max_bytes: int | None = None,
+                   known: ObjectInfo | None = None) -> Blob:
         return await asyncio.to_thread(self._read, name, generation, max_bytes)
 
     def _read(self, name: str, generation: int | None, max_bytes: int | None) -> Blob:
