@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import http.client
 import os
-import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
-from harness import ROOT, Server, free_port, http_ok
+from harness import Dashboard
 
 from poltergust.dashboard.pipelines import section_of
 
@@ -23,25 +23,28 @@ BOMB = ("task: {name: T}\npoltergust:\n  outcome: error\n  l: &a [lol, lol, lol,
 """A result file of a few hundred bytes whose `poltergust:` section expands to 9**9 strings."""
 
 
-class Dashboard(Server):
-    def __init__(self, workdir: Path, path: str, *extra: str) -> None:
-        self.port = free_port()
-        super().__init__("dashboard", [sys.executable, "-m", "poltergust", "dashboard", "--path", path,
-                                       "--port", str(self.port), *extra],
-                         workdir / f"dashboard-{self.port}.log", env=dict(os.environ), cwd=ROOT)
-        self.wait_ready()
+@pytest.fixture
+def dashboard_on(bucket, tmp_path: Path) -> Iterator[Callable[..., Dashboard]]:
+    """Starts `poltergust dashboard` on the bucket's pipelines, and stops it after the test."""
+    started: list[Dashboard] = []
 
-    def ready(self) -> bool:
-        return http_ok(f"http://127.0.0.1:{self.port}/")
+    def start(*extra: str) -> Dashboard:
+        started.append(Dashboard(tmp_path, bucket.url("pipeline"), dict(os.environ), *extra))
+        return started[-1]
 
-    def get(self, path: str, host: str | None = None, timeout: float = 10) -> tuple[int, str]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            connection.request("GET", path, headers={"Host": host} if host else {})
-            response = connection.getresponse()
-            return response.status, response.read().decode()
-        finally:
-            connection.close()
+    yield start
+    for dashboard in started:
+        dashboard.stop()
+
+
+def get(dashboard: Dashboard, path: str, host: str | None = None) -> tuple[int, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", dashboard.port, timeout=10)
+    try:
+        connection.request("GET", path, headers={"Host": host} if host else {})
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
 
 
 def test_the_bomb_is_small_and_its_section_is_unreadable() -> None:
@@ -52,13 +55,13 @@ def test_the_bomb_is_small_and_its_section_is_unreadable() -> None:
 
 
 @pytest.mark.parametrize("backend", ["local"], indirect=True)
-def test_an_alias_bomb_result_shows_as_unreadable_and_the_pages_answer(bucket, tmp_path: Path) -> None:
+def test_an_alias_bomb_result_shows_as_unreadable_and_the_pages_answer(bucket, dashboard_on) -> None:
     bucket.upload("pipeline/bomb.error.yaml", BOMB)
     bucket.upload("pipeline/fine.done.yaml", b"poltergust:\n  outcome: done\n  node: n\n")
-    dashboard = Dashboard(tmp_path, bucket.url("pipeline"))
+    dashboard = dashboard_on()
     for path in ("/", "/nodes", "/?state=error", "/pipeline?path=0&name=bomb"):
         started = time.monotonic()
-        status, body = dashboard.get(path)
+        status, body = get(dashboard, path)
         assert status == 200 and time.monotonic() - started < 5, (path, status)
         if path.startswith("/?"):
             assert "too complex" in body and "bomb" in body
@@ -66,11 +69,11 @@ def test_an_alias_bomb_result_shows_as_unreadable_and_the_pages_answer(bucket, t
 
 
 @pytest.mark.parametrize("backend", ["local"], indirect=True)
-def test_the_dashboard_answers_only_its_own_names(bucket, tmp_path: Path) -> None:
-    dashboard = Dashboard(tmp_path, bucket.url("pipeline"), "--allowed-host", "dash.internal")
+def test_the_dashboard_answers_only_its_own_names(dashboard_on) -> None:
+    dashboard = dashboard_on("--allowed-host", "dash.internal")
     for host in (f"localhost:{dashboard.port}", f"127.0.0.1:{dashboard.port}", f"[::1]:{dashboard.port}",
                  "dash.internal"):
-        assert dashboard.get("/", host)[0] == 200, host
+        assert get(dashboard, "/", host)[0] == 200, host
     for host in (f"evil.example:{dashboard.port}", "127.0.0.1.evil.example", "localhost.:80"):
-        status, body = dashboard.get("/", host)
+        status, body = get(dashboard, "/", host)
         assert status == 403 and "Host" in body, host

@@ -232,6 +232,31 @@ def test_a_starter_whose_luigi_luigid_does_not_answer_runs_it_again_within_the_o
         silent.close()
 
 
+@GCS
+def test_a_failure_luigid_does_not_explain_counts_only_if_this_nodes_luigi_reported_it(
+    bucket: Bucket, luigid: Luigid, pubsub: PubSubEmulator, env_dir: Path, environment_yaml: str, tmp_path: Path,
+) -> None:
+    """luigid, overloaded, does not answer `fetch_error` (503 here): a task this node's luigi saw fail is the
+    pipeline's error, told from the node's own log (`test_units` has the task that failed elsewhere)."""
+    unexplained = Proxy(luigid.url, classify=luigid_call,
+                        fault=lambda method, path, body: Fault(503) if luigid_call(method, path, body)
+                        == "fetch_error" else None)
+    name = f"starter-{uuid.uuid4().hex[:6]}"
+    starter = Node.launch(name, tmp_path, path=bucket.url("pipeline"), scheduler_url=unexplained.url,
+                          env_dir=env_dir, data_dir=tmp_path / name, pubsub_host=pubsub.host,
+                          storage_url=bucket.gcs.url, subscription=f"sub-{name}")
+    try:
+        submit(bucket, "unexplained", {"name": "Fail", "module": "poltergust_testpipes",
+                                       "out-dir": str(tmp_path / "unexplained")}, environment_yaml)
+        reason = result(bucket, "unexplained", "error")["poltergust"]["reason"]
+        assert reason.startswith("a luigi task failed: Fail(") and reason.endswith(
+            "RuntimeError: this task fails on purpose"), reason
+        assert unexplained.counts().get("fetch_error"), "luigid was asked, and did not answer"
+    finally:
+        starter.stop()
+        unexplained.close()
+
+
 def test_a_failed_reattach_is_retried_until_it_works(
     stack, stack_node, tmp_path: Path, environment_yaml: str,
 ) -> None:

@@ -15,8 +15,9 @@ from poltergust.config import ConfigError, parse_environment, parse_pipeline, re
 from poltergust.environments import Environments, plan
 from poltergust.events.pubsub import parse_notification
 from poltergust.layout import Location, RunKey, is_config_name, split_url
+from poltergust.luigid.graph import Verdict
 from poltergust.node.notify import Notifier
-from poltergust.run.command import task_arguments
+from poltergust.run.command import Outcome, task_arguments
 from poltergust.run.execute import Run, RunContext
 from poltergust.run.log import RunLog
 from poltergust.run.participation import Participation
@@ -216,6 +217,25 @@ async def test_completing_a_stale_claim_notifies_once(tmp_path: Path) -> None:
         await run.execute()
     assert (tmp_path / "pipeline" / "x.done.yaml").exists() and not (tmp_path / "pipeline" / "x.config.yaml").exists()
     assert [(p["outcome"], p["node"]) for p in sent] == [("done", "node-dead")]
+
+
+async def test_a_failure_luigid_does_not_explain_is_a_failure_only_if_this_nodes_luigi_saw_it(tmp_path: Path) -> None:
+    """luigid fails a task itself when it stops hearing from the worker running it (overloaded, it may not
+    answer `fetch_error` either): a node takes part again unless its own luigi reported the failure."""
+    runlog = RunLog(tmp_path / "run.log")
+    for line in ("Traceback (most recent call last):", "ValueError: boom"):
+        runlog.write(line)
+    participation = Participation(["luigi"], env={}, cwd=tmp_path, runlog=runlog, outage_limit=1,
+                                  scheduler_url="http://127.0.0.1:9")  # nothing answers there
+    failed = Verdict("failed", failed=[("Part_1", "Part(index=1)")])
+    try:
+        assert await participation._outcome(failed) is None
+        assert "luigid did not say why Part(index=1) failed; taking part again" in runlog.tail()
+        participation.failed_here.add("Part_1")
+        assert await participation._outcome(failed) == Outcome(False, "a luigi task failed: Part(index=1): "
+                                                                      "ValueError: boom")
+    finally:
+        await participation.luigid.close()
 
 
 async def test_a_scheduler_urls_password_reaches_neither_the_run_log_nor_the_reason(tmp_path: Path) -> None:

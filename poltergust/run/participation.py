@@ -257,8 +257,11 @@ class Participation:
         """The pipeline's outcome from a final verdict; None when its failures are only vanished workers'.
 
         luigid marks a task FAILED, with no error, when the worker running it
-        disappears (a node stopped or died); luigi runs such a task again when
-        it is scheduled anew, so this node takes part again instead.
+        disappears (a node stopped or died, or luigid, overloaded, stopped
+        hearing from it); luigi runs such a task again when it is scheduled
+        anew, so this node takes part again instead. Whether a task failed so
+        is asked of luigid; while it does not answer, only the failures this
+        node's own luigi reported count.
         """
         if current.state == "done":
             return await self._confirmed()
@@ -267,7 +270,10 @@ class Participation:
             try:
                 error = await self.luigid.error(task_id)
             except SchedulerError:
-                error = "?"
+                if task_id not in self.failed_here:
+                    self.runlog.note(f"luigid did not say why {name} failed; taking part again")
+                    return None
+                error = last_error(self.runlog) or "?"
             if error:
                 parts.append(f"{name}: {error[:300]}")
         if not parts:

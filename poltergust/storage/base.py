@@ -67,10 +67,11 @@ class ObjectStore(Protocol):
 
     async def read(self, name: str, generation: int | None = None, *, max_bytes: int | None = None,
                    known: ObjectInfo | None = None) -> Blob:
-        """One generation of an object; `TooLarge` (before downloading it) if it exceeds `max_bytes`.
+        """One generation of an object; `TooLarge` if it exceeds `max_bytes` (having read none of it, or at
+        most one byte past the limit).
 
         `known`: that generation as a notification or a listing described it. A store may then skip asking
-        for it, but never reads more than `max_bytes` on its word (it is a hint, as events are).
+        for it, but never reads more than one byte past `max_bytes` on its word (it is a hint, as events are).
         """
 
     async def read_to(self, name: str, path: Path, generation: int, limit: int) -> int:
