@@ -6,6 +6,7 @@ of their own say so with `pytestmark`. `pytest -m "not stack"` runs the rest, wi
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -91,7 +92,11 @@ def wheelhouse(workdir: Path) -> Path:
     if not any(WHEELHOUSE.glob("luigi-*.whl")):
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(WHEELHOUSE), "luigi"],
                        check=True)
-    local = workdir / "testpipes-wheel"
+    # uv keeps a wheel it installed from a find-links directory by that directory and the wheel's name: a
+    # directory named after the sources makes changed test pipelines a new wheel, also for a reused --basetemp.
+    sources = ROOT / "tests" / "testpipes"
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(sources.glob("*.py")))).hexdigest()[:12]
+    local = workdir / f"testpipes-wheel-{digest}"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
          "--wheel-dir", str(local), str(ROOT / "tests" / "testpipes")],
