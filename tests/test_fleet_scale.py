@@ -317,6 +317,28 @@ def test_a_late_notification_of_its_own_claim_does_not_stop_a_finished_run(
 
 
 @GCS
+def test_a_node_stopped_while_it_writes_a_result_removes_the_config_before_it_exits(
+    start_node, bucket: Bucket, environment_yaml: str, tmp_path: Path,
+) -> None:
+    """SIGTERM between the result and the config's removal: the run finishes its writes; stopped halfway, it left
+    the config for the next node to run the pipeline again."""
+    proxy = GatedProxy(bucket.gcs.url, lambda method, path, body: method == "DELETE" and ".config.yaml" in path)
+    try:
+        node = start_node(f"stopped-{uuid.uuid4().hex[:6]}", env_overrides={"STORAGE_EMULATOR_HOST": proxy.url})
+        submit(bucket, "stopped", {**TOUCH, "out-dir": str(tmp_path / "stopped")}, environment_yaml)
+        wait_for(proxy.held.is_set, 120, "the config's removal, after the result")
+        assert bucket.exists("pipeline/stopped.done.yaml")
+        node.signal(signal.SIGTERM)
+        wait_for(lambda: "run(s) finishing, waiting" in node.output(), 30, "the node to wait for the finishing run")
+        proxy.release()
+        assert node.stop() == 0
+    finally:
+        proxy.close()
+    assert not bucket.exists("pipeline/stopped.config.yaml")
+    assert "(claimed by this node)" in node.output()
+
+
+@GCS
 def test_two_processes_with_one_name_get_subscriptions_of_their_own_and_delete_them_when_stopped(
     plain_node, pubsub: PubSubEmulator, bucket: Bucket, environment_yaml: str, tmp_path: Path,
 ) -> None:

@@ -40,6 +40,8 @@ ATTACH_BEFORE_SCAN_SECONDS = 10.0
 """The first scan waits this long for the event stream (so nothing falls in between), then runs regardless."""
 SHUTDOWN_UPLOADS_SECONDS = 60.0
 """How long a stopping node waits for environment archives it is still uploading."""
+FINISH_ON_STOP_SECONDS = 10.0
+"""How long a stopping node waits for runs that are writing their result (a few storage requests)."""
 
 
 class Node:
@@ -79,10 +81,11 @@ class Node:
             await self.stopping.wait()
             log.info("stopping: taking no new work, stopping %d run(s); their configs stay for the next scan",
                      len(self._runs))
-            runs = [run.task for run in self._runs.values() if run.task is not None]
+            runs = [run.task for run in self._runs.values() if run.task is not None and not run.finishing]
             for task in [*background, *runs]:
                 task.cancel()
             await asyncio.gather(*background, *runs, return_exceptions=True)
+            await self._let_finish()
             await self._context.notifier.wait(timeout=10)
             if self.warm is not None:
                 await self.warm.close()
@@ -92,6 +95,20 @@ class Node:
             for store in self._stores.values():
                 await store.close()
             log.info("node %s stopped", self.settings.node_name)
+
+    async def _let_finish(self) -> None:
+        """Give runs that are writing their result time to remove their config too.
+
+        Stopped between the two, a run would leave its config to be run again by the next node that finds it.
+        """
+        finishing = [run.task for run in self._runs.values() if run.task is not None and not run.task.done()]
+        if not finishing:
+            return
+        log.info("stopping: %d run(s) finishing, waiting up to %.0fs for them", len(finishing), FINISH_ON_STOP_SECONDS)
+        _, left = await asyncio.wait(finishing, timeout=FINISH_ON_STOP_SECONDS)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*finishing, return_exceptions=True)
 
     def evicted(self, env_key: str) -> None:
         """An environment left the cache: its warm interpreter goes too."""
