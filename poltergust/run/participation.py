@@ -31,7 +31,7 @@ from poltergust.backoff import Backoff
 from poltergust.launch import assistant
 from poltergust.launch.processes import run_streaming
 from poltergust.launch.sandbox import Launcher
-from poltergust.luigid.graph import Luigid, SchedulerError, Verdict
+from poltergust.luigid.graph import Luigid, SchedulerError, Tasks, Verdict
 from poltergust.masking import redact_url
 from poltergust.node import metrics
 from poltergust.run.command import (
@@ -316,11 +316,11 @@ class Participation:
         return Outcome(False, reason)
 
 
-def _listed(tasks: list[tuple[str, str]], shown: int = 3) -> str:
+def _listed(tasks: Tasks, shown: int = 3) -> str:
     return ", ".join(name for _, name in tasks[:shown]) + _more(tasks, shown)
 
 
-def _more(tasks: list[tuple[str, str]], shown: int) -> str:
+def _more(tasks: Tasks, shown: int) -> str:
     return f" (and {len(tasks) - shown} more)" if len(tasks) > shown else ""
 
 

@@ -106,40 +106,42 @@ class GcsStore(ClosingStore):
         return Blob(object_info(meta), data[:max_bytes] if max_bytes is not None else data)
 
     async def _read_at_most(self, name: str, generation: int, limit: int) -> bytes:
+        chunks: builtins.list[bytes] = []
+
+        async def keep(chunk: bytes) -> None:
+            chunks.append(chunk)
+
         async def download() -> bytes:
-            stream = await self._client._download_stream(  # noqa: SLF001 -- the public one cannot pin a generation
-                self.bucket, name, params={"alt": "media", "generation": str(generation)})
-            chunks: builtins.list[bytes] = []
-            received = 0
-            async with stream:
-                while received < limit:
-                    chunk = await stream.read(limit - received)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    received += len(chunk)
+            chunks.clear()
+            await self._stream(name, generation, limit, keep)
             return b"".join(chunks)
 
         return await self._call(download)
 
     async def read_to(self, name: str, path: Path, generation: int, limit: int) -> int:
         async def download() -> int:
-            stream = await self._client._download_stream(  # noqa: SLF001 -- the public one cannot pin a generation
-                self.bucket, name, params={"alt": "media", "generation": str(generation)},
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=60),  # type: ignore[arg-type]
-            )
-            written = 0
-            async with stream:
-                with path.open("wb") as handle:
-                    while written <= limit:
-                        chunk = await stream.read(min(1 << 20, limit + 1 - written))
-                        if not chunk:
-                            break
-                        await asyncio.to_thread(handle.write, chunk)
-                        written += len(chunk)
-            return written
+            with path.open("wb") as handle:
+                return await self._stream(
+                    name, generation, limit + 1, lambda chunk: asyncio.to_thread(handle.write, chunk),
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=60),
+                )
 
         return await self._call(download)
+
+    async def _stream(self, name: str, generation: int, limit: int, take: Callable[[bytes], Awaitable[Any]],
+                      **options: Any) -> int:
+        """Download one generation, handing its chunks to `take`, and stop after `limit` bytes; how many taken."""
+        stream = await self._client._download_stream(  # noqa: SLF001 -- the public one cannot pin a generation
+            self.bucket, name, params={"alt": "media", "generation": str(generation)}, **options)
+        taken = 0
+        async with stream:
+            while taken < limit:
+                chunk = await stream.read(min(1 << 20, limit - taken))
+                if not chunk:
+                    break
+                await take(chunk)
+                taken += len(chunk)
+        return taken
 
     async def write(
         self, name: str, data: bytes, *, if_generation_match: int | None = None,
