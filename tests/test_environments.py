@@ -6,12 +6,14 @@ nodes on the stack. Every test starts with an empty environment cache of its own
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gzip
 import hashlib
 import http.server
 import io
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -305,6 +307,26 @@ async def test_interpreter_of_another_version_is_found_and_used(tmp_path: Path) 
         f"virtualenv: {{python: python{version}}}\ndependencies: [six]\n", "x.yaml")), "the interpreter is in the key"
     with pytest.raises(Exception, match=r"virtualenv.python: no interpreter 'python3.99' on this node"):
         await envs.get(spec("virtualenv: {python: python3.99}\n", "file:///b/environment/e.yaml"), runlog)
+
+
+def test_the_nodes_own_interpreter_is_probed_right_by_many_threads_at_once(monkeypatch) -> None:
+    """Pipelines starting together probe the node's interpreter in several threads; each must read its own answer."""
+
+    class Forgets(dict):
+        def __setitem__(self, key, value) -> None:
+            """Remember nothing, so that every call probes."""
+
+    monkeypatch.setattr(interpreters, "_probed", Forgets())
+    own = interpreters.own_interpreter()
+    start = threading.Barrier(8)
+
+    def probe_many() -> list[str]:
+        start.wait()
+        return [interpreters.probe(own).version for _ in range(200)]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        versions = [v for found in pool.map(lambda _: probe_many(), range(8)) for v in found]
+    assert set(versions) == {platform.python_version()}
 
 
 def test_pip_settings_reach_uv_in_its_own_formats() -> None:

@@ -23,8 +23,6 @@ of the process: a cache hit costs no subprocess.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -112,10 +110,11 @@ def probe(path: str) -> Interpreter:
     if known is not None:
         return known
     if path == own_interpreter():
-        output = io.StringIO()
-        with contextlib.redirect_stdout(output):
-            exec(PROBE, {})  # noqa: S102 -- our own constant code, run in-process to spare a subprocess
-        text = output.getvalue()
+        lines: list[str] = []
+        # The probe's `print` writes to this list, not to sys.stdout: redirecting sys.stdout would be process-wide,
+        # and two probes at once in two threads would each read the other's output (or none).
+        exec(PROBE, {"print": lines.append})  # noqa: S102 -- our own constant code, run in-process to spare a subprocess
+        text = "\n".join(lines)
     else:
         try:
             completed = subprocess.run([path, "-I", "-c", PROBE], capture_output=True, text=True, timeout=60,
