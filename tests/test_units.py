@@ -7,6 +7,7 @@ import multiprocessing
 import os
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 from unittest.mock import ANY
 
 import pytest
@@ -17,6 +18,7 @@ from poltergust.events.pubsub import parse_notification
 from poltergust.layout import Location, RunKey, is_config_name, split_url
 from poltergust.luigid.graph import Verdict
 from poltergust.node.notify import Notifier
+from poltergust.run import participation
 from poltergust.run.command import Outcome, task_arguments
 from poltergust.run.execute import Run, RunContext
 from poltergust.run.log import RunLog
@@ -236,6 +238,68 @@ async def test_a_failure_luigid_does_not_explain_is_a_failure_only_if_this_nodes
                                                                       "ValueError: boom")
     finally:
         await participation.luigid.close()
+
+
+async def test_a_starter_calls_for_help_as_soon_as_its_luigi_has_scheduled_the_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not at its next look at luigid, up to a second later: helpers start that much sooner. The free task its own
+    worker is about to take is not offered, so a one-task graph calls for nobody."""
+    monkeypatch.setattr(participation, "WATCH_SECONDS", 3600.0)  # only luigi's own lines wake the node
+    for takeable, wanted in ((6, [5]), (1, [])):
+        calls: list[int] = []
+        looked, luigi_ends = asyncio.Event(), asyncio.Event()
+
+        async def luigi(command: list[str], *, env: object, cwd: Path, sink: Callable[[str], None]) -> int:
+            sink("INFO: Informed scheduler that task   Fan_1_abc   has status   PENDING")
+            sink("INFO: Done scheduling tasks")
+            await luigi_ends.wait()
+            return 0
+
+        async def verdict(takeable: int = takeable) -> Verdict:
+            looked.set()
+            return Verdict("busy", takeable=takeable)
+
+        starter = Participation(["luigi"], env={}, cwd=tmp_path, runlog=RunLog(tmp_path / f"{takeable}.log"),
+                                outage_limit=1, scheduler_url="http://127.0.0.1:9", recruit=calls.append,
+                                start=luigi)  # type: ignore[arg-type]
+        monkeypatch.setattr(starter, "_verdict", verdict)
+        running = asyncio.ensure_future(starter._luigi_while_watching())
+        await asyncio.wait_for(looked.wait(), 10)
+        luigi_ends.set()
+        assert await asyncio.wait_for(running, 10) == (0, None)
+        await starter.luigid.close()
+        assert calls == wanted, takeable
+
+
+async def test_a_helper_whose_luigi_ran_the_root_task_ends_its_part_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An assistant never exits by itself: once it reported the root task DONE, its node asks luigid at once and
+    stops it, instead of at its next look, so that the pipeline's result is written that much sooner."""
+    monkeypatch.setattr(participation, "WATCH_SECONDS", 3600.0)  # only luigi's own lines wake the node
+    stopped = asyncio.Event()
+
+    async def luigi(command: list[str], *, env: object, cwd: Path, sink: Callable[[str], None]) -> int:
+        sink("poltergust assistant of root task Fan_1_abc")
+        sink("INFO: Informed scheduler that task   Fan_1_abc   has status   DONE")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stopped.set()
+        return 0
+
+    async def verdict() -> Verdict:
+        return Verdict("done")
+
+    helper = Participation(["luigi"], env={}, cwd=tmp_path, runlog=RunLog(tmp_path / "run.log"), outage_limit=1,
+                           scheduler_url="http://127.0.0.1:9", assistant=True, start=luigi)  # type: ignore[arg-type]
+    monkeypatch.setattr(helper, "_verdict", verdict)
+    try:
+        assert await asyncio.wait_for(helper._luigi_while_watching(), 10) == (None, Verdict("done"))
+    finally:
+        await helper.luigid.close()
+    assert stopped.is_set()
 
 
 async def test_a_scheduler_urls_password_reaches_neither_the_run_log_nor_the_reason(tmp_path: Path) -> None:

@@ -56,6 +56,8 @@ ROOT_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status|"
 which schedules nothing, says it itself)."""
 FAILED_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status\s+FAILED")
 DONE_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status\s+DONE")
+SCHEDULED_LINE = "Done scheduling tasks"
+"""What luigi logs once it has added the whole graph (both its command line and the fast start)."""
 SCHEDULER_SILENT = re.compile(r"RPCError: Errors \(\d+ attempts?\) when connecting to remote scheduler")
 """luigi gave up on the scheduler: its calls failed or went unanswered, whatever the pipeline."""
 WATCH_SECONDS = 1.0
@@ -178,17 +180,25 @@ class Participation:
         stays (an assistant, or a kept-alive worker behind a failed task) is
         stopped when luigid says the pipeline is over.
         """
+        look_now = asyncio.Event()
+        just_scheduled = False
+
         def sink(line: str) -> None:
+            nonlocal just_scheduled
             self.runlog.write(line)
             if self.root is None and (match := ROOT_LINE.search(line)):
                 self.root = match.group(1) or match.group(2)
             if match := FAILED_LINE.search(line):
                 self.failed_here.add(match.group(1))
-                failure.set()  # look now: the scheduler may queue it again within a second
+                look_now.set()  # the scheduler may queue it again within a second
             elif match := DONE_LINE.search(line):
                 self.done_here.add(match.group(1))
+                if match.group(1) == self.root:
+                    look_now.set()  # this node ran the root task: the pipeline is over, nobody else may notice sooner
+            elif SCHEDULED_LINE in line:
+                just_scheduled = True
+                look_now.set()  # the graph is whole in luigid: a starter calls for help now, not at its next look
 
-        failure = asyncio.Event()
         luigi: asyncio.Future[int] = asyncio.ensure_future(self.start(self.command, env=self.env, cwd=self.cwd,
                                                                       sink=sink))
         over: Verdict | None = None
@@ -198,12 +208,12 @@ class Participation:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                failed: asyncio.Future[Any] = asyncio.ensure_future(failure.wait())
-                watched: set[asyncio.Future[Any]] = {luigi, failed} | ({checking} if checking else set())
-                done, _ = await asyncio.wait(watched, timeout=WATCH_SECONDS,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                failed.cancel()
-                failure.clear()
+                woken: asyncio.Future[Any] = asyncio.ensure_future(look_now.wait())
+                watched: set[asyncio.Future[Any]] = {luigi, woken} | ({checking} if checking else set())
+                timeout = WATCH_SECONDS if over is None else min(WATCH_SECONDS, max(0.0, stop_at - loop.time()))
+                done, _ = await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                look_now.clear()
                 if luigi in done:
                     return luigi.result(), over
                 if checking is not None and checking in done:
@@ -226,8 +236,12 @@ class Participation:
                     stop_at = loop.time() + grace
                     if grace and self.root not in self.done_here:
                         checking = asyncio.ensure_future(self._confirmed())
-                elif current.state == "busy" and current.takeable > 0 and self.recruit is not None:
-                    self.recruit(current.takeable)
+                elif current.state == "busy" and self.recruit is not None:
+                    # Right after scheduling, this node's own worker is about to take one of the free tasks.
+                    wanted = current.takeable - (1 if just_scheduled else 0)
+                    if wanted > 0:
+                        self.recruit(wanted)
+                just_scheduled = False
         finally:
             for future in (luigi, checking):
                 if future is not None and not future.done():
