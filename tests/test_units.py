@@ -276,11 +276,14 @@ async def test_a_helper_whose_luigi_ran_the_root_task_ends_its_part_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An assistant never exits by itself: once it reported the root task DONE, its node asks luigid at once and
-    stops it, instead of at its next look, so that the pipeline's result is written that much sooner."""
+    stops it, instead of at its next look, so that the pipeline's result is written that much sooner. As after
+    luigi's own exit 0, the root's complete() is not checked again."""
     monkeypatch.setattr(participation, "WATCH_SECONDS", 3600.0)  # only luigi's own lines wake the node
     stopped = asyncio.Event()
+    started: list[list[str]] = []
 
     async def luigi(command: list[str], *, env: object, cwd: Path, sink: Callable[[str], None]) -> int:
+        started.append(command)
         sink("poltergust assistant of root task Fan_1_abc")
         sink("INFO: Informed scheduler that task   Fan_1_abc   has status   DONE")
         try:
@@ -293,13 +296,15 @@ async def test_a_helper_whose_luigi_ran_the_root_task_ends_its_part_at_once(
         return Verdict("done")
 
     helper = Participation(["luigi"], env={}, cwd=tmp_path, runlog=RunLog(tmp_path / "run.log"), outage_limit=1,
-                           scheduler_url="http://127.0.0.1:9", assistant=True, start=luigi)  # type: ignore[arg-type]
+                           scheduler_url="http://127.0.0.1:9", assistant=True, start=luigi,  # type: ignore[arg-type]
+                           confirm=["check-complete"])
     monkeypatch.setattr(helper, "_verdict", verdict)
     try:
         assert await asyncio.wait_for(helper._luigi_while_watching(), 10) == (None, Verdict("done"))
+        assert await helper._outcome(Verdict("done")) == Outcome(True)
     finally:
         await helper.luigid.close()
-    assert stopped.is_set()
+    assert stopped.is_set() and started == [["luigi"]]
 
 
 async def test_a_scheduler_urls_password_reaches_neither_the_run_log_nor_the_reason(tmp_path: Path) -> None:
