@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import signal
+import threading
 import urllib.error
 import urllib.request
 import uuid
@@ -192,6 +193,42 @@ def test_a_joined_node_whose_luigi_fails_leaves_the_run_to_its_starter(
     finally:
         refused.close()
     assert {path.read_text() for path in out.glob("part-*.txt")} == {starter.node_name}
+
+
+@GCS
+def test_a_graph_whose_scheduling_waits_on_a_dropped_call_is_not_taken_for_stuck(
+    bucket: Bucket, luigid: Luigid, pubsub: PubSubEmulator, env_dir: Path, environment_yaml: str, tmp_path: Path,
+) -> None:
+    """An overloaded luigid drops one of the starter's add_task calls: luigi waits `rpc-retry-wait` before adding
+    the rest of the graph, and meanwhile luigid names the tasks not yet added after their ids, UNKNOWN. That is
+    a graph still being scheduled, not one whose complete() raised: the run goes on and ends done."""
+    calls = {"add_task": 0}
+    lock = threading.Lock()
+
+    def drop_the_second_add_task(method: str, path: str, body: bytes) -> Fault | None:
+        if luigid_call(method, path, body) != "add_task":
+            return None
+        with lock:
+            calls["add_task"] += 1
+            return Fault(None) if calls["add_task"] == 2 else None  # the first task after the root
+
+    dropping = Proxy(luigid.url, classify=luigid_call, fault=drop_the_second_add_task)
+    name = f"starter-{uuid.uuid4().hex[:6]}"
+    node = Node.launch(name, tmp_path, path=bucket.url("pipeline"), scheduler_url=dropping.url, env_dir=env_dir,
+                       data_dir=tmp_path / name, pubsub_host=pubsub.host, storage_url=bucket.gcs.url,
+                       subscription=f"sub-{name}")
+    try:
+        out = tmp_path / "fan"
+        submit(bucket, "dropped", {"name": "Fan", "module": "poltergust_testpipes", "out-dir": str(out),
+                                   "parts": 6, "seconds": 0.1}, environment_yaml,
+               luigi={"core": {"rpc-retry-wait": 6}})  # longer than the verdicts a stuck graph gets
+        result(bucket, "dropped", "done")
+        log = run_log(tmp_path, name, "dropped")
+        assert "Retrying attempt 2" in log and "luigi attempt 2" not in log, log[-3000:]
+        assert len(list(out.glob("part-*.txt"))) == 6
+    finally:
+        node.stop()
+        dropping.close()
 
 
 @GCS

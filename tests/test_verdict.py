@@ -63,12 +63,21 @@ def test_a_pending_task_nobody_may_run_is_not_takeable() -> None:
 
 def test_stuck_says_why_once_the_graph_is_scheduled() -> None:
     """An external task whose data is missing, a task whose complete() raised; a dependency luigid knows only by
-    id (a worker is still adding the graph) says nothing yet."""
-    graph = {ROOT: task("PENDING", "E", "U", "T"), "E": task("PENDING", name="E", runnable=False),
-             "U": task("UNKNOWN", name="U", runnable=False), "T": task("DONE", name="T")}
-    assert verdict(graph, ROOT) == Verdict("stuck", missing=[("E", "E()")], undecided=[("U", "U()")])
-    assert verdict({**graph, "T": task("UNKNOWN")}, ROOT) == Verdict("stuck")
-    assert verdict({**graph, "T": task("PENDING", name="T")}, ROOT) == Verdict("busy", takeable=1)
+    id (a worker is still adding the graph, maybe waiting 30 s to retry a call an overloaded luigid dropped) says
+    nothing yet. The graphs are poltergust.luigid's (luigi's own dep_graph, plus `runnable`)."""
+    from poltergust.luigid.server import PipelineScheduler
+
+    scheduler = PipelineScheduler()
+    scheduler.add_task(worker="w", task_id=ROOT, family="Root", deps=["E_1", "U_2", "T_3"], status="PENDING")
+    scheduler.add_task(worker="w", task_id="E_1", family="E", params={"n": "1"}, status="PENDING", runnable=False)
+    scheduler.add_task(worker="w", task_id="U_2", family="U", params={"n": "2"}, status="UNKNOWN", runnable=False)
+    assert scheduler.dep_graph(ROOT, include_done=True)["T_3"]["name"] == "T", "luigi names it after its id"
+    assert verdict(scheduler.dep_graph(ROOT, include_done=True), ROOT) == Verdict("stuck")
+    scheduler.add_task(worker="w", task_id="T_3", family="T", status="PENDING")
+    assert verdict(scheduler.dep_graph(ROOT, include_done=True), ROOT) == Verdict("busy", takeable=1)
+    scheduler.add_task(worker="w", task_id="T_3", family="T", status="DONE")
+    assert verdict(scheduler.dep_graph(ROOT, include_done=True), ROOT) == Verdict(
+        "stuck", missing=[("E_1", "E(n=1)")], undecided=[("U_2", "U(n=2)")])
 
 
 def test_display_names_as_luigi_shows_them() -> None:

@@ -78,11 +78,17 @@ def verdict(graph: Mapping[str, Mapping[str, Any]], root: str, failed_here: Coll
         return Verdict("failed", failed=failed)
     if running or takeable or retrying:
         return Verdict("busy", running=running, takeable=takeable, retrying=retrying, failed=failed)
-    if any(task.get("status") == "UNKNOWN" and not task.get("name") for task in graph.values()):
-        return Verdict("stuck")  # a dependency luigid knows only by id: a worker is still scheduling the graph
+    if any(_known_by_id_only(task_id, task) for task_id, task in graph.items()):
+        return Verdict("stuck")  # a worker is still adding the graph (luigi may wait 30 s to retry an add_task)
     return Verdict("stuck", missing=_named(graph, lambda task: task.get("status") == "PENDING"
                                            and not task.get("runnable", True)),
                    undecided=_named(graph, lambda task: task.get("status") == "UNKNOWN"))
+
+
+def _known_by_id_only(task_id: str, task: Mapping[str, Any]) -> bool:
+    """A dependency no worker has added yet: luigi's dep_graph names it after its id's family, with the id as its
+    only parameter (a task whose complete() raised was added by a worker, with its own parameters)."""
+    return task.get("status") == "UNKNOWN" and (not task.get("name") or task.get("params") == {"task_id": task_id})
 
 
 def _named(graph: Mapping[str, Mapping[str, Any]], which: Callable[[Mapping[str, Any]], bool]) -> Tasks:
