@@ -244,14 +244,16 @@ async def test_a_starter_calls_for_help_as_soon_as_its_luigi_has_scheduled_the_g
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Not at its next look at luigid, up to a second later: helpers start that much sooner. The free task its own
-    worker is about to take is not offered, so a one-task graph calls for nobody."""
+    worker is about to take is not offered; a graph of the root alone costs luigid no look at all."""
     monkeypatch.setattr(participation, "WATCH_SECONDS", 3600.0)  # only luigi's own lines wake the node
-    for takeable, wanted in ((6, [5]), (1, [])):
+    for added, takeable, wanted in ((7, 6, [5]), (2, 1, []), (1, 1, None)):
         calls: list[int] = []
         looked, luigi_ends = asyncio.Event(), asyncio.Event()
 
-        async def luigi(command: list[str], *, env: object, cwd: Path, sink: Callable[[str], None]) -> int:
-            sink("INFO: Informed scheduler that task   Fan_1_abc   has status   PENDING")
+        async def luigi(command: list[str], *, env: object, cwd: Path, sink: Callable[[str], None],
+                        added: int = added) -> int:
+            for task in ("Fan_1_abc", *(f"Part_{index}_abc" for index in range(added - 1))):
+                sink(f"INFO: Informed scheduler that task   {task}   has status   PENDING")
             sink("INFO: Done scheduling tasks")
             await luigi_ends.wait()
             return 0
@@ -260,16 +262,20 @@ async def test_a_starter_calls_for_help_as_soon_as_its_luigi_has_scheduled_the_g
             looked.set()
             return Verdict("busy", takeable=takeable)
 
-        starter = Participation(["luigi"], env={}, cwd=tmp_path, runlog=RunLog(tmp_path / f"{takeable}.log"),
+        starter = Participation(["luigi"], env={}, cwd=tmp_path, runlog=RunLog(tmp_path / f"{added}.log"),
                                 outage_limit=1, scheduler_url="http://127.0.0.1:9", recruit=calls.append,
                                 start=luigi)  # type: ignore[arg-type]
         monkeypatch.setattr(starter, "_verdict", verdict)
         running = asyncio.ensure_future(starter._luigi_while_watching())
-        await asyncio.wait_for(looked.wait(), 10)
+        if wanted is None:  # nothing to wait for: give the loop its chances to look, then end luigi
+            for _ in range(20):
+                await asyncio.sleep(0)
+        else:
+            await asyncio.wait_for(looked.wait(), 10)
         luigi_ends.set()
         assert await asyncio.wait_for(running, 10) == (0, None)
         await starter.luigid.close()
-        assert calls == wanted, takeable
+        assert calls == (wanted or []) and looked.is_set() == (wanted is not None), (added, calls)
 
 
 async def test_a_helper_whose_luigi_ran_the_root_task_ends_its_part_at_once(

@@ -56,6 +56,7 @@ ROOT_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status|"
 which schedules nothing, says it itself)."""
 FAILED_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status\s+FAILED")
 DONE_LINE = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status\s+DONE")
+PENDING_LINE = re.compile(r"Informed scheduler that task\s+\S+\s+has status\s+PENDING")
 SCHEDULED_LINE = "Done scheduling tasks"
 """What luigi logs once it has added the whole graph (both its command line and the fast start)."""
 SCHEDULER_SILENT = re.compile(r"RPCError: Errors \(\d+ attempts?\) when connecting to remote scheduler")
@@ -182,9 +183,11 @@ class Participation:
         """
         look_now = asyncio.Event()
         just_scheduled = False
+        added = 0
+        """Tasks this node's luigi added as PENDING: with the root alone there is nobody to call for help."""
 
         def sink(line: str) -> None:
-            nonlocal just_scheduled
+            nonlocal just_scheduled, added
             self.runlog.write(line)
             if self.root is None and (match := ROOT_LINE.search(line)):
                 self.root = match.group(1) or match.group(2)
@@ -193,9 +196,11 @@ class Participation:
                 look_now.set()  # the scheduler may queue it again within a second
             elif match := DONE_LINE.search(line):
                 self.done_here.add(match.group(1))
-                if match.group(1) == self.root:
-                    look_now.set()  # this node ran the root task: the pipeline is over, nobody else may notice sooner
-            elif SCHEDULED_LINE in line:
+                if self.assistant and match.group(1) == self.root:
+                    look_now.set()  # the pipeline is over and an assistant never exits by itself: stop it now
+            elif PENDING_LINE.search(line):
+                added += 1
+            elif SCHEDULED_LINE in line and self.recruit is not None and added > 1:
                 just_scheduled = True
                 look_now.set()  # the graph is whole in luigid: a starter calls for help now, not at its next look
 
