@@ -62,7 +62,9 @@ SCHEDULED_LINE = "Done scheduling tasks"
 SCHEDULER_SILENT = re.compile(r"RPCError: Errors \(\d+ attempts?\) when connecting to remote scheduler")
 """luigi gave up on the scheduler: its calls failed or went unanswered, whatever the pipeline."""
 WATCH_SECONDS = 1.0
-"""How often a node asks luigid about its pipeline while it takes part (one request each time)."""
+"""How often a node asks luigid about its pipeline while it takes part (one request each time); it also asks at
+once when its luigi reports a failure, a starter's luigi has scheduled a graph wider than its root, or an
+assistant's has run the root task."""
 EXIT_GRACE_SECONDS = 30.0
 """How long a worker that is not an assistant gets to exit by itself once the pipeline is over (its root task's
 `complete()` is checked meanwhile: a DONE this node did not report and the task does not confirm ends it at once)."""
