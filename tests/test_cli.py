@@ -140,7 +140,10 @@ def test_nodes_without_scheduler_url_share_an_embedded_luigid(bucket, environmen
         submit(bucket, "fan", {"name": "Fan", "module": "poltergust_testpipes", "out-dir": str(out), "parts": 4,
                                "seconds": 1.0}, environment_yaml)
         follow = poltergust("logs", "fan", "--path", bucket.url("pipeline"), "--follow")
-        assert follow.returncode == 0 and "luigi exited with code" in follow.stdout
+        # luigi's own output, from the node that started it (whose luigi may be stopped, not exit, once a helper
+        # that ran the root task has finished the run)
+        assert follow.returncode == 0
+        assert "luigi attempt 1" in follow.stdout and "Done scheduling tasks" in follow.stdout, follow.stdout[-3000:]
         assert result(bucket, "fan", "done")
         assert {p.read_text() for p in out.glob("part-*.txt")} == {"first", "second"}
     finally:
