@@ -111,6 +111,49 @@ def test_a_node_writes_heartbeats_and_a_last_one_when_stopped(tmp_path: Path) ->
     assert final[0].status(datetime.now(timezone.utc)) == "stopped"
 
 
+def test_the_stopped_heartbeat_is_the_last_one_written(tmp_path: Path) -> None:
+    """A heartbeat write cut short by the stop still lands (a thread, a request already sent): the node's last
+    word, that it stopped, must be written after it, not be overwritten by it."""
+    class Settings:
+        locations = [layout.Location.parse(str(tmp_path / "bucket" / "pipeline"))]
+        node_name = "n1"
+        data_dir = env_dir = tmp_path
+        max_concurrent = 1
+        heartbeat_interval = 3600.0
+
+    store = LocalStore(tmp_path / "bucket")
+
+    async def run() -> list[heartbeat.Heartbeat]:
+        gate, started = asyncio.Event(), asyncio.Event()
+        landing: list[asyncio.Future[object]] = []
+
+        class Slow:
+            async def write(self, name: str, data: bytes, **options: object) -> object:
+                first = not landing
+
+                async def land() -> object:
+                    if first:  # the periodic write, cut short by the stop, lands once the gate opens
+                        started.set()
+                        await gate.wait()
+                    return await store.write(name, data, **options)  # type: ignore[arg-type]
+
+                landing.append(asyncio.ensure_future(land()))
+                return await asyncio.shield(landing[-1])
+
+        task = asyncio.create_task(heartbeat.beat(Settings, lambda bucket: Slow(), lambda: [], asyncio.Event()))
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()
+        await asyncio.sleep(0)
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.gather(*landing)
+        return (await heartbeat.read_heartbeats({"local": store}))[0]
+
+    final = asyncio.run(run())
+    assert final[0].stopped is not None, "the periodic heartbeat landed after the stopped one"
+
+
 def test_log_summary_tells_how_a_node_part_ended() -> None:
     text = ("[poltergust 2024-05-01 10:00:00Z] node a starts x generation 1\nluigi says hi\n"
             "[poltergust 2024-05-01 10:00:09Z] finished locally: error: a luigi task failed\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from deploy_fixtures.gcloud_harness import FakeGcloud, make_release
-from harness import ROOT, Dashboard, GatedProxy, result, submit
+from harness import ROOT, Dashboard, GatedProxy, result, submit, wait_for
 from permission_audit import (
     MODULE,
     Grant,
@@ -78,7 +78,7 @@ def test_a_node_with_its_backlog_and_the_dashboard_make_only_known_calls(
         submit(bucket, "audited", {"name": "Touch", "module": "poltergust_testpipes",
                                    "out-dir": str(tmp_path / "out")}, environment_yaml)
         assert result(bucket, "audited", "done")["poltergust"]["node"] == "node-a"
-        bucket.delete("pipeline/audited.config.yaml")
+        wait_for(lambda: not bucket.exists("pipeline/audited.config.yaml"), 30, "the node to remove the config")
         dashboard = Dashboard(tmp_path, bucket.url("pipeline"),
                               {**os.environ, "STORAGE_EMULATOR_HOST": proxies["dashboard"].url},
                               "--scheduler-url", luigid.url)

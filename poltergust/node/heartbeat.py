@@ -173,14 +173,21 @@ async def beat(settings: _Settings, store: Callable[[str], ObjectStore],
             except (StorageError, OSError) as exc:
                 log.warning("could not write the heartbeat %s/%s: %s", bucket, name, exc)
 
+    async def last_word(in_flight: asyncio.Future[None] | None, final: Heartbeat) -> None:
+        if in_flight is not None:  # a write cut short would still land, maybe after the final one
+            await asyncio.gather(in_flight, return_exceptions=True)
+        await write(final)
+
+    in_flight: asyncio.Future[None] | None = None
     try:
         while True:
-            await write(snapshot(settings, started, runs(), ready.is_set()))
+            in_flight = asyncio.ensure_future(write(snapshot(settings, started, runs(), ready.is_set())))
+            await asyncio.shield(in_flight)
             await asyncio.sleep(settings.heartbeat_interval)
     except asyncio.CancelledError:
         final = snapshot(settings, started, (), ready.is_set(), stopped=_now())
         try:
-            await asyncio.wait_for(write(final), FINAL_WRITE_SECONDS)
+            await asyncio.wait_for(last_word(in_flight, final), FINAL_WRITE_SECONDS)
         except asyncio.TimeoutError:
             log.warning("could not say in time that this node stopped; it will show as gone")
         raise
