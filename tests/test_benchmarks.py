@@ -168,7 +168,9 @@ def test_quick_fleet_benchmark_measures_every_count(tmp_path: Path) -> None:
     assert [row[0] for row in busy] == ["3"], "(c) runs from N=3 in quick mode"
     pipelines, makespan, ideal, requests = int(busy[0][1]), number(busy[0][2]), number(busy[0][3]), int(busy[0][4])
     p50, p99, slowest = (number(cell) for cell in busy[0][6:9])
-    assert pipelines == 2 and makespan >= ideal > 0 and requests > 0 and 0 < p50 <= p99 <= slowest, busy
+    # The ideal counts one task at a time per node; a node taking part in both graphs runs a task of each at
+    # once, so only half of it bounds the makespan.
+    assert pipelines == 2 and makespan >= ideal / pipelines > 0 and requests > 0 and 0 < p50 <= p99 <= slowest, busy
     growth = {row[0]: row for row in tables["What grows how"]}
     assert "(a) storage requests" in growth and "idle luigid requests per node-minute" in growth
     targets = tables["Targets"]
