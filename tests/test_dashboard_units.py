@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import types
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -82,19 +83,20 @@ def test_heartbeat_round_trip_and_status(tmp_path: Path) -> None:
             heartbeat.Heartbeat.from_json(bad)
 
 
-def test_a_node_writes_heartbeats_and_a_last_one_when_stopped(tmp_path: Path) -> None:
-    class Settings:
-        locations = [layout.Location.parse(str(tmp_path / "bucket" / "pipeline"))]
-        node_name = "n1"
-        data_dir = env_dir = tmp_path
-        max_concurrent = 1
-        heartbeat_interval = 0.05
+def _heartbeat_settings(tmp_path: Path, interval: float) -> types.SimpleNamespace:
+    """What `heartbeat.beat` reads of a node's settings: one local bucket under `tmp_path`."""
+    return types.SimpleNamespace(locations=[layout.Location.parse(str(tmp_path / "bucket" / "pipeline"))],
+                                 node_name="n1", data_dir=tmp_path, env_dir=tmp_path, max_concurrent=1,
+                                 heartbeat_interval=interval)
 
+
+def test_a_node_writes_heartbeats_and_a_last_one_when_stopped(tmp_path: Path) -> None:
+    settings = _heartbeat_settings(tmp_path, 0.05)
     store = LocalStore(tmp_path / "bucket")
 
     async def run() -> list[heartbeat.Heartbeat]:
         ready = asyncio.Event()
-        task = asyncio.create_task(heartbeat.beat(Settings, lambda bucket: store, lambda: [], ready))
+        task = asyncio.create_task(heartbeat.beat(settings, lambda bucket: store, lambda: [], ready))
         seen = []
         while len({beat.written for beat in seen}) < 3:
             await asyncio.sleep(0.02)
@@ -114,13 +116,7 @@ def test_a_node_writes_heartbeats_and_a_last_one_when_stopped(tmp_path: Path) ->
 def test_the_stopped_heartbeat_is_the_last_one_written(tmp_path: Path) -> None:
     """A heartbeat write cut short by the stop still lands (a thread, a request already sent): the node's last
     word, that it stopped, must be written after it, not be overwritten by it."""
-    class Settings:
-        locations = [layout.Location.parse(str(tmp_path / "bucket" / "pipeline"))]
-        node_name = "n1"
-        data_dir = env_dir = tmp_path
-        max_concurrent = 1
-        heartbeat_interval = 3600.0
-
+    settings = _heartbeat_settings(tmp_path, 3600.0)
     store = LocalStore(tmp_path / "bucket")
 
     async def run() -> list[heartbeat.Heartbeat]:
@@ -140,7 +136,7 @@ def test_the_stopped_heartbeat_is_the_last_one_written(tmp_path: Path) -> None:
                 landing.append(asyncio.ensure_future(land()))
                 return await asyncio.shield(landing[-1])
 
-        task = asyncio.create_task(heartbeat.beat(Settings, lambda bucket: Slow(), lambda: [], asyncio.Event()))
+        task = asyncio.create_task(heartbeat.beat(settings, lambda bucket: Slow(), lambda: [], asyncio.Event()))
         await asyncio.wait_for(started.wait(), 10)
         task.cancel()
         await asyncio.sleep(0)
